@@ -1,0 +1,5 @@
+"""CLI for the `export` stage (not written yet)."""
+
+
+def register(app) -> None:
+    pass

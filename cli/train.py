@@ -1,0 +1,5 @@
+"""CLI for the `train` stage (not written yet)."""
+
+
+def register(app) -> None:
+    pass

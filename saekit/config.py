@@ -1,0 +1,127 @@
+"""Typed configs shared by the library and the CLI.
+
+Every stage has a dataclass config whose fields carry a one-line docstring (the string
+literal under the field).  `field_docs` reads those, so the CLI's `--help` comes from the
+same text the library documents.  `from_dict` builds a config from TOML/JSON, refusing
+unknown fields with the closest valid name.
+"""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import functools
+import inspect
+import sys
+import textwrap
+import typing
+from pathlib import Path
+from typing import Any, TypeVar
+
+from saekit.errors import SaekitError, did_you_mean
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+T = TypeVar("T")
+
+
+@functools.cache
+def field_docs(cls) -> dict[str, str]:
+    """Field name → the docstring written under it in the class body (for every base class too)."""
+    docs: dict[str, str] = {}
+    for klass in reversed(cls.__mro__):
+        if not dataclasses.is_dataclass(klass):
+            continue
+        try:
+            src = textwrap.dedent(inspect.getsource(klass))
+        except (OSError, TypeError):
+            continue
+        body = ast.parse(src).body[0].body
+        for a, b in zip(body, body[1:]):
+            if (
+                isinstance(a, ast.AnnAssign)
+                and isinstance(a.target, ast.Name)
+                and isinstance(b, ast.Expr)
+                and isinstance(b.value, ast.Constant)
+                and isinstance(b.value.value, str)
+            ):
+                docs[a.target.id] = " ".join(b.value.value.split())
+    return docs
+
+
+def type_hints(cls) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _coerce(value: Any, tp: Any, name: str) -> Any:
+    """Convert TOML/CLI values to the field's type (comma strings → lists, str → Path)."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if value is None:
+        return None
+    if origin is typing.Union or (sys.version_info >= (3, 10) and origin is __import__("types").UnionType):
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(value, inner[0], name) if inner else value
+    if origin in (list, tuple):
+        item = args[0] if args else str
+        if isinstance(value, str):
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        elif not isinstance(value, (list, tuple)):
+            value = [value]
+        return [_coerce(v, item, name) for v in value]
+    if dataclasses.is_dataclass(tp) and isinstance(value, dict):
+        return from_dict(tp, value)
+    try:
+        if tp is bool and isinstance(value, str):
+            if value.lower() in ("1", "true", "yes", "on"):
+                return True
+            if value.lower() in ("0", "false", "no", "off"):
+                return False
+            raise ValueError(value)
+        if tp in (int, float, str, Path) and not isinstance(value, tp):
+            return tp(value)
+    except (TypeError, ValueError):
+        raise SaekitError(f"config field {name!r} expects {getattr(tp, '__name__', tp)}, got {value!r}") from None
+    return value
+
+
+def from_dict(cls: type[T], data: dict, *, where: str = "config") -> T:
+    """Build `cls` from a mapping, refusing unknown fields (with the close match named)."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    for key in data:
+        if key not in names:
+            raise SaekitError(f"unknown field {key!r} in {where}{did_you_mean(key, names)}; valid fields: {', '.join(sorted(names))}")
+    hints = type_hints(cls)
+    kwargs = {k: _coerce(v, hints[k], k) for k, v in data.items()}
+    try:
+        return cls(**kwargs)
+    except ValueError as e:
+        raise SaekitError(str(e)) from None
+
+
+def load_toml(path: str | Path) -> dict:
+    p = Path(path)
+    if not p.is_file():
+        raise SaekitError(f"config file {p} does not exist")
+    try:
+        return tomllib.loads(p.read_text())
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+        raise SaekitError(f"config file {p} is not valid TOML: {e}") from None
+
+
+def to_dict(cfg) -> dict:
+    """JSON-safe dict of a config (Paths become strings)."""
+
+    def conv(v):
+        if isinstance(v, Path):
+            return str(v)
+        if isinstance(v, (list, tuple)):
+            return [conv(x) for x in v]
+        if isinstance(v, dict):
+            return {k: conv(x) for k, x in v.items()}
+        return v
+
+    return {k: conv(v) for k, v in dataclasses.asdict(cfg).items()}

@@ -1,0 +1,79 @@
+"""Every metric saekit reports, defined once (DESIGN.md: Metrics).
+
+Pure functions on tensors; the trainer, splice-eval, benchmarks and notebooks all
+import from here so a number means the same thing everywhere.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+
+def l0(codes: Tensor) -> float:
+    """Mean number of non-zero codes per row. codes: (n_tok, d_dict)."""
+    return (codes != 0).float().sum(-1).mean().item()
+
+
+def fvu(x: Tensor, x_hat: Tensor) -> float:
+    """Fraction of variance unexplained: Σ‖x − x̂‖² / Σ‖x − mean(x)‖² over rows."""
+    x, x_hat = x.double(), x_hat.double()
+    resid = (x - x_hat).pow(2).sum()
+    total = (x - x.mean(0, keepdim=True)).pow(2).sum()
+    return (resid / total.clamp_min(1e-30)).item()
+
+
+class FVUAccumulator:
+    """FVU over a stream of batches, exact (sums kept in float64, mean removed at the end)."""
+
+    def __init__(self):
+        self.n = 0
+        self.resid = 0.0
+        self.sum = None
+        self.sumsq = 0.0
+
+    def update(self, x: Tensor, x_hat: Tensor) -> None:
+        x64 = x.double()
+        self.resid += (x64 - x_hat.double()).pow(2).sum().item()
+        s = x64.sum(0)
+        self.sum = s if self.sum is None else self.sum + s
+        self.sumsq += x64.pow(2).sum().item()
+        self.n += x.shape[0]
+
+    def value(self) -> float:
+        if self.n == 0:
+            return float("nan")
+        total = self.sumsq - self.sum.pow(2).sum().item() / self.n
+        return self.resid / max(total, 1e-30)
+
+
+def dead_fraction(fire_counts: Tensor) -> float:
+    """Share of latents that never fired. fire_counts: (d_dict,) counts over eval tokens."""
+    return (fire_counts == 0).float().mean().item()
+
+
+def ce_per_token(logits: Tensor, tokens: Tensor) -> Tensor:
+    """Next-token cross-entropy at every position that has a next token: (B, T-1)."""
+    logp = F.log_softmax(logits[:, :-1].float(), dim=-1)
+    return -logp.gather(-1, tokens[:, 1:, None].long()).squeeze(-1)
+
+
+def kl_per_token(clean_logits: Tensor, other_logits: Tensor) -> Tensor:
+    """KL(clean ‖ other) of the next-token distributions at each position: (B, T)."""
+    p = F.log_softmax(clean_logits.float(), dim=-1)
+    q = F.log_softmax(other_logits.float(), dim=-1)
+    return (p.exp() * (p - q)).sum(-1)
+
+
+def correct_per_token(logits: Tensor, tokens: Tensor) -> Tensor:
+    """1.0 where the argmax prediction equals the next token: (B, T-1)."""
+    return (logits[:, :-1].argmax(-1) == tokens[:, 1:]).float()
+
+
+def loss_recovered(ce_clean: float, ce_spliced: float, ce_ablated: float) -> float:
+    """(CE_ablated − CE_spliced) / (CE_ablated − CE_clean): 1 = nothing lost, 0 = as bad as ablation."""
+    denom = ce_ablated - ce_clean
+    if abs(denom) < 1e-12:
+        return float("nan")
+    return (ce_ablated - ce_spliced) / denom
