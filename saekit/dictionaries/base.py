@@ -29,6 +29,7 @@ from saekit.errors import SaekitError
 FORMAT = "saekit-dictionary"
 VERSION = 1
 KINDS = ("relu", "topk", "batchtopk", "codebook")
+LOADED_KINDS = ("jumprelu",)  # read from other formats (saekit.interop), spliced and analysed, not trained
 
 
 @dataclass
@@ -51,7 +52,7 @@ class DictConfig:
     """Codebook code choice: cosine or inner (product)."""
 
     def __post_init__(self):
-        if self.kind not in KINDS:
+        if self.kind not in KINDS + LOADED_KINDS:
             raise ValueError(f"kind {self.kind!r} is not one of {', '.join(KINDS)}")
         if self.kind in ("topk", "batchtopk", "codebook") and self.k is not None and self.d_dict:
             per = self.d_dict // max(self.groups, 1)
@@ -164,7 +165,9 @@ def registry() -> dict[str, type[Dictionary]]:
     from saekit.dictionaries.codebook import Codebook
     from saekit.dictionaries.sae import BatchTopKSAE, ReluSAE, TopKSAE
 
-    return {"relu": ReluSAE, "topk": TopKSAE, "batchtopk": BatchTopKSAE, "codebook": Codebook}
+    from saekit.interop.jumprelu import JumpReLUSAE
+
+    return {"relu": ReluSAE, "topk": TopKSAE, "batchtopk": BatchTopKSAE, "codebook": Codebook, "jumprelu": JumpReLUSAE}
 
 
 def build(cfg: DictConfig, prov: Provenance | None = None) -> Dictionary:
