@@ -1,0 +1,313 @@
+"""`saekit analyze`: read a store once through a dictionary and write what each feature means.
+
+Outputs in `--out` (format `saekit-analysis` v1; nothing is pickled):
+- `stats.safetensors`: the per-feature tensors of `StatsResult` plus logit effects;
+- `features.json`: ids, flags (dead, dense), token strings, and per feature its numbers,
+  histogram, top contexts and logit effects — what the dashboard and notebooks read;
+- `dashboard.html`: the self-contained dashboard (`saekit.analysis.dashboard`);
+- `density.png`: histogram of log10 feature frequency.
+Every file is written under a temporary name and renamed, so an interrupted run never
+leaves a half-written file under its final name.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+from saekit.analysis.ids import feature_ids
+from saekit.analysis.stats import PAD, FeatureStats, StatsResult, logit_effects
+from saekit.errors import SaekitError
+from saekit.models import ModelInfo, hook_layer
+
+FORMAT = "saekit-analysis"
+VERSION = 1
+# Dense codes for one batch are (n_seq, ctx, d_dict) floats; keep that near this many elements.
+BATCH_ELEMENTS = 1 << 24
+
+
+@dataclass
+class AnalyzeConfig:
+    """What `saekit analyze` reads and writes."""
+
+    dict: str = ""
+    """Dictionary folder (config.json + weights.safetensors)."""
+    store: str = ""
+    """Activation store folder harvested at the dictionary's hook."""
+    out: str = ""
+    """Output folder for stats.safetensors, features.json, dashboard.html, density.png."""
+    split: str = "all"
+    """Which sequences of the store to read: all, train or eval."""
+    tokens: int | None = None
+    """Stop after this many counted tokens (default: the whole split)."""
+    top_n: int = 20
+    """Top activating contexts kept per feature."""
+    window: int = 8
+    """Tokens shown on each side of a context's firing token."""
+    bins: int = 32
+    """Bins of each feature's activation histogram."""
+    n_logits: int = 10
+    """Promoted and suppressed tokens listed per feature."""
+    logits: bool = True
+    """Compute logit effects (loads the model for its unembedding)."""
+    model: str | None = None
+    """Model to take the unembedding and tokenizer from (default: the store's model)."""
+    dense_threshold: float = 0.1
+    """Features firing on more than this share of tokens are flagged dense."""
+    batch_seqs: int | None = None
+    """Sequences per batch (default: sized so a batch's dense codes stay near 16M numbers)."""
+    device: str = "cpu"
+    """Device for encoding (cpu, cuda)."""
+
+    def __post_init__(self):
+        if self.split not in ("all", "train", "eval"):
+            raise ValueError(f"split {self.split!r} is not all, train or eval")
+        if self.top_n < 1 or self.bins < 1 or self.window < 0 or self.n_logits < 1:
+            raise ValueError("top_n, bins and n_logits must be >= 1 and window >= 0")
+        if not 0 < self.dense_threshold <= 1:
+            raise ValueError(f"dense_threshold={self.dense_threshold} must be in (0, 1]")
+        if self.tokens is not None and self.tokens < 1:
+            raise ValueError("tokens must be >= 1 when given")
+
+
+def check_match(d, store) -> str:
+    """Refuse a dictionary that was not trained for this store's model and hook; returns the hook."""
+    hook = d.prov.hook
+    if not hook:
+        raise SaekitError("the dictionary records no hook; it cannot be matched to a store (retrain or re-export it with saekit)")
+    if hook not in store.hooks:
+        raise SaekitError(f"the dictionary is for hook {hook}, but the store has only {', '.join(store.hooks)}; harvest {hook} or pass the matching store")
+    width = store.hook_width(hook)
+    if width != d.cfg.d_in:
+        raise SaekitError(f"the dictionary expects width {d.cfg.d_in} at {hook}, the store has {width}; they come from different models")
+    if d.prov.model:
+        dm, sm = ModelInfo.from_dict(d.prov.model), store.model
+        if dm.fingerprint != sm.fingerprint or dm.d_model != sm.d_model:
+            raise SaekitError(f"the dictionary was trained on model {dm.name!r} ({dm.fingerprint}), the store comes from {sm.name!r} ({sm.fingerprint}); use a store of the dictionary's model")
+        if bool(dm.compat) != bool(sm.compat):
+            raise SaekitError("the dictionary and the store disagree on compatibility mode (TransformerLens weight processing); harvest with the same --compat setting")
+    return hook
+
+
+def residual_directions(bridge, hook: str, dirs: torch.Tensor) -> tuple[torch.Tensor | None, str]:
+    """Map decoder directions at `hook` into the residual stream, or say why not.
+
+    Residual-stream hooks and block outputs (resid_pre/mid/post, attn_out, mlp_out) are
+    already in it.  `attn.hook_z` (heads flattened) reaches it through each head's W_O and
+    `mlp.hook_post` through W_out, both linear, so the direction is carried through them
+    (biases do not depend on the feature and are left out).  Anything else (queries, keys,
+    attention patterns, pre-activations) acts on the logits only through non-linear
+    paths, so no direct logit effect is reported.
+    """
+    cfg = bridge.cfg
+    layer = hook_layer(hook)
+    d_in = dirs.shape[1]
+    last = hook.split(".")[-1]
+    if last in ("hook_resid_pre", "hook_resid_mid", "hook_resid_post", "hook_attn_out", "hook_mlp_out") or hook in ("hook_embed", "hook_pos_embed"):
+        if d_in == cfg.d_model:
+            return dirs, "direction @ W_U (the hook writes to the residual stream)"
+    if hook.endswith("attn.hook_z") and layer >= 0:
+        W_O = bridge.W_O[layer].detach().float()  # (n_heads, d_head, d_model)
+        if W_O.shape[0] * W_O.shape[1] == d_in:
+            return torch.einsum("fhe,hem->fm", dirs.reshape(dirs.shape[0], W_O.shape[0], W_O.shape[1]), W_O), "direction @ W_O @ W_U (through each head's output matrix)"
+    if hook.endswith("mlp.hook_post") and layer >= 0:
+        W_out = bridge.W_out[layer].detach().float()  # (d_mlp, d_model)
+        if W_out.shape[0] == d_in:
+            return dirs @ W_out, "direction @ W_out @ W_U (through the MLP's output matrix)"
+    return None, f"no logit effects: {hook} reaches the logits only through non-linear paths"
+
+
+def final_ln_weight(bridge, compat: bool) -> torch.Tensor | None:
+    """The final LayerNorm's weight, or None when compatibility mode folded it into W_U."""
+    if compat:
+        return None
+    for name, p in bridge.ln_final.named_parameters():
+        if name.endswith("weight"):
+            return p.detach().float()
+    return None
+
+
+def _stats_to_tensors(res: StatsResult) -> dict[str, torch.Tensor]:
+    return {
+        "count": res.count, "act_sum": res.act_sum, "act_max": res.act_max, "hist": res.hist,
+        "hist_max": res.hist_max, "top_values": res.top_values, "top_seq": res.top_seq, "top_pos": res.top_pos,
+        "window_tokens": res.window_tokens, "window_acts": res.window_acts,
+        "n_rows": torch.tensor([res.n_rows], dtype=torch.int64),
+    }
+
+
+def _r(x: float) -> float:
+    """Round to 4 significant digits, to keep the JSON small."""
+    if x == 0 or not math.isfinite(x):
+        return 0.0 if not math.isfinite(x) else x
+    return float(f"{x:.4g}")
+
+
+def _atomic_write_bytes(path: Path, data: bytes) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+
+
+def run_pass(d, store, hook: str, cfg: AnalyzeConfig, progress: Callable[[int, int], None] | None = None) -> StatsResult:
+    """The one streaming pass: encode every counted position and feed `FeatureStats`."""
+    rng = store.split(cfg.split)
+    n_total = len(rng)
+    if n_total == 0 or store.n_tokens == 0:
+        raise SaekitError(f"the store's {cfg.split} split is empty; harvest more tokens or choose --split all")
+    d_dict = int(d.cfg.d_dict)
+    ctx = store.context_size
+    batch = cfg.batch_seqs or max(1, min(256, BATCH_ELEMENTS // max(1, ctx * d_dict)))
+    acc = FeatureStats(d_dict, top_n=cfg.top_n, window=cfg.window, bins=cfg.bins)
+    done = 0
+    for start, raw_tokens, acts in store.iter_sequences([hook], cfg.split, batch):
+        mask = torch.as_tensor(np.asarray(store.row_mask(raw_tokens))).bool()
+        tokens = torch.as_tensor(np.asarray(raw_tokens))
+        x = torch.as_tensor(acts[hook]).float().to(cfg.device)
+        n, t, w = x.shape
+        codes = torch.zeros(n, t, d_dict)
+        with torch.no_grad():
+            if mask.any():
+                codes[mask] = d.encode(x[mask.to(x.device)]).float().cpu()
+        if cfg.tokens is not None and acc.n_rows + int(mask.sum()) > cfg.tokens:
+            # Cut the batch at the token budget, counting rows in order.
+            keep = cfg.tokens - acc.n_rows
+            flat = mask.reshape(-1).clone()
+            idx = flat.nonzero().squeeze(1)
+            flat[idx[keep:]] = False
+            mask = flat.reshape(n, t)
+        acc.update(codes, tokens, mask, start)
+        done += n
+        if progress:
+            progress(done, n_total)
+        if cfg.tokens is not None and acc.n_rows >= cfg.tokens:
+            break
+    if acc.n_rows == 0:
+        raise SaekitError("the store has no counted tokens in this split (only padding/BOS); harvest longer documents")
+    return acc.result()
+
+
+def analyze(cfg: AnalyzeConfig, progress: Callable[[int, int], None] | None = None) -> Path:
+    """Run the pass, compute logit effects, write all outputs; returns the output folder."""
+    from saekit.dictionaries import load as load_dict
+    from saekit.store import ActivationStore
+
+    if not cfg.dict or not cfg.store or not cfg.out:
+        raise SaekitError("analyze needs --dict DIR --store DIR --out DIR")
+    if not Path(cfg.store).is_dir():
+        raise SaekitError(f"store {cfg.store} does not exist; run `saekit harvest` first or fix --store")
+    d = load_dict(cfg.dict, device=cfg.device)
+    store = ActivationStore(cfg.store)
+    hook = check_match(d, store)
+    res = run_pass(d, store, hook, cfg, progress)
+
+    model_name = cfg.model or store.model.name
+    from saekit.models import load_model
+
+    loaded = load_model(model_name, compat=bool(store.model.compat))
+    logit = None
+    note = "logit effects not computed (--no-logits)"
+    if cfg.logits:
+        dirs = d.directions().detach().float().cpu()
+        resid, note = residual_directions(loaded.bridge, hook, dirs)
+        if resid is not None:
+            W_U = loaded.bridge.W_U.detach().float().cpu()
+            logit = logit_effects(resid, W_U, gamma=final_ln_weight(loaded.bridge, bool(store.model.compat)), n=cfg.n_logits)
+    meta = build_features_json(d, res, logit, loaded.tokenizer, cfg, hook, note)
+
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    tensors = _stats_to_tensors(res)
+    if logit is not None:
+        tensors |= dict(zip(("promote_ids", "promote_vals", "suppress_ids", "suppress_vals"), logit))
+    tmp = out / "stats.safetensors.tmp"
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp))
+    os.replace(tmp, out / "stats.safetensors")
+    _atomic_write_bytes(out / "features.json", json.dumps(meta).encode())
+    from saekit.analysis.dashboard import density_plot, render_dashboard
+
+    _atomic_write_bytes(out / "dashboard.html", render_dashboard(meta).encode())
+    density_plot(meta, out / "density.png")
+    return out
+
+
+def build_features_json(d, res: StatsResult, logit, tokenizer, cfg: AnalyzeConfig, hook: str, logit_note: str) -> dict:
+    """Everything a reader of the features needs, as plain JSON (token ids with a string table)."""
+    ids = feature_ids(d)
+    freq = res.frequency.tolist()
+    mean = res.act_mean.tolist()
+    used: set[int] = set(int(t) for t in res.window_tokens.unique().tolist() if t != PAD)
+    if logit is not None:
+        used |= set(logit[0].unique().tolist()) | set(logit[2].unique().tolist())
+    vocab = {str(t): tokenizer.decode([t]) for t in sorted(used)}
+    feats = []
+    for i, fid in enumerate(ids):
+        ctxs = []
+        for j in range(res.top_values.shape[1]):
+            if res.top_seq[i, j] < 0:
+                break
+            toks = res.window_tokens[i, j].tolist()
+            acts = res.window_acts[i, j].tolist()
+            keep = [k for k, t in enumerate(toks) if t != PAD]
+            ctxs.append({
+                "seq": int(res.top_seq[i, j]), "pos": int(res.top_pos[i, j]), "value": _r(float(res.top_values[i, j])),
+                "center": cfg.window - keep[0] if keep else 0,
+                "tokens": [toks[k] for k in keep], "acts": [_r(acts[k]) for k in keep],
+            })
+        f = {
+            "id": fid, "index": i, "frequency": _r(freq[i]), "count": int(res.count[i]), "mean": _r(mean[i]),
+            "max": _r(float(res.act_max[i])), "hist": res.hist[i].tolist(), "hist_max": _r(float(res.hist_max[i])),
+            "contexts": ctxs,
+        }
+        if logit is not None:
+            f["promotes"] = [[int(t), _r(float(v))] for t, v in zip(logit[0][i].tolist(), logit[1][i].tolist())]
+            f["suppresses"] = [[int(t), _r(float(v))] for t, v in zip(logit[2][i].tolist(), logit[3][i].tolist())]
+        feats.append(f)
+    dead = [ids[i] for i in range(len(ids)) if res.count[i] == 0]
+    dense = [ids[i] for i in range(len(ids)) if freq[i] > cfg.dense_threshold]
+    return {
+        "format": FORMAT, "version": VERSION, "dictionary": str(cfg.dict), "store": str(cfg.store), "split": cfg.split,
+        "hook": hook, "layer": hook_layer(hook), "kind": d.cfg.kind, "d_dict": int(d.cfg.d_dict), "groups": int(d.cfg.groups),
+        "n_rows": res.n_rows, "top_n": cfg.top_n, "window": cfg.window, "dense_threshold": cfg.dense_threshold,
+        "logit_note": logit_note, "dead": dead, "dense": dense, "vocab": vocab, "features": feats,
+    }
+
+
+@dataclass
+class Analysis:
+    """A loaded `saekit analyze` output: `meta` (features.json) and `tensors` (stats.safetensors)."""
+
+    meta: dict
+    tensors: dict[str, torch.Tensor]
+
+    def feature(self, fid: str) -> dict:
+        """One feature's JSON record by id (e.g. '1.42' or '1.0.7')."""
+        for f in self.meta["features"]:
+            if f["id"] == fid:
+                return f
+        raise SaekitError(f"no feature {fid!r} in this analysis; ids run from {self.meta['features'][0]['id']} to {self.meta['features'][-1]['id']}")
+
+    def context_text(self, fid: str, j: int = 0) -> str:
+        """Context j of a feature as text, the firing token in [[brackets]]."""
+        c = self.feature(fid)["contexts"][j]
+        v = self.meta["vocab"]
+        return "".join(f"[[{v[str(t)]}]]" if k == c["center"] else v[str(t)] for k, t in enumerate(c["tokens"]))
+
+
+def load_analysis(path: str | os.PathLike) -> Analysis:
+    """Load an analysis folder (JSON + safetensors; nothing is executed)."""
+    p = Path(path)
+    if not (p / "features.json").is_file() or not (p / "stats.safetensors").is_file():
+        raise SaekitError(f"{p} is not a saekit analysis folder (expected features.json and stats.safetensors); run `saekit analyze`")
+    meta = json.loads((p / "features.json").read_text())
+    if meta.get("format") != FORMAT:
+        raise SaekitError(f"{p / 'features.json'} has format {meta.get('format')!r}, expected {FORMAT!r}")
+    return Analysis(meta=meta, tensors=load_file(str(p / "stats.safetensors")))
