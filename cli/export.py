@@ -1,5 +1,20 @@
-"""CLI for the `export` stage (not written yet)."""
+"""CLI for `saekit export`: write a dictionary in another tool's format (SAELens)."""
+
+from __future__ import annotations
+
+import typer
+
+from saekit.interop import ExportConfig, export as export_dictionary
+from saekit_cli.options import config_options
 
 
 def register(app) -> None:
-    pass
+    @app.command("export")
+    @config_options(ExportConfig)
+    def export(cfg: ExportConfig) -> None:
+        """Write a dictionary as a SAELens folder (cfg.json + sae_weights.safetensors) that SAE.load_from_disk reads.
+
+        relu → standard, topk → topk, batchtopk → jumprelu (its threshold on every latent); saekit's input scale is folded into the weights, so SAELens reconstructs the hook's original activations. Codebooks have no SAELens equivalent.
+        """
+        out = export_dictionary(cfg)
+        typer.echo(f"wrote {cfg.format} dictionary to {out}")

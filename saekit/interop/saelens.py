@@ -1,0 +1,376 @@
+"""SAELens SAE folders in and out: `cfg.json` + `sae_weights.safetensors`.
+
+SAELens (v6, `SAE.save_model` / `SAE.load_from_disk`) stores, for every architecture,
+
+    W_enc (d_in, d_sae)  b_enc (d_sae,)  W_dec (d_sae, d_in)  b_dec (d_in,)  [threshold (d_sae,)]
+
+and encodes (`SAE.process_sae_in` + each class's `encode`)
+
+    pre = (x − a · b_dec) @ W_enc + b_enc          a = cfg.apply_b_dec_to_input (0 or 1)
+    standard: f = ReLU(pre)
+    topk:     f = ReLU(TopK_k(pre′)) / n,  pre′ = pre · n,  n = ‖W_dec,i‖ if cfg.rescale_acts_by_decoder_norm else 1
+              (decode divides by n again, so f above is what multiplies W_dec)
+    jumprelu: f = ReLU(pre) · [pre > threshold]
+    x̂ = f @ W_dec + b_dec
+
+`cfg.json` is `SAEConfig.to_dict()`: architecture, d_in, d_sae, dtype, device,
+apply_b_dec_to_input, normalize_activations, reshape_activations, k (topk),
+rescale_acts_by_decoder_norm (topk) and `metadata` {sae_lens_version, model_name,
+hook_name, hook_head_index, model_from_pretrained_kwargs, prepend_bos, context_size, ...}.
+Folders written before v6 are flat: hook_name (or hook_point) and model_name at top level,
+`activation_fn`/`activation_fn_str` "topk" with `activation_fn_kwargs.k` for TopK, and
+`normalize_activations` possibly a bool; SAELens's `handle_pre_6_0_config` converts them
+and so does `_read_cfg` here.
+
+Loading maps each folder onto a saekit kind whose formula is the same (relu, topk,
+jumprelu); differences that are exact rescalings (decoder-norm rescaled TopK, an old
+`scaling_factor` on the latents, apply_b_dec_to_input=false on a ReLU or TopK SAE) are
+folded into the weights, which reproduces SAELens's outputs to float rounding; a JumpReLU
+keeps the flag itself.  Exporting folds saekit's input scale into the weights the way
+SAELens's own `fold_activation_norm_scaling_factor` does (W_enc·s, W_dec/s, b_dec/s), so
+SAELens reconstructs in the hook's original units with normalize_activations "none".
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import Tensor
+
+from saekit.dictionaries.base import DictConfig, Dictionary, Provenance, build
+from saekit.errors import SaekitError
+
+CFG_FILE = "cfg.json"
+WEIGHTS_FILE = "sae_weights.safetensors"
+ARCHITECTURES = ("standard", "topk", "jumprelu")
+# The layout we write is SAELens's v6 config; its loader treats a folder without a version
+# >= 6.0.0-rc.0 as pre-v6 and rewrites it, so the version of the *format* is stated here.
+FORMAT_VERSION = "6.0.0"
+# SAELens loads models with HookedTransformer.from_pretrained, which folds LayerNorm and
+# centres weights by default; saekit's default (compat=False) runs the raw HF weights.
+NO_PROCESSING = {"fold_ln": False, "center_writing_weights": False, "center_unembed": False, "fold_value_biases": False}
+PER_TOKEN_NORMS = ("constant_norm_rescale", "layer_norm", "covariance_whitening")
+
+
+# --- reading -----------------------------------------------------------------------------
+
+def _read_json(path: Path) -> dict:
+    try:
+        raw = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise SaekitError(f"{path} is not valid JSON ({e}); the folder is damaged, download or export it again") from None
+    if not isinstance(raw, dict):
+        raise SaekitError(f"{path} holds a {type(raw).__name__}, expected a JSON object; the folder is damaged")
+    return raw
+
+
+def _read_tensors(path: Path) -> dict[str, Tensor]:
+    try:
+        return {k: v.float() for k, v in load_file(str(path)).items()}
+    except (SafetensorError, OSError) as e:
+        raise SaekitError(f"{path} is not a readable safetensors file ({e}); the folder is damaged") from None
+
+
+def _read_cfg(raw: dict, where: Path) -> dict:
+    """SAELens cfg.json (v6 nested or pre-v6 flat) → the fields saekit needs, with SAELens's defaults."""
+    meta = dict(raw.get("metadata") or {})
+    get = lambda key, default=None: meta.get(key, raw.get(key, default))  # noqa: E731
+    act_fn = raw.get("activation_fn", raw.get("activation_fn_str"))
+    arch = raw.get("architecture") or "standard"
+    k = raw.get("k")
+    if act_fn == "topk" and (raw.get("activation_fn_kwargs") or {}).get("k") is not None:
+        # pre-v6 TopK: SAELens's handle_pre_6_0_config turns it into architecture "topk"
+        arch, k = "topk", raw["activation_fn_kwargs"]["k"]
+    elif act_fn not in (None, "relu") and arch == "standard":
+        raise SaekitError(f"{where}: activation_fn {act_fn!r} is not supported (saekit reads relu and topk SAELens SAEs)")
+    if arch not in ARCHITECTURES:
+        raise SaekitError(
+            f"{where}: SAELens architecture {arch!r} is not supported; saekit reads {', '.join(ARCHITECTURES)} "
+            "(convert it with SAELens to one of those, or use SAELens for it)"
+        )
+    norm = raw.get("normalize_activations", "none")
+    if isinstance(norm, bool):
+        norm = "expected_average_only_in" if norm else "none"
+    norm = norm or "none"
+    for key in ("d_in", "d_sae"):
+        if not isinstance(raw.get(key), int) or raw[key] <= 0:
+            raise SaekitError(f"{where}: {key} is {raw.get(key)!r}, expected a positive integer; the config is damaged")
+    if arch == "topk" and (not isinstance(k, int) or k <= 0):
+        raise SaekitError(f"{where}: a topk SAE needs a positive integer k, found {k!r}")
+    return {
+        "architecture": arch,
+        "d_in": raw["d_in"],
+        "d_sae": raw["d_sae"],
+        "k": k,
+        "apply_b_dec_to_input": bool(raw.get("apply_b_dec_to_input", True)),
+        "rescale_acts_by_decoder_norm": bool(raw.get("rescale_acts_by_decoder_norm", False)),
+        "normalize_activations": norm,
+        "hook_name": get("hook_name") or raw.get("hook_point"),
+        "hook_head_index": get("hook_head_index", raw.get("hook_point_head_index")),
+        "model_name": get("model_name"),
+        "model_from_pretrained_kwargs": get("model_from_pretrained_kwargs") or {},
+        "saekit": meta.get("saekit"),
+        "sae_lens_version": get("sae_lens_version"),
+    }
+
+
+def _check_tensors(tensors: dict[str, Tensor], cfg: dict, w_file: Path) -> None:
+    d_in, d_sae = cfg["d_in"], cfg["d_sae"]
+    want = {"W_enc": (d_in, d_sae), "b_enc": (d_sae,), "W_dec": (d_sae, d_in), "b_dec": (d_in,)}
+    if cfg["architecture"] == "jumprelu":
+        want["threshold"] = (d_sae,)
+    optional = {"scaling_factor": (d_sae,), "finetuning_scaling_factor": (d_sae,)}
+    missing = sorted(set(want) - set(tensors))
+    unexpected = sorted(set(tensors) - set(want) - set(optional))
+    if missing or unexpected:
+        raise SaekitError(
+            f"{w_file}: a SAELens {cfg['architecture']} SAE needs tensors {sorted(want)}; "
+            f"missing {missing}, unexpected {unexpected}"
+        )
+    for name, shape in {**want, **optional}.items():
+        if name in tensors and tuple(tensors[name].shape) != shape:
+            raise SaekitError(
+                f"{w_file}: tensor {name} has shape {tuple(tensors[name].shape)} but cfg.json "
+                f"(d_in={d_in}, d_sae={d_sae}) says {shape}; the weights and cfg.json do not belong together"
+            )
+
+
+def _scale_beside(folder: Path, cfg: dict) -> tuple[float, str | None]:
+    """Input scale for normalize_activations='expected_average_only_in' (else 1) and a note on how it was found."""
+    if cfg["normalize_activations"] != "expected_average_only_in":
+        return 1.0, None
+    scaler = folder / "activation_scaler.json"
+    if scaler.is_file():
+        s = _read_json(scaler).get("scaling_factor")
+        if isinstance(s, (int, float)) and s > 0:
+            return float(s), f"input scale {s} from {scaler.name} (normalize_activations=expected_average_only_in)"
+    # SAELens's load_from_disk applies no scaling here either; only from_pretrained folds a
+    # factor it keeps in its registry, which is not in the folder.
+    return 1.0, (
+        "normalize_activations=expected_average_only_in but no scaling factor in the folder: "
+        "inputs are used unscaled, as SAELens's load_from_disk does"
+    )
+
+
+def _compat(kwargs: dict) -> bool:
+    """Was the model run with TransformerLens weight processing (SAELens's default) or without?"""
+    return not (kwargs.get("fold_ln") is False or kwargs.get("center_writing_weights") is False)
+
+
+def load_saelens(path: str | os.PathLike, device: str | torch.device = "cpu") -> Dictionary:
+    """Load a SAELens SAE folder as a saekit dictionary that reproduces SAELens's encode and decode."""
+    folder = Path(path)
+    cfg = _read_cfg(_read_json(folder / CFG_FILE), folder / CFG_FILE)
+    w_file = folder / WEIGHTS_FILE
+    t = _read_tensors(w_file)
+    _check_tensors(t, cfg, w_file)
+    if cfg["normalize_activations"] in PER_TOKEN_NORMS:
+        raise SaekitError(
+            f"{folder}: normalize_activations={cfg['normalize_activations']!r} rescales every token by its own "
+            "statistics between encode and decode, which a saekit dictionary cannot represent; use SAELens for it"
+        )
+    if cfg["normalize_activations"] not in ("none", "expected_average_only_in"):
+        raise SaekitError(f"{folder}: unknown normalize_activations {cfg['normalize_activations']!r}")
+    if cfg["hook_head_index"] is not None:
+        raise SaekitError(
+            f"{folder}: this SAE reads a single attention head (hook_head_index={cfg['hook_head_index']}); "
+            "saekit dictionaries read a whole hook, so it cannot be spliced or analysed by saekit"
+        )
+
+    notes: list[str] = []
+    W_enc, b_enc, W_dec, b_dec = t["W_enc"], t["b_enc"], t["W_dec"], t["b_dec"]
+    latent_scale = t.get("finetuning_scaling_factor", t.get("scaling_factor"))
+    if latent_scale is not None and not torch.equal(latent_scale, torch.ones_like(latent_scale)):
+        # pre-v6 SAEs multiplied the codes by this before decoding: fold it into W_dec's rows
+        W_dec = W_dec * latent_scale[:, None]
+        notes.append("per-latent scaling_factor folded into W_dec")
+    arch = cfg["architecture"]
+    if arch == "topk" and cfg["rescale_acts_by_decoder_norm"]:
+        # TopK on pre·n and decode of f/n  ≡  TopK with W_enc·n, b_enc·n, W_dec/n (same codes as SAELens returns)
+        n = W_dec.norm(dim=-1)  # (d_sae,)
+        W_enc, b_enc, W_dec = W_enc * n, b_enc * n, W_dec / n[:, None]
+        notes.append("rescale_acts_by_decoder_norm folded into the weights")
+    apply_b_dec = cfg["apply_b_dec_to_input"]
+    if not apply_b_dec and arch != "jumprelu":
+        # saekit subtracts b_dec before encoding; x W + b  =  (x − b_dec) W + (b + b_dec W)
+        b_enc = b_enc + b_dec @ W_enc
+        notes.append("apply_b_dec_to_input=false folded into b_enc")
+
+    kind = {"standard": "relu", "topk": "topk", "jumprelu": "jumprelu"}[arch]
+    state = {"W_enc": W_enc, "b_enc": b_enc, "W_dec": W_dec, "b_dec": b_dec}
+    k = cfg["k"] if arch == "topk" else None
+    extra = cfg["saekit"] if isinstance(cfg["saekit"], dict) else {}
+    if arch == "jumprelu" and extra.get("kind") == "batchtopk":
+        thr = t["threshold"]
+        if apply_b_dec and torch.all(thr == thr[0]) and isinstance(extra.get("k"), int):
+            # saekit's own batchtopk, exported as jumprelu with one threshold: restore it as it was
+            kind, k = "batchtopk", extra["k"]
+            state["threshold"] = thr[0].clone()
+    if kind == "jumprelu":
+        state["threshold"] = t["threshold"]
+        state["apply_b_dec_to_input"] = torch.tensor(1.0 if apply_b_dec else 0.0)
+    if kind == "topk" and k >= cfg["d_sae"]:
+        raise SaekitError(f"{folder}: k={k} must be smaller than d_sae={cfg['d_sae']}")
+
+    scale, note = _scale_beside(folder, cfg)
+    if note:
+        notes.append(note)
+    prov_fields = {f.name for f in dataclasses.fields(Provenance)}
+    restored = {key: v for key, v in (extra.get("provenance") or {}).items() if key in prov_fields and key != "scale"}
+    model = restored.pop("model", None) or (
+        {"name": cfg["model_name"], "compat": _compat(cfg["model_from_pretrained_kwargs"])} if cfg["model_name"] else None
+    )
+    prov = Provenance(**{"hook": cfg["hook_name"], **restored, "model": model, "scale": scale})
+    d = build(DictConfig(kind=kind, d_in=cfg["d_in"], d_dict=cfg["d_sae"], k=k), prov)
+    state["scale"] = torch.tensor(scale)
+    own = d.state_dict()
+    d.load_state_dict({name: state[name].to(own[name].dtype).reshape(own[name].shape) for name in own})
+    d.summary = dict(extra.get("summary") or {})
+    d.summary["source"] = {
+        "format": "saelens",
+        "path": str(folder),
+        "architecture": arch,
+        "sae_lens_version": cfg["sae_lens_version"],
+        "model_from_pretrained_kwargs": cfg["model_from_pretrained_kwargs"],
+        "notes": notes,
+    }
+    return d.to(device).eval()
+
+
+# --- the formula SAELens runs, for checking exports ----------------------------------------------
+
+def saelens_forward(cfg: dict, tensors: dict[str, Tensor], x: Tensor) -> Tensor:
+    """SAELens's reconstruction x̂ (n, d_in) of x (n, d_in) for a v6 cfg.json dict (standard, topk, jumprelu)."""
+    a = 1.0 if cfg.get("apply_b_dec_to_input", True) else 0.0
+    W_dec = tensors["W_dec"]
+    pre = (x - a * tensors["b_dec"]) @ tensors["W_enc"] + tensors["b_enc"]
+    arch = cfg["architecture"]
+    if arch == "standard":
+        f = pre.relu()
+    elif arch == "topk":
+        n = W_dec.norm(dim=-1) if cfg.get("rescale_acts_by_decoder_norm") else torch.ones_like(pre[0])
+        vals, idx = (pre * n).topk(cfg["k"], dim=-1)
+        f = torch.zeros_like(pre).scatter(-1, idx, vals.relu()) / n
+    elif arch == "jumprelu":
+        f = pre.relu() * (pre > tensors["threshold"]).to(pre.dtype)
+    else:
+        raise ValueError(f"architecture {arch!r}")
+    return f @ W_dec + tensors["b_dec"]
+
+
+# --- writing -----------------------------------------------------------------------------
+
+def saelens_tensors(d: Dictionary) -> tuple[dict, dict[str, Tensor]]:
+    """The SAELens cfg.json dict and tensors for dictionary `d`, with its input scale folded in."""
+    kind = d.cfg.kind
+    if kind == "codebook":
+        raise SaekitError(
+            "codebook dictionaries have no SAELens equivalent (SAELens has no k-sparse codebook architecture); "
+            "share the saekit folder instead"
+        )
+    arch = {"relu": "standard", "topk": "topk", "batchtopk": "jumprelu", "jumprelu": "jumprelu"}.get(kind)
+    if arch is None:
+        raise SaekitError(f"dictionary kind {kind!r} has no SAELens export; exportable kinds: relu, topk, batchtopk, jumprelu")
+    sd = {name: v.detach().float().cpu() for name, v in d.state_dict().items()}
+    s = float(d.scale)
+    # x_n = s·x:  (x_n − b_dec) W_enc = (x − b_dec/s)(s·W_enc),  (f W_dec + b_dec)/s = f (W_dec/s) + b_dec/s
+    tensors = {
+        "W_enc": sd["W_enc"] * s,
+        "b_enc": sd["b_enc"].clone(),
+        "W_dec": sd["W_dec"] / s,
+        "b_dec": sd["b_dec"] / s,
+    }
+    apply_b_dec = True
+    if kind == "batchtopk":
+        # saekit's inference rule ReLU(pre)·[pre > max(θ, 0)] is a JumpReLU with θ on every latent
+        theta = max(float(sd["threshold"]), 0.0)
+        tensors["threshold"] = torch.full((d.cfg.d_dict,), theta)
+    elif kind == "jumprelu":
+        tensors["threshold"] = sd["threshold"].clone()
+        apply_b_dec = bool(sd["apply_b_dec_to_input"] != 0)
+    prov = d.prov
+    model = prov.model or {}
+    hook = prov.hook or ""
+    cfg: dict = {
+        "architecture": arch,
+        "d_in": d.cfg.d_in,
+        "d_sae": d.cfg.d_dict,
+        "dtype": "float32",
+        "device": "cpu",
+        "apply_b_dec_to_input": apply_b_dec,
+        "normalize_activations": "none",
+        "reshape_activations": "hook_z" if hook.endswith("hook_z") and len(prov.hook_shape) == 2 else "none",
+    }
+    if arch == "topk":
+        cfg |= {"k": d.cfg.k, "rescale_acts_by_decoder_norm": False}
+    train = d.train_config or {}
+    cfg["metadata"] = {
+        "sae_lens_version": FORMAT_VERSION,
+        "sae_lens_training_version": FORMAT_VERSION,
+        "model_name": model.get("name"),
+        "hook_name": prov.hook,
+        "hook_head_index": None,
+        "model_from_pretrained_kwargs": {} if model.get("compat") else dict(NO_PROCESSING),
+        "prepend_bos": True,
+        "context_size": train.get("context_size") if isinstance(train.get("context_size"), int) else None,
+        # What SAELens ignores but saekit reads back: where the dictionary came from.
+        "saekit": {
+            "kind": kind,
+            "k": d.cfg.k,
+            "provenance": dataclasses.asdict(prov) | {"scale": s},
+            "summary": d.summary,
+        },
+    }
+    return cfg, tensors
+
+
+def export_saelens(d: Dictionary, out: str | os.PathLike, *, check: bool = True) -> Path:
+    """Write `d` as a SAELens folder (cfg.json + sae_weights.safetensors) under `out`, atomically.
+
+    With `check`, the written formula is first run on random inputs and compared with
+    saekit's own reconstruction, so a folder that would disagree is never written.
+    """
+    folder = Path(out)
+    if (folder / "config.json").is_file() and (folder / "weights.safetensors").is_file():
+        raise SaekitError(f"{folder} holds a saekit dictionary; choose an empty or new --out for the SAELens folder")
+    cfg, tensors = saelens_tensors(d)
+    if check:
+        max_err, ref_norm = check_export(d, cfg, tensors)
+        if not max_err <= 1e-4 * max(ref_norm, 1.0):
+            raise RuntimeError(f"SAELens export of a {d.cfg.kind} dictionary disagrees with saekit by {max_err:.3g} (bug)")
+    folder.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(folder / (WEIGHTS_FILE + ".tmp")))
+    (folder / (CFG_FILE + ".tmp")).write_text(json.dumps(cfg, indent=2, default=_json_default))
+    os.replace(folder / (WEIGHTS_FILE + ".tmp"), folder / WEIGHTS_FILE)
+    os.replace(folder / (CFG_FILE + ".tmp"), folder / CFG_FILE)
+    return folder
+
+
+def _json_default(o):
+    if isinstance(o, Path):
+        return str(o)
+    if isinstance(o, Tensor):
+        return o.tolist()
+    raise TypeError(f"{type(o).__name__} is not JSON serialisable")
+
+
+@torch.no_grad()
+def check_export(d: Dictionary, cfg: dict, tensors: dict[str, Tensor], n: int = 64) -> tuple[float, float]:
+    """(max |x̂_saelens − x̂_saekit|, max |x̂_saekit|) on random inputs of the hook's scale."""
+    g = torch.Generator().manual_seed(0)
+    dev = d.scale.device
+    s = float(d.scale)
+    # Inputs around the decoder bias with typical norm √d_in in normalised space, so that
+    # a realistic mix of latents fires (pure noise far from b_dec would fire almost none).
+    xn = torch.randn(n, d.cfg.d_in, generator=g) + d.state_dict()["b_dec"].float().cpu()
+    x = xn / s
+    ref = d(x.to(dev)).x_hat.float().cpu()
+    got = saelens_forward(cfg, tensors, x)
+    return float((got - ref).abs().max()), float(ref.abs().max()) if math.isfinite(float(ref.abs().max())) else 0.0

@@ -1,0 +1,125 @@
+"""sparsify (EleutherAI) SAE folders in: `cfg.json` + `sae.safetensors`.
+
+`SparseCoder.save_to_disk` writes the `SparseCoderConfig` fields plus `d_in` to cfg.json
+and the module's state to sae.safetensors:
+
+    encoder.weight (n, d_in)   encoder.bias (n,)   W_dec (n, d_in)   b_dec (d_in,)   [W_skip (d_in, d_in)]
+
+with n = num_latents or d_in · expansion_factor.  Its `encode` + `decode` are
+
+    pre = ReLU((x − b_dec) @ encoder.weightᵀ + encoder.bias)     (no b_dec subtraction when transcode)
+    f   = the k largest of pre per token                         (activation "topk")
+    x̂   = f @ W_dec + b_dec                                     (+ x @ W_skipᵀ with a skip connection)
+
+which is saekit's `topk` kind with W_enc = encoder.weightᵀ (TopK of ReLU(pre) and ReLU of
+TopK(pre) give the same codes).  Transcoders (they predict another module's output),
+skip connections and the "groupmax" activation have no saekit kind and are refused.
+
+A sparsify run saves one folder per hookpoint, named after the Hugging Face module
+(`layers.6`, `h.6.mlp`, `gpt_neox.layers.3.attention`), beside the run's `config.json`
+(which names the model).  sparsify hooks a module's output on the raw HF model, so the
+folder name maps to the TransformerLens hook `blocks.L.hook_resid_post` (the layer),
+`blocks.L.hook_mlp_out` or `blocks.L.hook_attn_out`, without weight processing.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from pathlib import Path
+
+import torch
+
+from saekit.dictionaries.base import DictConfig, Dictionary, Provenance, build
+from saekit.errors import SaekitError
+from saekit.interop.saelens import _read_json, _read_tensors
+
+CFG_FILE = "cfg.json"
+WEIGHTS_FILE = "sae.safetensors"
+
+_LAYER = re.compile(r"^(?:.*\.)?(?:layers|h|blocks|layer)\.(\d+)(?:\.(.+))?$")
+_SUBMODULES = {
+    "": "hook_resid_post",
+    "mlp": "hook_mlp_out",
+    "feed_forward": "hook_mlp_out",
+    "self_attn": "hook_attn_out",
+    "attn": "hook_attn_out",
+    "attention": "hook_attn_out",
+}
+
+
+def hook_from_hookpoint(hookpoint: str) -> str | None:
+    """sparsify hookpoint (an HF module name) → TransformerLens hook name, or None if it has no clear equivalent."""
+    m = _LAYER.match(hookpoint)
+    if not m:
+        return None
+    sub = _SUBMODULES.get(m.group(2) or "")
+    return f"blocks.{int(m.group(1))}.{sub}" if sub else None
+
+
+def load_sparsify(path: str | os.PathLike, device: str | torch.device = "cpu") -> Dictionary:
+    """Load a sparsify SAE folder as a saekit `topk` dictionary with sparsify's encode and decode."""
+    folder = Path(path)
+    raw = _read_json(folder / CFG_FILE)
+    where = folder / CFG_FILE
+    d_in = raw.get("d_in")
+    if not isinstance(d_in, int) or d_in <= 0:
+        raise SaekitError(f"{where}: d_in is {d_in!r}, expected a positive integer; the config is damaged")
+    if raw.get("transcode"):
+        raise SaekitError(
+            f"{folder} is a sparsify transcoder (cfg.json transcode=true): it predicts a module's output from its "
+            "input, while a saekit dictionary reconstructs one hook; use sparsify for it"
+        )
+    if raw.get("skip_connection"):
+        raise SaekitError(f"{folder} has a skip connection (W_skip), which no saekit kind has; use sparsify for it")
+    activation = raw.get("activation", "topk")
+    if activation != "topk":
+        raise SaekitError(f"{where}: sparsify activation {activation!r} is not supported; saekit reads activation 'topk'")
+    n = raw.get("num_latents") or d_in * int(raw.get("expansion_factor", 32))
+    k = raw.get("k", 32)
+    if not isinstance(k, int) or not 0 < k < n:
+        raise SaekitError(f"{where}: k={k!r} must be a positive integer below the number of latents ({n})")
+
+    w_file = folder / WEIGHTS_FILE
+    t = _read_tensors(w_file)
+    want = {"encoder.weight": (n, d_in), "encoder.bias": (n,), "W_dec": (n, d_in), "b_dec": (d_in,)}
+    missing, unexpected = sorted(set(want) - set(t)), sorted(set(t) - set(want))
+    if missing or unexpected:
+        raise SaekitError(f"{w_file}: a sparsify SAE needs tensors {sorted(want)}; missing {missing}, unexpected {unexpected}")
+    for name, shape in want.items():
+        if tuple(t[name].shape) != shape:
+            raise SaekitError(
+                f"{w_file}: tensor {name} has shape {tuple(t[name].shape)} but cfg.json (d_in={d_in}, "
+                f"{n} latents) says {shape}; the weights and cfg.json do not belong together"
+            )
+
+    hookpoint = folder.resolve().name
+    hook = hook_from_hookpoint(hookpoint)
+    model_name = None
+    run_cfg = folder.resolve().parent / "config.json"
+    if run_cfg.is_file():
+        try:
+            model_name = json.loads(run_cfg.read_text()).get("model")
+        except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
+            model_name = None
+    prov = Provenance(hook=hook, model={"name": model_name, "compat": False} if model_name else None)
+    d = build(DictConfig(kind="topk", d_in=d_in, d_dict=n, k=k), prov)
+    own = d.state_dict()
+    state = {
+        "W_enc": t["encoder.weight"].t().contiguous(),  # (d_in, n)
+        "b_enc": t["encoder.bias"],
+        "W_dec": t["W_dec"],
+        "b_dec": t["b_dec"],
+        "scale": torch.tensor(1.0),
+    }
+    d.load_state_dict({name: state[name].to(own[name].dtype) for name in own})
+    d.summary = {
+        "source": {
+            "format": "sparsify",
+            "path": str(folder),
+            "hookpoint": hookpoint,
+            "notes": [] if hook else [f"hookpoint {hookpoint!r} has no known TransformerLens hook name; set it yourself"],
+        }
+    }
+    return d.to(device).eval()
