@@ -77,3 +77,11 @@ def loss_recovered(ce_clean: float, ce_spliced: float, ce_ablated: float) -> flo
     if abs(denom) < 1e-12:
         return float("nan")
     return (ce_ablated - ce_spliced) / denom
+
+
+def js_per_token(p_logits: Tensor, q_logits: Tensor) -> Tensor:
+    """Jensen–Shannon divergence (natural log, in [0, ln 2]) between two next-token distributions: (...,)."""
+    lp = F.log_softmax(p_logits.float(), dim=-1)
+    lq = F.log_softmax(q_logits.float(), dim=-1)
+    lm = torch.logsumexp(torch.stack([lp, lq]), dim=0) - torch.log(torch.tensor(2.0))
+    return 0.5 * ((lp.exp() * (lp - lm)).sum(-1) + (lq.exp() * (lq - lm)).sum(-1))
