@@ -1,5 +1,35 @@
-"""CLI for the `train` stage (not written yet)."""
+"""`saekit train`: dictionaries (relu, topk, batchtopk SAEs; k-sparse codebooks) on an activation store."""
+
+from __future__ import annotations
+
+from rich.console import Console
+from rich.table import Table
+
+from saekit.train import TrainConfig
+from saekit_cli.options import config_options
+
+console = Console()
 
 
 def register(app) -> None:
-    pass
+    @app.command("train")
+    @config_options(TrainConfig, config_file=True)
+    def train(cfg: TrainConfig):
+        """Train dictionaries on a harvested store: several hooks and a sweep over --k or --l1 share one read of the data.
+
+        Example: saekit train --store acts --hook blocks.1.hook_resid_post --kind topk --k 16,32 --out dicts
+        """
+        from saekit.dictionaries import load
+        from saekit.train import train as run_train
+
+        paths = run_train(cfg)
+        table = Table(title=f"{len(paths)} dictionar{'y' if len(paths) == 1 else 'ies'} (eval split of {cfg.store})")
+        for col in ("folder", "MSE", "FVU", "L0", "dead", "eval tokens"):
+            table.add_column(col, justify="left" if col == "folder" else "right")
+        for p in paths:
+            s = load(p).summary
+            if s.get("eval_tokens"):
+                table.add_row(str(p), f"{s['mse']:.4g}", f"{s['fvu']:.4f}", f"{s['l0']:.1f}", f"{s['dead_fraction']:.1%}", str(s["eval_tokens"]))
+            else:
+                table.add_row(str(p), "-", "-", "-", "-", "0 (store has no eval split)")
+        console.print(table)

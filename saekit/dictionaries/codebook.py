@@ -1,0 +1,145 @@
+"""k-sparse codebooks: the Codebook Features layer (Tamkin et al. 2023, "Codebook Features").
+
+The input slice of each group chooses its k most similar codes and is replaced by their
+sum.  Codes are plain vectors, so "decode" is a lookup and the dictionary's features are
+discrete: code (group g, index c) fired or it did not.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from saekit.dictionaries.base import DictConfig, Dictionary, Provenance
+from saekit.dictionaries.sae import TrainOutput
+
+
+def code_similarity(xg: Tensor, codebook: Tensor, similarity: str) -> Tensor:
+    """Similarity of each input slice to each code: xg (n, G, d_g), codebook (G, C, d_g) -> (G, n, C).
+
+    Cosine only needs the codes normalised: dividing a row by ‖x_g‖ does not change which
+    codes are its top k.
+    """
+    codes = F.normalize(codebook, dim=-1) if similarity == "cosine" else codebook
+    return torch.bmm(xg.transpose(0, 1), codes.transpose(1, 2))  # (G, n, C)
+
+
+def choose_codes(xn: Tensor, codebook: Tensor, k: int, similarity: str) -> Tensor:
+    """Indices of the k most similar codes per token and group: (n, G, k), values in [0, C)."""
+    G, C, d_g = codebook.shape
+    sims = code_similarity(xn.view(-1, G, d_g), codebook, similarity)  # (G, n, C)
+    return sims.topk(k, dim=-1, sorted=False).indices.transpose(0, 1)  # (n, G, k)
+
+
+def sum_codes(idx: Tensor, codebook: Tensor) -> Tensor:
+    """Σ of the chosen code vectors per group, concatenated over groups: idx (n, G, k) -> (n, G·d_g).
+
+    One `embedding_bag` over the flattened (G·C, d_g) table: gathers n·G·k rows, and its
+    gradient reaches exactly the chosen codes (the direct gradient of Codebook Features).
+    """
+    G, C, d_g = codebook.shape
+    n = idx.shape[0]
+    flat = idx + torch.arange(G, device=idx.device)[None, :, None] * C  # (n, G, k) into the G·C table
+    out = F.embedding_bag(flat.reshape(n * G, -1), codebook.reshape(G * C, d_g), mode="sum")  # (n·G, d_g)
+    return out.view(n, G * d_g)
+
+
+class Codebook(Dictionary):
+    """Grouped k-sparse codebook (Codebook Features, Tamkin et al. 2023, §2).
+
+    x_n is cut into G slices x_g of width d_in/G; group g has C = d_dict/G codes c_{g,j}:
+
+        S_g   = top-k_j sim(x_g, c_{g,j})       sim = cos or inner product
+        x̂_g   = Σ_{j ∈ S_g} c_{g,j}              x̂_n = concat_g x̂_g
+        loss  = ‖x_n − x̂_n‖² / d_in
+
+    Codes (`encode`) are dense 0/1 of shape (n, d_dict), 1 at index g·C + j for j ∈ S_g, so
+    `decode(codes) = codes @ W_dec` with W_dec the block-diagonal (d_dict, d_in) matrix of
+    code vectors.  The choice is not differentiable; the chosen codes get the reconstruction
+    gradient directly.  Codes start at k-means centroids / k of a sample (scikit-learn);
+    dead codes are replaced by recent inputs (`resample_dead`).
+    """
+
+    kind = "codebook"
+
+    def __init__(self, cfg: DictConfig, prov: Provenance | None = None):
+        super().__init__(cfg, prov)
+        G = cfg.groups
+        C, d_g = cfg.d_dict // G, cfg.d_in // G
+        g = torch.Generator().manual_seed(0)
+        self.codebook = nn.Parameter(torch.randn(G, C, d_g, generator=g) / d_g**0.5)  # (G, C, d_g)
+
+    @property
+    def W_dec(self) -> Tensor:
+        return torch.block_diag(*self.codebook.unbind(0))  # (G·C, G·d_g) = (d_dict, d_in)
+
+    @property
+    def k(self) -> int:
+        return self.cfg.k or 1
+
+    def reset_parameters(self, generator: torch.Generator) -> None:
+        with torch.no_grad():
+            self.codebook.copy_(torch.randn(self.codebook.shape, generator=generator) / self.codebook.shape[-1] ** 0.5)
+
+    def init_from_data(self, xn: Tensor, seed: int = 0) -> None:
+        """Codes ← k-means centroids of each group's slices of a sample, divided by k (k codes are summed)."""
+        from sklearn.cluster import KMeans
+
+        G, C, d_g = self.codebook.shape
+        x = xn.detach().float().cpu().view(-1, G, d_g)
+        if x.shape[0] < C:  # too few rows for C clusters: keep the random init for this sample size
+            return
+        with torch.no_grad():
+            for g in range(G):
+                km = KMeans(n_clusters=C, n_init=1, max_iter=20, random_state=seed).fit(x[:, g].numpy())
+                centres = torch.from_numpy(km.cluster_centers_).float()
+                self.codebook[g].copy_(centres.to(self.codebook) / self.k)
+
+    def encode_n(self, xn: Tensor) -> Tensor:
+        idx = choose_codes(xn, self.codebook, self.k, self.cfg.similarity)  # (n, G, k)
+        G, C, _ = self.codebook.shape
+        flat = (idx + torch.arange(G, device=xn.device)[None, :, None] * C).reshape(xn.shape[0], -1)
+        codes = torch.zeros(xn.shape[0], self.cfg.d_dict, dtype=self.codebook.dtype, device=xn.device)
+        return codes.scatter(1, flat, 1.0)
+
+    def decode_n(self, f: Tensor) -> Tensor:
+        # codes (n, G·C) -> per group (G, n, C) @ (G, C, d_g): no block-diagonal zeros multiplied.
+        G, C, d_g = self.codebook.shape
+        out = torch.bmm(f.view(-1, G, C).transpose(0, 1), self.codebook)  # (G, n, d_g)
+        return out.transpose(0, 1).reshape(-1, G * d_g)
+
+    def training_forward(self, xn: Tensor, **_) -> TrainOutput:
+        G, C, _ = self.codebook.shape
+        with torch.no_grad():
+            idx = choose_codes(xn, self.codebook, self.k, self.cfg.similarity)  # (n, G, k)
+        x_hat = sum_codes(idx, self.codebook)
+        mse = (x_hat - xn).pow(2).sum(-1).mean() / xn.shape[-1]
+        flat = (idx + torch.arange(G, device=xn.device)[None, :, None] * C).flatten()
+        fired = xn.new_zeros(self.cfg.d_dict).index_add_(0, flat, xn.new_ones(flat.shape[0])) > 0
+        l0 = xn.new_tensor(float(G * self.k))
+        return TrainOutput(mse, {"mse": mse}, fired, l0)
+
+    def loss_terms(self, xn: Tensor, **state) -> dict[str, Tensor]:
+        out = self.training_forward(xn, **state)
+        return {"loss": out.loss, **out.terms}
+
+    @torch.no_grad()
+    def resample_dead(self, dead: Tensor, xn: Tensor, generator: torch.Generator) -> dict[str, Tensor]:
+        """Replace dead codes (d_dict,) bool by slices of random rows of xn / k (plus a little noise).
+
+        Such a code points where recent inputs are, so it is chosen again.  Returns
+        {parameter name: bool mask over its leading dims} so the trainer can reset the
+        optimiser's moments for the replaced codes.
+        """
+        G, C, d_g = self.codebook.shape
+        mask = dead.view(G, C)
+        n_dead = int(mask.sum())
+        if n_dead == 0:
+            return {}
+        rows = torch.randint(0, xn.shape[0], (n_dead,), generator=generator).to(xn.device)
+        groups = mask.nonzero()[:, 0]  # (n_dead,) group of each dead code, in mask order
+        new = xn.view(-1, G, d_g)[rows, groups] / self.k  # (n_dead, d_g)
+        noise = torch.randn(new.shape, generator=generator).to(new) * 0.01 * new.norm(dim=-1, keepdim=True) / d_g**0.5
+        self.codebook[mask] = (new + noise).to(self.codebook)
+        return {"codebook": mask}

@@ -1,0 +1,283 @@
+"""Sparse autoencoders: ReLU + L1 (`relu`), TopK (`topk`) and BatchTopK (`batchtopk`).
+
+All three share one parametrisation (names match SAELens / sparsify so interop is a
+rename-free copy), in normalised space x_n = scale · x:
+
+    W_enc (d_in, d_dict)   b_enc (d_dict,)   W_dec (d_dict, d_in)   b_dec (d_in,)
+    pre  = (x_n − b_dec) W_enc + b_enc                                  # (n_tok, d_dict)
+    x̂_n  = f W_dec + b_dec
+
+and differ in how the codes f are picked from `pre` and in the training loss.
+
+Training goes through `training_forward(xn, **state) -> TrainOutput` (loss, named terms,
+per-latent fire counts, L0 — all tensors, so the trainer never syncs with the device
+except when it logs); `loss_terms` is the same thing as a dict.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from saekit.dictionaries.base import DictConfig, Dictionary, Provenance
+
+
+class TrainOutput(NamedTuple):
+    loss: Tensor
+    """Scalar the optimiser minimises (sum of the terms)."""
+    terms: dict[str, Tensor]
+    """Named loss terms (scalars, detached copies are logged)."""
+    fired: Tensor
+    """(d_dict,) bool: which latents fired on this batch (for dead-latent tracking)."""
+    l0: Tensor
+    """Scalar: mean number of active latents per token on this batch."""
+
+
+# --- pure maths ---------------------------------------------------------------------------------
+
+def geometric_median(x: Tensor, iters: int = 100, eps: float = 1e-6) -> Tensor:
+    """Weiszfeld's algorithm: the point minimising Σ‖x_i − m‖ (robust to outlier rows, unlike the mean)."""
+    m = x.mean(0)
+    for _ in range(iters):
+        w = 1.0 / (x - m).norm(dim=-1).clamp_min(eps)  # (n,)
+        new = (w[:, None] * x).sum(0) / w.sum()
+        if (new - m).norm() < eps * (1 + m.norm()):
+            return new
+        m = new
+    return m
+
+
+def sparse_decode_dense(values: Tensor, indices: Tensor, W_dec: Tensor) -> Tensor:
+    """Reference: scatter (n, k) values into dense codes and multiply, Σ_j v_j W_dec[i_j]. -> (n, d_in)."""
+    codes = torch.zeros(values.shape[0], W_dec.shape[0], dtype=values.dtype, device=values.device)
+    return codes.scatter(1, indices, values) @ W_dec
+
+
+def sparse_decode_bag(values: Tensor, indices: Tensor, W_dec: Tensor) -> Tensor:
+    """Same as `sparse_decode_dense` but gathers only the k rows per token (n·k·d_in work, not n·d_dict·d_in)."""
+    return F.embedding_bag(indices, W_dec, per_sample_weights=values, mode="sum")
+
+
+# Chosen once at import, overridable with SAEKIT_DECODE=dense|bag (STYLE.md 9: fast path + reference).
+# Default "dense": on CPU a (n, d_dict)·(d_dict, d_in) matmul plus its gradient beats the
+# scatter-add backward of embedding_bag (measured in benchmarks/train_speed.py); on CUDA the
+# gather wins once k ≪ d_dict.
+_DECODE = os.environ.get("SAEKIT_DECODE", "bag" if torch.cuda.is_available() else "dense")
+sparse_decode = sparse_decode_bag if _DECODE == "bag" else sparse_decode_dense
+
+
+def topk_codes(pre: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """The k largest pre-activations per row, after ReLU: values (n, k) ≥ 0 and their indices (n, k)."""
+    values, indices = pre.topk(k, dim=-1, sorted=False)
+    return values.relu(), indices
+
+
+def batch_topk_mask(pre: Tensor, k: int) -> Tensor:
+    """Keep the k·n largest positive pre-activations of the whole batch (n, d_dict) -> dense codes."""
+    flat = pre.relu().flatten()
+    values, idx = flat.topk(k * pre.shape[0], sorted=False)
+    return torch.zeros_like(flat).scatter(0, idx, values).view_as(pre)
+
+
+def normalized_mse(x_hat: Tensor, x: Tensor) -> Tensor:
+    """‖x − x̂‖² / ‖x − mean(x)‖² over the batch (scale-free; used for the AuxK term)."""
+    return (x_hat - x).pow(2).sum() / (x - x.mean(0, keepdim=True)).pow(2).sum().clamp_min(1e-12)
+
+
+# --- base SAE -------------------------------------------------------------------------------------
+
+class _SAE(Dictionary):
+    """Shared parameters, init, encoder pre-activations and decoder of every SAE kind."""
+
+    unit_norm_decoder = False
+
+    def __init__(self, cfg: DictConfig, prov: Provenance | None = None):
+        super().__init__(cfg, prov)
+        d_in, d_dict = cfg.d_in, cfg.d_dict
+        # Random unit decoder rows; encoder = decoder transpose so every latent starts out
+        # reading the direction it writes (Gao et al. 2024 §A.1; Anthropic, April 2024 update).
+        g = torch.Generator().manual_seed(0)
+        W_dec = torch.randn(d_dict, d_in, generator=g)
+        W_dec /= W_dec.norm(dim=-1, keepdim=True)
+        self.W_enc = nn.Parameter(W_dec.t().clone().contiguous())  # (d_in, d_dict)
+        self.b_enc = nn.Parameter(torch.zeros(d_dict))
+        # The base class declares W_dec as a property; store the parameter under that name directly.
+        self._parameters["W_dec"] = nn.Parameter(W_dec)  # (d_dict, d_in)
+        self.b_dec = nn.Parameter(torch.zeros(d_in))
+
+    @property
+    def W_dec(self) -> Tensor:
+        return self._parameters["W_dec"]
+
+    def reset_parameters(self, generator: torch.Generator) -> None:
+        """Fresh random init (the trainer seeds it, so each run is reproducible)."""
+        with torch.no_grad():
+            W = torch.randn(self.cfg.d_dict, self.cfg.d_in, generator=generator)
+            W /= W.norm(dim=-1, keepdim=True)
+            self.W_dec.copy_(W)
+            self.W_enc.copy_(W.t())
+            self.b_enc.zero_()
+            self.b_dec.zero_()
+
+    def init_from_data(self, xn: Tensor) -> None:
+        """b_dec ← geometric median of a sample, so the encoder sees centred inputs from step 0."""
+        with torch.no_grad():
+            self.b_dec.copy_(geometric_median(xn.float()).to(self.b_dec))
+
+    def pre_acts(self, xn: Tensor) -> Tensor:
+        return torch.addmm(self.b_enc, xn - self.b_dec, self.W_enc)  # (n, d_dict)
+
+    def decode_n(self, f: Tensor) -> Tensor:
+        return torch.addmm(self.b_dec, f, self.W_dec)  # (n, d_in)
+
+    def loss_terms(self, xn: Tensor, **state) -> dict[str, Tensor]:
+        out = self.training_forward(xn, **state)
+        return {"loss": out.loss, **out.terms}
+
+    # --- decoder constraint (topk, batchtopk) ---------------------------------------------
+    @torch.no_grad()
+    def before_step(self) -> None:
+        """Remove the gradient component parallel to each unit decoder row (it would only change its norm)."""
+        if self.unit_norm_decoder and self.W_dec.grad is not None:
+            W, g = self.W_dec, self.W_dec.grad
+            g.sub_((g * W).sum(-1, keepdim=True) * W)
+
+    @torch.no_grad()
+    def after_step(self) -> None:
+        """Project decoder rows back to unit norm (Adam's step is not exactly tangent)."""
+        if self.unit_norm_decoder:
+            self.W_dec.div_(self.W_dec.norm(dim=-1, keepdim=True).clamp_min(1e-8))
+
+
+class ReluSAE(_SAE):
+    """ReLU SAE with a decoder-norm-weighted L1 penalty (Anthropic, "Towards Monosemanticity" + April 2024 update).
+
+        f    = ReLU((x_n − b_dec) W_enc + b_enc)
+        x̂_n  = f W_dec + b_dec
+        loss = ‖x_n − x̂_n‖² / d_in + (λ / d_in) Σ_i f_i ‖W_dec,i‖          (mean over tokens)
+
+    With E‖x_n‖² = d_in this is the update's loss divided by d_in, so λ ≈ 5 means the
+    same as there; the trainer warms λ up linearly from 0.  Weighting by ‖W_dec,i‖ stops
+    the model from shrinking f by growing decoder rows, so no norm constraint is needed.
+    """
+
+    kind = "relu"
+
+    def __init__(self, cfg: DictConfig, prov: Provenance | None = None):
+        super().__init__(cfg, prov)
+        # Small decoder rows at init (norm 0.1) as in the April update: the L1 term starts small.
+        with torch.no_grad():
+            self.W_dec.mul_(0.1)
+            self.W_enc.mul_(0.1)
+
+    def reset_parameters(self, generator: torch.Generator) -> None:
+        super().reset_parameters(generator)
+        with torch.no_grad():
+            self.W_dec.mul_(0.1)
+            self.W_enc.mul_(0.1)
+
+    def encode_n(self, xn: Tensor) -> Tensor:
+        return self.pre_acts(xn).relu()
+
+    def training_forward(self, xn: Tensor, l1_coef: float | Tensor | None = None, **_) -> TrainOutput:
+        lam = self.cfg.l1 if l1_coef is None else l1_coef
+        f = self.encode_n(xn)  # (n, d_dict)
+        x_hat = self.decode_n(f)
+        d_in = xn.shape[-1]
+        mse = (x_hat - xn).pow(2).sum(-1).mean() / d_in
+        sparsity = (f @ self.W_dec.norm(dim=-1)).mean() / d_in
+        loss = mse + lam * sparsity
+        active = f > 0
+        return TrainOutput(loss, {"mse": mse, "l1": sparsity}, active.any(0), active.sum(-1).float().mean())
+
+
+class TopKSAE(_SAE):
+    """TopK SAE (Gao et al. 2024, "Scaling and evaluating sparse autoencoders").
+
+        pre  = (x_n − b_dec) W_enc + b_enc
+        f    = TopK_k(ReLU(pre))            (the k largest per token, others 0)
+        x̂_n  = f W_dec + b_dec,  ‖W_dec,i‖ = 1
+        loss = ‖x_n − x̂_n‖² / d_in + α · AuxK
+
+    AuxK (§A.2): the k_aux largest pre-activations among latents dead for a window of
+    tokens reconstruct the residual e = x_n − x̂_n (detached); AuxK = ‖e − ê‖² / ‖e − ē‖².
+    It gives dead latents a gradient towards what the live ones miss.  During training the
+    decoder is applied sparsely (k rows per token; `sparse_decode`).
+    """
+
+    kind = "topk"
+    unit_norm_decoder = True
+
+    def select(self, pre: Tensor) -> tuple[Tensor, Tensor]:
+        return topk_codes(pre, self.cfg.k)
+
+    def encode_n(self, xn: Tensor) -> Tensor:
+        values, indices = self.select(self.pre_acts(xn))
+        return torch.zeros(xn.shape[0], self.cfg.d_dict, dtype=values.dtype, device=values.device).scatter(1, indices, values)
+
+    def aux_loss(self, pre: Tensor, resid: Tensor, dead: Tensor | None, aux_k: int | None) -> Tensor:
+        """AuxK term; exactly 0 (with no host sync) when no latent is dead."""
+        if dead is None:
+            return pre.new_zeros(())
+        k_aux = min(aux_k or self.cfg.d_in // 2, self.cfg.d_dict)
+        masked = torch.where(dead, pre, torch.full_like(pre, -torch.inf))
+        values, indices = masked.topk(k_aux, dim=-1, sorted=False)
+        e_hat = sparse_decode(values.relu(), indices, self.W_dec)  # no b_dec: it models the residual
+        return normalized_mse(e_hat, resid) * dead.any()
+
+    def training_forward(self, xn, dead: Tensor | None = None, aux_k: int | None = None, aux_coef: float = 1 / 32, **_) -> TrainOutput:
+        pre = self.pre_acts(xn)  # (n, d_dict)
+        values, indices = self.select(pre)  # (n, k)
+        x_hat = sparse_decode(values, indices, self.W_dec) + self.b_dec
+        mse = (x_hat - xn).pow(2).sum(-1).mean() / xn.shape[-1]
+        aux = self.aux_loss(pre, (xn - x_hat).detach(), dead, aux_k)
+        active = (values > 0).float()
+        # index_add instead of boolean indexing: boolean masks force a host sync.
+        fired = xn.new_zeros(self.cfg.d_dict).index_add_(0, indices.flatten(), active.flatten()) > 0
+        l0 = active.sum(-1).mean()
+        return TrainOutput(mse + aux_coef * aux, {"mse": mse, "auxk": aux}, fired, l0)
+
+
+class BatchTopKSAE(TopKSAE):
+    """BatchTopK SAE (Bussmann et al. 2024, "BatchTopK Sparse Autoencoders").
+
+        training:  f = BatchTopK_{k·n}(ReLU(pre))   — the k·n largest over the whole batch of n tokens
+        inference: f = ReLU(pre) · [pre > θ]         — θ the running mean of the smallest kept activation
+        x̂_n = f W_dec + b_dec,  ‖W_dec,i‖ = 1,  loss as TopK (MSE + α · AuxK)
+
+    Tokens get a variable number of latents (k on average); θ (buffer `threshold`) makes
+    encoding independent of the batch at inference.  θ < 0 means "not estimated yet".
+    """
+
+    kind = "batchtopk"
+    threshold_momentum = 0.99
+
+    def __init__(self, cfg: DictConfig, prov: Provenance | None = None):
+        super().__init__(cfg, prov)
+        self.register_buffer("threshold", torch.tensor(-1.0))
+
+    def encode_n(self, xn: Tensor) -> Tensor:
+        pre = self.pre_acts(xn)
+        return torch.where(pre > self.threshold.clamp_min(0), pre, torch.zeros_like(pre))
+
+    @torch.no_grad()
+    def _update_threshold(self, f: Tensor) -> None:
+        positive = f > 0
+        smallest = torch.where(positive, f, torch.full_like(f, torch.inf)).min()
+        smallest = torch.where(positive.any(), smallest, self.threshold.clamp_min(0))
+        m = self.threshold_momentum
+        self.threshold.copy_(torch.where(self.threshold < 0, smallest, m * self.threshold + (1 - m) * smallest))
+
+    def training_forward(self, xn, dead: Tensor | None = None, aux_k: int | None = None, aux_coef: float = 1 / 32, **_) -> TrainOutput:
+        pre = self.pre_acts(xn)
+        f = batch_topk_mask(pre, self.cfg.k)  # (n, d_dict), k per token on average
+        self._update_threshold(f.detach())
+        x_hat = self.decode_n(f)
+        mse = (x_hat - xn).pow(2).sum(-1).mean() / xn.shape[-1]
+        aux = self.aux_loss(pre, (xn - x_hat).detach(), dead, aux_k)
+        active = f > 0
+        return TrainOutput(mse + aux_coef * aux, {"mse": mse, "auxk": aux}, active.any(0), active.sum(-1).float().mean())

@@ -1,0 +1,590 @@
+"""Train dictionaries on an activation store: `TrainConfig` + `train(cfg)`, and the `Trainer` behind it.
+
+One pass over the data trains every dictionary of a run: several hooks and a sweep over
+k (or λ) all take their steps on the same batches, so the store is read once.  The
+`Trainer` only needs a batch source — `start_batch -> iterator of {hook: (batch, width)}`
+— so it trains from the store (`store.batches`) or from tensors in memory
+(`tensor_batches`, used by tests and benchmarks) alike.
+
+Resuming: a checkpoint holds, per dictionary, the weights, the optimiser moments, the
+dead-latent counters and the random generator (safetensors + JSON, no pickle), plus the
+step.  The batch source restarts at that step, so a resumed run sees exactly the batches
+it would have seen and ends with the same weights as one that was never stopped.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import shutil
+import time
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import NamedTuple
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import Tensor
+
+from saekit import metrics
+from saekit.config import to_dict
+from saekit.dictionaries.base import KINDS, DictConfig, Dictionary, Provenance, build
+from saekit.errors import SaekitError, did_you_mean
+
+BatchSource = Callable[[int], Iterator[dict[str, Tensor]]]
+"""start_batch -> endless iterator of {hook: float tensor (batch_size, width)}; batch i is always the same."""
+
+
+@dataclass
+class TrainConfig:
+    """A training run: which store and hooks, which dictionaries (a sweep is a list of k or l1), how long."""
+
+    store: str = ""
+    """Activation store directory (written by `saekit harvest`)."""
+    hooks: list[str] = field(default_factory=lambda: ["all"], metadata={"aliases": ["--hook"]})
+    """Hooks to train on, comma-separated, or `all`; each gets its own dictionaries, all fed by one read of the store."""
+    out: str = "dictionaries"
+    """Output directory; each dictionary goes to <out>/<hook>/<kind>-<hyperparameters>/."""
+    kind: str = "topk"
+    """Dictionary kind: relu | topk | batchtopk | codebook."""
+    d_dict: int = 0
+    """Number of latents (codebook: codes over all groups); 0 means expansion × the hook's width."""
+    expansion: int = 8
+    """Latents per input dimension, used when d_dict is 0."""
+    k: list[int] = field(default_factory=lambda: [32])
+    """Active latents per token (topk, batchtopk) or codes per group (codebook); several values = a sweep."""
+    l1: list[float] = field(default_factory=lambda: [5.0])
+    """L1 coefficient λ for relu (loss = MSE/d_in + λ/d_in Σ f_i‖W_dec,i‖); several values = a sweep."""
+    groups: int = 1
+    """Codebook groups: the input is cut into this many slices with one codebook each (e.g. n_heads for attn.hook_z)."""
+    similarity: str = "cosine"
+    """Codebook code choice: cosine or inner (product)."""
+    lr: float = 0.0
+    """Adam learning rate; 0 picks 2e-4 / sqrt(d_dict / 16384) (sparsify's rule; codebooks ×5)."""
+    batch_size: int = 4096
+    """Activation rows (tokens) per optimiser step."""
+    tokens: int = 10_000_000
+    """Training tokens per dictionary (steps = tokens / batch_size, rounded up)."""
+    seed: int = 0
+    """Seed for the initialisation, the data order and dead-code replacement."""
+    l1_warmup: float = 0.05
+    """relu: fraction of training over which λ rises linearly from 0."""
+    aux_k: int = 0
+    """topk/batchtopk: latents used by the AuxK loss; 0 means d_in / 2."""
+    aux_coef: float = 0.03125
+    """topk/batchtopk: weight α of the AuxK loss (Gao et al. use 1/32)."""
+    dead_tokens: int = 1_000_000
+    """A latent that has not fired for this many tokens is dead (AuxK, code replacement, dead fraction shown)."""
+    replace_every: int = 100
+    """codebook: look for dead codes and replace them every this many steps."""
+    init_rows: int = 16384
+    """Rows sampled at the start to set b_dec (geometric median) or the k-means codebook."""
+    checkpoint_every: int = 1_000_000
+    """Write a checkpoint every this many tokens (0: only at the end)."""
+    log_every: int = 50
+    """Steps between progress/metrics.jsonl updates (the only times the trainer waits for the device)."""
+    eval_tokens: int = 100_000
+    """Held-out tokens (the store's eval split) for the final MSE, FVU, L0 and dead fraction."""
+    buffer_rows: int = 0
+    """Rows held in the store's shuffling buffer; 0 uses the store's default."""
+    device: str = "auto"
+    """cpu, cuda, cuda:1, ... or auto (cuda when available)."""
+    resume: bool = False
+    """Continue from the last checkpoint in --out (same batches, same final weights as an uninterrupted run)."""
+
+    def __post_init__(self):
+        if self.kind not in KINDS:
+            raise ValueError(f"kind {self.kind!r} is not one of {', '.join(KINDS)}")
+        if self.similarity not in ("cosine", "inner"):
+            raise ValueError(f"similarity {self.similarity!r} is not cosine or inner")
+        for name in ("batch_size", "tokens", "expansion", "groups", "log_every", "replace_every"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        if not self.k or any(k <= 0 for k in self.k):
+            raise ValueError(f"k must be positive integers, got {self.k}")
+        if not self.l1 or any(v < 0 for v in self.l1):
+            raise ValueError(f"l1 must be non-negative, got {self.l1}")
+        if self.d_dict and self.kind != "relu" and max(self.k) >= self.d_dict // self.groups:
+            raise ValueError(f"k={max(self.k)} must be smaller than d_dict{'/groups' if self.groups > 1 else ''}={self.d_dict // self.groups}")
+        if self.groups > 1 and self.kind != "codebook":
+            raise ValueError("groups > 1 is only for kind=codebook")
+        if not self.hooks:
+            raise ValueError("hooks is empty: name at least one hook, or `all`")
+
+
+# Fields that decide what a run computes; a checkpoint written under other values is refused.
+# (lr, tokens, device, logging and checkpoint cadence may change across a resume.)
+IDENTITY_FIELDS = ("store", "hooks", "kind", "d_dict", "expansion", "k", "l1", "groups", "similarity",
+                   "batch_size", "seed", "buffer_rows", "l1_warmup", "aux_k", "aux_coef", "dead_tokens",
+                   "replace_every", "init_rows")
+
+
+def identity_hash(cfg: TrainConfig, hooks: list[str]) -> str:
+    ident = {k: to_dict(cfg)[k] for k in IDENTITY_FIELDS} | {"hooks": hooks}
+    return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:16]
+
+
+# --- run layout: the ONE place that names files (used by save and by resume) ---------------------
+
+class RunPaths(NamedTuple):
+    dir: Path
+    """<out>/<hook>/<name>/: the dictionary folder (config.json + weights.safetensors)."""
+    metrics: Path
+    """metrics.jsonl: one JSON line per logging step."""
+    checkpoints: Path
+    """checkpoints/step-NNNNNNNN/{state.safetensors,state.json}."""
+
+    def checkpoint(self, step: int) -> Path:
+        return self.checkpoints / f"step-{step:08d}"
+
+    def checkpoint_steps(self) -> list[int]:
+        """Steps of the complete checkpoints present (a folder is complete once renamed from .tmp)."""
+        if not self.checkpoints.is_dir():
+            return []
+        return sorted(int(p.name[5:]) for p in self.checkpoints.iterdir() if p.name.startswith("step-") and p.name[5:].isdigit())
+
+
+def run_name(kind: str, k: int | None, l1: float | None, groups: int = 1) -> str:
+    if kind == "relu":
+        return f"relu-l1_{l1:g}"
+    return f"{kind}-k{k}" + (f"-g{groups}" if groups > 1 else "")
+
+
+def run_paths(out: str | os.PathLike, hook: str, name: str) -> RunPaths:
+    d = Path(out) / hook / name
+    return RunPaths(d, d / "metrics.jsonl", d / "checkpoints")
+
+
+# --- batch sources -------------------------------------------------------------------------------
+
+def tensor_batches(data: dict[str, Tensor], batch_size: int, seed: int = 0) -> BatchSource:
+    """A batch source over tensors in memory: reshuffled each epoch, batch i a pure function of (seed, i)."""
+    n = next(iter(data.values())).shape[0]
+
+    def perm(epoch: int) -> Tensor:
+        return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
+
+    def source(start_batch: int = 0) -> Iterator[dict[str, Tensor]]:
+        pos = start_batch * batch_size  # global row position in the endless shuffled stream
+        epoch, p = pos // n, perm(pos // n)
+        while True:
+            idx = []
+            need = batch_size
+            while need:
+                off = pos - epoch * n
+                take = min(need, n - off)
+                idx.append(p[off:off + take])
+                pos += take
+                need -= take
+                if pos == (epoch + 1) * n:
+                    epoch += 1
+                    p = perm(epoch)
+            rows = torch.cat(idx)
+            yield {h: x[rows] for h, x in data.items()}
+
+    return source
+
+
+class HookSource(NamedTuple):
+    width: int
+    prov: Provenance
+
+
+# --- one dictionary being trained ----------------------------------------------------------------
+
+@dataclass
+class Run:
+    name: str
+    hook: str
+    dictionary: Dictionary
+    opt: torch.optim.Optimizer
+    paths: RunPaths
+    generator: torch.Generator
+    since_fired: Tensor
+    """(d_dict,) tokens since each latent last fired."""
+    acc: dict[str, Tensor] = field(default_factory=dict)
+    nan_step: Tensor | None = None
+    """-1, or the first step whose loss was not finite (kept on the device: no per-step sync)."""
+    last: dict = field(default_factory=dict)
+    """The last row written to metrics.jsonl (shown by the progress bar)."""
+
+    @property
+    def label(self) -> str:
+        return f"{self.hook}/{self.name}"
+
+
+def default_lr(kind: str, d_dict: int) -> float:
+    lr = 2e-4 / math.sqrt(d_dict / 2**14)
+    return lr * 5 if kind == "codebook" else lr
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(name)
+    except RuntimeError:
+        raise SaekitError(f"unknown device {name!r}; use cpu, cuda, cuda:N or auto") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise SaekitError("device cuda asked for but torch sees no GPU; use --device cpu")
+    return dev
+
+
+def _make_adam(params, lr: float, device: torch.device) -> torch.optim.Optimizer:
+    # fused Adam: one kernel for all parameters (CPU support since torch 2.4).
+    try:
+        return torch.optim.Adam(params, lr=lr, fused=True)
+    except (RuntimeError, TypeError):
+        return torch.optim.Adam(params, lr=lr)
+
+
+class Trainer:
+    """Trains every dictionary of a `TrainConfig` over one stream of batches.
+
+    `fit` is split into `_step` (one optimiser step for one dictionary), `_log` and
+    `_checkpoint`; only `_log`/`_checkpoint` read values back from the device.
+    """
+
+    def __init__(self, cfg: TrainConfig, hooks: dict[str, HookSource], batches: BatchSource, *, progress: bool = True):
+        self.cfg = cfg
+        self.hooks = hooks
+        self.batches = batches
+        self.progress = progress
+        self.device = resolve_device(cfg.device)
+        self.n_steps = math.ceil(cfg.tokens / cfg.batch_size)
+        self.step = 0
+        self.ident = identity_hash(cfg, list(hooks))
+        self.runs = [self._make_run(h, src, k, l1) for h, src in hooks.items() for k, l1 in self._sweep()]
+        self.scales = {h: torch.tensor(float(src.prov.scale), device=self.device) for h, src in hooks.items()}
+        self.tokens_per_s = float("nan")
+
+    # --- construction ----------------------------------------------------------------------
+    def _sweep(self) -> list[tuple[int | None, float | None]]:
+        if self.cfg.kind == "relu":
+            return [(None, l1) for l1 in self.cfg.l1]
+        return [(k, None) for k in self.cfg.k]
+
+    def _make_run(self, hook: str, src: HookSource, k: int | None, l1: float | None) -> Run:
+        cfg = self.cfg
+        d_dict = cfg.d_dict or cfg.expansion * src.width
+        try:
+            dcfg = DictConfig(kind=cfg.kind, d_in=src.width, d_dict=d_dict, k=k, l1=l1 or 0.0,
+                              groups=cfg.groups, similarity=cfg.similarity)
+        except ValueError as e:
+            raise SaekitError(f"hook {hook}: {e}; change --k/--d-dict/--expansion/--groups") from None
+        d = build(dcfg, dataclasses.replace(src.prov)).to(self.device)
+        d.train_config = to_dict(cfg)
+        gen = torch.Generator().manual_seed(cfg.seed)
+        d.reset_parameters(gen)
+        d.to(self.device)
+        opt = _make_adam(d.parameters(), cfg.lr or default_lr(cfg.kind, d_dict), self.device)
+        name = run_name(cfg.kind, k, l1, cfg.groups)
+        return Run(name, hook, d, opt, run_paths(cfg.out, hook, name), gen,
+                   torch.zeros(d_dict, device=self.device), nan_step=torch.tensor(-1, device=self.device))
+
+    def prepare(self) -> None:
+        """Resume from the last common checkpoint, or initialise from a data sample (refusing to overwrite a run)."""
+        steps = [set(r.paths.checkpoint_steps()) for r in self.runs]
+        common = sorted(set.intersection(*steps)) if steps else []
+        if self.cfg.resume and common:
+            self._load_checkpoint(common[-1])
+            return
+        for r in self.runs:
+            if not self.cfg.resume and (r.paths.checkpoints.exists() or (r.paths.dir / "config.json").exists()):
+                raise SaekitError(f"{r.paths.dir} already holds a run; pass --resume to continue it, or choose another --out")
+        self._init_from_data()
+        for r in self.runs:
+            r.paths.dir.mkdir(parents=True, exist_ok=True)
+            r.paths.metrics.write_text("")
+
+    def _init_from_data(self) -> None:
+        rows = max(self.cfg.init_rows, 1)
+        it = self.batches(0)
+        sample: dict[str, list[Tensor]] = {h: [] for h in self.hooks}
+        got = 0
+        while got < rows:
+            b = next(it)
+            for h in self.hooks:
+                sample[h].append(b[h])
+            got += next(iter(b.values())).shape[0]
+        xs = {h: torch.cat(v)[:rows].to(self.device, torch.float32) * self.scales[h] for h, v in sample.items()}
+        for r in self.runs:
+            if hasattr(r.dictionary, "init_from_data"):
+                r.dictionary.init_from_data(xs[r.hook])
+
+    # --- training ----------------------------------------------------------------------------
+    def fit(self) -> list[Run]:
+        self.prepare()
+        if self.step >= self.n_steps:
+            return self.runs
+        ckpt_steps = max(1, self.cfg.checkpoint_every // self.cfg.batch_size) if self.cfg.checkpoint_every else None
+        bar = _Progress(self) if self.progress else None
+        it = self.batches(self.step)
+        t0, s0 = time.perf_counter(), self.step
+        try:
+            while self.step < self.n_steps:
+                batch = next(it)
+                xn = {h: batch[h].to(self.device, torch.float32, non_blocking=True) * self.scales[h] for h in self.hooks}
+                for r in self.runs:
+                    self._step(r, xn[r.hook])
+                self.step += 1
+                last = self.step == self.n_steps
+                if self.step % self.cfg.log_every == 0 or last:
+                    self.tokens_per_s = (self.step - s0) * self.cfg.batch_size / (time.perf_counter() - t0)
+                    self._log(bar)
+                if last or (ckpt_steps and self.step % ckpt_steps == 0):
+                    self._checkpoint()
+        finally:
+            if bar:
+                bar.stop()
+        return self.runs
+
+    def _step(self, r: Run, xn: Tensor) -> None:
+        cfg, d = self.cfg, r.dictionary
+        state = {"dead": r.since_fired > cfg.dead_tokens, "aux_k": cfg.aux_k or None, "aux_coef": cfg.aux_coef}
+        if cfg.kind == "relu":
+            warm = max(1, round(cfg.l1_warmup * self.n_steps))
+            state["l1_coef"] = d.cfg.l1 * min(1.0, (self.step + 1) / warm)
+        out = d.training_forward(xn, **state)
+        r.opt.zero_grad(set_to_none=True)
+        out.loss.backward()
+        if hasattr(d, "before_step"):
+            d.before_step()
+        r.opt.step()
+        if hasattr(d, "after_step"):
+            d.after_step()
+        with torch.no_grad():
+            r.since_fired = torch.where(out.fired, torch.zeros_like(r.since_fired), r.since_fired + xn.shape[0])
+            bad = ~torch.isfinite(out.loss.detach())
+            r.nan_step = torch.where(bad & (r.nan_step < 0), torch.full_like(r.nan_step, self.step), r.nan_step)
+            for name, t in {"loss": out.loss, **out.terms, "l0": out.l0}.items():
+                r.acc[name] = r.acc.get(name, 0) + t.detach()
+            r.acc["n"] = r.acc.get("n", 0) + 1
+        if hasattr(d, "resample_dead") and (self.step + 1) % cfg.replace_every == 0:
+            self._replace_dead(r, xn)
+
+    def _replace_dead(self, r: Run, xn: Tensor) -> None:
+        dead = r.since_fired > self.cfg.dead_tokens
+        masks = r.dictionary.resample_dead(dead, xn, r.generator)
+        if not masks:
+            return
+        params = dict(r.dictionary.named_parameters())
+        for pname, mask in masks.items():
+            st = r.opt.state.get(params[pname], {})
+            for key in ("exp_avg", "exp_avg_sq"):
+                if key in st:
+                    st[key][mask] = 0
+        r.since_fired = torch.where(dead, torch.zeros_like(r.since_fired), r.since_fired)
+
+    def _check_finite(self) -> None:
+        for r in self.runs:
+            s = int(r.nan_step)
+            if s >= 0:
+                done = r.paths.checkpoint_steps()
+                kept = f"last good checkpoint {r.paths.checkpoint(done[-1])} kept; " if done else "no checkpoint was written yet; "
+                raise SaekitError(f"{r.label}: loss became NaN/inf at step {s}; {kept}lower --lr (or fix the data) and rerun with --resume")
+
+    def _log(self, bar: _Progress | None) -> None:
+        self._check_finite()
+        for r in self.runs:
+            n = r.acc.pop("n", 1)
+            row = {"step": self.step, "tokens": self.step * self.cfg.batch_size}
+            row |= {k: float(v) / n for k, v in r.acc.items()}
+            row["dead_fraction"] = float((r.since_fired > self.cfg.dead_tokens).float().mean())
+            row["lr"] = r.opt.param_groups[0]["lr"]
+            row["tokens_per_s"] = self.tokens_per_s
+            r.acc.clear()
+            r.last = row
+            with r.paths.metrics.open("a") as fh:
+                fh.write(json.dumps(row) + "\n")
+        if bar:
+            bar.update()
+
+    # --- checkpoints ---------------------------------------------------------------------------
+    def _checkpoint(self) -> None:
+        """Write every run's state at self.step (temp folder renamed when complete), keep the last two."""
+        self._check_finite()
+        for r in self.runs:
+            final = r.paths.checkpoint(self.step)
+            tmp = final.with_name(final.name + ".tmp")
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+            tensors, meta = _run_state(r)
+            save_file(tensors, tmp / "state.safetensors")
+            meta |= {"step": self.step, "tokens": self.step * self.cfg.batch_size, "identity": self.ident,
+                     "train_config": to_dict(self.cfg)}
+            (tmp / "state.json").write_text(json.dumps(meta, indent=1))
+            shutil.rmtree(final, ignore_errors=True)
+            os.replace(tmp, final)
+            for old in r.paths.checkpoint_steps()[:-2]:
+                shutil.rmtree(r.paths.checkpoint(old), ignore_errors=True)
+
+    def _load_checkpoint(self, step: int) -> None:
+        for r in self.runs:
+            folder = r.paths.checkpoint(step)
+            try:
+                meta = json.loads((folder / "state.json").read_text())
+                tensors = load_file(str(folder / "state.safetensors"), device=str(self.device))
+            except (OSError, ValueError) as e:
+                raise SaekitError(f"checkpoint {folder} is damaged ({e}); delete that folder to resume from the one before") from None
+            if meta.get("identity") != self.ident:
+                old = meta.get("train_config", {})
+                diff = [k for k in IDENTITY_FIELDS if old.get(k) != to_dict(self.cfg).get(k)]
+                raise SaekitError(f"{r.paths.dir} was trained with other settings ({', '.join(diff) or 'hooks'} differ); "
+                                  "rerun with the original options or choose another --out")
+            _load_run_state(r, tensors, meta)
+            # Drop log lines past the checkpoint: the resumed run writes them again.
+            if r.paths.metrics.exists():
+                lines = [ln for ln in r.paths.metrics.read_text().splitlines() if ln and json.loads(ln)["step"] <= step]
+                r.paths.metrics.write_text("".join(ln + "\n" for ln in lines))
+        self.step = step
+
+    # --- evaluation and output ---------------------------------------------------------------------
+    @torch.no_grad()
+    def evaluate(self, eval_batches: Iterable[dict[str, Tensor]], max_tokens: int) -> dict[str, dict]:
+        """MSE (normalised, per element), FVU, L0 and dead fraction of every run on held-out rows."""
+        accs = {r.label: (metrics.FVUAccumulator(), torch.zeros(r.dictionary.cfg.d_dict, device=self.device), [0.0, 0.0]) for r in self.runs}
+        seen = 0
+        for batch in eval_batches:
+            if seen >= max_tokens:
+                break
+            take = min(max_tokens - seen, next(iter(batch.values())).shape[0])
+            for r in self.runs:
+                x = batch[r.hook][:take].to(self.device, torch.float32)
+                d = r.dictionary.eval()
+                codes = d.encode(x)
+                x_hat = d.decode(codes)
+                fvu_acc, fires, l0_sum = accs[r.label]
+                fvu_acc.update(x, x_hat)
+                fires += (codes != 0).sum(0)
+                l0_sum[0] += metrics.l0(codes) * take
+                l0_sum[1] += ((x - x_hat) * d.scale).pow(2).sum().item()
+                d.train()
+            seen += take
+        out = {}
+        for r in self.runs:
+            fvu_acc, fires, (l0_sum, sq) = accs[r.label]
+            if seen == 0:
+                out[r.label] = {"eval_tokens": 0}
+                continue
+            f = fvu_acc.value()
+            out[r.label] = {"eval_tokens": seen, "mse": sq / (seen * r.dictionary.cfg.d_in), "fvu": f,
+                            "explained_variance": 1 - f, "l0": l0_sum / seen, "dead_fraction": metrics.dead_fraction(fires)}
+        return out
+
+    def save(self, summaries: dict[str, dict] | None = None) -> list[Path]:
+        paths = []
+        for r in self.runs:
+            d = r.dictionary
+            d.summary = {"train_steps": self.step, "train_tokens": self.step * self.cfg.batch_size,
+                         "tokens_per_s": self.tokens_per_s, **(summaries or {}).get(r.label, {})}
+            d.train_config = to_dict(self.cfg)
+            paths.append(d.save(r.paths.dir))
+        return paths
+
+
+def _run_state(r: Run) -> tuple[dict[str, Tensor], dict]:
+    """A run's resumable state as flat tensors + JSON (Adam's state dict flattened, no pickle)."""
+    t = {f"model.{k}": v for k, v in r.dictionary.state_dict().items()}
+    osd = r.opt.state_dict()
+    for idx, st in osd["state"].items():
+        for name, v in st.items():
+            t[f"opt.{idx}.{name}"] = v if torch.is_tensor(v) else torch.tensor(v)
+    t["since_fired"] = r.since_fired
+    t["generator"] = r.generator.get_state()
+    t = {k: v.detach().contiguous().cpu() for k, v in t.items()}
+    return t, {"param_groups": osd["param_groups"]}
+
+
+def _load_run_state(r: Run, t: dict[str, Tensor], meta: dict) -> None:
+    r.dictionary.load_state_dict({k[6:]: v for k, v in t.items() if k.startswith("model.")})
+    state: dict[int, dict[str, Tensor]] = {}
+    for k, v in t.items():
+        if k.startswith("opt."):
+            _, idx, name = k.split(".", 2)
+            state.setdefault(int(idx), {})[name] = v  # Optimizer.load_state_dict places `step` itself
+    r.opt.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+    r.since_fired = t["since_fired"].to(r.since_fired.device)
+    r.generator.set_state(t["generator"].cpu())
+
+
+class _Progress:
+    """Rich progress: one row per dictionary with tokens/s, loss terms, L0 and dead fraction."""
+
+    def __init__(self, trainer: Trainer):
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+        self.t = trainer
+        self.p = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                          TextColumn("{task.fields[info]}"), TimeRemainingColumn())
+        total = trainer.n_steps * trainer.cfg.batch_size
+        self.tasks = [self.p.add_task(r.label, total=total, completed=trainer.step * trainer.cfg.batch_size, info="")
+                      for r in trainer.runs]
+        self.p.start()
+
+    def update(self) -> None:
+        for task, r in zip(self.tasks, self.t.runs):
+            row = r.last
+            terms = " ".join(f"{k}={row[k]:.4g}" for k in row if k not in ("step", "tokens", "lr", "tokens_per_s", "l0", "dead_fraction"))
+            info = f"{self.t.tokens_per_s:,.0f} tok/s  {terms}  L0={row.get('l0', 0):.1f}  dead={row.get('dead_fraction', 0):.1%}"
+            self.p.update(task, completed=row.get("tokens", 0), info=info)
+
+    def stop(self) -> None:
+        self.p.stop()
+
+
+# --- from a store ---------------------------------------------------------------------------------
+
+def open_store(path: str):
+    from saekit.store import ActivationStore
+
+    if not path:
+        raise SaekitError("no store given; pass --store DIR (a folder written by `saekit harvest`)")
+    store = ActivationStore(path)  # refuses missing, foreign or damaged stores with a SaekitError
+    if not store.n_sequences or not store.n_rows:
+        raise SaekitError(f"store {path} holds no training rows; harvest more text into it (`saekit harvest --out {path} ...`)")
+    return store
+
+
+def resolve_store_hooks(store, names: list[str]) -> list[str]:
+    present = list(store.hooks)
+    if [n.lower() for n in names] == ["all"]:
+        return present
+    for n in names:
+        if n not in present:
+            raise SaekitError(f"hook {n!r} is not in store {store.path}{did_you_mean(n, present)}; "
+                              f"hooks present: {', '.join(present)}")
+    return list(dict.fromkeys(names))
+
+
+def store_eval_batches(store, hooks: list[str], rows_per_batch: int = 4096) -> Iterator[dict[str, Tensor]]:
+    """Counted rows of the store's eval split, {hook: (n, width)} per chunk of sequences."""
+    seqs = max(1, rows_per_batch // max(store.context_size, 1))
+    for _, tokens, acts in store.iter_sequences(hooks, "eval", seqs):
+        mask = torch.as_tensor(store.row_mask(tokens), dtype=torch.bool)
+        yield {h: torch.as_tensor(acts[h])[mask] for h in hooks}
+
+
+def train(cfg: TrainConfig, progress: bool = True) -> list[Path]:
+    """Train every dictionary `cfg` describes on its store; returns their folders (config.json + weights)."""
+    store = open_store(cfg.store)
+    hooks = resolve_store_hooks(store, cfg.hooks)
+    model = store.model.to_dict() if hasattr(store.model, "to_dict") else dict(store.model or {})
+    sources = {}
+    for h in hooks:
+        scale = float(store.stats(h)["scale"])
+        prov = Provenance(hook=h, model=model, hook_shape=list(store.hook_shape(h)), scale=scale, store=str(cfg.store))
+        sources[h] = HookSource(int(store.hook_width(h)), prov)
+    kw = {"buffer_rows": cfg.buffer_rows} if cfg.buffer_rows else {}
+
+    def batches(start: int) -> Iterator[dict[str, Tensor]]:
+        return store.batches(hooks, cfg.batch_size, split="train", seed=cfg.seed, start_batch=start, **kw)
+
+    trainer = Trainer(cfg, sources, batches, progress=progress)
+    trainer.fit()
+    summaries = trainer.evaluate(store_eval_batches(store, hooks), cfg.eval_tokens) if cfg.eval_tokens else {}
+    return trainer.save(summaries)
