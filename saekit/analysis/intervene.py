@@ -1,0 +1,231 @@
+"""Code interventions on the toy FSM model (after the Codebook Features tokFSM tutorial).
+
+Take two walks that end in different states A and B.  Run the walk ending in A, but at
+the chosen layers replace the dictionary codes at the positions of its last state by the
+codes the walk ending in B has at the same positions.  If the dictionaries hold the state
+in their codes, the model now continues as if it were in B:
+
+- success rate: share of pairs where the model's (greedy) next state is a valid successor
+  of B and not of A — only possible if the patched codes carried B's identity;
+- JS divergence between the patched next-token distribution and B's clean one.
+
+The patch edits codes, not raw activations: at each patched position
+`x' = x − decode(c_A) + decode(c_B)` (`error="keep"`: what the dictionary does not explain
+in A is kept, so only the coded part changes) or `x' = decode(c_B)` (`error="drop"`: the
+activation becomes the reconstruction from B's codes, as in a model whose layers are
+codebooks, the setting of the paper).  With several layers the patches apply in one
+forward, so a later layer's A-codes already see the earlier patches, while B's codes come
+from B's clean run.  Baselines printed beside: the clean A run (success should be ≈ 0)
+and the clean B run (the ceiling).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from saekit.errors import SaekitError
+from saekit.metrics import js_per_token
+from saekit.models import capture, hook_layer
+
+
+@dataclass
+class InterveneConfig:
+    """What `saekit intervene` patches and measures."""
+
+    dicts: list[str] = field(default_factory=list)
+    """Dictionary folders trained on hooks of the toy model, comma-separated."""
+    model: str = "toy"
+    """The toy model (a directory with fsm.json, or `toy` for the built-in one)."""
+    layers: list[int] = field(default_factory=list)
+    """Layers to patch, comma-separated (default: every layer a dictionary is given for)."""
+    pairs: int = 64
+    """Number of (A, B) walk pairs."""
+    states: int = 4
+    """States per walk (the last is the one patched)."""
+    error: str = "keep"
+    """keep: change only the codes, keeping A's reconstruction error; drop: use B's reconstruction."""
+    seed: int = 0
+    """Seed for drawing the walks."""
+    out: str | None = None
+    """Write the result as JSON here."""
+
+    def __post_init__(self):
+        if self.error not in ("keep", "drop"):
+            raise ValueError(f"error {self.error!r} is not keep or drop")
+        if self.pairs < 1 or self.states < 1:
+            raise ValueError("pairs and states must be >= 1")
+
+
+@dataclass
+class InterventionResult:
+    """Rates over `n_pairs` (A, B) pairs at the patched `layers`."""
+
+    layers: list[int]
+    hooks: list[str]
+    n_pairs: int
+    success_rate: float
+    """Patched run's next state ∈ succ(B) and ∉ succ(A)."""
+    js: float
+    """Mean JS divergence (nats) of the patched next-token distribution from B's clean one."""
+    clean_a_success: float
+    """The same criterion on the unpatched A run (the floor)."""
+    clean_b_success: float
+    """The same criterion on the clean B run (the ceiling)."""
+    clean_a_js: float
+    """Mean JS divergence of A's clean distribution from B's (what the patch must close)."""
+    error: str
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def make_pairs(fsm, n_pairs: int, n_states: int = 4, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """(tokens_a, tokens_b), each (n_pairs, 1 + digits·n_states): BOS + a walk ending on a complete state.
+
+    Pairs are kept only when succ(B) \\ succ(A) is non-empty (otherwise success is impossible).
+    """
+    from saekit.toy.fsm import BOS_ID
+
+    rng = np.random.default_rng(seed)
+    valid = fsm.valid_mask()
+    digs = fsm.state_digits()
+    out_a, out_b = [], []
+    tries = 0
+    while len(out_a) < n_pairs:
+        tries += 1
+        if tries > 100 * n_pairs:
+            raise SaekitError("cannot find state pairs with distinct successors in this FSM; it is too small for interventions")
+        walks = []
+        for _ in range(2):
+            w = [int(rng.integers(fsm.n_states))]
+            for _ in range(n_states - 1):
+                w.append(int(fsm.successors[w[-1], rng.integers(fsm.out_degree)]))
+            walks.append(w)
+        a, b = walks[0][-1], walks[1][-1]
+        if a == b or not (valid[b] & ~valid[a]).any():
+            continue
+        for w, out in zip(walks, (out_a, out_b)):
+            out.append(np.concatenate([[BOS_ID], digs[w].reshape(-1)]))
+    return np.stack(out_a), np.stack(out_b)
+
+
+def last_states(fsm, tokens: np.ndarray) -> np.ndarray:
+    """The state written by the last `digits` tokens of each row."""
+    powers = 10 ** np.arange(fsm.digits - 1, -1, -1)
+    return (np.asarray(tokens)[:, -fsm.digits:] * powers).sum(-1)
+
+
+def _patch_fn(d, cb: torch.Tensor, positions: slice, error: str):
+    """Hook function replacing the codes at `positions` by `cb` (n, p, d_dict)."""
+
+    def fn(act, hook=None):
+        shape = act.shape
+        x = act.reshape(shape[0], shape[1], -1).clone()
+        xa = x[:, positions]  # (n, p, w)
+        n, p, w = xa.shape
+        new_b = d.decode(cb.reshape(n * p, -1).to(xa)).reshape(n, p, w)
+        if error == "keep":
+            ca = d.encode(xa.reshape(n * p, w))
+            new = xa + new_b - d.decode(ca).reshape(n, p, w)
+        else:
+            new = new_b
+        x[:, positions] = new.to(x.dtype)
+        return x.reshape(shape)
+
+    return fn
+
+
+@torch.no_grad()
+def intervene(model, dicts, fsm, layers: list[int] | None = None, *, n_pairs: int = 64, n_states: int = 4,
+              error: str = "keep", seed: int = 0, pairs: tuple[np.ndarray, np.ndarray] | None = None) -> InterventionResult:
+    """Patch B's codes into A at the dictionaries whose hooks are in `layers` (all when None).
+
+    model: a LoadedModel of the toy model; dicts: dictionaries (a list or {hook: dict}),
+    each trained on one hook of that model; fsm: its FSM (`saekit.toy.fsm.load_fsm`).
+    """
+    if error not in ("keep", "drop"):
+        raise SaekitError(f"error={error!r}: use keep (patch codes, keep A's residual error) or drop (use B's reconstruction)")
+    dlist = list(dicts.values()) if isinstance(dicts, dict) else list(dicts)
+    if not dlist:
+        raise SaekitError("no dictionaries given to patch; pass at least one trained on the toy model")
+    if layers is not None:
+        have = sorted({hook_layer(d.prov.hook) for d in dlist})
+        missing = [l for l in layers if l not in have]
+        if missing:
+            raise SaekitError(f"no dictionary at layer(s) {missing}; the dictionaries given are at layers {have}")
+        dlist = [d for d in dlist if hook_layer(d.prov.hook) in layers]
+    from saekit.analysis.steer import check_model
+
+    for d in dlist:
+        check_model(d, model)
+    hooks = [d.prov.hook for d in dlist]
+    if len(set(hooks)) != len(hooks):
+        raise SaekitError(f"two dictionaries for the same hook ({hooks}); pass one per hook")
+    bridge = model.bridge
+    device = next(bridge.parameters()).device
+    ta, tb = pairs if pairs is not None else make_pairs(fsm, n_pairs, n_states, seed)
+    if ta.shape[1] > model.info.n_ctx:
+        raise SaekitError(f"walks of {n_states} states do not fit the model's context ({model.info.n_ctx}); use fewer states")
+    A = torch.as_tensor(ta, device=device).long()
+    B = torch.as_tensor(tb, device=device).long()
+    T = A.shape[1]
+    pos = slice(T - fsm.digits, T)  # the last state's digits
+
+    acts_b = capture(bridge, B, hooks)
+    fns = [(d.prov.hook, _patch_fn(d, d.encode(acts_b[d.prov.hook][:, pos].reshape(-1, d.cfg.d_in)), pos, error)) for d in dlist]
+
+    def next_state(tokens, fwd):
+        """Greedy-decode one state (digits tokens) with hooks `fwd`; also the first next-token logits."""
+        seq, first = tokens, None
+        with bridge.hooks(fwd_hooks=fwd):
+            for _ in range(fsm.digits):
+                logits = bridge(seq)[:, -1].float()
+                first = logits if first is None else first
+                seq = torch.cat([seq, logits.argmax(-1, keepdim=True)], 1)
+        return last_states(fsm, seq[:, T:].cpu().numpy()), first
+
+    s_patch, l_patch = next_state(A, fns)
+    s_a, l_a = next_state(A, [])
+    s_b, l_b = next_state(B, [])
+    valid = fsm.valid_mask()
+    a_state, b_state = last_states(fsm, ta), last_states(fsm, tb)
+
+    def rate(s):
+        s = np.asarray(s)
+        ok = s < fsm.n_states  # digits may spell a number that is no state
+        sc = np.clip(s, 0, fsm.n_states - 1)
+        hit = valid[b_state, sc] & ~valid[a_state, sc]
+        return float((hit & ok).mean())
+
+    return InterventionResult(
+        layers=sorted({hook_layer(h) for h in hooks}), hooks=hooks, n_pairs=len(ta),
+        success_rate=rate(s_patch), js=js_per_token(l_patch, l_b).mean().item(),
+        clean_a_success=rate(s_a), clean_b_success=rate(s_b), clean_a_js=js_per_token(l_a, l_b).mean().item(), error=error,
+    )
+
+
+def run_intervention(cfg: InterveneConfig) -> InterventionResult:
+    """Load the toy model, its FSM and the dictionaries, patch, and optionally write JSON."""
+    from saekit.dictionaries import load as load_dict
+    from saekit.models import load_model
+    from saekit.toy.fsm import load_fsm
+
+    if not cfg.dicts:
+        raise SaekitError("no dictionaries; pass --dicts DIR[,DIR...] trained on the toy model's hooks")
+    fsm = load_fsm(cfg.model)
+    lm = load_model(cfg.model)
+    dicts = [load_dict(p) for p in cfg.dicts]
+    res = intervene(lm, dicts, fsm, cfg.layers or None, n_pairs=cfg.pairs, n_states=cfg.states, error=cfg.error, seed=cfg.seed)
+    if cfg.out:
+        p = Path(cfg.out)
+        p.parent.mkdir(parents=True, exist_ok=True)
+        tmp = p.with_name(p.name + ".tmp")
+        tmp.write_text(json.dumps(res.to_dict(), indent=2))
+        os.replace(tmp, p)
+    return res

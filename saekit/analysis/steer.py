@@ -1,0 +1,189 @@
+"""Steering: generate with chosen features switched on at the dictionary's hook.
+
+SAE features: the decoder direction (in the hook's own scale) times `strength` is added to
+the activation at every position, prompt and generated tokens alike:
+
+    x' = x + strength · Σ_i d_i
+
+Codebook codes are *forced on*, as the topic codes of Codebook Features (§5, steering):
+the code's coefficient is set to `strength` (1 = chosen like any other code) in the
+codes the codebook computes for x, and the activation moves by the change in the
+reconstruction, which is linear in the codes:
+
+    c' = c with c_i ← strength for forced i;   x' = x + (c' − c) · W_dec
+
+so a code that was already chosen is not added twice, and the part of x the codebook does
+not explain is kept.  Steered and unsteered generations share a seed, so with
+`--samples N` they are paired draws that differ only by the intervention; `--match REGEX`
+reports the share of each that matches (the talk's topic-steering success rate).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import re
+from dataclasses import dataclass, field
+
+import torch
+
+from saekit.analysis.ids import feature_id, parse_feature_ids
+from saekit.errors import SaekitError
+
+
+@dataclass
+class SteerConfig:
+    """What `saekit steer` generates."""
+
+    dict: str = ""
+    """Dictionary folder whose features are switched on."""
+    feature: list[str] = field(default_factory=list)
+    """Feature ids to switch on, comma-separated (layer.feature for SAEs, layer.group.code for codebooks)."""
+    prompt: str = ""
+    """Text the generations continue."""
+    model: str | None = None
+    """Model to generate with (default: the one the dictionary was trained on)."""
+    strength: float = 4.0
+    """SAE: multiple of the decoder direction added; codebook: the forced codes' coefficient (1 = chosen)."""
+    samples: int = 1
+    """Generations per arm (steered and unsteered), paired by seed."""
+    match: str | None = None
+    """Regular expression; report how many steered vs unsteered continuations match it."""
+    max_new_tokens: int = 40
+    """Tokens generated after the prompt."""
+    temperature: float = 1.0
+    """Sampling temperature; 0 means greedy."""
+    seed: int = 0
+    """Seed of the sampling; the same for both arms."""
+    device: str = "cpu"
+    """Device to run the model on."""
+
+    def __post_init__(self):
+        if self.samples < 1 or self.max_new_tokens < 1:
+            raise ValueError("samples and max_new_tokens must be >= 1")
+        if self.temperature < 0:
+            raise ValueError(f"temperature={self.temperature} must be >= 0")
+
+
+@dataclass
+class SteerResult:
+    """Paired generations and, with a pattern, the match rates."""
+
+    prompt: str
+    features: list[str]
+    strength: float
+    steered: list[str]
+    """Continuations (prompt excluded) with the features on."""
+    unsteered: list[str]
+    """Continuations from the same seeds without them."""
+    match: str | None = None
+    steered_rate: float | None = None
+    """Share of steered continuations matching `match`."""
+    unsteered_rate: float | None = None
+
+
+def steering_delta(d, indices: list[int], strength: float):
+    """A function x (n, d_in) → the change to add, for SAE or codebook (module docstring)."""
+    dirs = d.directions().detach()[indices]  # (n_feat, d_in), hook scale
+    if d.cfg.kind != "codebook":
+        add = strength * dirs.sum(0)
+
+        def sae_delta(x):
+            return add.to(x).expand_as(x)
+
+        return sae_delta
+
+    def codebook_delta(x):
+        codes = d.encode(x)[:, indices]  # (n, n_feat): 1 where already chosen
+        return (strength - codes).to(x) @ dirs.to(x)
+
+    return codebook_delta
+
+
+@contextlib.contextmanager
+def patched(bridge, hook: str, fn):
+    """Run the bridge with `fn(x_flat (B, T, d_in), hook) -> x_flat` applied at `hook`; hooks removed after."""
+
+    def run(act, hook=None):
+        shape = act.shape
+        x = act.reshape(shape[0], shape[1], -1)
+        return fn(x).reshape(shape)
+
+    with bridge.hooks(fwd_hooks=[(hook, run)]):
+        yield
+
+
+@torch.no_grad()
+def generate(bridge, tokens: torch.Tensor, max_new_tokens: int, *, temperature: float, seed: int) -> torch.Tensor:
+    """Sample continuations of `tokens` (N, T) → (N, max_new_tokens); plain loop, seeded generator."""
+    g = torch.Generator(device=tokens.device).manual_seed(seed)
+    out = tokens
+    for _ in range(max_new_tokens):
+        logits = bridge(out)[:, -1].float()  # (N, d_vocab)
+        if temperature == 0:
+            nxt = logits.argmax(-1, keepdim=True)
+        else:
+            nxt = torch.multinomial(torch.softmax(logits / temperature, -1), 1, generator=g)
+        out = torch.cat([out, nxt], 1)
+    return out[:, tokens.shape[1]:]
+
+
+def steer(cfg: SteerConfig, *, model=None, dictionary=None) -> SteerResult:
+    """Generate `cfg.samples` continuations with and without the features (see module docstring).
+
+    `model` (a LoadedModel) and `dictionary` may be passed to reuse loaded objects.
+    """
+    from saekit.dictionaries import load as load_dict
+    from saekit.models import load_model
+
+    d = dictionary if dictionary is not None else load_dict(cfg.dict, device=cfg.device)
+    idx = parse_feature_ids(d, cfg.feature)
+    if not cfg.prompt:
+        raise SaekitError("no prompt; pass --prompt TEXT")
+    pattern = None
+    if cfg.match:
+        try:
+            pattern = re.compile(cfg.match)
+        except re.error as e:
+            raise SaekitError(f"--match {cfg.match!r} is not a valid regular expression: {e}") from None
+    if model is None:
+        name = cfg.model or (d.prov.model or {}).get("name")
+        if not name:
+            raise SaekitError("the dictionary records no model; pass --model")
+        model = load_model(name, compat=bool((d.prov.model or {}).get("compat", False)), device=cfg.device)
+    check_model(d, model)
+    hook = d.prov.hook
+    tok = model.tokenizer
+    ids = [model.bos_id] + tok.encode(cfg.prompt, add_special_tokens=False)
+    if len(ids) + cfg.max_new_tokens > model.info.n_ctx:
+        raise SaekitError(f"prompt ({len(ids)} tokens) + {cfg.max_new_tokens} new tokens exceed the model's context of {model.info.n_ctx}; shorten one")
+    device = next(model.bridge.parameters()).device
+    d = d.to(device)
+    start = torch.tensor([ids] * cfg.samples, device=device)
+    plain = generate(model.bridge, start, cfg.max_new_tokens, temperature=cfg.temperature, seed=cfg.seed)
+    delta = steering_delta(d, idx, cfg.strength)
+
+    def add(x):
+        n, t, w = x.shape
+        return x + delta(x.reshape(n * t, w)).reshape(n, t, w)
+
+    with patched(model.bridge, hook, add):
+        steered = generate(model.bridge, start, cfg.max_new_tokens, temperature=cfg.temperature, seed=cfg.seed)
+    dec = lambda rows: [tok.decode(r.tolist()) for r in rows]  # noqa: E731
+    res = SteerResult(cfg.prompt, [feature_id(d, i) for i in idx], cfg.strength, dec(steered), dec(plain), cfg.match)
+    if pattern is not None:
+        res.steered_rate = sum(bool(pattern.search(s)) for s in res.steered) / len(res.steered)
+        res.unsteered_rate = sum(bool(pattern.search(s)) for s in res.unsteered) / len(res.unsteered)
+    return res
+
+
+def check_model(d, model) -> None:
+    """Refuse a model the dictionary was not trained on (different weights, width or hook)."""
+    from saekit.models import ModelInfo, check_hook_names
+
+    if not d.prov.hook:
+        raise SaekitError("the dictionary records no hook; retrain or re-export it with saekit")
+    check_hook_names(model.bridge, [d.prov.hook])
+    if d.prov.model:
+        dm = ModelInfo.from_dict(d.prov.model)
+        if dm.fingerprint != model.info.fingerprint:
+            raise SaekitError(f"the dictionary was trained on model {dm.name!r} ({dm.fingerprint}), not {model.info.name!r} ({model.info.fingerprint}); pass --model {dm.name}")
