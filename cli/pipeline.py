@@ -1,5 +1,31 @@
-"""CLI for the `pipeline` stage (not written yet)."""
+"""`saekit pipeline`: the main job (harvest → train → splice-eval), thin over saekit.pipeline."""
+
+from __future__ import annotations
+
+from saekit.pipeline import PipelineConfig, run_pipeline
+from saekit_cli.options import config_options
 
 
 def register(app) -> None:
-    pass
+    @app.command("pipeline")
+    @config_options(PipelineConfig)
+    def pipeline_cmd(cfg: PipelineConfig) -> None:
+        """Run the whole pipeline on one hook (default: the built-in toy model) and print what the dictionaries keep."""
+        from rich.console import Console
+
+        from saekit.splice import format_table
+
+        console = Console()
+        res = run_pipeline(cfg, say=lambda s: console.print(s, style="bold"))
+        console.print(format_table(res.splice))
+        if res.recovery:
+            rows = res.recovery.get("dictionaries", [])
+            for r in rows:
+                console.print(
+                    f"FSM state recovery {r.get('path', '')}: mean best F1 {r.get('mean_best_f1', float('nan')):.3f}, "
+                    f"states with F1 ≥ 0.9: {r.get('share_states_f1_ge_0.9', float('nan')):.0%}"
+                )
+            neuron = res.recovery.get("neuron_mean_best_f1")
+            if neuron is not None:
+                console.print(f"best single neuron of the raw activations: mean best F1 {neuron:.3f}")
+        console.print(f"outputs in {cfg.out}/ (store/, dicts/, eval.json)")
