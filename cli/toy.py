@@ -1,5 +1,106 @@
-"""CLI for the `toy` stage (not written yet)."""
+"""`saekit toy train | data | eval`: the built-in FSM toy model, its corpus and its ground-truth score."""
+
+from __future__ import annotations
+
+import shlex
+import sys
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.table import Table
+
+from saekit.toy.corpus import ToyDataConfig
+from saekit.toy.train import ToyTrainConfig
+from saekit_cli.options import config_options
+
+toy_app = typer.Typer(help="The built-in toy model: walks on a random finite-state machine, with ground-truth states.", no_args_is_help=True)
+console = Console()
+
+
+def _progress() -> Progress:
+    return Progress(
+        TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
+        TimeElapsedColumn(), TimeRemainingColumn(), console=console,
+    )
+
+
+@toy_app.command("train")
+@config_options(ToyTrainConfig)
+def train(cfg: ToyTrainConfig):
+    """Train a small GPT-2 on FSM walks (CPU) and save it in Hugging Face format with fsm.json."""
+    from saekit.toy.train import train_toy
+
+    command = "saekit toy " + " ".join(shlex.quote(a) for a in sys.argv[sys.argv.index("train"):]) if "train" in sys.argv else None
+    with _progress() as bar:
+        task = bar.add_task("training", total=cfg.steps, info="")
+        last = {}
+
+        def update(step: int, info: dict) -> None:
+            if "eval" in info:
+                last.update(info["eval"])
+                if not console.is_terminal:  # a log file gets one line per evaluation instead of a bar
+                    e = info["eval"]
+                    console.print(f"step {step}: train loss {info['loss']:.4f}, eval loss {e['loss']:.4f} (optimum {e['optimum']:.4f}, "
+                                  f"unigram {e['unigram']:.4f}), transition accuracy {e['transition_accuracy']:.2%}")
+            text = f"loss {info['loss']:.3f}"
+            if last:
+                text += f" | eval {last['loss']:.3f} (optimum {last['optimum']:.3f}) | transitions {last['transition_accuracy']:.1%}"
+            bar.update(task, completed=step, info=text)
+
+        out, result = train_toy(cfg, progress=update, command=command)
+    table = Table(title=f"toy model → {out}")
+    table.add_column("measure")
+    table.add_column("value", justify="right")
+    table.add_row("held-out loss (nats/token)", f"{result.loss:.4f}")
+    table.add_row("optimum (FSM entropy)", f"{result.optimum:.4f}")
+    table.add_row("unigram entropy", f"{result.unigram:.4f}")
+    table.add_row(f"transition accuracy ({result.n_transitions} steps)", f"{result.transition_accuracy:.2%}")
+    console.print(table)
+
+
+@toy_app.command("data")
+@config_options(ToyDataConfig)
+def data(cfg: ToyDataConfig):
+    """Write a toy corpus (one sequence a line, for `harvest --packing doc`) and its labels beside it."""
+    from saekit.toy.corpus import write_corpus
+
+    text, labels, seq_len = write_corpus(cfg)
+    console.print(f"wrote {cfg.n_seq} sequences of {seq_len - 1} digits to {text}, labels to {labels}")
+    console.print(f"next: saekit harvest --model {cfg.model} --data {text} --packing doc --context-size {seq_len} ...")
+
+
+@toy_app.command("eval")
+def evaluate(
+    dicts: List[Path] = typer.Option(..., "--dict", help="Dictionary folder to score (repeat for several)."),
+    store: Path = typer.Option(..., "--store", help="Activation store harvested from `saekit toy data` output with --packing doc."),
+    json_out: Optional[Path] = typer.Option(None, "--json", help="Also write the full result (per state) to this JSON file."),
+    labels: Optional[Path] = typer.Option(None, "--labels", help="Labels file from `saekit toy data` (else the FSM comes from the store's model)."),
+    split: str = typer.Option("eval", "--split", help="Store split to score: eval, train or all."),
+):
+    """For every FSM state, the feature that best detects "state s was just completed"; vs. the best single neuron."""
+    from saekit.toy.eval import state_recovery, write_json
+
+    with _progress() as bar:
+        task = bar.add_task("scoring", total=None, info="")
+        result = state_recovery(
+            [str(d) for d in dicts], str(store), labels=str(labels) if labels else None, split=split,
+            progress=lambda done, total: bar.update(task, completed=done, total=total),
+        )
+    table = Table(title=f"FSM state recovery on {result.n_tokens} tokens ({result.split} split, {int(result.combined.present.sum())}/{result.n_states} states seen)")
+    for c, j in (("features", "left"), ("mean best F1", "right"), ("states with F1 ≥ 0.9", "right")):
+        table.add_column(c, justify=j)
+    for d in result.dicts:
+        table.add_row(f"{d.kind} {d.hook} ({d.d_dict})", f"{d.scores.mean_best_f1:.3f}", f"{d.scores.share_f1_ge:.1%}")
+    if len(result.dicts) > 1:
+        table.add_row("all dictionaries", f"{result.combined.mean_best_f1:.3f}", f"{result.combined.share_f1_ge:.1%}")
+    table.add_row("best single neuron", f"{result.neurons.mean_best_f1:.3f}", f"{result.neurons.share_f1_ge:.1%}")
+    console.print(table)
+    if json_out:
+        console.print(f"wrote {write_json(result, str(json_out))}")
 
 
 def register(app) -> None:
-    pass
+    app.add_typer(toy_app, name="toy")

@@ -1,0 +1,270 @@
+"""Train the toy model: a small GPT-2 (Hugging Face `GPT2LMHeadModel`) on walks of a random FSM.
+
+Data is drawn fresh every step from the FSM (an endless stream, so no dropout and no
+overfitting to a fixed corpus); the step's batch depends only on (seed, step), so a run
+is reproducible from its seed.  The result is a plain Hugging Face directory (config,
+safetensors weights, a character-level tokenizer) plus `fsm.json`, so every stage of
+saekit loads it like any other model.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from saekit.config import to_dict
+from saekit.errors import SaekitError
+from saekit.toy.fsm import BOS_ID, BOS_TOKEN, FSM, VOCAB_SIZE, check_shape, generate, optimum_loss, transition_accuracy, unigram_entropy
+
+
+@dataclass
+class ToyTrainConfig:
+    """Everything that decides a toy model: the FSM, the transformer and the optimisation."""
+
+    out: str = ""
+    """Directory to write the model to (Hugging Face format + fsm.json + README.md)."""
+    overwrite: bool = False
+    """Replace an existing model in --out."""
+    n_states: int = 100
+    """Number of FSM states."""
+    out_degree: int = 10
+    """Successors per state, each taken with equal probability."""
+    digits: int = 2
+    """Digit tokens that write one state (10**digits must be >= n_states)."""
+    fsm_seed: int = 0
+    """Seed of the random FSM (its successor table)."""
+    seed: int = 0
+    """Seed of the weights' initialisation and of the training stream."""
+    ctx: int = 128
+    """Sequence length in tokens, BOS included (also the model's n_positions)."""
+    n_layer: int = 4
+    """Transformer blocks."""
+    d_model: int = 128
+    """Residual stream width."""
+    n_head: int = 4
+    """Attention heads per block."""
+    d_mlp: int = 512
+    """MLP hidden width."""
+    batch_size: int = 64
+    """Sequences per step."""
+    steps: int = 1000
+    """Optimiser steps."""
+    lr: float = 3e-3
+    """Peak AdamW learning rate (linear warmup, then cosine decay to a tenth)."""
+    warmup: int = 100
+    """Warmup steps."""
+    weight_decay: float = 0.01
+    """AdamW weight decay on matrices."""
+    eval_every: int = 100
+    """Measure held-out loss and transition accuracy every this many steps (0: only at the end)."""
+    eval_seqs: int = 64
+    """Held-out sequences for the loss, and sequences generated for transition accuracy."""
+    threads: int = 0
+    """CPU threads for torch (0: leave torch's default)."""
+
+    def __post_init__(self):
+        check_shape(self.n_states, self.out_degree, self.digits)
+        if self.d_model % self.n_head:
+            raise ValueError(f"d_model={self.d_model} is not divisible by n_head={self.n_head}")
+        if self.ctx < self.digits + 2:
+            raise ValueError(f"ctx={self.ctx} must hold BOS and at least one state plus a digit ({self.digits + 2} tokens)")
+        for name in ("steps", "batch_size", "n_layer", "d_model", "n_head", "d_mlp", "eval_seqs"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}={getattr(self, name)} must be at least 1")
+        if self.lr <= 0:
+            raise ValueError(f"lr={self.lr} must be positive")
+
+
+@dataclass
+class ToyEval:
+    """How good a toy model is, in nats per token and as a share of valid FSM steps."""
+
+    loss: float
+    """Mean next-token cross-entropy on held-out sequences."""
+    optimum: float
+    """The FSM's exact next-token entropy: the lowest loss possible."""
+    unigram: float
+    """Loss of the best position-blind digit-frequency model (the plateau before learning)."""
+    transition_accuracy: float
+    """Share of state-to-state steps in sampled generations that the FSM allows."""
+    n_transitions: int
+    """Steps counted for transition_accuracy."""
+
+    def to_dict(self) -> dict:
+        return dict(self.__dict__)
+
+
+def build_model(cfg: ToyTrainConfig):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(cfg.seed)
+    hf = GPT2Config(
+        vocab_size=VOCAB_SIZE, n_positions=cfg.ctx, n_embd=cfg.d_model, n_layer=cfg.n_layer, n_head=cfg.n_head,
+        n_inner=cfg.d_mlp, bos_token_id=BOS_ID, eos_token_id=BOS_ID, pad_token_id=BOS_ID,
+        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+    )
+    return GPT2LMHeadModel(hf)
+
+
+def make_tokenizer():
+    """Character-level tokenizer: digit d → id d, `<|endoftext|>` → 10 (also the stand-in for unknown characters)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {str(d): d for d in range(10)} | {BOS_TOKEN: BOS_ID}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token=BOS_TOKEN))
+    tok.pre_tokenizer = pre_tokenizers.Split("", "isolated")
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token=BOS_TOKEN, eos_token=BOS_TOKEN, pad_token=BOS_TOKEN, unk_token=BOS_TOKEN,
+        model_max_length=10**6,
+    )
+
+
+def lr_at(step: int, cfg: ToyTrainConfig) -> float:
+    """Linear warmup to cfg.lr, then cosine decay to cfg.lr/10 at the last step."""
+    if step < cfg.warmup:
+        return cfg.lr * (step + 1) / cfg.warmup
+    t = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
+    return cfg.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(t, 1.0))))
+
+
+@torch.no_grad()
+def sample(model, n_seq: int, ctx: int, seed: int) -> np.ndarray:
+    """Generate n_seq sequences of ctx tokens from BOS at temperature 1 (seeded, KV-cached)."""
+    was_training = model.training
+    model.eval()
+    g = torch.Generator().manual_seed(seed)
+    tokens = torch.full((n_seq, 1), BOS_ID, dtype=torch.long)
+    past = None
+    inp = tokens
+    for _ in range(ctx - 1):
+        out = model(input_ids=inp, past_key_values=past, use_cache=True)
+        past = out.past_key_values
+        probs = torch.softmax(out.logits[:, -1].float(), dim=-1)
+        nxt = torch.multinomial(probs, 1, generator=g)
+        tokens = torch.cat([tokens, nxt], dim=1)
+        inp = nxt
+    model.train(was_training)
+    return tokens.numpy()
+
+
+@torch.no_grad()
+def evaluate(model, fsm: FSM, ctx: int, n_seq: int = 64, seed: int = 0) -> ToyEval:
+    """Held-out loss (fresh sequences from a stream training never uses) and transition accuracy."""
+    was_training = model.training
+    model.eval()
+    tokens, _ = generate(fsm, n_seq, ctx, seed=[seed, 1])
+    t = torch.from_numpy(tokens)
+    logits = model(input_ids=t, attention_mask=torch.ones_like(t)).logits
+    loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(), t[:, 1:].reshape(-1)).item()
+    acc, n = transition_accuracy(fsm, sample(model, n_seq, ctx, seed))
+    model.train(was_training)
+    return ToyEval(loss, optimum_loss(fsm, ctx), unigram_entropy(fsm, ctx), acc, n)
+
+
+def _prepare_out(cfg: ToyTrainConfig) -> tuple[Path, Path]:
+    if not cfg.out:
+        raise SaekitError("no output directory; pass --out DIR")
+    out = Path(cfg.out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not cfg.overwrite:
+        raise SaekitError(f"{out} already exists and is not empty; choose another --out or pass --overwrite")
+    tmp = out.with_name(out.name + ".partial")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    return out, tmp
+
+
+def readme_text(cfg: ToyTrainConfig, result: ToyEval, seconds: float, command: str, n_params: int) -> str:
+    return f"""# saekit toy model
+
+A {cfg.n_layer}-layer GPT-2 (d_model {cfg.d_model}, d_mlp {cfg.d_mlp}, {cfg.n_head} heads, {n_params:,} parameters)
+trained by saekit on random walks of a finite-state machine ({cfg.n_states} states,
+{cfg.out_degree} equally likely successors each, every state written as {cfg.digits} digit tokens;
+the FSM is in `fsm.json`). Vocabulary: digits 0-9 are ids 0-9, `<|endoftext|>` (BOS/EOS) is id 10.
+
+Made with:
+
+    {command}
+
+| measure | value |
+| --- | --- |
+| held-out loss (nats/token) | {result.loss:.4f} |
+| optimum (exact next-token entropy of the FSM) | {result.optimum:.4f} |
+| unigram entropy (plateau before learning) | {result.unigram:.4f} |
+| transition accuracy (valid steps in {result.n_transitions} sampled transitions) | {result.transition_accuracy:.2%} |
+| training time on this machine's CPU | {seconds / 60:.1f} min |
+
+Load it with `saekit.models.load_model("toy")` or pass `--model toy` to any command.
+"""
+
+
+def train_toy(cfg: ToyTrainConfig, progress: Callable[[int, dict], None] | None = None, command: str | None = None) -> tuple[Path, ToyEval]:
+    """Train, evaluate and save a toy model to cfg.out; returns (directory, final evaluation).
+
+    `progress(step, info)` is called after every step (info: loss, lr, and the latest
+    evaluation when one was made).  The model is written to `<out>.partial` and renamed
+    when complete, so an interrupted run never leaves a half-written model under --out.
+    """
+    out, tmp = _prepare_out(cfg)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    fsm = FSM.random(cfg.n_states, cfg.out_degree, cfg.digits, cfg.fsm_seed)
+    model = build_model(cfg)
+    model.train()
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.dim() < 2]
+    opt = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=cfg.lr, betas=(0.9, 0.98),
+    )
+    history = []
+    t0 = time.time()
+    for step in range(cfg.steps):
+        lr = lr_at(step, cfg)
+        for g in opt.param_groups:
+            g["lr"] = lr
+        tokens, _ = generate(fsm, cfg.batch_size, cfg.ctx, seed=[cfg.seed, 0, step])
+        t = torch.from_numpy(tokens)
+        logits = model(input_ids=t, attention_mask=torch.ones_like(t)).logits
+        loss = F.cross_entropy(logits[:, :-1].reshape(-1, VOCAB_SIZE), t[:, 1:].reshape(-1))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        info = {"loss": loss.item(), "lr": lr}
+        if cfg.eval_every and (step + 1) % cfg.eval_every == 0 and step + 1 < cfg.steps:
+            ev = evaluate(model, fsm, cfg.ctx, cfg.eval_seqs, seed=cfg.seed)
+            info["eval"] = ev.to_dict()
+            history.append({"step": step + 1, "train_loss": info["loss"], **ev.to_dict()})
+        if progress:
+            progress(step + 1, info)
+    seconds = time.time() - t0
+    result = evaluate(model, fsm, cfg.ctx, max(cfg.eval_seqs, 64), seed=cfg.seed)
+    history.append({"step": cfg.steps, **result.to_dict()})
+
+    model.save_pretrained(tmp, safe_serialization=True)
+    make_tokenizer().save_pretrained(tmp)
+    fsm.save(tmp / "fsm.json")
+    command = command or "saekit toy train " + " ".join(
+        f"--{k.replace('_', '-')} {v}" for k, v in to_dict(cfg).items() if k != "overwrite" and v != getattr(ToyTrainConfig, k)
+    )
+    n_params = sum(p.numel() for p in model.parameters())
+    summary = {"config": to_dict(cfg) | {"out": None}, "command": command, "result": result.to_dict(), "seconds": seconds, "history": history}
+    (tmp / "toy_train.json").write_text(json.dumps(summary, indent=2))
+    (tmp / "README.md").write_text(readme_text(cfg, result, seconds, command, n_params))
+    if out.exists():
+        shutil.rmtree(out) if out.is_dir() else out.unlink()
+    os.replace(tmp, out)
+    return out, result
