@@ -1,0 +1,300 @@
+"""Write the four analysis notebooks (outputs cleared) from the cell sources below.
+
+Run `python notebooks/build.py` after editing a cell here; the .ipynb files are what users
+open and what tests/test_notebooks.py executes.  Keeping the sources in one Python file
+makes their diffs readable.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import nbformat
+from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook
+
+HERE = Path(__file__).parent
+
+SETUP = '''\
+import os, tempfile
+from pathlib import Path
+
+MODEL = os.environ.get("SAEKIT_NOTEBOOK_MODEL", "toy")  # the built-in toy model (set the variable to try another toy model)
+WORK = Path(tempfile.mkdtemp(prefix="saekit-notebook-"))  # everything this notebook writes goes here
+print("model:", MODEL, "| writing to", WORK)'''
+
+PIPELINE = '''\
+from saekit.pipeline import PipelineConfig, run_pipeline
+
+# Small on purpose: the notebook should run in a minute or two on a laptop CPU.
+result = run_pipeline(PipelineConfig(model=MODEL, out=str(WORK), n_seq=400, train_tokens=150_000, expansion=4, k=4, codes=128),
+                      progress=False, say=print)
+store_dir = result.store
+sae_dir, codebook_dir = [str(p) for p in result.dictionaries]
+print("store:", store_dir)
+print("SAE:", sae_dir)
+print("codebook:", codebook_dir)'''
+
+
+def nb(cells):
+    out = new_notebook()
+    out.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+    out.metadata["language_info"] = {"name": "python"}
+    out.cells = [new_markdown_cell(c[3:]) if c.startswith("md:") else new_code_cell(c) for c in cells]
+    return out
+
+
+QUICKSTART = [
+    """md:# saekit quickstart: harvest → train → splice-eval, from Python
+
+The three stages meet only through folders on disk, so each can be rerun or inspected on
+its own.  We use the built-in toy model (a small GPT-2 trained on walks through a random
+finite-state machine, `MODEL = "toy"`) so everything runs on a CPU in a couple of minutes.
+The command-line equivalents are `saekit harvest`, `saekit train`, `saekit splice-eval`.""",
+    SETUP,
+    """md:## 0. Text
+The toy model reads digit strings: each state of the FSM is written as two digits.
+`saekit toy data` (here `write_corpus`) samples walks, one sequence a line, with their
+ground-truth states saved beside them.""",
+    '''\
+from saekit.toy.corpus import ToyDataConfig, write_corpus
+
+corpus, labels, seq_len = write_corpus(ToyDataConfig(out=str(WORK / "toy.txt"), n_seq=400, model=MODEL))
+print(corpus.read_text().splitlines()[0][:60], "...", f"({seq_len} tokens per sequence with BOS)")''',
+    """md:## 1. Harvest
+Run the frozen model over the text and store one hook's activations (HDF5 shards + a
+manifest).  `packing="doc"` keeps one walk per sequence so positions line up with states.""",
+    '''\
+from saekit.harvest import HarvestConfig, harvest
+from saekit.pipeline import default_hook
+from saekit.store import ActivationStore
+
+HOOK = default_hook(MODEL)  # the residual stream after the middle block
+store_dir = harvest(HarvestConfig(model=MODEL, hooks=[HOOK], data=str(corpus), packing="doc", out=str(WORK / "store")), progress=False)
+store = ActivationStore(store_dir)
+print(store)
+print("hook", HOOK, "width", store.hook_width(HOOK), "| tokens", store.n_tokens, "| sequences", store.n_sequences)''',
+    """md:## 2. Train
+A TopK SAE (k = 4 active latents per token, 4× as many latents as the hook is wide) and a
+k-sparse codebook (one code per token out of 128), as in Codebook Features.  Each lands in
+its own folder: `config.json` + `weights.safetensors`.""",
+    '''\
+from saekit.train import TrainConfig, train
+
+common = dict(store=str(store_dir), hooks=[HOOK], out=str(WORK / "dicts"), tokens=150_000)
+sae_dir, = train(TrainConfig(kind="topk", k=[4], expansion=4, **common), progress=False)
+codebook_dir, = train(TrainConfig(kind="codebook", k=[1], d_dict=128, **common), progress=False)
+print(sae_dir, codebook_dir, sep="\\n")''',
+    '''\
+import saekit, torch
+
+sae = saekit.load(sae_dir)
+x = torch.from_numpy(store.read_acts(HOOK, 0, 2)).reshape(-1, store.hook_width(HOOK))
+out = sae(x)  # ForwardOutput(x_hat, codes)
+from saekit import metrics
+print(f"L0 = {metrics.l0(out.codes):.2f} active latents per token, FVU = {metrics.fvu(x, out.x_hat):.3f}")''',
+    """md:## 3. Splice-eval
+Put each dictionary's reconstruction back into the model in place of the activation and
+measure the next-token loss: *loss recovered* is 1 when nothing is lost and 0 when the
+splice is as bad as zero-ablating the hook.""",
+    '''\
+from saekit.splice import SpliceConfig, splice_eval
+
+res = splice_eval(SpliceConfig(model=MODEL, dicts=[str(sae_dir), str(codebook_dir)], store=str(store_dir), max_tokens=8192))
+for row in res["dictionaries"]:
+    print(f"{row['dict']:40s} CE clean {row['ce_clean']:.3f} spliced {row['ce_spliced']:.3f} "
+          f"loss recovered (zero-abl.) {row['loss_recovered_zero']:.1%}  L0 {row['l0']:.1f}")''',
+    """md:Next: `02_reading_features` (what the latents mean), `03_fsm_codebooks` (ground-truth
+states and interventions), `04_steering`.""",
+]
+
+READING = [
+    """md:# Reading features: statistics, top contexts, logit effects, the dashboard
+
+`saekit analyze` reads the store once through a dictionary and records, for every
+feature, how often it fires, its activation histogram, its top activating contexts and the
+tokens its decoder direction promotes through the unembedding.  Here we build a store and
+two dictionaries with the one-call pipeline first.""",
+    SETUP,
+    PIPELINE,
+    '''\
+from saekit.analysis.analyze import AnalyzeConfig, analyze, load_analysis
+
+out = analyze(AnalyzeConfig(dict=sae_dir, store=str(store_dir), out=str(WORK / "analysis-sae"), top_n=8, window=6))
+a = load_analysis(out)  # features.json + stats.safetensors (no pickle)
+print(len(a.meta["features"]), "features,", len(a.meta["dead"]), "dead,", len(a.meta["dense"]), "dense; files:",
+      sorted(p.name for p in out.iterdir()))''',
+    """md:The most frequent features, with the context where each fires hardest (the firing token
+in `[[ ]]`) and the tokens it promotes.  Token 10 (`<|endoftext|>`) is BOS.""",
+    '''\
+feats = sorted(a.meta["features"], key=lambda f: -f["frequency"])[:8]
+V = a.meta["vocab"]
+for f in feats:
+    promotes = " ".join(V[str(t)] for t, _ in f.get("promotes", [])[:5])
+    print(f"{f['id']:>6}  freq {f['frequency']:.3f}  max {f['max']:.2f}  promotes [{promotes}]  ", a.context_text(f["id"]) if f["contexts"] else "")''',
+    """md:The feature-density plot: a histogram of log10 firing frequency over all features.""",
+    '''\
+from IPython.display import Image
+Image(filename=str(out / "density.png"))''',
+    """md:The dashboard is one offline HTML file (`dashboard.html` in the analysis folder): sort
+by frequency, search by id or token, click a feature to see its contexts (firing token
+highlighted by strength), histogram and logit effects.""",
+    '''\
+from saekit.analysis.dashboard import show
+show(out, height=560)''',
+    """md:The same for the codebook: ids are `layer.group.code`, as in the Codebook Features paper.""",
+    '''\
+cb = load_analysis(analyze(AnalyzeConfig(dict=codebook_dir, store=str(store_dir), out=str(WORK / "analysis-codebook"), top_n=8)))
+live = [f for f in cb.meta["features"] if f["count"]]
+print(len(live), "codes used of", cb.meta["d_dict"])
+for f in sorted(live, key=lambda f: -f["frequency"])[:5]:
+    print(f["id"], f"{f['frequency']:.3f}", cb.context_text(f["id"]))''',
+]
+
+FSM = [
+    """md:# Codebooks on the FSM task: state recovery and code interventions
+
+The toy model was trained on walks through a random finite-state machine (after the
+TokFSM task of Codebook Features).  Every token's state is known, so we can ask two
+questions with ground truth:
+
+1. **State recovery**: is there a code (or feature) that fires exactly on one state?
+2. **Interventions**: if we patch the codes of state B into an input that is in state A,
+   does the model continue as if in B?""",
+    SETUP,
+    '''\
+import json
+from saekit.models import load_model
+from saekit.toy.fsm import load_fsm
+
+lm = load_model(MODEL)
+fsm = load_fsm(MODEL)
+n_layers = lm.info.n_layers
+HOOKS = [f"blocks.{l}.hook_resid_post" for l in range(n_layers)]
+print(f"{n_layers} layers; FSM with {fsm.n_states} states, {fsm.out_degree} successors each, {fsm.digits} digits per state")''',
+    """md:Harvest the residual stream after every block and train one codebook per layer
+(one code per token, 128 codes), all from one read of the store.""",
+    '''\
+from saekit.harvest import HarvestConfig, harvest
+from saekit.toy.corpus import ToyDataConfig, write_corpus
+from saekit.train import TrainConfig, train
+
+corpus, _, _ = write_corpus(ToyDataConfig(out=str(WORK / "toy.txt"), n_seq=400, model=MODEL))
+store_dir = harvest(HarvestConfig(model=MODEL, hooks=HOOKS, data=str(corpus), packing="doc", out=str(WORK / "store")), progress=False)
+codebooks = train(TrainConfig(kind="codebook", k=[1], d_dict=128, store=str(store_dir), hooks=HOOKS, out=str(WORK / "dicts"),
+                              tokens=150_000), progress=False)
+codebooks = sorted(codebooks, key=lambda p: str(p))
+print(*codebooks, sep="\\n")''',
+    """md:## State recovery
+For each state, the best single code by F1 (fires ⇔ the token belongs to that state),
+against the best thresholded neuron of the raw activations as a baseline.""",
+    '''\
+from saekit.toy.eval import state_recovery
+
+rec = state_recovery([str(p) for p in codebooks], str(store_dir)).to_dict()
+print({k: v for k, v in rec.items() if not isinstance(v, (list, dict))})
+for k in ("dicts", "combined", "neurons"):
+    if k in rec:
+        v = rec[k]
+        print(k, json.dumps(v if not isinstance(v, list) else [{kk: vv for kk, vv in x.items() if not isinstance(vv, list)} for x in v])[:600])''',
+    """md:## Interventions
+Pairs of walks ending in states A and B.  At the chosen layers, the codes at the positions
+of A's last state are replaced by B's (`error="keep"` keeps the part of A's activation the
+codebook does not explain; `"drop"` uses B's reconstruction alone).  Success = the model's
+next state is a successor of B and not of A; JS = divergence from B's clean next-token
+distribution.  Clean A is the floor, clean B the ceiling.""",
+    '''\
+from saekit import load
+from saekit.analysis.intervene import intervene, make_pairs
+
+dicts = [load(p) for p in codebooks]
+pairs = make_pairs(fsm, 64, n_states=4, seed=0)
+rows = []
+for layers in [[l] for l in range(n_layers)] + [list(range(n_layers))]:
+    for error in ("keep", "drop"):
+        r = intervene(lm, dicts, fsm, layers, pairs=pairs, error=error)
+        rows.append(r)
+        print(f"layers {str(r.layers):12s} error={error:4s}  success {r.success_rate:6.1%}  JS {r.js:.3f}   "
+              f"(clean A {r.clean_a_success:.1%} / JS {r.clean_a_js:.3f}; clean B {r.clean_b_success:.1%})")''',
+    """md:Patching at the last layer moves the prediction most directly; earlier layers test
+whether later layers read the state from the codes.  With a well-trained model and enough
+codes, success approaches the clean-B ceiling while JS falls towards 0.""",
+]
+
+STEERING = [
+    """md:# Steering generations with features
+
+`saekit steer` adds SAE features (their decoder direction × strength) or forces codebook
+codes on at the dictionary's hook, at every position, and samples beside the unsteered
+model with the same seed.  `--match REGEX` counts how often each generation matches — the
+topic-steering metric of the Codebook Features talk.  On the toy model the "topic" is a
+state: forcing the code of state S should make the model continue with a successor of S.""",
+    SETUP,
+    PIPELINE,
+    '''\
+import numpy as np
+from saekit import load
+from saekit.analysis.analyze import AnalyzeConfig, analyze, load_analysis
+from saekit.models import load_model
+from saekit.store import ActivationStore
+from saekit.toy.fsm import labels_from_tokens, load_fsm
+
+lm, fsm = load_model(MODEL), load_fsm(MODEL)
+codebook = load(codebook_dir)
+a = load_analysis(analyze(AnalyzeConfig(dict=codebook_dir, store=str(store_dir), out=str(WORK / "analysis"), top_n=20, window=2)))''',
+    """md:Pick the code whose top contexts all sit on one state (on its last digit), using the
+ground-truth labels of the stored tokens.""",
+    '''\
+store = ActivationStore(store_dir)
+labels = labels_from_tokens(fsm, store.read_tokens(0, store.n_sequences))
+best = None
+for f in a.meta["features"]:
+    hits = [(c["seq"], c["pos"]) for c in f["contexts"]]
+    if len(hits) < 10:
+        continue
+    states = [labels.state[s, p] for s, p in hits if labels.complete[s, p]]
+    if len(states) < 10:
+        continue
+    top = np.bincount(states).argmax()
+    purity = np.mean(np.array(states) == top)
+    if best is None or purity > best[0]:
+        best = (purity, f["id"], int(top))
+purity, code_id, state = best
+print(f"code {code_id}: {purity:.0%} of its top contexts end state {state:0{fsm.digits}d}")''',
+    '''\
+from saekit.analysis.steer import SteerConfig, steer
+
+succ = "|".join(f"{s:0{fsm.digits}d}" for s in fsm.successors[state])
+prompt = "".join(map(str, fsm.state_digits()[[(state + 7) % fsm.n_states]].reshape(-1)))  # a one-state prompt in another state
+res = steer(SteerConfig(dict=codebook_dir, feature=[code_id], prompt=prompt, strength=1.0, samples=32, max_new_tokens=fsm.digits,
+                        match=f"^({succ})", seed=0), model=lm, dictionary=codebook)
+print(f"prompt {prompt!r}; next state a successor of {state:0{fsm.digits}d}: steered {res.steered_rate:.0%}, unsteered {res.unsteered_rate:.0%}")
+for u, s in list(zip(res.unsteered, res.steered))[:6]:
+    print(f"  unsteered {u}   steered {s}")''',
+    """md:The same with an SAE feature: add its decoder direction at increasing strength.""",
+    '''\
+sae = load(sae_dir)
+sa = load_analysis(analyze(AnalyzeConfig(dict=sae_dir, store=str(store_dir), out=str(WORK / "analysis-sae"), top_n=20, window=2)))
+fid = max(sa.meta["features"], key=lambda f: f["max"])["id"]
+for strength in (0.0, 2.0, 8.0):
+    r = steer(SteerConfig(dict=sae_dir, feature=[fid], prompt=prompt, strength=strength, samples=16, max_new_tokens=8, seed=0),
+              model=lm, dictionary=sae)
+    changed = sum(s != u for s, u in zip(r.steered, r.unsteered))
+    print(f"feature {fid} strength {strength:4}: {changed}/16 generations changed; e.g. {r.steered[0]!r} vs {r.unsteered[0]!r}")''',
+]
+
+NOTEBOOKS = {
+    "01_quickstart.ipynb": QUICKSTART,
+    "02_reading_features.ipynb": READING,
+    "03_fsm_codebooks.ipynb": FSM,
+    "04_steering.ipynb": STEERING,
+}
+
+
+def main() -> None:
+    for name, cells in NOTEBOOKS.items():
+        nbformat.write(nb(cells), HERE / name)
+        print("wrote", HERE / name)
+
+
+if __name__ == "__main__":
+    main()
