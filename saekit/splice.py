@@ -1,0 +1,717 @@
+"""Splice dictionaries into the frozen model and measure what the model loses.
+
+A dictionary is only as good as what the model can still do with its reconstruction.
+For each dictionary (and for all of them at once) the hook's activation is replaced by
+x̂ = decode(encode(x)) during the forward pass, at every position except BOS (position 0
+carries attention-sink activations that dictionaries are not trained on; `splice_bos`
+includes it), and the next-token loss is compared with the clean model and with the hook
+ablated (zeros, or the hook's mean activation):
+
+    loss recovered = (CE_ablated − CE_spliced) / (CE_ablated − CE_clean)
+
+plus ΔCE, KL(clean ‖ spliced), next-token accuracy, and the dictionary's L0, FVU and dead
+fraction on the same positions.  Every number comes from `saekit.metrics`.
+
+Cost: per batch the clean forward runs once and is shared by every intervention.  An
+intervention on a hook in block L changes nothing below it, so its forward starts from
+the clean residual entering block L (`bridge(resid, start_at_layer=L)`).  TransformerLens
+4.3 still executes blocks 0..L-1 in that mode (their output is thrown away), so while it
+runs those blocks are swapped for a pass-through; the first batch checks that the fast
+path gives the same logits as a full forward and falls back to full forwards if not.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import json
+import math
+import os
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from saekit import metrics
+from saekit.errors import SaekitError
+from saekit.models import HookSpec, LoadedModel, check_hook_names, hook_layer, load_model, resolve_hooks, unflatten
+
+PAD = -1
+"""Padding id in stored token arrays (saekit.text.PAD): never fed to the model, never scored."""
+METRIC_KEYS = (
+    "ce_clean", "ce_spliced", "ce_zero", "ce_mean", "loss_recovered_zero", "loss_recovered_mean",
+    "delta_ce", "kl", "acc_clean", "acc_spliced", "l0", "fvu", "dead_frac",
+)
+DICT_FORMAT = "saekit-dictionary"
+
+
+@dataclass
+class SpliceConfig:
+    """What `saekit splice-eval` evaluates, on which tokens."""
+
+    model: str = ""
+    """Model to splice into: Hub name, local HF directory or `toy`; empty = the one the store or the first dictionary was made from."""
+    dicts: list[str] = field(default_factory=list, metadata={"aliases": ["--dict"]})
+    """Dictionary folders to splice in (repeat --dict, or separate with commas)."""
+    sweep: str | None = None
+    """Folder of a training sweep: every dictionary under it is evaluated and the L0 vs loss-recovered frontier is written there (frontier.png, frontier.csv)."""
+    data: str | None = None
+    """Held-out text to evaluate on (.txt one document per line, .jsonl, or a folder); or use --store."""
+    store: str | None = None
+    """Activation store: its eval split gives the tokens and its statistics the means for mean-ablation."""
+    text_field: str = "text"
+    """JSONL field holding the document (with --data)."""
+    context_size: int = 0
+    """Tokens per sequence with --data (0 = the model's context, at most 256)."""
+    packing: str = "concat"
+    """How --data documents become sequences: concat (joined with EOS, cut) or doc (one per sequence, padded)."""
+    json_out: str | None = field(default=None, metadata={"aliases": ["--json"]})
+    """Also write the results as JSON to this file."""
+    splice_bos: bool = False
+    """Splice (and ablate) the BOS position too; by default position 0 keeps its clean activation."""
+    batch_size: int = 8
+    """Sequences per forward pass."""
+    max_tokens: int = 32768
+    """Evaluate on at most this many (non-padding) tokens, in whole sequences (0 = all)."""
+    device: str = "cpu"
+    """Torch device for the model and the dictionaries (cpu, cuda, cuda:1, mps)."""
+    compat: bool = False
+    """Load the model with TransformerLens weight processing (must match how the dictionaries were trained)."""
+
+    def __post_init__(self):
+        if self.data and self.store:
+            raise ValueError("give either data or store as evaluation tokens, not both")
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be at least 1, got {self.batch_size}")
+        if self.max_tokens < 0:
+            raise ValueError(f"max_tokens must be 0 (all) or positive, got {self.max_tokens}")
+        if self.context_size < 0 or self.context_size == 1:
+            raise ValueError(f"context_size must be 0 (automatic) or at least 2, got {self.context_size}")
+        if self.packing not in ("concat", "doc"):
+            raise ValueError(f"packing {self.packing!r} is not concat or doc")
+
+
+@dataclass
+class Target:
+    """One dictionary resolved against the loaded model."""
+
+    name: str
+    """How results name it (the folder path as given)."""
+    dictionary: nn.Module
+    hook: HookSpec
+    """The hook it replaces; `hook.shape` is the per-position shape to unflatten x̂ to."""
+
+
+# --- pure helpers ----------------------------------------------------------------------------
+
+def replace_rows(act: Tensor, mask: Tensor, fn: Callable[[Tensor], Tensor]) -> Tensor:
+    """act (B, T, *shape) with the rows where mask (B, T) is True replaced by fn(rows (n, width))."""
+    flat = act.reshape(*act.shape[:2], -1)  # (B, T, width)
+    out = flat.clone()
+    out[mask] = fn(flat[mask]).to(out.dtype)
+    return unflatten(out, list(act.shape[2:]))
+
+
+def splice_mask(tokens: Tensor, splice_bos: bool) -> Tensor:
+    """(B, T) bool: positions whose activation is replaced (not padding; not position 0 unless splice_bos)."""
+    mask = tokens != PAD
+    if not splice_bos:
+        mask[:, 0] = False
+    return mask
+
+
+def scored_mask(tokens: Tensor) -> Tensor:
+    """(B, T-1) bool: positions that have a real next token (both it and the next one are not padding)."""
+    return (tokens[:, :-1] != PAD) & (tokens[:, 1:] != PAD)
+
+
+def model_input(tokens: Tensor, bos_id: int) -> Tensor:
+    """Padding replaced by BOS for the forward: it sits after the text, so causal attention keeps it out."""
+    return torch.where(tokens == PAD, torch.full_like(tokens, bos_id), tokens)
+
+
+def _ratio(num: float, den: float) -> float:
+    return num / den if den else float("nan")
+
+
+def _clean_json(x):
+    """NaN/inf → None so the JSON file is valid JSON."""
+    if isinstance(x, float) and not math.isfinite(x):
+        return None
+    if isinstance(x, dict):
+        return {k: _clean_json(v) for k, v in x.items()}
+    if isinstance(x, list):
+        return [_clean_json(v) for v in x]
+    return x
+
+
+# --- forward passes ----------------------------------------------------------------------------
+
+class _PassThrough(nn.Module):
+    """Stands in for a block whose output will be discarded: returns its hidden states unchanged."""
+
+    def __init__(self, tuple_output: bool):
+        super().__init__()
+        self.tuple_output = tuple_output
+
+    def forward(self, hidden_states, *args, **kwargs):
+        return (hidden_states,) if self.tuple_output else hidden_states
+
+
+class Runner:
+    """Forward passes on one bridge: a clean pass that caches what later passes restart from."""
+
+    def __init__(self, bridge, start_layers: set[int]):
+        self.bridge = bridge
+        self.n_layers = int(bridge.cfg.n_layers)
+        # Layers a spliced/ablated pass may start at (0 and hooks before block 0 start from tokens).
+        self.start_layers = {L for L in start_layers if 0 < L < self.n_layers}
+        self.fast: bool | None = None if self.start_layers else False
+        """None = not checked yet; True = restarting from cached residuals matches a full forward."""
+        self._tuple_output: bool | None = None
+
+    @torch.no_grad()
+    def clean(self, inp: Tensor, hooks: list[str]) -> tuple[Tensor, dict[str, Tensor], dict[int, Tensor]]:
+        """Clean logits (B, T, vocab), the hooks' activations flattened (B, T, width), residuals entering start layers."""
+        acts: dict[str, Tensor] = {}
+        resid: dict[int, Tensor] = {}
+
+        def save_act(name):
+            def fn(act, hook):
+                acts[name] = act.detach().reshape(*act.shape[:2], -1)
+                return act
+            return fn
+
+        def save_resid(layer):
+            def fn(act, hook):
+                resid[layer] = act.detach().clone()
+                return act
+            return fn
+
+        fwd = [(h, save_act(h)) for h in dict.fromkeys(hooks)]
+        if self.fast is not False:
+            fwd += [(f"blocks.{L}.hook_resid_pre", save_resid(L)) for L in sorted(self.start_layers)]
+        handle = None
+        if self._tuple_output is None and self.start_layers:
+            # Record what a block returns (tensor or tuple) so the pass-through can mimic it.
+            def spy(module, args, output):
+                self._tuple_output = isinstance(output, tuple)
+            handle = self.bridge.blocks[0]._modules["_original_component"].register_forward_hook(spy)
+        try:
+            logits = self.bridge.run_with_hooks(inp, fwd_hooks=fwd)
+        finally:
+            if handle is not None:
+                handle.remove()
+        return logits, acts, resid
+
+    @contextlib.contextmanager
+    def _skip_below(self, layer: int):
+        """Blocks 0..layer-1 become pass-throughs (their output is discarded by start_at_layer anyway)."""
+        blocks = list(self.bridge.blocks)[:layer]
+        saved = [b._modules["_original_component"] for b in blocks]
+        try:
+            for b in blocks:
+                b._modules["_original_component"] = _PassThrough(bool(self._tuple_output))
+            yield
+        finally:
+            for b, orig in zip(blocks, saved):
+                b._modules["_original_component"] = orig
+
+    def _fast_run(self, resid: Tensor, layer: int, fwd_hooks) -> Tensor:
+        with self._skip_below(layer):
+            return self.bridge.run_with_hooks(resid, fwd_hooks=fwd_hooks, start_at_layer=layer)
+
+    @torch.no_grad()
+    def run(self, inp: Tensor, resid: dict[int, Tensor], fwd_hooks: list) -> Tensor:
+        """Logits with `fwd_hooks` applied, restarting from the lowest hook's block when that is safe."""
+        layer = min(hook_layer(h) for h, _ in fwd_hooks)
+        if self.fast is False or layer not in self.start_layers or layer not in resid:
+            return self.bridge.run_with_hooks(inp, fwd_hooks=fwd_hooks)
+        if self.fast:
+            return self._fast_run(resid[layer], layer, fwd_hooks)
+        # First use: compare with a full forward once; any difference (or failure) → full forwards from now on.
+        full = self.bridge.run_with_hooks(inp, fwd_hooks=fwd_hooks)
+        try:
+            fast = self._fast_run(resid[layer], layer, fwd_hooks)
+            self.fast = bool((fast - full).abs().max() <= 1e-4 * (1 + full.abs().max()))
+        except Exception:  # an architecture the restart path does not support: full forwards are always right
+            self.fast = False
+        return full
+
+
+# --- evaluation tokens and ablation means -------------------------------------------------------
+
+def take_tokens(seqs: Iterator[np.ndarray], max_tokens: int) -> Tensor:
+    """Stack whole sequences until `max_tokens` non-padding tokens are reached (0 = all): int64 (n_seq, T)."""
+    out, n = [], 0
+    for s in seqs:
+        out.append(np.asarray(s, dtype=np.int64))
+        n += int((out[-1] != PAD).sum())
+        if max_tokens and n >= max_tokens:
+            break
+    if not out:
+        return torch.zeros(0, 0, dtype=torch.long)
+    return torch.from_numpy(np.stack(out))
+
+
+def text_tokens(cfg: SpliceConfig, model: LoadedModel) -> Tensor:
+    """Evaluation sequences from text, tokenised and packed exactly as `harvest` does."""
+    from saekit import text
+
+    ctx = cfg.context_size or min(model.info.n_ctx, 256)
+    if ctx > model.info.n_ctx:
+        raise SaekitError(f"context_size {ctx} exceeds the model's context ({model.info.n_ctx}); pass --context-size {model.info.n_ctx} or less")
+    tok = model.tokenizer
+    eos = tok.eos_token_id if tok.eos_token_id is not None else model.bos_id
+    seqs = text.sequences(cfg.data, tok, ctx, bos_id=model.bos_id, eos_id=int(eos), packing=cfg.packing, text_field=cfg.text_field)
+    return take_tokens(seqs, cfg.max_tokens)
+
+
+def store_tokens(store, max_tokens: int, chunk: int = 256) -> Tensor:
+    """The store's eval split (held out from training), at most `max_tokens` tokens."""
+    split = store.split("eval")
+
+    def seqs():
+        for start in range(split.start, split.stop, chunk):
+            yield from store.read_tokens(start, min(start + chunk, split.stop))
+
+    return take_tokens(seqs(), max_tokens)
+
+
+@torch.no_grad()
+def mean_activations(model: LoadedModel, tokens: Tensor, hooks: list[str], batch_size: int) -> dict[str, Tensor]:
+    """Mean of each hook's flattened activation over non-padding, non-BOS positions (as a store's statistics)."""
+    from saekit.models import capture
+
+    sums: dict[str, Tensor] = {}
+    count = 0
+    device = next(model.bridge.parameters()).device
+    for i in range(0, tokens.shape[0], batch_size):
+        tok = tokens[i : i + batch_size].to(device)
+        mask = splice_mask(tok, splice_bos=False)
+        acts = capture(model.bridge, model_input(tok, model.bos_id), hooks)
+        for h, a in acts.items():
+            s = a[mask].double().sum(0)
+            sums[h] = s if h not in sums else sums[h] + s
+        count += int(mask.sum())
+    if count == 0:
+        raise SaekitError("the evaluation tokens have no positions after BOS; use longer sequences")
+    return {h: (s / count).float() for h, s in sums.items()}
+
+
+# --- checks ------------------------------------------------------------------------------------
+
+def find_dictionaries(root: str | os.PathLike) -> list[Path]:
+    """Every saekit dictionary folder under `root` (config.json of format saekit-dictionary + weights), sorted."""
+    r = Path(root)
+    if not r.is_dir():
+        raise SaekitError(f"sweep folder {r} does not exist; pass the folder your training sweep wrote")
+    found = []
+    for cfg_file in sorted(r.rglob("config.json")):
+        if not (cfg_file.parent / "weights.safetensors").is_file():
+            continue
+        try:
+            if json.loads(cfg_file.read_text()).get("format") == DICT_FORMAT:
+                found.append(cfg_file.parent)
+        except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
+            continue
+    if not found:
+        raise SaekitError(f"no dictionaries under {r} (looked for folders with config.json + weights.safetensors)")
+    return found
+
+
+def _model_label(m: dict) -> str:
+    fp = m.get("fingerprint")
+    return f"{m.get('name', '?')}" + (f" (fingerprint {fp})" if fp else "")
+
+
+def check_model(what: str, recorded: dict | None, model: LoadedModel) -> None:
+    """Refuse `what` (a dictionary or store) made from another model or another weight processing."""
+    if not recorded:
+        return  # imported dictionaries may not say; nothing to check against
+    here = model.info.to_dict()
+    fp = recorded.get("fingerprint")
+    if fp and fp != here["fingerprint"]:
+        raise SaekitError(
+            f"{what} was made from model {_model_label(recorded)} but the loaded model is {_model_label(here)}; "
+            f"pass --model {recorded.get('name', '...')} (the same files) or use dictionaries trained on this model"
+        )
+    if not fp and recorded.get("name") and recorded["name"] != here["name"]:
+        raise SaekitError(f"{what} was made from model {recorded['name']!r} but the loaded model is {here['name']!r}; pass --model {recorded['name']}")
+    if "compat" in recorded and bool(recorded["compat"]) != here["compat"]:
+        flag = "--compat" if recorded["compat"] else "--no-compat"
+        raise SaekitError(
+            f"{what} was made with compat={bool(recorded['compat'])} (TransformerLens weight processing) but the model "
+            f"was loaded with compat={here['compat']}; pass {flag}"
+        )
+
+
+def resolve_target(name: str, d, model: LoadedModel) -> Target:
+    """Check a dictionary against the loaded model and find its hook; one-line errors naming both sides."""
+    prov = d.prov
+    if not prov.hook:
+        raise SaekitError(f"dictionary {name} does not record which hook it was trained on; it cannot be spliced")
+    check_model(f"dictionary {name}", prov.model, model)
+    try:
+        check_hook_names(model.bridge, [prov.hook])
+    except SaekitError as e:
+        raise SaekitError(f"dictionary {name}: the model {model.info.name} has no hook {prov.hook!r} ({e})") from None
+    spec = resolve_hooks(model, [prov.hook])[0]
+    d_in = int(d.cfg.d_in)
+    if d_in != spec.width:
+        raise SaekitError(
+            f"dictionary {name} has width {d_in} but hook {prov.hook} of model {model.info.name} has width {spec.width}; "
+            "use a dictionary trained on this hook of this model"
+        )
+    if prov.hook_shape and list(prov.hook_shape) != spec.shape:
+        raise SaekitError(
+            f"dictionary {name} was trained on hook shape {list(prov.hook_shape)} but {prov.hook} has shape {spec.shape} "
+            "in the loaded model; use a dictionary trained on this model"
+        )
+    return Target(name=name, dictionary=d, hook=spec)
+
+
+# --- the evaluation ----------------------------------------------------------------------------
+
+class _Stats:
+    """Running sums for one row of the report (one dictionary, or all at once)."""
+
+    def __init__(self, d_dict: int):
+        self.ce_spliced = self.kl = self.correct = 0.0
+        self.l0_sum = 0.0
+        self.rows = 0
+        self.fvu = metrics.FVUAccumulator()
+        self.fires = torch.zeros(d_dict, dtype=torch.long)
+
+    def add_codes(self, x: Tensor, x_hat: Tensor, codes: Tensor) -> None:
+        if x.shape[0] == 0:
+            return
+        self.fvu.update(x, x_hat)
+        self.l0_sum += metrics.l0(codes) * codes.shape[0]
+        self.rows += codes.shape[0]
+        self.fires += (codes != 0).sum(0).cpu()
+
+
+def _apply(d: nn.Module, stats: _Stats | None) -> Callable[[Tensor], Tensor]:
+    """rows (n, width) → x̂ rows, recording L0/FVU/firing into `stats`."""
+
+    def fn(rows: Tensor) -> Tensor:
+        out = d(rows.float())
+        if stats is not None:
+            stats.add_codes(rows, out.x_hat, out.codes)
+        return out.x_hat
+
+    return fn
+
+
+def _hook_fn(mask: Tensor, fn: Callable[[Tensor], Tensor]):
+    def hook(act, hook):
+        return replace_rows(act, mask, fn)
+
+    return hook
+
+
+@torch.no_grad()
+def evaluate(
+    model: LoadedModel,
+    targets: list[Target],
+    tokens: Tensor,
+    means: dict[str, Tensor],
+    *,
+    splice_bos: bool = False,
+    batch_size: int = 8,
+    progress: Callable[[int, int], None] | None = None,
+) -> dict:
+    """Splice each target (and all at once) into `model` on `tokens` (n_seq, T; PAD = -1) and report the metrics.
+
+    `means` maps each hook to its mean activation (width,) for mean-ablation.  Returns
+    {"dictionaries": [row per target], "all": row or None, "eval": {...}}, a row holding
+    `METRIC_KEYS` (plus dict/hook for per-dictionary rows).  "all" splices every target at
+    once: its L0 is the sum over dictionaries (active latents per token in the whole model),
+    its FVU the mean of the dictionaries' FVUs, its dead fraction over all latents pooled, all
+    measured on the activations each dictionary sees in the spliced model.  It is None when
+    two targets share a hook (they cannot both replace it).
+    """
+    if tokens.numel() == 0 or int(scored_mask(tokens).sum()) == 0:
+        raise SaekitError("no evaluation tokens: the data gave no sequence with a next token to predict; pass more text or a store with an eval split")
+    bridge = model.bridge
+    device = next(bridge.parameters()).device
+    hooks = list(dict.fromkeys(t.hook.name for t in targets))
+    distinct = len(hooks) == len(targets)
+    multi = distinct and len(targets) > 1
+    runner = Runner(bridge, {t.hook.layer for t in targets})
+    for t in targets:
+        t.dictionary.to(device).eval()
+    mean_dev = {h: means[h].to(device) for h in hooks}
+
+    per = [_Stats(int(t.dictionary.cfg.d_dict)) for t in targets]
+    together = [_Stats(int(t.dictionary.cfg.d_dict)) for t in targets] if multi else None
+    ce_clean = acc_clean = 0.0
+    ce_zero = dict.fromkeys(hooks, 0.0)
+    ce_mean = dict.fromkeys(hooks, 0.0)
+    all_ce = {"spliced": 0.0, "zero": 0.0, "mean": 0.0, "kl": 0.0, "correct": 0.0}
+    n_scored = 0
+    n_tokens_total = int((tokens != PAD).sum())
+    done = 0
+
+    for i in range(0, tokens.shape[0], batch_size):
+        tok = tokens[i : i + batch_size].to(device)
+        inp = model_input(tok, model.bos_id)
+        mask = splice_mask(tok, splice_bos)
+        scored = scored_mask(tok)
+        n_scored += int(scored.sum())
+
+        def ce(logits):
+            return float(metrics.ce_per_token(logits, inp)[scored].double().sum())
+
+        def acc(logits):
+            return float(metrics.correct_per_token(logits, inp)[scored].double().sum())
+
+        def kl(clean, other):
+            return float(metrics.kl_per_token(clean, other)[:, :-1][scored].double().sum())
+
+        logits, acts, resid = runner.clean(inp, hooks)
+        ce_clean += ce(logits)
+        acc_clean += acc(logits)
+
+        for h in hooks:
+            ce_zero[h] += ce(runner.run(inp, resid, [(h, _hook_fn(mask, torch.zeros_like))]))
+            m = mean_dev[h]
+            ce_mean[h] += ce(runner.run(inp, resid, [(h, _hook_fn(mask, lambda rows, m=m: m.expand_as(rows)))]))
+
+        for t, st in zip(targets, per):
+            # The hook's input is the clean activation (nothing upstream changed), so metrics come from `acts`.
+            precomputed = replace_rows(acts[t.hook.name], mask, _apply(t.dictionary, st))
+            spliced = runner.run(inp, resid, [(t.hook.name, lambda act, hook, r=precomputed: r.reshape(act.shape))])
+            st.ce_spliced += ce(spliced)
+            st.correct += acc(spliced)
+            st.kl += kl(logits, spliced)
+
+        if multi:
+            spliced = runner.run(inp, resid, [(t.hook.name, _hook_fn(mask, _apply(t.dictionary, st))) for t, st in zip(targets, together)])
+            all_ce["spliced"] += ce(spliced)
+            all_ce["correct"] += acc(spliced)
+            all_ce["kl"] += kl(logits, spliced)
+            all_ce["zero"] += ce(runner.run(inp, resid, [(h, _hook_fn(mask, torch.zeros_like)) for h in hooks]))
+            all_ce["mean"] += ce(runner.run(inp, resid, [
+                (h, _hook_fn(mask, lambda rows, m=mean_dev[h]: m.expand_as(rows))) for h in hooks
+            ]))
+        done += int((tok != PAD).sum())
+        if progress is not None:
+            progress(done, n_tokens_total)
+
+    c_clean = ce_clean / n_scored
+
+    def row(ce_s, ce_z, ce_m, kl_sum, correct, l0, fvu, dead) -> dict:
+        return {
+            "ce_clean": c_clean,
+            "ce_spliced": ce_s,
+            "ce_zero": ce_z,
+            "ce_mean": ce_m,
+            "loss_recovered_zero": metrics.loss_recovered(c_clean, ce_s, ce_z),
+            "loss_recovered_mean": metrics.loss_recovered(c_clean, ce_s, ce_m),
+            "delta_ce": ce_s - c_clean,
+            "kl": kl_sum / n_scored,
+            "acc_clean": acc_clean / n_scored,
+            "acc_spliced": correct / n_scored,
+            "l0": l0,
+            "fvu": fvu,
+            "dead_frac": dead,
+        }
+
+    rows = []
+    for t, st in zip(targets, per):
+        h = t.hook.name
+        r = row(st.ce_spliced / n_scored, ce_zero[h] / n_scored, ce_mean[h] / n_scored, st.kl, st.correct,
+                _ratio(st.l0_sum, st.rows), st.fvu.value(), metrics.dead_fraction(st.fires))
+        rows.append({"dict": t.name, "hook": h, **r})
+
+    all_row = None
+    if multi:
+        fires = torch.cat([st.fires for st in together])
+        all_row = row(all_ce["spliced"] / n_scored, all_ce["zero"] / n_scored, all_ce["mean"] / n_scored, all_ce["kl"],
+                      all_ce["correct"], sum(_ratio(st.l0_sum, st.rows) for st in together),
+                      float(np.mean([st.fvu.value() for st in together])), metrics.dead_fraction(fires))
+    elif len(targets) == 1:
+        all_row = {k: rows[0][k] for k in METRIC_KEYS}  # one dictionary: "all at once" is the same run
+
+    return {
+        "dictionaries": rows,
+        "all": all_row,
+        "eval": {
+            "sequences": int(tokens.shape[0]),
+            "tokens": n_tokens_total,
+            "scored_positions": n_scored,
+            "splice_bos": splice_bos,
+            "restart_from_cache": bool(runner.fast),
+        },
+    }
+
+
+def splice_eval(cfg: SpliceConfig, progress: Callable[[int, int], None] | None = None) -> dict:
+    """Load the model, dictionaries and evaluation tokens named by `cfg`, evaluate, write --json / the sweep frontier.
+
+    Returns the result dict (see `evaluate`), with "model" and "source" added, and
+    "frontier" {"png", "csv"} when `cfg.sweep` is set.
+    """
+    from saekit.dictionaries import load as load_dictionary
+
+    paths = [Path(p) for p in cfg.dicts]
+    if cfg.sweep:
+        paths += [p for p in find_dictionaries(cfg.sweep) if p not in paths]
+    if not paths:
+        raise SaekitError("no dictionaries given; pass --dict DIR (repeatable) or --sweep DIR")
+    if not cfg.data and not cfg.store:
+        raise SaekitError("no evaluation tokens given; pass --data FILE (held-out text) or --store DIR (uses its eval split)")
+    for p in paths:
+        if not p.exists():
+            raise SaekitError(f"dictionary folder {p} does not exist; pass the folder `saekit train` wrote")
+    dictionaries = [load_dictionary(p, device=cfg.device) for p in paths]
+
+    store = None
+    if cfg.store:
+        from saekit.store import ActivationStore
+
+        store = ActivationStore(cfg.store)
+    model_name = cfg.model
+    if not model_name:
+        recorded = store.model.to_dict() if store is not None else (dictionaries[0].prov.model or {})
+        model_name = recorded.get("name") or ""
+        if not model_name:
+            raise SaekitError("no model given and the dictionaries do not record one; pass --model NAME")
+    model = load_model(model_name, compat=cfg.compat, device=cfg.device)
+    if store is not None:
+        check_model(f"store {cfg.store}", store.model.to_dict(), model)
+    targets = [resolve_target(str(p), d, model) for p, d in zip(paths, dictionaries)]
+
+    hooks = list(dict.fromkeys(t.hook.name for t in targets))
+    if store is not None:
+        tokens = store_tokens(store, cfg.max_tokens)
+        if tokens.numel() == 0:
+            raise SaekitError(f"no evaluation tokens: store {cfg.store} has an empty eval split; harvest with --holdout > 0 or pass --data FILE")
+        means = {h: torch.as_tensor(np.asarray(store.stats(h)["mean"]), dtype=torch.float32) for h in hooks if h in store.hooks}
+        for h, m in means.items():
+            if m.numel() != store.hook_width(h) or m.numel() != next(t.hook.width for t in targets if t.hook.name == h):
+                raise SaekitError(f"store {cfg.store} has width {m.numel()} for {h} but the model's hook has another; use a store harvested from this model")
+        source = {"store": str(cfg.store), "split": "eval"}
+    else:
+        tokens = text_tokens(cfg, model)
+        if tokens.numel() == 0:
+            raise SaekitError(f"no evaluation tokens: {cfg.data} holds no non-empty documents; pass a file with text")
+        means = {}
+        source = {"data": str(cfg.data)}
+    missing = [h for h in hooks if h not in means]
+    if missing:  # not in the store (or text input): the mean over the evaluation tokens themselves
+        means.update(mean_activations(model, tokens, missing, cfg.batch_size))
+
+    result = evaluate(model, targets, tokens, means, splice_bos=cfg.splice_bos, batch_size=cfg.batch_size, progress=progress)
+    result["model"] = model.info.to_dict()
+    result["source"] = source
+    if cfg.sweep:
+        png, csv_path = write_frontier(result, cfg.sweep)
+        result["frontier"] = {"png": str(png), "csv": str(csv_path)}
+    if cfg.json_out:
+        _write_atomic(Path(cfg.json_out), json.dumps(_clean_json(result), indent=2) + "\n")
+    return result
+
+
+# --- output ------------------------------------------------------------------------------------
+
+def _write_atomic(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def frontier_points(rows: list[dict], key: str = "loss_recovered_mean") -> list[dict]:
+    """The Pareto frontier: rows no other row beats on both L0 (lower) and `key` (higher), by L0."""
+    good = [r for r in rows if r.get(key) is not None and math.isfinite(r[key]) and math.isfinite(r["l0"])]
+    good.sort(key=lambda r: (r["l0"], -r[key]))
+    out, best = [], -math.inf
+    for r in good:
+        if r[key] > best:
+            out.append(r)
+            best = r[key]
+    return out
+
+
+CSV_FIELDS = ("dict", "hook", "l0", "loss_recovered_mean", "loss_recovered_zero", "delta_ce", "kl", "fvu", "dead_frac",
+              "ce_clean", "ce_spliced", "acc_spliced", "on_frontier")
+
+
+def write_frontier(result: dict, out_dir: str | os.PathLike) -> tuple[Path, Path]:
+    """frontier.csv (every dictionary, by L0, frontier marked) and frontier.png (L0 vs loss recovered) in `out_dir`."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out = Path(out_dir)
+    rows = sorted(result["dictionaries"], key=lambda r: r["l0"])
+    front = {id(r) for r in frontier_points(rows)}
+    csv_path = out / "frontier.csv"
+    tmp = csv_path.with_name(csv_path.name + ".tmp")
+    with open(tmp, "w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=CSV_FIELDS, extrasaction="ignore")
+        w.writeheader()
+        for r in rows:
+            w.writerow({**r, "on_frontier": id(r) in front})
+    os.replace(tmp, csv_path)
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.4))
+    for key, marker, label in (("loss_recovered_mean", "o", "vs mean-ablation"), ("loss_recovered_zero", "^", "vs zero-ablation")):
+        pts = [(r["l0"], r[key]) for r in rows if r[key] is not None and math.isfinite(r[key])]
+        if pts:
+            ax.scatter(*zip(*pts), marker=marker, alpha=0.6, label=f"loss recovered {label}")
+        fr = frontier_points(rows, key)
+        if len(fr) > 1:
+            ax.plot([r["l0"] for r in fr], [r[key] for r in fr], lw=1)
+    l0s = [r["l0"] for r in rows if r["l0"] > 0]
+    if l0s and max(l0s) / min(l0s) > 20:
+        ax.set_xscale("log")
+    ax.set_xlabel("L0 (active latents per token)")
+    ax.set_ylabel("loss recovered")
+    ax.set_title(f"L0 vs loss recovered ({len(rows)} dictionaries)")
+    ax.grid(alpha=0.3)
+    ax.legend(loc="lower right", fontsize=8)
+    fig.tight_layout()
+    png = out / "frontier.png"
+    tmp_png = png.with_name("frontier.tmp.png")
+    fig.savefig(tmp_png, dpi=120)
+    plt.close(fig)
+    os.replace(tmp_png, png)
+    return png, csv_path
+
+
+def _fmt(v, digits: int = 3) -> str:
+    if v is None or (isinstance(v, float) and not math.isfinite(v)):
+        return "–"
+    return f"{v:.{digits}f}"
+
+
+def format_table(result: dict):
+    """A rich Table: one row per dictionary, then all at once."""
+    from rich.table import Table
+
+    t = Table(title="splice-eval: CE in nats per token, loss recovered vs zero / mean ablation", title_justify="left")
+    for name, just in (("dictionary", "left"), ("hook", "left"), ("CE clean", "right"), ("CE spliced", "right"),
+                       ("CE zero", "right"), ("CE mean", "right"), ("rec. zero", "right"), ("rec. mean", "right"),
+                       ("ΔCE", "right"), ("KL", "right"), ("acc clean→spliced", "right"), ("L0", "right"),
+                       ("FVU", "right"), ("dead", "right")):
+        t.add_column(name, justify=just)
+
+    def cells(r):
+        return [_fmt(r["ce_clean"]), _fmt(r["ce_spliced"]), _fmt(r["ce_zero"]), _fmt(r["ce_mean"]),
+                _fmt(r["loss_recovered_zero"]), _fmt(r["loss_recovered_mean"]), _fmt(r["delta_ce"], 4), _fmt(r["kl"], 4),
+                f"{_fmt(r['acc_clean'])}→{_fmt(r['acc_spliced'])}", _fmt(r["l0"], 1), _fmt(r["fvu"]), _fmt(r["dead_frac"])]
+
+    for r in result["dictionaries"]:
+        t.add_row(r["dict"], r["hook"], *cells(r))
+    if result.get("all") is not None and len(result["dictionaries"]) > 1:
+        t.add_section()
+        t.add_row("all at once", "", *cells(result["all"]))
+    return t
