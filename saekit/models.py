@@ -119,6 +119,10 @@ def load_model(name: str, *, compat: bool = False, device: str = "cpu", dtype: t
 
     for logger in ("transformers", "transformer_lens"):
         logging.getLogger(logger).setLevel(logging.ERROR)
+    # transformers' "Loading weights" tqdm bar would otherwise precede every CLI message on stderr.
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
