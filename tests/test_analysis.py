@@ -362,3 +362,14 @@ def test_intervention_with_exact_dictionary_at_last_layer_reproduces_b(toy_like)
     assert 0 <= nothing.success_rate <= 1 and nothing.js >= 0
     with pytest.raises(SaekitError, match="layer"):
         intervene(lm, [first], fsm, layers=[3], pairs=(ta, tb))
+
+
+def test_cli_steer_prints_both_arms_and_refuses_bad_feature(sae_dir, store_dir):
+    exe = [sys.executable, "-m", "saekit", "steer", "--dict", sae_dir, "--prompt", "the cat", "--max-new-tokens", "4",
+           "--samples", "2", "--match", "a"]
+    env = dict(os.environ, HF_HUB_OFFLINE="1", COLUMNS="200")
+    r = subprocess.run(exe + ["--feature", "0.1"], capture_output=True, text=True, env=env)
+    assert r.returncode == 0, r.stderr
+    assert "unsteered" in r.stdout and "steered" in r.stdout and "match 'a'" in r.stdout
+    r = subprocess.run(exe + ["--feature", "0.100000"], capture_output=True, text=True, env=env)
+    assert r.returncode == 2 and "out of range" in r.stderr and "Traceback" not in r.stderr
