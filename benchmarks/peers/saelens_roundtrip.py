@@ -17,7 +17,7 @@ And the other way round:
    Scope) with random weights, written by `SAE.save_model`, and their outputs.
 4. `--check-import DIR` (saekit's venv): `saekit.load` each folder and compare.
 
-Without flags it does all four: the saekit halves here, the SAELens halves in a
+Without flags it does all four: the saekit halves here, the SAELens halves in one
 subprocess with --saelens-python (default $SAELENS_VENV/bin/python or
 /work/venv-saelens/bin/python).  Exit status 0 only if every case agrees to float
 tolerance (relative error < 1e-5) with the same active latents.
@@ -144,27 +144,28 @@ def main() -> int:
     ap.add_argument("--check-import", type=Path, help="load SAELens-made SAEs with saekit and compare (saekit venv)")
     ap.add_argument("--saelens-python", default=os.path.join(os.environ.get("SAELENS_VENV", "/work/venv-saelens"), "bin", "python"))
     a = ap.parse_args()
-    if a.make:
-        make(a.make)
-        return 0
-    if a.check:
-        return 0 if check(a.check) else 1
-    if a.make_saelens:
-        make_saelens(a.make_saelens)
-        return 0
-    if a.check_import:
-        return 0 if check_import(a.check_import) else 1
+    if a.make or a.check or a.make_saelens or a.check_import:
+        ok = True
+        if a.make:
+            make(a.make)
+        if a.check:
+            ok &= check(a.check)
+        if a.make_saelens:
+            make_saelens(a.make_saelens)
+        if a.check_import:
+            ok &= check_import(a.check_import)
+        return 0 if ok else 1
     if not Path(a.saelens_python).is_file():
         print(f"no SAELens python at {a.saelens_python}; run benchmarks/peers/setup_saelens.sh first", file=sys.stderr)
         return 2
     with tempfile.TemporaryDirectory() as tmp:
         exports, imports = Path(tmp) / "exports", Path(tmp) / "imports"
-        print("== saekit → SAELens (exports loaded by SAE.load_from_disk)")
+        print("== saekit → SAELens: exports loaded by SAE.load_from_disk; then SAELens writes SAEs with SAE.save_model", flush=True)
         make(exports)
-        out_ok = subprocess.call([a.saelens_python, __file__, "--check", str(exports)]) == 0
-        print("== SAELens → saekit (SAE.save_model folders loaded by saekit.load)")
-        made = subprocess.call([a.saelens_python, __file__, "--make-saelens", str(imports)]) == 0
-        in_ok = made and check_import(imports)
+        # one SAELens process for both of its halves (importing sae_lens takes most of the time)
+        out_ok = subprocess.call([a.saelens_python, __file__, "--check", str(exports), "--make-saelens", str(imports)]) == 0
+        print("== SAELens → saekit: those folders loaded by saekit.load", flush=True)
+        in_ok = check_import(imports)
         print("all agree" if out_ok and in_ok else "DISAGREEMENT")
         return 0 if out_ok and in_ok else 1
 
