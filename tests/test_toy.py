@@ -168,11 +168,11 @@ def test_a_tiny_toy_trains_in_seconds_and_loads_through_transformer_lens(tmp_pat
 
     cfg = ToyTrainConfig(
         out=str(tmp_path / "toy"), n_states=10, out_degree=2, digits=1, ctx=24, n_layer=1, d_model=32, n_head=2,
-        d_mlp=64, batch_size=16, steps=150, lr=1e-2, warmup=10, eval_every=0, eval_seqs=16,
+        d_mlp=64, batch_size=16, steps=100, lr=1e-2, warmup=10, eval_every=0, eval_seqs=16,
     )
     seen = []
     out, res = train_toy(cfg, progress=lambda step, info: seen.append(step))
-    assert seen == list(range(1, 151))
+    assert seen == list(range(1, 101))
     assert res.optimum < res.unigram
     # Well below the unigram plateau: at least half-way from it to the optimum.
     assert res.loss < res.unigram - 0.5 * (res.unigram - res.optimum), res

@@ -141,22 +141,32 @@ def lr_at(step: int, cfg: ToyTrainConfig) -> float:
 
 @torch.no_grad()
 def sample(model, n_seq: int, ctx: int, seed: int) -> np.ndarray:
-    """Generate n_seq sequences of ctx tokens from BOS at temperature 1 (seeded, KV-cached)."""
+    """Generate n_seq sequences of up to ctx tokens from BOS at temperature 1, seeded.
+
+    Uses `generate` (KV-cached, stable across transformers versions).  A sampled EOS ends
+    its sequence (the rest is padded with EOS), which `transition_accuracy` counts as one
+    invalid step.
+    """
+    from transformers import GenerationConfig
+    from transformers.utils import logging as hf_logging
+
     was_training = model.training
     model.eval()
-    g = torch.Generator().manual_seed(seed)
-    tokens = torch.full((n_seq, 1), BOS_ID, dtype=torch.long)
-    past = None
-    inp = tokens
-    for _ in range(ctx - 1):
-        out = model(input_ids=inp, past_key_values=past, use_cache=True)
-        past = out.past_key_values
-        probs = torch.softmax(out.logits[:, -1].float(), dim=-1)
-        nxt = torch.multinomial(probs, 1, generator=g)
-        tokens = torch.cat([tokens, nxt], dim=1)
-        inp = nxt
-    model.train(was_training)
-    return tokens.numpy()
+    gen = GenerationConfig(
+        do_sample=True, top_k=0, top_p=1.0, temperature=1.0, max_new_tokens=ctx - 1,
+        bos_token_id=BOS_ID, eos_token_id=BOS_ID, pad_token_id=BOS_ID,
+    )
+    ids = torch.full((n_seq, 1), BOS_ID, dtype=torch.long)
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # the pad == eos warning does not apply: nothing is padded on input
+    try:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            out = model.generate(ids, attention_mask=torch.ones_like(ids), generation_config=gen)
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        model.train(was_training)
+    return out.numpy()
 
 
 @torch.no_grad()
