@@ -192,6 +192,28 @@ def test_eval_refuses_a_store_not_made_from_toy_data(tiny_model_dir, tiny_text_f
     d = _oracle_codebook_stub(tmp_path / "d", 32)
     with pytest.raises(SaekitError, match="not a toy model"):
         state_recovery([str(d)], str(store))
+    # Forcing an FSM on it through a labels file does not help: its tokens are not FSM walks.
+    from saekit.toy.fsm import FSM, generate, save_labels
+
+    fsm = FSM.random(12, 3, 2)
+    labels = save_labels(tmp_path / "l.safetensors", *generate(fsm, 2, 8), fsm)
+    with pytest.raises(SaekitError, match="toy BOS"):
+        state_recovery([str(d)], str(store), labels=str(labels))
+
+
+def test_eval_refuses_a_store_packed_with_concat(toy_store, tmp_path):
+    import shutil
+
+    from saekit.toy.eval import state_recovery
+
+    root, model, labels_file, store = toy_store
+    d = _oracle_codebook(store, tmp_path / "oracle")
+    copy = shutil.copytree(store, tmp_path / "store")
+    m = json.loads((copy / "manifest.json").read_text())
+    m["text"]["packing"] = "concat"
+    (copy / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(SaekitError, match="--packing doc"):
+        state_recovery([str(d)], str(copy))
 
 
 def _oracle_codebook_stub(out, d_in):
