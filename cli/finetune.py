@@ -1,5 +1,40 @@
-"""CLI for the `finetune` stage (not written yet)."""
+"""`saekit finetune`: codebooks trained inside the model (Codebook Features), and the talk's loss/accuracy table."""
+
+from __future__ import annotations
+
+from rich.console import Console
+from rich.table import Table
+
+from saekit.finetune import SPEC_HELP, FinetuneConfig
+from saekit_cli.options import config_options
+
+console = Console()
+
+
+def print_table(table: list[dict], title: str) -> None:
+    t = Table(title=title)
+    for col in ("model", "loss", "accuracy", "tokens"):
+        t.add_column(col, justify="left" if col == "model" else "right")
+    for row in table:
+        t.add_row(row["model"], f"{row['loss']:.4f}", f"{row['accuracy']:.2%}", f"{row['tokens']:,}")
+    console.print(t)
 
 
 def register(app) -> None:
-    pass
+    @app.command("finetune", help=(
+        "Insert k-sparse codebooks into a model and train them with it: loss = next-token CE + Σ commitment "
+        "‖C_out − sg[C_in]‖², straight-through gradients (Codebook Features).  Writes OUT/model (Hugging Face), "
+        "OUT/codebooks/<hook>/ (saekit dictionaries for splice-eval, analyze, steer, toy eval), OUT/baseline "
+        "(fine-tuned without codebooks) and OUT/report.json, and prints held-out loss and accuracy of the original, "
+        "fine-tuned and codebook models.\n\n--codebooks: " + SPEC_HELP + "\n\nExample: saekit finetune --model toy "
+        "--data toy.txt --codebooks 'attn:k=8,groups=heads;mlp:k=16' --steps 300 --out ft"))
+    @config_options(FinetuneConfig, config_file=True)
+    def finetune(cfg: FinetuneConfig):
+        from saekit.finetune import finetune as run
+
+        res = run(cfg)
+        print_table(res.table, f"held-out next-token loss and accuracy ({cfg.eval_sequences} sequences)")
+        console.print(f"model: {res.model}")
+        for p in res.codebooks:
+            console.print(f"codebook: {p}")
+        console.print(f"report: {res.out / 'report.json'}")

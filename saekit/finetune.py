@@ -404,7 +404,7 @@ class FinetuneConfig:
     model: str = ""
     """Model to fine-tune: Hub name, local Hugging Face directory or `toy`."""
     codebooks: str = ""
-    """Codebooks to insert: 'SITE:k=..,codes=..,groups=..,sim=..;...' with SITE attn | mlp | resid (optionally [layers]) or a hook name; e.g. 'attn:k=8,groups=heads;mlp:k=100'."""
+    """Codebooks to insert: 'SITE:k=..,codes=..,groups=..,sim=..;...' with SITE attn | mlp | resid (optionally with layers, e.g. mlp[0,2]) or a hook name; e.g. 'attn:k=8,groups=heads;mlp:k=100'."""
     data: str = ""
     """Training text: .txt (one document per line), .jsonl or a folder of them; or use --store."""
     store: str = ""

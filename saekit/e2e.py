@@ -1,0 +1,423 @@
+"""End-to-end dictionaries: trained through the frozen model against the clean model's output (Braun et al. 2024).
+
+Offline training fits x̂ to x; what a user needs is that the model still works when x̂
+replaces x.  Here the dictionary is spliced into the frozen model's forward pass (every
+position but BOS and padding, as splice-eval does) and trained on
+
+    L = KL(p_clean ‖ p_spliced)  +  μ · ‖x_n − x̂_n‖² / d_in   (+ λ L1 for relu)
+
+averaged over token positions, p the next-token distributions ("e2e" with μ = 0,
+"e2e + downstream reconstruction" in Braun et al. §2 is μ > 0 at the same hook).  The
+model's weights get no gradient; the gradient reaches the dictionary through the layers
+above the hook.  Sparsity is the dictionary's own: TopK (and codebooks) fix L0 by
+construction, relu keeps its L1 term.  Kinds: relu, topk, codebook from scratch, any
+saekit dictionary (batchtopk with its learned threshold, interop formats) from --init.
+
+Reached as `saekit train --objective e2e` (TrainConfig fields mapped by
+`from_train_config`) or `train_e2e(E2EConfig)`.  Checkpoints and resume as in
+`saekit.finetune` (safetensors + JSON, batches a pure function of (seed, step)).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import NamedTuple
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+from torch import Tensor
+
+from saekit import finetune as ft
+from saekit import metrics
+from saekit.config import to_dict
+from saekit.dictionaries.base import DictConfig, Dictionary, Provenance, build
+from saekit.errors import SaekitError
+
+E2E_KINDS = ("relu", "topk", "codebook")
+
+
+@dataclass
+class E2EConfig:
+    """An end-to-end dictionary run: model frozen, dictionary spliced in, trained against KL to the clean output."""
+
+    model: str = ""
+    """Frozen model: Hub name, local HF directory or `toy`; empty = the model of --store."""
+    hooks: list[str] = field(default_factory=list)
+    """Hooks to train a dictionary for (comma-separated); each is trained alone, the others stay clean."""
+    data: str = ""
+    """Training text (.txt, .jsonl or a folder); or use --store."""
+    store: str = ""
+    """Activation store whose token sequences (train split; eval split held out) to use."""
+    text_field: str = "text"
+    """JSONL field holding the document (with --data)."""
+    out: str = "dictionaries"
+    """Output folder; each dictionary goes to <out>/<hook>/<kind>-...-e2e/."""
+    init: str = ""
+    """Start from the saekit dictionaries in this folder (matched by hook) instead of fresh ones."""
+    kind: str = "topk"
+    """Dictionary kind when not --init: relu | topk | codebook."""
+    d_dict: int = 0
+    """Latents (codebook: codes over all groups); 0 = expansion × width."""
+    expansion: int = 8
+    """Latents per input dimension when d_dict is 0."""
+    k: int = 32
+    """Active latents per token (topk) or codes per group (codebook)."""
+    l1: float = 5.0
+    """relu: L1 coefficient λ on Σ f_i ‖W_dec,i‖ / d_in."""
+    groups: int = 1
+    """codebook: groups (slices of the input with one codebook each)."""
+    similarity: str = "cosine"
+    """codebook: cosine or inner."""
+    mse_coef: float = 0.0
+    """μ: weight of the normalised reconstruction term ‖x_n − x̂_n‖²/d_in added to the KL."""
+    steps: int = 500
+    """Optimiser steps."""
+    lr: float = 1e-3
+    """Adam learning rate."""
+    batch_size: int = 8
+    """Sequences per step."""
+    seq_len: int = 128
+    """Tokens per sequence with --data (a store's sequences keep their length)."""
+    eval_sequences: int = 32
+    """Held-out sequences for the before/after KL and CE and the final FVU/L0."""
+    skip_bos: bool = True
+    """Leave position 0 (BOS) unspliced, as splice-eval does."""
+    init_rows: int = 8192
+    """Rows sampled for the scale and the data-dependent init (b_dec median, k-means codes)."""
+    checkpoint_every: int = 100
+    """Steps between checkpoints (0: only at the end)."""
+    log_every: int = 10
+    """Steps between progress updates and metrics.jsonl lines."""
+    seed: int = 0
+    """Seed of the data order and the initialisation."""
+    device: str = "auto"
+    """cpu, cuda, ... or auto."""
+    resume: bool = False
+    """Continue from the last checkpoint in the run folder."""
+
+    def __post_init__(self):
+        if self.data and self.store:
+            raise ValueError("give either data or store, not both")
+        if self.kind not in E2E_KINDS:
+            raise ValueError(f"kind {self.kind!r} cannot be trained end-to-end from scratch; use one of {', '.join(E2E_KINDS)} (or --init)")
+        for name in ("steps", "batch_size", "eval_sequences", "log_every", "k", "expansion", "groups", "init_rows"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        for name in ("lr", "l1", "mse_coef", "checkpoint_every"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must not be negative, got {getattr(self, name)}")
+
+
+E2E_IDENTITY = ("model", "data", "store", "text_field", "init", "kind", "d_dict", "expansion", "k", "l1", "groups",
+                "similarity", "mse_coef", "lr", "batch_size", "seq_len", "eval_sequences", "skip_bos", "init_rows", "seed")
+
+
+def from_train_config(tc) -> E2EConfig:
+    """`saekit train --objective e2e`: the TrainConfig fields mapped onto an E2EConfig.
+
+    `batch_size` and `tokens` count activation rows there; here a step is a batch of whole
+    sequences, so steps = tokens / batch_size rows with batch_size // context sequences each.
+    """
+    ctx = 0
+    if tc.store:
+        from saekit.train import open_store
+
+        ctx = open_store(tc.store).context_size
+    seq_len = ctx or 128
+    seqs = max(1, tc.batch_size // seq_len)
+    steps = max(1, math.ceil(tc.tokens / (seqs * seq_len)))
+    hooks = [] if [h.lower() for h in tc.hooks] == ["all"] else list(tc.hooks)
+    if not hooks:
+        raise SaekitError("--objective e2e needs explicit --hooks (one forward per hook and step; 'all' is for offline training)")
+    return E2EConfig(model=getattr(tc, "model", ""), hooks=hooks, data=getattr(tc, "data", ""), store=tc.store, out=tc.out,
+                     kind=tc.kind, d_dict=tc.d_dict, expansion=tc.expansion, k=tc.k[0], l1=tc.l1[0], groups=tc.groups,
+                     similarity=tc.similarity, mse_coef=getattr(tc, "mse_coef", 0.0), steps=steps, lr=tc.lr or 1e-3,
+                     batch_size=seqs, seq_len=seq_len, init_rows=min(tc.init_rows, 16384), seed=tc.seed,
+                     checkpoint_every=max(1, tc.checkpoint_every // (seqs * seq_len)) if tc.checkpoint_every else 0,
+                     log_every=max(1, min(tc.log_every, 10)), device=tc.device, resume=tc.resume)
+
+
+# --- pure maths -----------------------------------------------------------------------------------
+
+def e2e_loss(clean_logits: Tensor, spliced_logits: Tensor, mask: Tensor) -> Tensor:
+    """Mean KL(clean ‖ spliced) over positions where mask (B, T) is True; the clean side carries no gradient."""
+    return ft.masked_mean(metrics.kl_per_token(clean_logits.detach(), spliced_logits), mask)
+
+
+def spliced_reconstruction(d: Dictionary, rows: Tensor) -> tuple[Tensor, Tensor]:
+    """(x̂, codes) for rows (n, d_in), differentiable in the dictionary's parameters."""
+    codes = d.encode(rows)
+    return d.decode(codes), codes
+
+
+# --- one run ------------------------------------------------------------------------------------------
+
+class E2EPaths(NamedTuple):
+    dir: Path
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.dir / "checkpoints"
+
+    def checkpoint(self, step: int) -> Path:
+        return self.checkpoints / f"step-{step:08d}"
+
+    def checkpoint_steps(self) -> list[int]:
+        if not self.checkpoints.is_dir():
+            return []
+        return sorted(int(p.name[5:]) for p in self.checkpoints.iterdir() if p.name.startswith("step-") and p.name[5:].isdigit())
+
+    @property
+    def metrics(self) -> Path:
+        return self.dir / "metrics.jsonl"
+
+
+def run_dir(cfg: E2EConfig, hook: str, d: Dictionary) -> Path:
+    from saekit.train import run_name
+
+    c = d.cfg
+    return Path(cfg.out) / hook / (run_name(c.kind, c.k, c.l1, c.groups) + "-e2e")
+
+
+class E2EModel(NamedTuple):
+    im: ft.InModel
+    splicer: ft.Splicer
+
+
+@torch.no_grad()
+def e2e_eval(em: E2EModel, d: Dictionary, hook: str, tokens: np.ndarray, batch_size: int, skip_bos: bool) -> dict:
+    """KL, CE (clean and spliced), FVU, L0, normalised MSE and dead fraction on held-out sequences."""
+    hf, bos = em.im.hf, em.im.bos_id
+    dev = next(hf.parameters()).device
+    kl = ce_c = ce_s = n_pos = n_sc = mse = 0.0
+    fvu = metrics.FVUAccumulator()
+    fires = torch.zeros(d.cfg.d_dict, device=dev)
+    l0_sum = rows_n = 0.0
+    for i in range(0, tokens.shape[0], batch_size):
+        t = torch.as_tensor(tokens[i:i + batch_size], dtype=torch.long, device=dev)
+        inp, mask, sm = ft.model_input(t, bos), ft.splice_mask(t, skip_bos), ft.scored_mask(t)
+        clean = hf(input_ids=inp).logits
+        caught = {}
+
+        def fn(x):
+            rows = x[mask]
+            x_hat, codes = spliced_reconstruction(d, rows)
+            caught["rows"], caught["x_hat"], caught["codes"] = rows, x_hat, codes
+            out = x.clone()
+            out[mask] = x_hat.to(x.dtype)
+            return out
+
+        with em.splicer.active({hook: fn}):
+            spliced = hf(input_ids=inp).logits
+        valid = t != ft.PAD
+        kl += (metrics.kl_per_token(clean, spliced) * valid).sum().item()
+        n_pos += valid.sum().item()
+        ce_c += (metrics.ce_per_token(clean, inp) * sm).sum().item()
+        ce_s += (metrics.ce_per_token(spliced, inp) * sm).sum().item()
+        n_sc += sm.sum().item()
+        if caught["rows"].shape[0]:
+            fvu.update(caught["rows"], caught["x_hat"])
+            mse += ((caught["rows"] - caught["x_hat"]) * d.scale).pow(2).sum().item()
+            fires += (caught["codes"] != 0).sum(0)
+            l0_sum += metrics.l0(caught["codes"]) * caught["rows"].shape[0]
+            rows_n += caught["rows"].shape[0]
+    f = fvu.value()
+    return {"kl": kl / max(n_pos, 1), "ce_clean": ce_c / max(n_sc, 1), "ce_spliced": ce_s / max(n_sc, 1),
+            "eval_tokens": int(rows_n), "fvu": f, "explained_variance": 1 - f, "mse": mse / max(rows_n * d.cfg.d_in, 1),
+            "l0": l0_sum / max(rows_n, 1), "dead_fraction": metrics.dead_fraction(fires)}
+
+
+def _state(d: Dictionary, opt: torch.optim.Optimizer, step: int) -> tuple[dict[str, Tensor], dict]:
+    t = {f"dict.{k}": v for k, v in d.state_dict().items()}
+    osd = opt.state_dict()
+    for idx, st in osd["state"].items():
+        for name, v in st.items():
+            t[f"opt.{idx}.{name}"] = v if torch.is_tensor(v) else torch.tensor(v)
+    return {k: v.detach().contiguous().cpu() for k, v in t.items()}, {"param_groups": osd["param_groups"], "step": step}
+
+
+def _load_state(d: Dictionary, opt: torch.optim.Optimizer, t: dict[str, Tensor], meta: dict) -> int:
+    d.load_state_dict({k[5:]: v for k, v in t.items() if k.startswith("dict.")})
+    state: dict[int, dict[str, Tensor]] = {}
+    for k, v in t.items():
+        if k.startswith("opt."):
+            _, idx, name = k.split(".", 2)
+            state.setdefault(int(idx), {})[name] = v
+    opt.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+    return int(meta["step"])
+
+
+def train_one(cfg: E2EConfig, em: E2EModel, d: Dictionary, hook: str, data: ft.TokenData, progress: bool) -> Path:
+    """Train dictionary `d` at `hook` end-to-end; returns its saved folder (summary: before/after KL and CE)."""
+    hf, bos = em.im.hf, em.im.bos_id
+    dev = next(hf.parameters()).device
+    d.to(dev).train()
+    paths = E2EPaths(run_dir(cfg, hook, d))
+    if (paths.dir / "config.json").is_file() and not cfg.resume:
+        raise SaekitError(f"{paths.dir} already holds a dictionary; choose another --out (or --resume)")
+    if paths.checkpoints.exists() and not cfg.resume:
+        raise SaekitError(f"{paths.dir} holds an unfinished run; pass --resume to continue it or choose another --out")
+    if (paths.dir / "config.json").is_file():
+        return paths.dir
+    paths.dir.mkdir(parents=True, exist_ok=True)
+    before = e2e_eval(em, d.eval(), hook, data.eval, cfg.batch_size, cfg.skip_bos)
+    d.train()
+    opt = torch.optim.Adam(d.parameters(), lr=cfg.lr)
+    ident = ft.identity_hash(cfg, E2E_IDENTITY) + hook
+    cfg_dict, step = to_dict(cfg), 0
+    done = paths.checkpoint_steps()
+    if done and cfg.resume:
+        folder = paths.checkpoint(done[-1])
+        try:
+            meta = json.loads((folder / "state.json").read_text())
+            tensors = load_file(str(folder / "state.safetensors"), device=str(dev))
+        except (OSError, ValueError) as e:
+            raise SaekitError(f"checkpoint {folder} is damaged ({e}); delete it to resume from the one before") from None
+        if meta.get("identity") != ident:
+            diff = [k for k in E2E_IDENTITY if meta.get("config", {}).get(k) != cfg_dict.get(k)]
+            raise SaekitError(f"{folder} was written with other settings ({', '.join(diff) or 'hook'} differ); rerun with the original options")
+        step = _load_state(d, opt, tensors, meta)
+    else:
+        paths.metrics.write_text("")
+    bar = ft._Bar(progress, f"e2e {hook}", cfg.steps, step)
+    acc: dict[str, float] = {}
+    n_acc, t0, s0 = 0, time.perf_counter(), step
+    try:
+        while step < cfg.steps:
+            t = torch.as_tensor(ft.batch_at(data.train, step, cfg.batch_size, cfg.seed), dtype=torch.long, device=dev)
+            inp, mask = ft.model_input(t, bos), ft.splice_mask(t, cfg.skip_bos)
+            with torch.no_grad():
+                clean = hf(input_ids=inp).logits
+            terms: dict[str, Tensor] = {}
+
+            def fn(x):
+                rows = x[mask]
+                x_hat, codes = spliced_reconstruction(d, rows)
+                terms["mse"] = ((x_hat - rows) * d.scale).pow(2).sum(-1).mean() / rows.shape[-1]
+                if d.cfg.kind == "relu":
+                    terms["l1"] = (codes @ d.W_dec.norm(dim=-1)).mean() / rows.shape[-1]
+                out = x.clone()
+                out[mask] = x_hat.to(x.dtype)
+                return out
+
+            with em.splicer.active({hook: fn}):
+                spliced = hf(input_ids=inp).logits
+            terms["kl"] = e2e_loss(clean, spliced, t != ft.PAD)
+            loss = terms["kl"] + cfg.mse_coef * terms["mse"] + cfg.l1 * terms.get("l1", 0.0)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            if hasattr(d, "before_step"):
+                d.before_step()
+            opt.step()
+            if hasattr(d, "after_step"):
+                d.after_step()
+            step += 1
+            for k, v in terms.items():
+                acc[k] = acc.get(k, 0.0) + float(v.detach())
+            n_acc += 1
+            last = step == cfg.steps
+            if step % cfg.log_every == 0 or last:
+                row = {"step": step} | {k: v / n_acc for k, v in acc.items()}
+                if not all(math.isfinite(v) for v in row.values()):
+                    raise SaekitError(f"{hook}: e2e loss became NaN/inf at step {step}; lower --lr and rerun with --resume")
+                row["steps_per_s"] = (step - s0) / (time.perf_counter() - t0)
+                with paths.metrics.open("a") as fh:
+                    fh.write(json.dumps(row) + "\n")
+                bar.update(step, f"kl={row['kl']:.4f} mse={row['mse']:.4f}")
+                acc, n_acc = {}, 0
+            if last or (cfg.checkpoint_every and step % cfg.checkpoint_every == 0):
+                folder = paths.checkpoint(step)
+                tmp = folder.with_name(folder.name + ".tmp")
+                shutil.rmtree(tmp, ignore_errors=True)
+                tmp.mkdir(parents=True)
+                tensors, meta = _state(d, opt, step)
+                save_file(tensors, tmp / "state.safetensors")
+                (tmp / "state.json").write_text(json.dumps(meta | {"identity": ident, "config": cfg_dict}, indent=1))
+                shutil.rmtree(folder, ignore_errors=True)
+                os.replace(tmp, folder)
+                for old in paths.checkpoint_steps()[:-2]:
+                    shutil.rmtree(paths.checkpoint(old), ignore_errors=True)
+    finally:
+        bar.stop()
+    after = e2e_eval(em, d.eval(), hook, data.eval, cfg.batch_size, cfg.skip_bos)
+    d.summary = after | {"objective": "e2e", "train_steps": step, "kl_before": before["kl"], "ce_spliced_before": before["ce_spliced"]}
+    d.train_config = cfg_dict | {"objective": "e2e", "hook": hook}
+    d.cpu().save(paths.dir)
+    shutil.rmtree(paths.checkpoints, ignore_errors=True)
+    return paths.dir
+
+
+def _find_inits(root: str, hooks: list[str]) -> dict[str, Dictionary]:
+    from saekit.dictionaries import load
+
+    p = Path(root)
+    if not p.exists():
+        raise SaekitError(f"--init {root} does not exist; pass a dictionary folder or a folder of them")
+    folders = [p] if (p / "config.json").is_file() else sorted(c.parent for c in p.rglob("config.json"))
+    found = {}
+    for f in folders:
+        try:
+            d = load(f)
+        except SaekitError:
+            continue
+        if d.prov.hook in hooks and d.prov.hook not in found:
+            found[d.prov.hook] = d
+    missing = [h for h in hooks if h not in found]
+    if missing:
+        raise SaekitError(f"--init {root} holds no dictionary for {', '.join(missing)}")
+    return found
+
+
+def train_e2e(cfg: E2EConfig, progress: bool = True) -> list[Path]:
+    """Train one dictionary per hook end-to-end through the frozen model; returns their folders."""
+    if not cfg.hooks:
+        raise SaekitError("no hooks given; pass --hooks blocks.L.hook_... (one dictionary each)")
+    model = cfg.model
+    if not model:
+        if not cfg.store:
+            raise SaekitError("no model given; pass --model (or --store, whose model is used)")
+        from saekit.train import open_store
+
+        model = open_store(cfg.store).model.name
+    dev = ft.resolve_device(cfg.device)
+    im = ft.load_in_model(model, cfg.hooks, dev)
+    for p in im.hf.parameters():
+        p.requires_grad_(False)
+    em = E2EModel(im, ft.Splicer(im.hf, list(im.sites.values())))
+    data = ft.load_tokens(cfg.data, cfg.store, im.tokenizer, im.bos_id, cfg.seq_len, cfg.steps * cfg.batch_size,
+                          cfg.eval_sequences, cfg.text_field, n_ctx=im.info.n_ctx)
+    inits = _find_inits(cfg.init, cfg.hooks) if cfg.init else {}
+    torch.manual_seed(cfg.seed)
+    fresh = [h for h in cfg.hooks if h not in inits]
+    sample = ft.sample_rows(im.hf, em.splicer, fresh, data, im.bos_id, cfg.init_rows, cfg.batch_size, cfg.skip_bos) if fresh else {}
+    out = []
+    for h in cfg.hooks:
+        shape = im.shapes[h]
+        width = int(np.prod(shape))
+        if h in inits:
+            d = inits[h]
+            if d.cfg.d_in != width:
+                raise SaekitError(f"--init dictionary for {h} has d_in={d.cfg.d_in}, the hook has width {width}")
+            d.prov = Provenance(hook=h, model=im.info.to_dict(), hook_shape=shape, scale=float(d.scale), store=cfg.store or None)
+        else:
+            d_dict = cfg.d_dict or cfg.expansion * width
+            try:
+                dc = DictConfig(kind=cfg.kind, d_in=width, d_dict=d_dict, k=cfg.k, l1=cfg.l1, groups=cfg.groups, similarity=cfg.similarity)
+            except ValueError as e:
+                raise SaekitError(f"{h}: {e}") from None
+            scale = ft.norm_scale(sample[h])
+            d = build(dc, Provenance(hook=h, model=im.info.to_dict(), hook_shape=shape, scale=scale, store=cfg.store or None))
+            g = torch.Generator().manual_seed(cfg.seed)
+            if hasattr(d, "reset_parameters"):
+                d.reset_parameters(g)
+            if hasattr(d, "init_from_data"):
+                d.init_from_data(sample[h] * scale)
+        out.append(train_one(cfg, em, d, h, data, progress))
+    return out
