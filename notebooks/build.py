@@ -69,7 +69,8 @@ from saekit.pipeline import default_hook
 from saekit.store import ActivationStore
 
 HOOK = default_hook(MODEL)  # the residual stream after the middle block
-store_dir = harvest(HarvestConfig(model=MODEL, hooks=[HOOK], data=str(corpus), packing="doc", out=str(WORK / "store")), progress=False)
+store_dir = harvest(HarvestConfig(model=MODEL, hooks=[HOOK], data=str(corpus), packing="doc", context_size=seq_len,
+                                  out=str(WORK / "store")), progress=False)
 store = ActivationStore(store_dir)
 print(store)
 print("hook", HOOK, "width", store.hook_width(HOOK), "| tokens", store.n_tokens, "| sequences", store.n_sequences)''',
@@ -162,7 +163,6 @@ questions with ground truth:
    does the model continue as if in B?""",
     SETUP,
     '''\
-import json
 from saekit.models import load_model
 from saekit.toy.fsm import load_fsm
 
@@ -178,8 +178,9 @@ from saekit.harvest import HarvestConfig, harvest
 from saekit.toy.corpus import ToyDataConfig, write_corpus
 from saekit.train import TrainConfig, train
 
-corpus, _, _ = write_corpus(ToyDataConfig(out=str(WORK / "toy.txt"), n_seq=400, model=MODEL))
-store_dir = harvest(HarvestConfig(model=MODEL, hooks=HOOKS, data=str(corpus), packing="doc", out=str(WORK / "store")), progress=False)
+corpus, _, seq_len = write_corpus(ToyDataConfig(out=str(WORK / "toy.txt"), n_seq=400, model=MODEL))
+store_dir = harvest(HarvestConfig(model=MODEL, hooks=HOOKS, data=str(corpus), packing="doc", context_size=seq_len,
+                                  out=str(WORK / "store")), progress=False)
 codebooks = train(TrainConfig(kind="codebook", k=[1], d_dict=128, store=str(store_dir), hooks=HOOKS, out=str(WORK / "dicts"),
                               tokens=150_000), progress=False)
 codebooks = sorted(codebooks, key=lambda p: str(p))
@@ -191,11 +192,11 @@ against the best thresholded neuron of the raw activations as a baseline.""",
 from saekit.toy.eval import state_recovery
 
 rec = state_recovery([str(p) for p in codebooks], str(store_dir)).to_dict()
-print({k: v for k, v in rec.items() if not isinstance(v, (list, dict))})
-for k in ("dicts", "combined", "neurons"):
-    if k in rec:
-        v = rec[k]
-        print(k, json.dumps(v if not isinstance(v, list) else [{kk: vv for kk, vv in x.items() if not isinstance(vv, list)} for x in v])[:600])''',
+for d in rec["dictionaries"]:
+    print(f"{d['hook']:28s} mean best F1 over states {d['mean_best_f1']:.2f}, states with F1 >= 0.9: {d['share_states_f1_ge_0.9']:.0%}")
+print(f"{'all layers together':28s} mean best F1 {rec['mean_best_f1']:.2f}  |  best single neuron baseline {rec['neuron_mean_best_f1']:.2f}")
+for s in rec["per_state"][:5]:
+    print(f"  state {s['state']:2d}: code {s['feature']} F1 {s['f1']:.2f} (precision {s['precision']:.2f}, recall {s['recall']:.2f})")''',
     """md:## Interventions
 Pairs of walks ending in states A and B.  At the chosen layers, the codes at the positions
 of A's last state are replaced by B's (`error="keep"` keeps the part of A's activation the
