@@ -83,8 +83,8 @@ class E2EConfig:
     """Adam learning rate."""
     batch_size: int = 8
     """Sequences per step."""
-    seq_len: int = 128
-    """Tokens per sequence with --data (a store's sequences keep their length)."""
+    seq_len: int = 0
+    """Tokens per sequence with --data; 0 = the model's context, at most 128 (a store's sequences keep their length)."""
     eval_sequences: int = 32
     """Held-out sequences for the before/after KL and CE and the final FVU/L0."""
     skip_bos: bool = True
@@ -130,9 +130,10 @@ def from_train_config(tc) -> E2EConfig:
         from saekit.train import open_store
 
         ctx = open_store(tc.store).context_size
-    seq_len = ctx or 128
-    seqs = max(1, tc.batch_size // seq_len)
-    steps = max(1, math.ceil(tc.tokens / (seqs * seq_len)))
+    seq_len = ctx  # 0: chosen from the model's context in train_e2e
+    per_seq = ctx or 128
+    seqs = max(1, tc.batch_size // per_seq)
+    steps = max(1, math.ceil(tc.tokens / (seqs * per_seq)))
     hooks = [] if [h.lower() for h in tc.hooks] == ["all"] else list(tc.hooks)
     if not hooks:
         raise SaekitError("--objective e2e needs explicit --hooks (one forward per hook and step; 'all' is for offline training)")
@@ -140,7 +141,7 @@ def from_train_config(tc) -> E2EConfig:
                      kind=tc.kind, d_dict=tc.d_dict, expansion=tc.expansion, k=tc.k[0], l1=tc.l1[0], groups=tc.groups,
                      similarity=tc.similarity, mse_coef=getattr(tc, "mse_coef", 0.0), steps=steps, lr=tc.lr or 1e-3,
                      batch_size=seqs, seq_len=seq_len, init_rows=min(tc.init_rows, 16384), seed=tc.seed,
-                     checkpoint_every=max(1, tc.checkpoint_every // (seqs * seq_len)) if tc.checkpoint_every else 0,
+                     checkpoint_every=max(1, tc.checkpoint_every // (seqs * per_seq)) if tc.checkpoint_every else 0,
                      log_every=max(1, min(tc.log_every, 10)), device=tc.device, resume=tc.resume)
 
 
@@ -391,7 +392,8 @@ def train_e2e(cfg: E2EConfig, progress: bool = True) -> list[Path]:
     for p in im.hf.parameters():
         p.requires_grad_(False)
     em = E2EModel(im, ft.Splicer(im.hf, list(im.sites.values())))
-    data = ft.load_tokens(cfg.data, cfg.store, im.tokenizer, im.bos_id, cfg.seq_len, cfg.steps * cfg.batch_size,
+    seq_len = cfg.seq_len or min(128, im.info.n_ctx)
+    data = ft.load_tokens(cfg.data, cfg.store, im.tokenizer, im.bos_id, seq_len, cfg.steps * cfg.batch_size,
                           cfg.eval_sequences, cfg.text_field, n_ctx=im.info.n_ctx)
     inits = _find_inits(cfg.init, cfg.hooks) if cfg.init else {}
     torch.manual_seed(cfg.seed)

@@ -95,6 +95,14 @@ class TrainConfig:
     """cpu, cuda, cuda:1, ... or auto (cuda when available)."""
     resume: bool = False
     """Continue from the last checkpoint in --out (same batches, same final weights as an uninterrupted run)."""
+    objective: str = "offline"
+    """offline (reconstruct stored activations) or e2e (splice into the frozen model, minimise KL(clean ‖ spliced); saekit.e2e)."""
+    model: str = ""
+    """e2e: the frozen model (empty = the store's model)."""
+    data: str = ""
+    """e2e: train on this text (.txt/.jsonl/folder) instead of the store's token sequences."""
+    mse_coef: float = 0.0
+    """e2e: weight of the normalised reconstruction term added to the KL."""
 
     def __post_init__(self):
         if self.kind not in KINDS:
@@ -114,6 +122,8 @@ class TrainConfig:
             raise ValueError("groups > 1 is only for kind=codebook")
         if not self.hooks:
             raise ValueError("hooks is empty: name at least one hook, or `all`")
+        if self.objective not in ("offline", "e2e"):
+            raise ValueError(f"objective {self.objective!r} is not offline or e2e")
 
 
 # Fields that decide what a run computes; a checkpoint written under other values is refused.
@@ -571,6 +581,10 @@ def store_eval_batches(store, hooks: list[str], rows_per_batch: int = 4096) -> I
 
 def train(cfg: TrainConfig, progress: bool = True) -> list[Path]:
     """Train every dictionary `cfg` describes on its store; returns their folders (config.json + weights)."""
+    if cfg.objective == "e2e":
+        from saekit.e2e import from_train_config, train_e2e
+
+        return train_e2e(from_train_config(cfg), progress=progress)
     store = open_store(cfg.store)
     hooks = resolve_store_hooks(store, cfg.hooks)
     model = store.model.to_dict() if hasattr(store.model, "to_dict") else dict(store.model or {})

@@ -90,3 +90,21 @@ def test_codebook_e2e_from_init_and_errors(tiny_model_dir, tiny_text_file, tmp_p
         e2e.train_e2e(e2e.E2EConfig(out=str(tmp_path / "c"), init=str(p0), **(base | {"hooks": ["blocks.1.hook_mlp_out"]})), progress=False)
     with pytest.raises(ValueError, match="end-to-end"):
         e2e.E2EConfig(kind="batchtopk")
+
+
+def test_saekit_train_objective_e2e(tiny_model_dir, tiny_text_file, tmp_path):
+    """`saekit train --objective e2e` dispatches to saekit.e2e and prints the train table from its summary."""
+    from typer.testing import CliRunner
+
+    from saekit_cli.main import app
+
+    out = tmp_path / "t"
+    res = CliRunner().invoke(app, ["train", "--objective", "e2e", "--model", tiny_model_dir, "--data", tiny_text_file,
+                                   "--hook", HOOK, "--kind", "topk", "--k", "4", "--d-dict", "64", "--batch-size", "128",
+                                   "--tokens", "384", "--init-rows", "256", "--out", str(out)])
+    assert res.exit_code == 0, res.output
+    [folder] = [p.parent for p in out.rglob("config.json")]
+    assert folder.name == "topk-k4-e2e"
+    d = load(folder)
+    assert d.summary["objective"] == "e2e" and d.summary["train_steps"] == 3  # 384 tokens / 128 rows per step (1 sequence of up to 128)
+    assert "FVU" in res.output
