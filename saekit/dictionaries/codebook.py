@@ -126,20 +126,28 @@ class Codebook(Dictionary):
 
     @torch.no_grad()
     def resample_dead(self, dead: Tensor, xn: Tensor, generator: torch.Generator) -> dict[str, Tensor]:
-        """Replace dead codes (d_dict,) bool by slices of random rows of xn / k (plus a little noise).
+        """Replace dead codes (d_dict,) bool by what the codebook misses on recent inputs.
 
-        Such a code points where recent inputs are, so it is chosen again.  Returns
-        {parameter name: bool mask over its leading dims} so the trainer can reset the
-        optimiser's moments for the replaced codes.
+        A dead code of group g becomes the residual slice e_g = x_g − x̂_g of a row of xn drawn
+        with probability ∝ ‖e_g‖² (as Anthropic resample dead neurons towards badly
+        reconstructed inputs): a code equal to a missing component is chosen again where that
+        component occurs.  Returns {parameter name: bool mask over its leading dims} so the
+        trainer resets the optimiser's moments of the replaced codes.
         """
         G, C, d_g = self.codebook.shape
         mask = dead.view(G, C)
-        n_dead = int(mask.sum())
-        if n_dead == 0:
+        if not bool(mask.any()):
             return {}
-        rows = torch.randint(0, xn.shape[0], (n_dead,), generator=generator).to(xn.device)
-        groups = mask.nonzero()[:, 0]  # (n_dead,) group of each dead code, in mask order
-        new = xn.view(-1, G, d_g)[rows, groups] / self.k  # (n_dead, d_g)
-        noise = torch.randn(new.shape, generator=generator).to(new) * 0.01 * new.norm(dim=-1, keepdim=True) / d_g**0.5
-        self.codebook[mask] = (new + noise).to(self.codebook)
+        idx = choose_codes(xn, self.codebook, self.k, self.cfg.similarity)
+        resid = (xn - sum_codes(idx, self.codebook)).view(-1, G, d_g)  # (n, G, d_g)
+        weights = resid.pow(2).sum(-1).t().float().cpu() + 1e-12  # (G, n)
+        new = torch.empty(int(mask.sum()), d_g, dtype=self.codebook.dtype, device=xn.device)
+        i = 0
+        for g in range(G):  # G is small (e.g. n_heads): one draw per group
+            m = int(mask[g].sum())
+            if m:
+                rows = torch.multinomial(weights[g], m, replacement=m > weights.shape[1], generator=generator).to(xn.device)
+                new[i:i + m] = resid[rows, g]
+                i += m
+        self.codebook[mask] = new  # boolean-mask assignment walks (g, c) in the same row-major order
         return {"codebook": mask}

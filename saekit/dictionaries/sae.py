@@ -54,7 +54,7 @@ def geometric_median(x: Tensor, iters: int = 100, eps: float = 1e-6) -> Tensor:
 def sparse_decode_dense(values: Tensor, indices: Tensor, W_dec: Tensor) -> Tensor:
     """Reference: scatter (n, k) values into dense codes and multiply, Σ_j v_j W_dec[i_j]. -> (n, d_in)."""
     codes = torch.zeros(values.shape[0], W_dec.shape[0], dtype=values.dtype, device=values.device)
-    return codes.scatter(1, indices, values) @ W_dec
+    return codes.scatter_add(1, indices, values) @ W_dec
 
 
 def sparse_decode_bag(values: Tensor, indices: Tensor, W_dec: Tensor) -> Tensor:
