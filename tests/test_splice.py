@@ -393,3 +393,53 @@ def test_format_table_lists_every_row(model, tokens):
     console.print(format_table(res))
     text = console.export_text()
     assert all(h in text for h in hooks) and "all at once" in text
+
+
+# --- evaluation tokens from an activation store --------------------------------------------------
+
+@pytest.fixture(scope="module")
+def eval_store(tiny_model_dir, tiny_text_file, tmp_path_factory):
+    from saekit.harvest import HarvestConfig, harvest
+
+    root = tmp_path_factory.mktemp("store")
+    common = dict(model=tiny_model_dir, hooks=["blocks.0.hook_resid_post"], data=tiny_text_file, context_size=16,
+                  packing="doc", tokens=16 * 24, dtype="float32")
+    with_eval = harvest(HarvestConfig(**common, holdout=0.25, out=str(root / "s")), progress=False)
+    no_eval = harvest(HarvestConfig(**common, holdout=0.0, out=str(root / "s0")), progress=False)
+    return with_eval, no_eval
+
+
+def test_store_eval_split_and_store_means(model, saved, eval_store):
+    from saekit.dictionaries import load
+    from saekit.splice import Target
+    from saekit.store import ActivationStore
+
+    path, _ = eval_store
+    store = ActivationStore(path)
+    hook = "blocks.0.hook_resid_post"
+    split = store.split("eval")
+    res = splice_eval(SpliceConfig(dicts=[str(saved["resid"])], store=str(path), batch_size=4))  # model from the store
+    assert res["eval"]["sequences"] == len(split) > 0
+    eval_tokens = torch.from_numpy(store.read_tokens(split.start, split.stop)).long()
+    assert (eval_tokens == PAD).any()  # doc packing: padding is present and must be skipped
+    assert res["eval"]["tokens"] == int((eval_tokens != PAD).sum())
+    # Mean-ablation uses the store's statistics, not a mean of the eval tokens (they differ).
+    t = Target(str(saved["resid"]), load(saved["resid"]), resolve_hooks(model, [hook])[0])
+    store_mean = torch.from_numpy(store.stats(hook)["mean"])
+    own_mean = means_for(model, eval_tokens, [hook])[hook]
+    assert not torch.allclose(store_mean, own_mean, atol=1e-4)
+    ref = evaluate(model, [t], eval_tokens, {hook: store_mean}, batch_size=4)["dictionaries"][0]
+    r = res["dictionaries"][0]
+    assert r["ce_mean"] == pytest.approx(ref["ce_mean"], abs=1e-6) and r["ce_clean"] == pytest.approx(ref["ce_clean"], abs=1e-6)
+    assert r["loss_recovered_mean"] == pytest.approx(1.0, abs=1e-4)
+
+
+def test_store_errors(tiny_model_dir, saved, eval_store, tmp_path, capsys, monkeypatch):
+    path, no_eval = eval_store
+    args = ["splice-eval", "--model", tiny_model_dir, "--dict", str(saved["resid"])]
+    expect_error([*args, "--store", str(no_eval)], capsys, monkeypatch, "no evaluation tokens", "--holdout")
+    from conftest import write_tiny_gpt2
+
+    other = write_tiny_gpt2(tmp_path / "other", seed=3)
+    expect_error(["splice-eval", "--model", other, "--dict", str(saved["resid"]), "--store", str(path)],
+                 capsys, monkeypatch, "store", "fingerprint")
