@@ -54,7 +54,11 @@ def density_plot(meta: dict, path: str | os.PathLike) -> Path:
 
 def show(analysis_dir: str | os.PathLike, height: int = 640):
     """Display an analysis's dashboard inline in a notebook (an iframe with the page as srcdoc)."""
+    import warnings
+
     from IPython.display import HTML
 
     page = (Path(analysis_dir) / "dashboard.html").read_text(encoding="utf-8")
-    return HTML(f'<iframe srcdoc="{html.escape(page, quote=True)}" style="width:100%;height:{int(height)}px;border:1px solid #ccc"></iframe>')
+    with warnings.catch_warnings():  # IPython suggests IFrame(src=...), which would need the file served
+        warnings.simplefilter("ignore")
+        return HTML(f'<iframe srcdoc="{html.escape(page, quote=True)}" style="width:100%;height:{int(height)}px;border:1px solid #ccc"></iframe>')

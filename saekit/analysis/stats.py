@@ -195,7 +195,7 @@ def logit_effects(directions: Tensor, W_U: Tensor, *, gamma: Tensor | None = Non
     if gamma is not None:
         dirs = dirs * gamma.float()
     logits = dirs @ W_U.float()  # (d_dict, d_vocab)
-    n = min(n, logits.shape[1])
+    n = min(n, max(1, logits.shape[1] // 2))  # a tiny vocabulary must not list a token on both sides
     top = torch.topk(logits, n, dim=1)
     bot = torch.topk(-logits, n, dim=1)
     return top.indices, top.values, bot.indices, -bot.values
