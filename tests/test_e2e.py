@@ -58,6 +58,7 @@ def test_e2e_loss_gradient_reaches_only_the_spliced_side():
     assert e2e.e2e_loss(clean, clean, mask).item() == pytest.approx(0, abs=1e-7)
 
 
+@pytest.mark.slow
 def test_e2e_training_lowers_kl_and_keeps_the_model_frozen(tiny_model_dir, tiny_text_file, tmp_path):
     from safetensors.torch import load_file
 
@@ -92,6 +93,7 @@ def test_codebook_e2e_from_init_and_errors(tiny_model_dir, tiny_text_file, tmp_p
         e2e.E2EConfig(kind="batchtopk")
 
 
+@pytest.mark.slow
 def test_saekit_train_objective_e2e(tiny_model_dir, tiny_text_file, tmp_path):
     """`saekit train --objective e2e` dispatches to saekit.e2e and prints the train table from its summary."""
     from typer.testing import CliRunner

@@ -261,6 +261,7 @@ def test_finetune_job_outputs_and_table(tiny_model_dir, tiny_text_file, tmp_path
         ft.finetune(_cfg(tiny_model_dir, tiny_text_file, tmp_path / "ft"), progress=False)
 
 
+@pytest.mark.slow
 def test_resume_gives_the_uninterrupted_result(tiny_model_dir, tiny_text_file, tmp_path, monkeypatch):
     full = ft.finetune(_cfg(tiny_model_dir, tiny_text_file, tmp_path / "a", baseline=False), progress=False)
 
