@@ -23,13 +23,20 @@ def register(app) -> None:
         from saekit.train import train as run_train
 
         paths = run_train(cfg)
-        table = Table(title=f"{len(paths)} dictionar{'y' if len(paths) == 1 else 'ies'} (eval split of {cfg.store})")
+        table = Table(title=f"{len(paths)} dictionar{'y' if len(paths) == 1 else 'ies'} in {cfg.out} (eval split of {cfg.store})")
         for col in ("folder", "MSE", "FVU", "L0", "dead", "eval tokens"):
-            table.add_column(col, justify="left" if col == "folder" else "right")
+            table.add_column(col, justify="left" if col == "folder" else "right", overflow="fold")
         for p in paths:
             s = load(p).summary
             if s.get("eval_tokens"):
-                table.add_row(str(p), f"{s['mse']:.4g}", f"{s['fvu']:.4f}", f"{s['l0']:.1f}", f"{s['dead_fraction']:.1%}", str(s["eval_tokens"]))
+                table.add_row(_rel(p, cfg.out), f"{s['mse']:.4g}", f"{s['fvu']:.4f}", f"{s['l0']:.1f}", f"{s['dead_fraction']:.1%}", str(s["eval_tokens"]))
             else:
-                table.add_row(str(p), "-", "-", "-", "-", "0 (store has no eval split)")
+                table.add_row(_rel(p, cfg.out), "-", "-", "-", "-", "0 (store has no eval split)")
         console.print(table)
+
+
+def _rel(p, out) -> str:
+    try:
+        return str(p.relative_to(out))
+    except ValueError:
+        return str(p)

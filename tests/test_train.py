@@ -246,12 +246,15 @@ def test_store_errors(store_dir, tmp_path):
 
 @pytest.mark.slow
 def test_cli_train_and_errors(store_dir, tmp_path):
+    import os
+
     exe = [sys.executable, "-m", "saekit_cli.main"]
+    env = os.environ | {"COLUMNS": "200"}
     cfg = tmp_path / "train.toml"
     cfg.write_text(f'store = "{store_dir}"\nkind = "codebook"\nk = [2]\nd_dict = 64\ngroups = 2\n'
                    f'tokens = 1024\nbatch_size = 256\nbuffer_rows = 1024\ninit_rows = 256\neval_tokens = 200\n')
     r = subprocess.run(exe + ["train", "--config", str(cfg), "--hook", HOOK, "--out", str(tmp_path / "o")],
-                       capture_output=True, text=True)
+                       capture_output=True, text=True, env=env)
     assert r.returncode == 0, r.stderr
     d = load(tmp_path / "o" / HOOK / "codebook-k2-g2")
     assert d.cfg.groups == 2 and d.summary["eval_tokens"] == 200
