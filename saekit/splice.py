@@ -168,7 +168,12 @@ class Runner:
         self.bridge = bridge
         self.n_layers = int(bridge.cfg.n_layers)
         # Layers a spliced/ablated pass may start at (0 and hooks before block 0 start from tokens).
-        self.start_layers = {L for L in start_layers if 0 < L < self.n_layers}
+        self.start_layers = {
+            L for L in start_layers if 0 < L < self.n_layers and f"blocks.{L}.hook_resid_pre" in bridge.hook_dict
+        }
+        blocks = getattr(bridge, "blocks", None)
+        if not blocks or any("_original_component" not in b._modules for b in blocks):
+            self.start_layers = set()  # not the standard block stack: every pass runs from the tokens
         self.fast: bool | None = None if self.start_layers else False
         """None = not checked yet; True = restarting from cached residuals matches a full forward."""
         self._tuple_output: bool | None = None
