@@ -233,12 +233,16 @@ class InModelCodebook(nn.Module):
         d = self.d
         mask = self.mask if self.mask is not None else torch.ones(x.shape[:2], dtype=torch.bool, device=x.device)
         rows = x[mask]  # (n, d_in)
-        xn = rows.float() * d.scale
         G, C, _ = d.codebook.shape
+        if rows.shape[0] == 0:  # e.g. a batch of BOS only (the first sampling step): nothing to replace
+            self.last_commit = d.codebook.sum() * 0  # zero, but still part of the graph
+            self.last_fired = torch.zeros(d.cfg.d_dict, device=x.device)
+            return x
+        xn = rows.float() * d.scale
         with torch.no_grad():
             idx = choose_codes(xn, d.codebook, d.k, d.cfg.similarity)  # (n, G, k)
         x_hat_n = sum_codes(idx, d.codebook)  # (n, d_in), differentiable in the codes
-        self.last_commit = commitment(x_hat_n, xn).mean() if rows.shape[0] else x.new_zeros(())
+        self.last_commit = commitment(x_hat_n, xn).mean()
         flat = (idx + torch.arange(G, device=x.device)[None, :, None] * C).flatten()
         self.last_fired = torch.zeros(d.cfg.d_dict, device=x.device).index_add_(0, flat, torch.ones_like(flat, dtype=torch.float))
         self.last_rows = xn.detach()

@@ -300,3 +300,13 @@ def test_freeze_model_trains_only_codes(tiny_model_dir, tiny_text_file, tmp_path
     d = load(res.codebooks[0])
     assert d.prov.model["name"] == tiny_model_dir
     assert not (tmp_path / "f" / "model").exists()
+
+
+def test_codebook_layer_with_nothing_to_replace():
+    """A batch of BOS only (first sampling step) passes through unchanged."""
+    d = Codebook(DictConfig(kind="codebook", d_in=8, d_dict=4, k=1), Provenance(hook="blocks.0.hook_mlp_out"))
+    layer = ft.InModelCodebook(d)
+    tok = torch.zeros(2, 1, dtype=torch.long)
+    layer.mask = ft.splice_mask(tok, True)
+    x = torch.randn(2, 1, 8)
+    assert torch.equal(layer(x), x) and layer.last_commit.item() == 0
