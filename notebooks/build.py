@@ -266,12 +266,16 @@ from saekit.analysis.steer import SteerConfig, steer
 
 succ = "|".join(f"{s:0{fsm.digits}d}" for s in fsm.successors[state])
 prompt = "".join(map(str, fsm.state_digits()[[(state + 7) % fsm.n_states]].reshape(-1)))  # a one-state prompt in another state
-res = steer(SteerConfig(dict=codebook_dir, feature=[code_id], prompt=prompt, strength=1.0, samples=32, max_new_tokens=fsm.digits,
-                        match=f"^({succ})", seed=0), model=lm, dictionary=codebook)
-print(f"prompt {prompt!r}; next state a successor of {state:0{fsm.digits}d}: steered {res.steered_rate:.0%}, unsteered {res.unsteered_rate:.0%}")
+for strength in (1.0, 4.0, 16.0):
+    res = steer(SteerConfig(dict=codebook_dir, feature=[code_id], prompt=prompt, strength=strength, samples=64,
+                            max_new_tokens=fsm.digits, match=f"^({succ})", seed=0), model=lm, dictionary=codebook)
+    print(f"strength {strength:4}: next state is a successor of {state:0{fsm.digits}d} in {res.steered_rate:.0%} of steered "
+          f"vs {res.unsteered_rate:.0%} of unsteered generations (prompt {prompt!r})")
 for u, s in list(zip(res.unsteered, res.steered))[:6]:
     print(f"  unsteered {u}   steered {s}")''',
-    """md:The same with an SAE feature: add its decoder direction at increasing strength.""",
+    """md:Strength 1 sets the code's coefficient to 1, as if the codebook had chosen it; larger
+values push harder.  The same with an SAE feature: add its decoder direction at increasing
+strength and count how many generations change.""",
     '''\
 sae = load(sae_dir)
 sa = load_analysis(analyze(AnalyzeConfig(dict=sae_dir, store=str(store_dir), out=str(WORK / "analysis-sae"), top_n=20, window=2)))

@@ -127,6 +127,15 @@ def generate(bridge, tokens: torch.Tensor, max_new_tokens: int, *, temperature: 
     return out[:, tokens.shape[1]:]
 
 
+def decode(tok, ids: list[int]) -> str:
+    """Token ids → text.  A tokenizer without a decoder (the toy's digit-level WordLevel)
+    would join tokens with spaces; there the pieces are concatenated as written."""
+    backend = getattr(tok, "backend_tokenizer", None)
+    if backend is not None and backend.decoder is None:
+        return "".join(tok.decode([i]) for i in ids)
+    return tok.decode(ids)
+
+
 def steer(cfg: SteerConfig, *, model=None, dictionary=None) -> SteerResult:
     """Generate `cfg.samples` continuations with and without the features (see module docstring).
 
@@ -168,7 +177,7 @@ def steer(cfg: SteerConfig, *, model=None, dictionary=None) -> SteerResult:
 
     with patched(model.bridge, hook, add):
         steered = generate(model.bridge, start, cfg.max_new_tokens, temperature=cfg.temperature, seed=cfg.seed)
-    dec = lambda rows: [tok.decode(r.tolist()) for r in rows]  # noqa: E731
+    dec = lambda rows: [decode(tok, r.tolist()) for r in rows]  # noqa: E731
     res = SteerResult(cfg.prompt, [feature_id(d, i) for i in idx], cfg.strength, dec(steered), dec(plain), cfg.match)
     if pattern is not None:
         res.steered_rate = sum(bool(pattern.search(s)) for s in res.steered) / len(res.steered)
