@@ -141,8 +141,11 @@ def test_resume_after_sigkill_equals_clean_run(tiny_model_dir, tiny_text_file, t
     manifest = json.loads((killed / MANIFEST).read_text())
     assert not manifest["complete"] and 2 <= len(manifest["shards"]) < 8
 
-    harvest(HarvestConfig(**opts, out=str(killed)), progress=False)  # the same command again
-    harvest(HarvestConfig(**opts, out=str(tmp_path / "clean")), progress=False)
+    from saekit.models import load_model
+
+    lm = load_model(tiny_model_dir)  # loaded once for both runs below (saves time; same weights)
+    harvest(HarvestConfig(**opts, out=str(killed)), progress=False, model=lm)  # the same command again
+    harvest(HarvestConfig(**opts, out=str(tmp_path / "clean")), progress=False, model=lm)
     a, b = ActivationStore(killed), ActivationStore(tmp_path / "clean")
     assert a.complete and a.n_sequences == b.n_sequences == 64
     np.testing.assert_array_equal(a.read_tokens(0, 64), b.read_tokens(0, 64))
