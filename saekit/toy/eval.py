@@ -197,7 +197,7 @@ def store_fsm(store, labels: str | None = None) -> FSM:
         return load_fsm(model)
     except SaekitError:
         raise SaekitError(
-            f"the store was harvested from model {model!r}, which is not a toy model (no fsm.json), so its tokens have no "
+            f"the store was harvested from model {model!r}, which is not a toy model (no fsm.json found there), so its tokens have no "
             "FSM labels; harvest `saekit toy data` output with --model toy --packing doc, or pass --labels FILE"
         ) from None
 

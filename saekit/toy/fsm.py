@@ -21,7 +21,6 @@ of the uniform distribution over that previous state's successors.
 from __future__ import annotations
 
 import json
-import math
 import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
