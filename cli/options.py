@@ -66,7 +66,7 @@ def config_options(cls, *, config_file: bool = False, exclude: tuple[str, ...] =
             flag = "--" + f.name.replace("_", "-")
             decls = [flag] if tp is not bool else [f"{flag}/--no-{f.name.replace('_', '-')}"]
             decls += list(f.metadata.get("aliases", ()))  # extra spellings, e.g. --hook for `hooks`
-            help_text = f"{docs.get(f.name, '')} [{_default_text(f)}]"
+            help_text = f"{docs.get(f.name, '')} \\[{_default_text(f)}]"
             params.append(
                 inspect.Parameter(
                     f.name,
