@@ -291,7 +291,8 @@ def test_steer_adds_direction_and_reports_match_rates(sae_dir, store_dir):
         seq = ids
         for _ in range(6):
             seq = torch.cat([seq, lm.bridge(seq)[:, -1].argmax(-1, keepdim=True)], 1)
-    assert big.steered[0] == lm.tokenizer.decode(seq[0, ids.shape[1]:].tolist())
+    # (the fixture's character tokenizer has no decoder, so pieces are joined as written)
+    assert big.steered[0] == "".join(lm.tokenizer.decode([i]) for i in seq[0, ids.shape[1]:].tolist())
     with pytest.raises(SaekitError, match="out of range"):
         steer(SteerConfig(dict=sae_dir, feature=["0.9999"], prompt="a"), model=lm, dictionary=d)
 
