@@ -94,7 +94,7 @@ def main() -> None:
     t0 = time.time()
     ft_out = work / "joint"
     res = ft.finetune(ft.FinetuneConfig(model=args.model, data=str(text), codebooks=spec, out=str(ft_out), steps=args.steps,
-                                        batch_size=8, seq_len=ctx, resume=True), progress=False)
+                                        batch_size=8, seq_len=ctx, packing="doc", resume=True), progress=False)
     joint = res.codebooks[0]
     times["joint"] = time.time() - t0
     store_ft = store_of(str(res.model), "store-joint")

@@ -415,6 +415,8 @@ class FinetuneConfig:
     """Activation store whose token sequences to train on (train split) and evaluate on (eval split)."""
     text_field: str = "text"
     """JSONL field holding the document (with --data)."""
+    packing: str = "concat"
+    """How --data documents become sequences: concat (joined with EOS, cut) or doc (one per sequence, padded; the toy corpus needs it)."""
     out: str = ""
     """Output folder: model/ (Hugging Face), codebooks/<hook>/ (saekit dictionaries), baseline/, report.json."""
     init: str = ""
@@ -467,10 +469,12 @@ class FinetuneConfig:
                 raise ValueError(f"{name} must not be negative, got {getattr(self, name)}")
         if self.seq_len < 2:
             raise ValueError(f"seq_len must be at least 2, got {self.seq_len}")
+        if self.packing not in ("concat", "doc"):
+            raise ValueError(f"packing {self.packing!r} is not concat or doc")
 
 
 # Fields that change what a run computes; a checkpoint written under other values is refused.
-FINETUNE_IDENTITY = ("model", "codebooks", "data", "store", "text_field", "init", "freeze_model", "lr", "codebook_lr",
+FINETUNE_IDENTITY = ("model", "codebooks", "data", "store", "text_field", "packing", "init", "freeze_model", "lr", "codebook_lr",
                      "commit_coef", "batch_size", "seq_len", "eval_sequences", "skip_bos", "init_rows", "replace_every",
                      "dead_tokens", "seed")
 
@@ -540,7 +544,7 @@ def resolve_device(device: str) -> torch.device:
 
 
 def load_tokens(data: str, store: str, tokenizer, bos_id: int, seq_len: int, n_train: int, n_eval: int,
-                text_field: str = "text", n_ctx: int | None = None) -> TokenData:
+                text_field: str = "text", n_ctx: int | None = None, packing: str = "concat") -> TokenData:
     """Training and held-out sequences from text (first n_eval sequences held out) or a store's splits.
 
     At most n_train training sequences are read: a longer corpus is not needed for the
@@ -567,7 +571,7 @@ def load_tokens(data: str, store: str, tokenizer, bos_id: int, seq_len: int, n_t
     from saekit.text import sequences
 
     eos = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else bos_id
-    seqs = sequences(data, tokenizer, seq_len, bos_id=bos_id, eos_id=eos, packing="concat", text_field=text_field)
+    seqs = sequences(data, tokenizer, seq_len, bos_id=bos_id, eos_id=eos, packing=packing, text_field=text_field)
     got = []
     for s in seqs:
         got.append(s)
@@ -956,7 +960,7 @@ def finetune(cfg: FinetuneConfig, progress: bool = True) -> FinetuneResult:
     splicer = Splicer(im.hf, list(im.sites.values()))
     need = cfg.steps * cfg.batch_size
     data = load_tokens(cfg.data, cfg.store, im.tokenizer, im.bos_id, cfg.seq_len, need, cfg.eval_sequences, cfg.text_field,
-                       n_ctx=im.info.n_ctx)
+                       n_ctx=im.info.n_ctx, packing=cfg.packing)
     inits = find_init(cfg.init, hooks) if cfg.init else {}
     paths.out.mkdir(parents=True, exist_ok=True)
     (paths.out / "config.json").write_text(json.dumps(to_dict(cfg), indent=2))
