@@ -168,10 +168,12 @@ def test_a_tiny_toy_trains_in_seconds_and_loads_through_transformer_lens(tmp_pat
 
     cfg = ToyTrainConfig(
         out=str(tmp_path / "toy"), n_states=10, out_degree=2, digits=1, ctx=24, n_layer=1, d_model=32, n_head=2,
-        d_mlp=64, batch_size=16, steps=100, lr=1e-2, warmup=10, eval_every=0, eval_seqs=16,
+        d_mlp=64, batch_size=16, steps=100, lr=1e-2, warmup=10, eval_every=0, eval_seqs=16, threads=1,
     )
     seen = []
+    threads = torch.get_num_threads()
     out, res = train_toy(cfg, progress=lambda step, info: seen.append(step))
+    assert torch.get_num_threads() == threads  # cfg.threads applies to the training only
     assert seen == list(range(1, 101))
     assert res.optimum < res.unigram
     # Well below the unigram plateau: at least half-way from it to the optimum.

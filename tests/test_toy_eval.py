@@ -74,7 +74,7 @@ def toy_store(tmp_path_factory):
     root = tmp_path_factory.mktemp("toyeval")
     model, _ = train_toy(ToyTrainConfig(
         out=str(root / "model"), n_states=12, out_degree=3, digits=2, ctx=24, n_layer=1, d_model=32, n_head=2, d_mlp=64,
-        batch_size=16, steps=30, lr=1e-2, warmup=10, eval_every=0, eval_seqs=8,
+        batch_size=16, steps=30, lr=1e-2, warmup=10, eval_every=0, eval_seqs=8, threads=1,
     ))
     text, labels, seq_len = write_corpus(ToyDataConfig(out=str(root / "toy.txt"), n_seq=60, model=str(model)))
     assert seq_len == 24 and all(len(line) == 23 for line in text.read_text().splitlines())
