@@ -214,11 +214,14 @@ for layers in [[l] for l in range(n_layers)] + [list(range(n_layers))]:
     for error in ("keep", "drop"):
         r = intervene(lm, dicts, fsm, layers, pairs=pairs, error=error)
         rows.append(r)
-        print(f"layers {str(r.layers):12s} error={error:4s}  success {r.success_rate:6.1%}  JS {r.js:.3f}   "
-              f"(clean A {r.clean_a_success:.1%} / JS {r.clean_a_js:.3f}; clean B {r.clean_b_success:.1%})")''',
-    """md:Patching at the last layer moves the prediction most directly; earlier layers test
-whether later layers read the state from the codes.  With a well-trained model and enough
-codes, success approaches the clean-B ceiling while JS falls towards 0.""",
+        print(f"layers {str(r.layers):8s} error={error:4s}  state success {r.success_rate:6.1%}  next-token success "
+              f"{r.token_success_rate:6.1%}  JS {r.js:.3f}   (clean A: {r.clean_a_success:.0%}, {r.clean_a_token_success:.0%}, "
+              f"JS {r.clean_a_js:.3f}; clean B: {r.clean_b_success:.0%}, {r.clean_b_token_success:.0%})")''',
+    """md:Read the columns together: JS near 0 and a next-token success near clean B's mean the
+patched codes carry B's state into the next prediction.  The state-level rate also needs
+the *second* digit right; it is predicted at a new, unpatched position whose attention in
+the layers below the patch still reads A's own tokens, so it stays lower unless the patch
+also reaches that path.""",
 ]
 
 STEERING = [

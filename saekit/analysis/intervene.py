@@ -7,6 +7,10 @@ in their codes, the model now continues as if it were in B:
 
 - success rate: share of pairs where the model's (greedy) next state is a valid successor
   of B and not of A — only possible if the patched codes carried B's identity;
+- token success rate: the same one token ahead (the next digit starts a successor of B
+  and no successor of A).  It can be much higher than the state-level rate: the state's
+  second digit is predicted at a new position whose attention reads A's own tokens below
+  the patched layer, so a patch at one position set cannot move it completely;
 - JS divergence between the patched next-token distribution and B's clean one.
 
 The patch edits codes, not raw activations: at each patched position
@@ -80,6 +84,10 @@ class InterventionResult:
     clean_a_js: float
     """Mean JS divergence of A's clean distribution from B's (what the patch must close)."""
     error: str
+    token_success_rate: float = float("nan")
+    """Patched run's next token starts a successor of B and starts no successor of A."""
+    clean_a_token_success: float = float("nan")
+    clean_b_token_success: float = float("nan")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -203,10 +211,25 @@ def intervene(model, dicts, fsm, layers: list[int] | None = None, *, n_pairs: in
         hit = valid[b_state, sc] & ~valid[a_state, sc]
         return float((hit & ok).mean())
 
+    digs = fsm.state_digits()
+    first_b = np.zeros((len(ta), 10), bool)
+    first_a = np.zeros((len(ta), 10), bool)
+    for i in range(len(ta)):
+        first_b[i, digs[fsm.successors[b_state[i]], 0]] = True
+        first_a[i, digs[fsm.successors[a_state[i]], 0]] = True
+
+    def token_rate(logits):
+        t = logits.argmax(-1).cpu().numpy()
+        ok = t < 10
+        tc = np.clip(t, 0, 9)
+        rows = np.arange(len(t))
+        return float((ok & first_b[rows, tc] & ~first_a[rows, tc]).mean())
+
     return InterventionResult(
         layers=sorted({hook_layer(h) for h in hooks}), hooks=hooks, n_pairs=len(ta),
         success_rate=rate(s_patch), js=js_per_token(l_patch, l_b).mean().item(),
         clean_a_success=rate(s_a), clean_b_success=rate(s_b), clean_a_js=js_per_token(l_a, l_b).mean().item(), error=error,
+        token_success_rate=token_rate(l_patch), clean_a_token_success=token_rate(l_a), clean_b_token_success=token_rate(l_b),
     )
 
 
