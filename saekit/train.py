@@ -328,7 +328,12 @@ class Trainer:
 
     # --- training ----------------------------------------------------------------------------
     def fit(self) -> list[Run]:
+        """Resume or initialise, then train to cfg.tokens."""
         self.prepare()
+        return self.loop()
+
+    def loop(self) -> list[Run]:
+        """The training steps from self.step on (timed alone by benchmarks/train_speed.py)."""
         if self.step >= self.n_steps:
             return self.runs
         ckpt_steps = max(1, self.cfg.checkpoint_every // self.cfg.batch_size) if self.cfg.checkpoint_every else None
