@@ -1,0 +1,249 @@
+"""Train one SAE with one toolkit on activations from a file, timed; run once per (toolkit, kind) by compare.py.
+
+    python trainers.py --trainer saekit|saelens|dictionary_learning|sparsify --kind topk|relu \
+        --acts DIR/acts.safetensors --out DIR/<trainer>-<kind> --d-dict 1024 --k 32 --l1 5 \
+        --lr 4e-4 --batch-size 4096 --tokens 2000000 --seed 0 --threads 2
+
+Why a separate process per run: SAELens needs transformer-lens < 4 and saekit 4, so the
+peers run in their own venv (setup_peers.sh), and a fresh process per run makes peak memory
+(`ru_maxrss`, the kernel's high-water mark of resident memory) one number per trainer,
+measured the same way for every toolkit.  This file imports no saekit unless the trainer is
+saekit, so it runs in either venv.
+
+Every trainer gets exactly the same batches: the rows of `train` in acts.safetensors (the
+hook's original units), in an order fixed by `--seed` (a fresh permutation per epoch).
+Each toolkit is used as its users would use it: its own SAE classes and trainer (saekit
+`Trainer`, SAELens `SAETrainer`, dictionary_learning `trainSAE`), or, for sparsify, whose
+`Trainer` only trains from a model + token dataset, the body of its training step (its
+`SparseCoder` forward and loss, its decoder constraints, Adam) over the same batches.  Each
+normalises inputs the way its documentation recommends (saekit: the store's scale, so
+E‖x‖² = d_in; SAELens: normalize_activations="expected_average_only_in"; dictionary_learning:
+normalize_activations=True, E‖x‖² = 1; sparsify: none, its loss is the FVU).
+
+Writes OUT/result.json {trainer, kind, tokens, steps, train_seconds, tokens_per_s,
+rss_before_mb, peak_rss_mb, train_rss_mb, format, folder, notes} and the dictionary in a
+folder saekit reads (saekit's own, SAELens's cfg.json + sae_weights.safetensors, or
+sparsify's cfg.json + sae.safetensors).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import resource
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+TRAINERS = ("saekit", "saelens", "dictionary_learning", "sparsify")
+KINDS = ("topk", "relu")
+
+
+def rss_mb() -> float:
+    """Peak resident memory of this process so far (ru_maxrss is in KiB on Linux)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def batch_stream(x: torch.Tensor, batch_size: int, seed: int, start_batch: int = 0) -> Iterator[torch.Tensor]:
+    """Endless batches of rows of x: epoch e is permutation (seed, e) cut into batches; batch i is always the same."""
+    n = x.shape[0]
+    pos = start_batch * batch_size
+    epoch = pos // n
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
+    while True:
+        parts, need = [], batch_size
+        while need:
+            off = pos - epoch * n
+            take = min(need, n - off)
+            parts.append(perm[off:off + take])
+            pos += take
+            need -= take
+            if pos == (epoch + 1) * n:
+                epoch += 1
+                perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
+        yield x[torch.cat(parts)]
+
+
+def write_saelens_folder(out: Path, arch: str, W_enc, b_enc, W_dec, b_dec, meta: dict, k: int | None = None) -> None:
+    """A SAELens v6 inference folder (cfg.json + sae_weights.safetensors) for weights of another toolkit."""
+    out.mkdir(parents=True, exist_ok=True)
+    tensors = {"W_enc": W_enc, "b_enc": b_enc, "W_dec": W_dec, "b_dec": b_dec}
+    save_file({n: t.detach().float().contiguous().cpu() for n, t in tensors.items()}, str(out / "sae_weights.safetensors"))
+    cfg = {
+        "architecture": arch, "d_in": int(W_enc.shape[0]), "d_sae": int(W_enc.shape[1]), "dtype": "float32",
+        "device": "cpu", "apply_b_dec_to_input": True, "normalize_activations": "none", "reshape_activations": "none",
+        "metadata": {"sae_lens_version": "6.0.0", "model_name": meta["model"].get("name"), "hook_name": meta["hook"],
+                     "model_from_pretrained_kwargs": {"fold_ln": False, "center_writing_weights": False}},
+    }
+    if arch == "topk":
+        cfg |= {"k": k, "rescale_acts_by_decoder_norm": False}
+    (out / "cfg.json").write_text(json.dumps(cfg, indent=2))
+
+
+# --- one function per toolkit: build, train (timed), save --------------------------------------
+# Each returns (seconds spent training, rss before training in MB, output format, notes).
+
+def train_saekit(a, x: torch.Tensor, meta: dict, out: Path):
+    from saekit.dictionaries import Provenance
+    from saekit.train import HookSource, TrainConfig, Trainer
+
+    hook = meta["hook"]
+    cfg = TrainConfig(store="(in memory)", hooks=[hook], out=str(out / "run"), kind=a.kind, d_dict=a.d_dict, k=[a.k],
+                      l1=[a.l1], lr=a.lr, batch_size=a.batch_size, tokens=a.tokens, seed=a.seed, checkpoint_every=0,
+                      eval_tokens=0, device="cpu")
+    prov = Provenance(hook=hook, model=meta["model"], hook_shape=meta["hook_shape"], scale=meta["scale"], store=meta.get("store"))
+    trainer = Trainer(cfg, {hook: HookSource(x.shape[1], prov)},
+                      lambda start: ({hook: b} for b in batch_stream(x, a.batch_size, a.seed, start)), progress=False)
+    before = rss_mb()
+    t0 = time.perf_counter()
+    trainer.fit()
+    seconds = time.perf_counter() - t0
+    folder = trainer.save()[0]
+    return seconds, before, str(folder), []
+
+
+def train_saelens(a, x: torch.Tensor, meta: dict, out: Path):
+    from sae_lens import StandardTrainingSAE, StandardTrainingSAEConfig, TopKTrainingSAE, TopKTrainingSAEConfig
+    from sae_lens.config import LoggingConfig, SAETrainerConfig
+    from sae_lens.saes.sae import SAEMetadata
+    from sae_lens.training.sae_trainer import SAETrainer
+
+    steps = math.ceil(a.tokens / a.batch_size)
+    md = SAEMetadata(model_name=meta["model"].get("name"), hook_name=meta["hook"],
+                     model_from_pretrained_kwargs={"fold_ln": False, "center_writing_weights": False})
+    common = dict(d_in=x.shape[1], d_sae=a.d_dict, normalize_activations="expected_average_only_in", metadata=md)
+    torch.manual_seed(a.seed)
+    if a.kind == "topk":
+        sae = TopKTrainingSAE(TopKTrainingSAEConfig(k=a.k, **common))
+    else:
+        # saekit's loss is SAELens's divided by d_in (both: Σ‖e‖² + λ Σ f_i‖W_dec,i‖ on E‖x‖² = d_in), so λ is the same.
+        sae = StandardTrainingSAE(StandardTrainingSAEConfig(l1_coefficient=a.l1, l1_warm_up_steps=max(1, round(0.05 * steps)), **common))
+    # lr_end as LanguageModelSAERunnerConfig fills it in (unused by the default constant schedule).
+    tcfg = SAETrainerConfig(total_training_samples=a.tokens, train_batch_size_samples=a.batch_size, lr=a.lr, lr_end=a.lr / 10,
+                            device="cpu", logger=LoggingConfig(log_to_wandb=False), n_batches_for_norm_estimate=16)
+    trainer = SAETrainer(tcfg, sae, data_provider=batch_stream(x, a.batch_size, a.seed))
+    before = rss_mb()
+    t0 = time.perf_counter()
+    sae = trainer.fit()
+    seconds = time.perf_counter() - t0
+    folder = out / "saelens"
+    sae.save_inference_model(str(folder))
+    return seconds, before, str(folder), ["n_batches_for_norm_estimate=16 (default 1000) so the estimate does not dominate a short run"]
+
+
+def train_dictionary_learning(a, x: torch.Tensor, meta: dict, out: Path):
+    from dictionary_learning.trainers.standard import StandardTrainer
+    from dictionary_learning.trainers.top_k import AutoEncoderTopK, TopKTrainer
+    from dictionary_learning.training import trainSAE
+
+    steps = math.ceil(a.tokens / a.batch_size)
+    d_in = x.shape[1]
+    common = dict(steps=steps, activation_dim=d_in, dict_size=a.d_dict, layer=0, lm_name=str(meta["model"].get("name")),
+                  lr=a.lr, warmup_steps=0, seed=a.seed, device="cpu")
+    notes = ["lr warmup 0 (default 1000 steps) to match the others' constant lr"]
+    if a.kind == "topk":
+        cfg = dict(trainer=TopKTrainer, dict_class=AutoEncoderTopK, k=a.k, **common)
+    else:
+        # dictionary_learning normalises to E‖x‖² = 1 and penalises λ' Σ f_i (unit decoder columns); with
+        # x' = x_n / √d_in that is saekit's loss / d_in when λ' = λ / √d_in.
+        cfg = dict(trainer=StandardTrainer, l1_penalty=a.l1 / math.sqrt(d_in), sparsity_warmup_steps=max(1, round(0.05 * steps)), **common)
+        notes.append(f"l1_penalty = λ/√d_in = {a.l1 / math.sqrt(d_in):.4g} (same loss as saekit's λ on its scale)")
+    save_dir = out / "dl-run"
+    before = rss_mb()
+    t0 = time.perf_counter()
+    trainSAE(data=batch_stream(x, a.batch_size, a.seed), trainer_configs=[cfg], steps=steps, save_dir=str(save_dir),
+             normalize_activations=True, device="cpu")
+    seconds = time.perf_counter() - t0
+    # trainSAE writes a torch.save state dict; read it as tensors only and rewrite it in SAELens's format.
+    sd = torch.load(save_dir / "trainer_0" / "ae.pt", map_location="cpu", weights_only=True)
+    folder = out / "saelens-format"
+    b_dec = sd["b_dec"] if a.kind == "topk" else sd["bias"]
+    write_saelens_folder(folder, "topk" if a.kind == "topk" else "standard", sd["encoder.weight"].T, sd["encoder.bias"],
+                         sd["decoder.weight"].T, b_dec, meta, k=a.k if a.kind == "topk" else None)
+    return seconds, before, str(folder), notes
+
+
+def train_sparsify(a, x: torch.Tensor, meta: dict, out: Path):
+    if a.kind != "topk":
+        raise SystemExit("sparsify trains TopK sparse coders only")
+    from sparsify import SparseCoder, SparseCoderConfig
+
+    steps = math.ceil(a.tokens / a.batch_size)
+    torch.manual_seed(a.seed)
+    sae = SparseCoder(x.shape[1], SparseCoderConfig(num_latents=a.d_dict, k=a.k), device="cpu", dtype=torch.float32)
+    opt = torch.optim.Adam(sae.parameters(), lr=a.lr)
+    # sparsify's Trainer defaults: auxk_alpha 0 (so no dead mask), dead after 10M tokens (only logged).
+    since_fired = torch.zeros(a.d_dict, dtype=torch.long)
+    data = batch_stream(x, a.batch_size, a.seed)
+    before = rss_mb()
+    t0 = time.perf_counter()
+    for step in range(steps):
+        batch = next(data)
+        if step == 0:
+            sae.b_dec.data = batch.mean(0).to(sae.dtype)  # as sparsify's Trainer: centre the pre-activations at init
+        sae.set_decoder_norm_to_unit_norm()
+        o = sae(x=batch, y=batch, dead_mask=None)
+        o.fvu.backward()
+        did_fire = torch.zeros(a.d_dict, dtype=torch.bool)
+        did_fire[o.latent_indices.flatten()] = True
+        sae.remove_gradient_parallel_to_decoder_directions()
+        opt.step()
+        opt.zero_grad()
+        since_fired += batch.shape[0]
+        since_fired[did_fire] = 0
+    sae.set_decoder_norm_to_unit_norm()
+    seconds = time.perf_counter() - t0
+    # sparsify names a folder after its hookpoint (an HF module); saekit maps the layer name back.
+    layer = meta["hook"].split(".")[1]
+    folder = out / f"layers.{layer}"
+    sae.save_to_disk(folder)
+    (out / "config.json").write_text(json.dumps({"model": meta["model"].get("name")}))
+    return seconds, before, str(folder), ["sparsify Trainer's step body (it trains only from a model); Adam, no lr warmup"]
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--trainer", choices=TRAINERS, required=True)
+    ap.add_argument("--kind", choices=KINDS, required=True)
+    ap.add_argument("--acts", type=Path, required=True, help="safetensors with `train` (n, d_in) float32 + meta.json beside it")
+    ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--d-dict", type=int, required=True)
+    ap.add_argument("--k", type=int, default=32)
+    ap.add_argument("--l1", type=float, default=5.0)
+    ap.add_argument("--lr", type=float, required=True)
+    ap.add_argument("--batch-size", type=int, default=4096)
+    ap.add_argument("--tokens", type=int, required=True)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    a = ap.parse_args()
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    a.out.mkdir(parents=True, exist_ok=True)
+    x = load_file(str(a.acts))["train"]
+    meta = json.loads((a.acts.parent / "meta.json").read_text())
+    fn = {"saekit": train_saekit, "saelens": train_saelens, "dictionary_learning": train_dictionary_learning,
+          "sparsify": train_sparsify}[a.trainer]
+    seconds, before, folder, notes = fn(a, x, meta, a.out)
+    steps = math.ceil(a.tokens / a.batch_size)
+    peak = rss_mb()
+    result = {
+        "trainer": a.trainer, "kind": a.kind, "tokens": steps * a.batch_size, "steps": steps, "train_seconds": seconds,
+        "tokens_per_s": steps * a.batch_size / seconds, "rss_before_mb": before, "peak_rss_mb": peak,
+        "train_rss_mb": peak - before, "folder": folder, "threads": torch.get_num_threads(), "torch": torch.__version__,
+        "notes": notes,
+    }
+    tmp = a.out / "result.json.tmp"
+    tmp.write_text(json.dumps(result, indent=2))
+    os.replace(tmp, a.out / "result.json")
+    print(json.dumps(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
