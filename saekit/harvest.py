@@ -7,6 +7,14 @@ happen in the store's writer thread, so disk work overlaps the next forward.  Ba
 never straddle shard boundaries: the shard a resumed run rewrites is made of exactly the
 batches an uninterrupted run would have used, so its activations are bit-identical (a
 BLAS call with a different batch shape may round differently).
+
+Under torchrun (saekit.distributed) shard i is harvested by rank i mod world_size: every
+rank reads and tokenises the whole text stream (cheap next to the forward) and runs the
+model only on the sequences of its own shards, writing them under their global names.
+Rank 0 folds the ranks' progress files into the manifest after a barrier, so the store is
+file for file the one a single process would have written (same shards, same
+sequences; activations equal up to the device's rounding), and a killed run resumes with
+any number of ranks: each fills the missing shards it owns.
 """
 
 from __future__ import annotations
@@ -23,10 +31,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from saekit import models, text
+from saekit import distributed, models, text
 from saekit.config import to_dict
 from saekit.errors import SaekitError
-from saekit.store import DTYPES, StoreWriter, check_existing
+from saekit.store import DTYPES, MANIFEST, StoreWriter, check_existing, consolidate, progress_name, shard_index
 from saekit.store import summary as store_summary
 
 # Looked up through the module at call time, so tests can slow a forward down.
@@ -177,20 +185,36 @@ def harvest(cfg: HarvestConfig, progress: bool = True, model: models.LoadedModel
     Resumes a store left by a killed run with the same config; refuses one with a
     different config before touching it.  `model` reuses an already loaded model (it must
     be the one `cfg.model` names; benchmarks and pipelines pass it to skip loading).
+    Started by torchrun (WORLD_SIZE > 1), the ranks share the work shard by shard.
     """
     if not cfg.out:
         raise SaekitError("no output directory; pass --out DIR")
     if not cfg.hooks:
         raise SaekitError("no hooks given; pass --hooks blocks.0.hook_resid_post (comma-separated for several)")
+    dist_env = distributed.env()
+    # Under torchrun `cuda` means this rank's GPU (cuda:LOCAL_RANK); alone, the device is used as given.
+    device = str(distributed.device(cfg.device, dist_env)) if dist_env.distributed else cfg.device
+    with distributed.session(device) as dist_env:
+        return _harvest(cfg, progress, model, dist_env, device)
+
+
+def _harvest(cfg: HarvestConfig, progress: bool, model: models.LoadedModel | None, dist_env: distributed.DistEnv, device: str) -> Path:
+    rank, world = dist_env.rank, dist_env.world_size
     out = Path(cfg.out)
     files = text.data_files(cfg.data)
     model_path = models.resolve_model_path(cfg.model)
     config, config_hash = config_identity(cfg, models.fingerprint(model_path), text.data_fingerprint(files))
-    resume = check_existing(out, config, config_hash)  # refuses a different config before any work
+    # Every rank checks before any rank writes: a refused config is refused everywhere.
+    err = None
+    try:
+        resume = check_existing(out, config, config_hash)
+    except SaekitError as e:
+        err, resume = str(e), None
+    distributed.agree(err)
     if resume and resume.get("complete"):
         return out
 
-    lm = model or models.load_model(cfg.model, compat=cfg.compat, device=cfg.device)
+    lm = model or models.load_model(cfg.model, compat=cfg.compat, device=device)
     info = lm.info
     if cfg.context_size > info.n_ctx:
         raise SaekitError(f"context_size {cfg.context_size} is larger than the model's context ({info.n_ctx}); pass --context-size {info.n_ctx} or less")
@@ -222,30 +246,46 @@ def harvest(cfg: HarvestConfig, progress: bool = True, model: models.LoadedModel
         "config_hash": config_hash,
         "holdout": {"fraction": cfg.holdout},
     }
-    writer = StoreWriter(out, header=header, hooks=specs, context_size=cfg.context_size, dtype=cfg.dtype, shard_seqs=cfg.shard_seqs, resume=resume)
-    start = writer.n_done
-    skipped = sum(1 for _ in itertools.islice(seqs, start))
-    if skipped < start:
-        writer.abort()
-        raise SaekitError(f"{out} already holds {start} sequences but {cfg.data} now yields only {skipped}; choose another --out")
+    kw = dict(header=header, hooks=specs, context_size=cfg.context_size, dtype=cfg.dtype, shard_seqs=cfg.shard_seqs, resume=resume)
+    if dist_env.distributed:
+        # Rank 0 alone writes the manifest (finished shards so far) and removes leftovers, before anyone writes.
+        if dist_env.is_main:
+            StoreWriter(out, **kw).abort()
+        distributed.barrier()
+        writer = StoreWriter(out, **kw, progress_file=progress_name(rank), clean=False)
+    else:
+        writer = StoreWriter(out, **kw)
+    done = {shard_index(s["file"]): int(s["n_seq"]) for s in writer.manifest["shards"]}
+
+    def mine(shard: int) -> bool:
+        return shard % world == rank and shard not in done
 
     device = next(lm.bridge.parameters()).device
     names = [s.name for s in specs]
     torch.manual_seed(cfg.seed)
     stop = cfg.max_sequences
-    total = stop * cfg.context_size if stop else None
-    bar, task = _progress_bar(total) if progress else (None, None)
+    total = _rank_tokens(stop, cfg.shard_seqs, rank, world) * cfg.context_size if stop else None
+    show = progress and dist_env.is_main
+    bar, task = _progress_bar(total) if show else (None, None)
     ok = False
+    n_seen = 0
     try:
         if bar:
             bar.start()
-            bar.update(task, completed=start * cfg.context_size)
-        for _, toks in _batches(seqs, start, stop, cfg.batch_size, cfg.shard_seqs):
+            bar.update(task, completed=sum(n for i, n in done.items() if i % world == rank) * cfg.context_size)
+        for i, toks in _batches(seqs, 0, stop, cfg.batch_size, cfg.shard_seqs):
+            n_seen = i + len(toks)
+            if not mine(i // cfg.shard_seqs):
+                continue  # another rank's shard, or one already finished: tokenised only to keep count
             inp = torch.from_numpy(np.where(toks == text.PAD, bos, toks)).long().to(device)  # PAD never reaches the model
             acts = capture(lm.bridge, inp, names)
-            writer.write(toks, acts)
+            writer.write(toks, acts, start=i)
             if bar:
                 bar.advance(task, toks.size)
+        # A finished shard the text no longer fills (the corpus shrank without changing its fingerprint).
+        short = [i for i, n in done.items() if i * cfg.shard_seqs + n > n_seen]
+        if short:
+            raise SaekitError(f"{out} already holds shard {short[0]} but {cfg.data} now yields only {n_seen} sequences; choose another --out")
         writer.close()
         ok = True
     finally:
@@ -253,7 +293,22 @@ def harvest(cfg: HarvestConfig, progress: bool = True, model: models.LoadedModel
             writer.abort()
         if bar:
             bar.stop()
+    if dist_env.distributed:
+        distributed.barrier()  # every rank's shards are on disk and listed in its progress file
+        err = None
+        if dist_env.is_main:
+            try:
+                consolidate(out, complete=True)
+            except SaekitError as e:
+                err = str(e)
+        distributed.agree(err)  # the manifest is complete before any rank returns
     return out
+
+
+def _rank_tokens(n_seq: int, shard_seqs: int, rank: int, world: int) -> int:
+    """Sequences of the first `n_seq` that fall in shards owned by `rank` (shard i belongs to rank i mod world)."""
+    n_shards = math.ceil(n_seq / shard_seqs)
+    return sum(min(shard_seqs, n_seq - i * shard_seqs) for i in range(rank, n_shards, world))
 
 
 def describe(path: str | Path) -> dict:

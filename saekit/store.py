@@ -63,6 +63,40 @@ def shard_name(index: int) -> str:
     return f"shard-{index:05d}.h5"
 
 
+def shard_index(name: str) -> int | None:
+    """The global index in a shard's file name (shard i holds sequences [i·shard_seqs, ...)); None if not a shard name."""
+    if name.startswith("shard-") and name.endswith(".h5") and name[6:-3].isdigit():
+        return int(name[6:-3])
+    return None
+
+
+PROGRESS_PREFIX = "progress-rank-"
+
+
+def progress_name(rank: int) -> str:
+    """The file where rank `rank` of a distributed harvest lists the shards it finished (folded into the manifest by rank 0)."""
+    return f"{PROGRESS_PREFIX}{rank:05d}.json"
+
+
+def gaps(shards: list[dict], shard_seqs: int | None = None) -> list[str]:
+    """Why a list of finished shards is not one contiguous run of sequences (empty when it is).
+
+    Shard i must sit at position i, and every shard but the last must be full: then global
+    sequence indices are the cumulative sums the reader uses.
+    """
+    problems = []
+    for pos, s in enumerate(shards):
+        i = shard_index(s["file"])
+        if i is not None and i != pos:
+            missing = sorted(set(range(i)) - {shard_index(t["file"]) for t in shards})
+            problems.append(f"shard(s) {', '.join(map(str, missing[:5]))} missing")
+            break
+        if shard_seqs and pos < len(shards) - 1 and int(s["n_seq"]) != shard_seqs:
+            problems.append(f"{s['file']} holds {s['n_seq']} sequences but is not the last shard")
+            break
+    return problems
+
+
 # --------------------------------------------------------------------------- pure helpers
 
 
@@ -209,6 +243,7 @@ def check_existing(path: str | Path, config: dict, config_hash: str) -> dict | N
             raise SaekitError(f"--out {p} exists and is not an activation store; choose a new or empty directory")
         return None
     manifest = read_manifest(p)
+    manifest["shards"] = finished_shards(p, manifest)
     if not manifest.get("shards"):
         return None  # nothing finished: nothing to lose by starting over
     if manifest.get("config_hash") != config_hash:
@@ -218,6 +253,57 @@ def check_existing(path: str | Path, config: dict, config_hash: str) -> dict | N
             f"{p} holds a harvest with a different config ({what}); rerun with the same options to resume, "
             f"or choose another --out"
         )
+    return manifest
+
+
+def _progress_files(path: Path) -> list[Path]:
+    return sorted(f for f in path.glob(PROGRESS_PREFIX + "*.json")) if path.is_dir() else []
+
+
+def finished_shards(path: str | Path, manifest: dict) -> list[dict]:
+    """The manifest's shards plus those the ranks of a distributed harvest listed in their progress files.
+
+    Sorted by global index, one entry per file.  A shard a rank listed is as final as one
+    in the manifest: ranks list a shard only after its file is fsynced and renamed.
+    """
+    entries = {s["file"]: s for s in manifest.get("shards", [])}
+    for f in _progress_files(Path(path)):
+        try:
+            part = json.loads(f.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise SaekitError(f"{f} is damaged ({e}); delete it (its rank's shards will be harvested again) and rerun") from None
+        if part.get("config_hash") != manifest.get("config_hash"):
+            raise SaekitError(f"{f} belongs to a harvest with another config than {path}/{MANIFEST}; delete it and rerun")
+        for s in part.get("shards", []):
+            entries.setdefault(s["file"], s)
+    return sorted(entries.values(), key=lambda s: (shard_index(s["file"]) is None, shard_index(s["file"]) or 0, s["file"]))
+
+
+def consolidate(path: str | Path, *, complete: bool) -> dict:
+    """Fold every rank's progress file into manifest.json (statistics rebuilt from the shards), then delete them.
+
+    Rank 0 calls this after the last barrier of a distributed harvest.  With `complete`,
+    the shards must form one contiguous run (`gaps`); the manifest is then what a
+    single-process harvest of the same config would have written.
+    """
+    p = Path(path)
+    manifest = read_manifest(p)
+    shards = finished_shards(p, manifest)
+    if complete:
+        problems = gaps(shards, manifest.get("shard_seqs"))
+        if problems:
+            raise SaekitError(f"{p}: the ranks finished but {'; '.join(problems)}; rerun the same harvest command to fill them")
+    totals = {name: RunningStats(int(h["width"])) for name, h in manifest["hooks"].items()}
+    for s in shards:
+        with h5py.File(p / s["file"], "r") as h5:
+            for name, tot in totals.items():
+                tot.merge(RunningStats.from_arrays({k: h5[f"stats/{name}/{k}"][()] for k in STAT_KEYS}))
+    manifest["shards"] = shards
+    manifest["stats"] = {name: tot.summary() for name, tot in totals.items()}
+    manifest["complete"] = bool(complete)
+    write_json_atomic(p / MANIFEST, manifest)
+    for f in _progress_files(p):
+        f.unlink()
     return manifest
 
 
@@ -232,6 +318,12 @@ class StoreWriter:
     sequences [i·shard_seqs, (i+1)·shard_seqs): resuming at a shard boundary regenerates
     exactly the same shards.  Errors raised in the thread (float16 overflow, disk full)
     surface in the caller at the next `write` or at `close`.
+
+    Under a distributed harvest each rank has its own writer: `write(..., start=i)` names
+    the global index, so a rank writes only the shards it owns (non-adjacent ones), and
+    `progress_file` (`progress_name(rank)`) receives the list of its finished shards in
+    place of manifest.json, which only rank 0 writes (`consolidate`).  `clean=False` there:
+    leftovers are removed once, by rank 0, before any rank starts writing.
     """
 
     def __init__(
@@ -245,6 +337,8 @@ class StoreWriter:
         shard_seqs: int,
         resume: dict | None = None,
         queue_size: int = 2,
+        progress_file: str = MANIFEST,
+        clean: bool = True,
     ):
         if dtype not in DTYPES:
             raise SaekitError(f"dtype {dtype!r} is not one of {', '.join(DTYPES)}")
@@ -270,14 +364,18 @@ class StoreWriter:
             "complete": False,
         }
         self.totals = {h.name: RunningStats(h.width) for h in hooks}
+        self.progress_file = progress_file
         if resume:
             self.manifest["shards"] = list(resume["shards"])
             self._rebuild_totals()
-        self._clean_leftovers()
+        if clean:
+            self._clean_leftovers()
         self.path.mkdir(parents=True, exist_ok=True)
         self._write_manifest()  # first write: an unwritable --out fails here, before any forward pass
+        self._next = self.n_done  # caller side: where a write without `start` goes
         self._cur: h5py.File | None = None
         self._cur_tmp: Path | None = None
+        self._cur_index = 0
         self._filled = 0
         self._shard_stats: dict[str, RunningStats] = {}
         self._error: BaseException | None = None
@@ -308,15 +406,23 @@ class StoreWriter:
         for f in self.path.iterdir():
             if f.name.endswith(TMP_SUFFIX) or (f.name.startswith("shard-") and f.name.endswith(".h5") and f.name not in listed):
                 f.unlink()
+            elif f.name.startswith(PROGRESS_PREFIX):  # a distributed run's lists: `resume` already holds their shards
+                f.unlink()
 
     def _write_manifest(self) -> None:
         self.manifest["stats"] = {name: tot.summary() for name, tot in self.totals.items()}
-        write_json_atomic(self.path / MANIFEST, self.manifest)
+        write_json_atomic(self.path / self.progress_file, self.manifest)
 
     # -- caller side
-    def write(self, tokens: np.ndarray, acts: dict[str, torch.Tensor]) -> None:
-        """Queue sequences: tokens int32 [n, ctx], acts {hook: float [n, ctx, width]} (the next global indices)."""
-        item = (np.asarray(tokens, np.int32), acts)
+    def write(self, tokens: np.ndarray, acts: dict[str, torch.Tensor], start: int | None = None) -> None:
+        """Queue sequences: tokens int32 [n, ctx], acts {hook: float [n, ctx, width]}.
+
+        `start` is the global index of the first sequence (default: right after the last
+        write).  A write that opens a shard must start at a shard boundary.
+        """
+        start = self._next if start is None else int(start)
+        self._next = start + len(tokens)
+        item = (np.asarray(tokens, np.int32), acts, start)
         while True:
             self._raise_if_failed()
             try:
@@ -326,9 +432,13 @@ class StoreWriter:
                 continue
 
     def close(self) -> None:
-        """Finish the last (possibly short) shard, mark the store complete."""
+        """Finish the last (possibly short) shard, mark the store (or this rank's part) complete."""
         self._stop("close")
         self._raise_if_failed()
+        if self.progress_file == MANIFEST:
+            problems = gaps(self.manifest["shards"], self.shard_seqs)
+            if problems:
+                raise SaekitError(f"{self.path}: {'; '.join(problems)}; rerun the same harvest command to fill them")
         self.manifest["complete"] = True
         self._write_manifest()
 
@@ -383,8 +493,8 @@ class StoreWriter:
             self._cur_tmp.unlink()
         self._cur_tmp = None
 
-    def _open_shard(self) -> None:
-        index = len(self.manifest["shards"])
+    def _open_shard(self, index: int) -> None:
+        self._cur_index = index
         self._cur_tmp = self.path / (shard_name(index) + TMP_SUFFIX)
         try:
             f = h5py.File(self._cur_tmp, "w")
@@ -392,7 +502,7 @@ class StoreWriter:
             raise self._os_error(e) from e
         self._cur = f
         n, ctx, c = self.shard_seqs, self.ctx, self.chunk_seqs
-        f.attrs.update({"format": FORMAT, "index": index, "first_seq": self.n_done, "chunk_seqs": c})
+        f.attrs.update({"format": FORMAT, "index": index, "first_seq": index * self.shard_seqs, "chunk_seqs": c})
         f.create_dataset("tokens", shape=(n, ctx), maxshape=(None, ctx), dtype=np.int32, chunks=(c, ctx), track_times=False)
         store_dt = {"float16": np.float16, "bfloat16": np.uint16, "float32": np.float32}[self.dtype]
         for h in self.hooks:
@@ -402,11 +512,16 @@ class StoreWriter:
         self._filled = 0
         self._shard_stats = {h.name: RunningStats(h.width) for h in self.hooks}
 
-    def _append(self, tokens: np.ndarray, acts: dict[str, torch.Tensor]) -> None:
+    def _append(self, tokens: np.ndarray, acts: dict[str, torch.Tensor], start: int) -> None:
         pos = 0
         while pos < len(tokens):
+            g = start + pos  # global index of the next sequence
             if self._cur is None:
-                self._open_shard()
+                if g % self.shard_seqs:
+                    raise RuntimeError(f"write at sequence {g} opens a shard but is not at a shard boundary ({self.shard_seqs})")
+                self._open_shard(g // self.shard_seqs)
+            elif g != self._cur_index * self.shard_seqs + self._filled:
+                raise RuntimeError(f"write at sequence {g} skips ahead inside shard {self._cur_index}")
             take = min(len(tokens) - pos, self.shard_seqs - self._filled)
             self._write_rows(tokens[pos : pos + take], {k: v[pos : pos + take] for k, v in acts.items()})
             pos += take
@@ -422,7 +537,7 @@ class StoreWriter:
             arr = to_stored(x, self.dtype)
             back = from_stored(arr, self.dtype)
             if not np.isfinite(back).all():
-                first = self.n_done + a
+                first = self._cur_index * self.shard_seqs + a
                 if torch.isfinite(x).all() and self.dtype == "float16":
                     raise SaekitError(
                         f"activations at {h.name} overflow float16 (|x| > 65504) in sequences {first}..{first + len(tokens) - 1}; "
@@ -456,13 +571,14 @@ class StoreWriter:
             self._cur = None
             with open(tmp, "rb+") as fh:
                 os.fsync(fh.fileno())
-            final = self.path / shard_name(len(self.manifest["shards"]))
+            final = self.path / shard_name(self._cur_index)
             os.replace(tmp, final)
             self._cur_tmp = None
         except OSError as e:
             raise self._os_error(e) from e
         for name, st in self._shard_stats.items():
             self.totals[name].merge(st)
+        self.manifest["shards"] = [s for s in self.manifest["shards"] if s["file"] != final.name]
         self.manifest["shards"].append(
             {
                 "file": final.name,
@@ -473,6 +589,7 @@ class StoreWriter:
                 "sha256": sha256_file(final),
             }
         )
+        self.manifest["shards"].sort(key=lambda s: shard_index(s["file"]) or 0)  # a resumed or distributed run fills gaps
         self._write_manifest()
 
     def _os_error(self, e: OSError) -> OSError:
@@ -510,6 +627,10 @@ class ActivationStore:
         self.dtype: str = m["dtype"]
         self.exclude_bos: bool = bool(m.get("rows", {}).get("exclude_bos", True))
         self.holdout: float = float(m.get("holdout", {}).get("fraction", 0.0))
+        problems = gaps(m["shards"])
+        if problems:
+            raise SaekitError(f"store {self.path} is unfinished ({'; '.join(problems)}): a distributed harvest stopped early; "
+                              "rerun the same harvest command to fill it")
         counts = [int(s["n_seq"]) for s in m["shards"]]
         self._starts = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
         self._files: dict[int, h5py.File] = {}
