@@ -31,7 +31,9 @@ def _progress() -> Progress:
 @config_options(ToyTrainConfig)
 def train(cfg: ToyTrainConfig):
     """Train a small GPT-2 on FSM walks (CPU) and save it in Hugging Face format with fsm.json."""
-    from saekit.toy.train import train_toy
+    from saekit.toy.train import check_out, train_toy
+
+    check_out(cfg)
 
     command = "saekit toy " + " ".join(shlex.quote(a) for a in sys.argv[sys.argv.index("train"):]) if "train" in sys.argv else None
     with _progress() as bar:

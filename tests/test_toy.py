@@ -214,3 +214,16 @@ def test_shipped_toy_model_loads_and_knows_the_fsm():
     assert ce < opt + 0.1 * (uni - opt), (ce, opt, uni)
     summary = json.loads((pretrained_dir() / "toy_train.json").read_text())
     assert summary["result"]["transition_accuracy"] >= 0.95
+
+
+def test_cli_train_refuses_an_occupied_out_in_one_line(tmp_path):
+    import subprocess
+    import sys
+
+    (tmp_path / "taken").mkdir()
+    (tmp_path / "taken" / "x").write_text("keep me")
+    r = subprocess.run([sys.executable, "-m", "saekit_cli.main", "toy", "train", "--out", str(tmp_path / "taken"), "--steps", "1"],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2
+    assert r.stderr.strip().splitlines()[-1].startswith("error: ") and "--overwrite" in r.stderr
+    assert (tmp_path / "taken" / "x").read_text() == "keep me"

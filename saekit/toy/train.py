@@ -183,12 +183,18 @@ def evaluate(model, fsm: FSM, ctx: int, n_seq: int = 64, seed: int = 0) -> ToyEv
     return ToyEval(loss, optimum_loss(fsm, ctx), unigram_entropy(fsm, ctx), acc, n)
 
 
-def _prepare_out(cfg: ToyTrainConfig) -> tuple[Path, Path]:
+def check_out(cfg: ToyTrainConfig) -> Path:
+    """Refuse a missing or occupied --out before any work."""
     if not cfg.out:
         raise SaekitError("no output directory; pass --out DIR")
     out = Path(cfg.out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not cfg.overwrite:
         raise SaekitError(f"{out} already exists and is not empty; choose another --out or pass --overwrite")
+    return out
+
+
+def _prepare_out(cfg: ToyTrainConfig) -> tuple[Path, Path]:
+    out = check_out(cfg)
     tmp = out.with_name(out.name + ".partial")
     if tmp.exists():
         shutil.rmtree(tmp)
