@@ -6,8 +6,9 @@
 
 Why a separate process per run: SAELens needs transformer-lens < 4 and saekit 4, so the
 peers run in their own venv (setup_peers.sh), and a fresh process per run makes peak memory
-(`ru_maxrss`, the kernel's high-water mark of resident memory) one number per trainer,
-measured the same way for every toolkit.  This file imports no saekit unless the trainer is
+(the kernel's high-water mark of resident memory, reset just before training starts, minus
+the resident memory at that moment) one number per trainer, measured the same way for every
+toolkit.  This file imports no saekit unless the trainer is
 saekit, so it runs in either venv.
 
 Every trainer gets exactly the same batches: the rows of `train` in acts.safetensors (the
@@ -45,9 +46,35 @@ TRAINERS = ("saekit", "saelens", "dictionary_learning", "sparsify")
 KINDS = ("topk", "relu")
 
 
-def rss_mb() -> float:
-    """Peak resident memory of this process so far (ru_maxrss is in KiB on Linux)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+def _status_mb(field: str) -> float | None:
+    """VmRSS / VmHWM of this process from /proc/self/status, in MB (None where there is no procfs)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return None
+
+
+def memory_mark() -> float:
+    """Resident MB now, with the kernel's high-water mark reset to it (so a later peak is training's own).
+
+    Loading the activations briefly holds extra copies; without the reset that load peak would
+    hide the training peak.  Writing 5 to clear_refs resets VmHWM (Linux >= 4.0); where that is not
+    possible the process-wide ru_maxrss is used, which can only overstate the peak.
+    """
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return _status_mb("VmRSS") or 0.0
+
+
+def peak_mb() -> float:
+    """High-water mark of resident memory since `memory_mark` (or since the start), in MB."""
+    hwm = _status_mb("VmHWM")
+    return hwm if hwm is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def batch_stream(x: torch.Tensor, batch_size: int, seed: int, start_batch: int = 0) -> Iterator[torch.Tensor]:
@@ -100,7 +127,7 @@ def train_saekit(a, x: torch.Tensor, meta: dict, out: Path):
     prov = Provenance(hook=hook, model=meta["model"], hook_shape=meta["hook_shape"], scale=meta["scale"], store=meta.get("store"))
     trainer = Trainer(cfg, {hook: HookSource(x.shape[1], prov)},
                       lambda start: ({hook: b} for b in batch_stream(x, a.batch_size, a.seed, start)), progress=False)
-    before = rss_mb()
+    before = memory_mark()
     t0 = time.perf_counter()
     trainer.fit()
     seconds = time.perf_counter() - t0
@@ -128,7 +155,7 @@ def train_saelens(a, x: torch.Tensor, meta: dict, out: Path):
     tcfg = SAETrainerConfig(total_training_samples=a.tokens, train_batch_size_samples=a.batch_size, lr=a.lr, lr_end=a.lr / 10,
                             device="cpu", logger=LoggingConfig(log_to_wandb=False), n_batches_for_norm_estimate=16)
     trainer = SAETrainer(tcfg, sae, data_provider=batch_stream(x, a.batch_size, a.seed))
-    before = rss_mb()
+    before = memory_mark()
     t0 = time.perf_counter()
     sae = trainer.fit()
     seconds = time.perf_counter() - t0
@@ -155,7 +182,7 @@ def train_dictionary_learning(a, x: torch.Tensor, meta: dict, out: Path):
         cfg = dict(trainer=StandardTrainer, l1_penalty=a.l1 / math.sqrt(d_in), sparsity_warmup_steps=max(1, round(0.05 * steps)), **common)
         notes.append(f"l1_penalty = λ/√d_in = {a.l1 / math.sqrt(d_in):.4g} (same loss as saekit's λ on its scale)")
     save_dir = out / "dl-run"
-    before = rss_mb()
+    before = memory_mark()
     t0 = time.perf_counter()
     trainSAE(data=batch_stream(x, a.batch_size, a.seed), trainer_configs=[cfg], steps=steps, save_dir=str(save_dir),
              normalize_activations=True, device="cpu")
@@ -181,7 +208,7 @@ def train_sparsify(a, x: torch.Tensor, meta: dict, out: Path):
     # sparsify's Trainer defaults: auxk_alpha 0 (so no dead mask), dead after 10M tokens (only logged).
     since_fired = torch.zeros(a.d_dict, dtype=torch.long)
     data = batch_stream(x, a.batch_size, a.seed)
-    before = rss_mb()
+    before = memory_mark()
     t0 = time.perf_counter()
     for step in range(steps):
         batch = next(data)
@@ -225,13 +252,14 @@ def main() -> int:
     if a.threads:
         torch.set_num_threads(a.threads)
     a.out.mkdir(parents=True, exist_ok=True)
-    x = load_file(str(a.acts))["train"]
+    # A private, resident copy: pages still to be faulted in from the file would count as training memory.
+    x = load_file(str(a.acts))["train"].clone()
     meta = json.loads((a.acts.parent / "meta.json").read_text())
     fn = {"saekit": train_saekit, "saelens": train_saelens, "dictionary_learning": train_dictionary_learning,
           "sparsify": train_sparsify}[a.trainer]
     seconds, before, folder, notes = fn(a, x, meta, a.out)
     steps = math.ceil(a.tokens / a.batch_size)
-    peak = rss_mb()
+    peak = peak_mb()
     result = {
         "trainer": a.trainer, "kind": a.kind, "tokens": steps * a.batch_size, "steps": steps, "train_seconds": seconds,
         "tokens_per_s": steps * a.batch_size / seconds, "rss_before_mb": before, "peak_rss_mb": peak,
