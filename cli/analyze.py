@@ -5,13 +5,14 @@ from __future__ import annotations
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
+from saekit_cli.console import make_console
+from saekit_cli.options import config_options
 
 from saekit.analysis.analyze import AnalyzeConfig
 from saekit.analysis.intervene import InterveneConfig
 from saekit.analysis.steer import SteerConfig
-from saekit_cli.options import config_options
 
-console = Console()
+console = make_console()
 
 
 def register(app) -> None:

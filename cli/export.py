@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import typer
-
-from saekit.interop import ExportConfig, export as export_dictionary
 from saekit_cli.options import config_options
+
+from saekit.interop import ExportConfig
+from saekit.interop import export as export_dictionary
 
 
 def register(app) -> None:

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 from rich.console import Console
 from rich.table import Table
-
-from saekit.finetune import SPEC_HELP, FinetuneConfig
+from saekit_cli.console import make_console
 from saekit_cli.options import config_options
 
-console = Console()
+from saekit.finetune import SPEC_HELP, FinetuneConfig
+
+console = make_console()
 
 
 def print_table(table: list[dict], title: str) -> None:

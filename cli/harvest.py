@@ -7,10 +7,12 @@ from pathlib import Path
 import typer
 from rich.console import Console
 from rich.table import Table
+from saekit_cli.console import make_console
+from saekit_cli.options import config_options
 
+from saekit import distributed
 from saekit.errors import SaekitError
 from saekit.harvest import HarvestConfig, describe, harvest
-from saekit_cli.options import config_options
 
 
 def _size(n: int) -> str:
@@ -46,8 +48,8 @@ def register(app: typer.Typer) -> None:
     def harvest_cmd(cfg: HarvestConfig, quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar or summary.")):
         """Run a frozen model over text and store hook activations (rerun the same command to resume)."""
         path = harvest(cfg, progress=not quiet)
-        if not quiet:
-            _print_summary(describe(path), Console())
+        if not quiet and not distributed.env().rank:  # under torchrun, rank 0 prints for everyone
+            _print_summary(describe(path), make_console())
 
     @app.command("info")
     def info_cmd(
@@ -57,7 +59,7 @@ def register(app: typer.Typer) -> None:
         """Summarise an activation store: model, hooks and widths, tokens, shards, dtype, size on disk."""
         from saekit.store import verify as verify_store
 
-        console = Console()
+        console = make_console()
         _print_summary(describe(store), console)
         if verify:
             problems = verify_store(store)
@@ -87,4 +89,4 @@ def register(app: typer.Typer) -> None:
             layers = patterns[pat]
             span = "" if not layers else (f"0..{n - 1}" if layers == set(range(n)) else ",".join(map(str, sorted(layers))))
             t.add_row(pat, span)
-        Console().print(t)
+        make_console().print(t)

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
-from saekit.pipeline import PipelineConfig, run_pipeline
+from saekit_cli.console import make_console
 from saekit_cli.options import config_options
+
+from saekit.pipeline import PipelineConfig, run_pipeline
 
 
 def register(app) -> None:
@@ -15,7 +17,7 @@ def register(app) -> None:
 
         from saekit.splice import format_table
 
-        console = Console()
+        console = make_console()
         res = run_pipeline(cfg, say=lambda s: console.print(s, style="bold"))
         console.print(format_table(res.splice))
         if res.recovery:

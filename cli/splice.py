@@ -6,10 +6,11 @@ from pathlib import Path
 from typing import List, Optional
 
 import typer
+from saekit_cli.console import make_console
+from saekit_cli.options import config_options
 
 from saekit.config import field_docs
-from saekit.splice import SpliceConfig, format_table, splice_eval
-from saekit_cli.options import config_options
+from saekit.splice import SpliceConfig, format_finetuned_table, format_table, splice_eval
 
 
 def register(app) -> None:
@@ -19,7 +20,11 @@ def register(app) -> None:
         cfg: SpliceConfig,
         dicts: Optional[List[Path]] = typer.Option(None, "--dict", "--dicts", help=field_docs(SpliceConfig)["dicts"]),
     ) -> None:
-        """Splice dictionaries into the model and report what it loses (CE, loss recovered, KL, L0, FVU)."""
+        """Splice dictionaries into the model and report what it loses (CE, loss recovered, KL, L0, FVU).
+
+        With --finetuned DIR (a `saekit finetune` output) it also prints the loss and accuracy of
+        the original, the fine-tuned-without-codebooks and the codebook model on the same tokens.
+        """
         from dataclasses import replace
 
         from rich.console import Console
@@ -29,7 +34,7 @@ def register(app) -> None:
             # Repeated --dict flags, each possibly comma-separated, after any from --config.
             extra = [p.strip() for d in dicts for p in str(d).split(",") if p.strip()]
             cfg = replace(cfg, dicts=list(cfg.dicts) + extra)
-        console = Console()
+        console = make_console()
         if not console.is_terminal:  # piped to a file: do not squeeze the table into 80 columns
             console = Console(width=220)
         columns = (TextColumn("splicing"), BarColumn(), MofNCompleteColumn(), TextColumn("tokens"), TimeRemainingColumn())
@@ -41,6 +46,8 @@ def register(app) -> None:
 
             result = splice_eval(cfg, progress=progress)
         console.print(format_table(result))
+        if "finetuned" in result:
+            console.print(format_finetuned_table(result))
         ev = result["eval"]
         console.print(f"{ev['tokens']} tokens in {ev['sequences']} sequences, {ev['scored_positions']} next-token predictions scored")
         if "frontier" in result:

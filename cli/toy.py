@@ -11,13 +11,14 @@ import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
+from saekit_cli.console import make_console
+from saekit_cli.options import config_options
 
 from saekit.toy.corpus import ToyDataConfig
 from saekit.toy.train import ToyTrainConfig
-from saekit_cli.options import config_options
 
 toy_app = typer.Typer(help="The built-in toy model: walks on a random finite-state machine, with ground-truth states.", no_args_is_help=True)
-console = Console()
+console = make_console()
 
 
 def _progress() -> Progress:

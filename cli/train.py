@@ -4,11 +4,13 @@ from __future__ import annotations
 
 from rich.console import Console
 from rich.table import Table
-
-from saekit.train import TrainConfig
+from saekit_cli.console import make_console
 from saekit_cli.options import config_options
 
-console = Console()
+from saekit import distributed
+from saekit.train import TrainConfig
+
+console = make_console()
 
 
 def register(app) -> None:
@@ -23,6 +25,8 @@ def register(app) -> None:
         from saekit.train import train as run_train
 
         paths = run_train(cfg)
+        if distributed.env().rank:  # under torchrun, rank 0 prints for everyone
+            return
         table = Table(title=f"{len(paths)} dictionar{'y' if len(paths) == 1 else 'ies'} in {cfg.out} (eval split of {cfg.store})")
         for col in ("folder", "MSE", "FVU", "L0", "dead", "eval tokens"):
             table.add_column(col, justify="left" if col == "folder" else "right", overflow="fold")
