@@ -443,3 +443,61 @@ def test_store_errors(tiny_model_dir, saved, eval_store, tmp_path, capsys, monke
     other = write_tiny_gpt2(tmp_path / "other", seed=3)
     expect_error(["splice-eval", "--model", other, "--dict", str(saved["resid"]), "--store", str(path)],
                  capsys, monkeypatch, "store", "fingerprint")
+
+
+# --- --finetuned: the talk's table from a `saekit finetune` folder ----------------------------------
+
+@pytest.fixture(scope="module")
+def finetuned(tiny_model_dir, tiny_text_file, tmp_path_factory):
+    """A tiny finetune run (two codebooks, baseline on): its report.json is the reference."""
+    from saekit import finetune as ft
+
+    out = tmp_path_factory.mktemp("ft") / "run"
+    cfg = ft.FinetuneConfig(model=tiny_model_dir, data=tiny_text_file, out=str(out),
+                            codebooks="attn[0]:k=1,groups=heads,codes=8;mlp[1]:k=2,codes=16", steps=4, batch_size=4,
+                            seq_len=16, eval_sequences=8, init_rows=256, checkpoint_every=0, lr=1e-2, codebook_lr=1e-2)
+    ft.finetune(cfg, progress=False)
+    return out
+
+
+def test_finetuned_table_matches_the_finetune_report(tiny_model_dir, finetuned, tmp_path, capsys, monkeypatch):
+    """splice-eval (bridge, splice's own code) on the run's held-out tokens reproduces finetune's table (HF forward)."""
+    out = tmp_path / "ft.json"
+    code, stdout, err = run_cli(["splice-eval", "--finetuned", str(finetuned), "--json", str(out)], capsys, monkeypatch)
+    assert code == 0, err
+    res = json.loads(out.read_text())
+    report = json.loads((finetuned / "report.json").read_text())
+    got = {r["model"]: r for r in res["finetuned"]["table"]}
+    assert list(got) == [r["model"] for r in report["table"]]
+    for ref in report["table"]:
+        assert got[ref["model"]]["loss"] == pytest.approx(ref["loss"], abs=1e-4), ref["model"]
+        assert got[ref["model"]]["accuracy"] == pytest.approx(ref["accuracy"], abs=1e-6), ref["model"]
+    # The rows are different models: fine-tuning at lr 1e-2 moved the loss; the codebooks change it again.
+    losses = [r["loss"] for r in res["finetuned"]["table"]]
+    assert len({round(v, 5) for v in losses}) == len(losses)
+    # The codebook model's per-codebook splice rows are there too, and the printed table names every row.
+    assert sorted(r["hook"] for r in res["dictionaries"]) == ["blocks.0.attn.hook_z", "blocks.1.hook_mlp_out"]
+    assert res["eval"]["scored_positions"] == report["table"][0]["tokens"]
+    for name in got:
+        assert name in stdout
+
+
+def test_finetuned_freeze_model_and_errors(tiny_model_dir, tiny_text_file, finetuned, tmp_path, capsys, monkeypatch):
+    from saekit import finetune as ft
+
+    frozen = tmp_path / "frozen"
+    ft.finetune(ft.FinetuneConfig(model=tiny_model_dir, data=tiny_text_file, out=str(frozen), codebooks="mlp[1]:k=2,codes=16",
+                                  steps=2, batch_size=4, seq_len=16, eval_sequences=8, init_rows=256, checkpoint_every=0,
+                                  freeze_model=True), progress=False)
+    res = splice_eval(SpliceConfig(finetuned=str(frozen)))
+    report = json.loads((frozen / "report.json").read_text())
+    assert [r["model"] for r in res["finetuned"]["table"]] == ["original", "codebook model"]
+    for r, ref in zip(res["finetuned"]["table"], report["table"]):
+        assert r["loss"] == pytest.approx(ref["loss"], abs=1e-4)
+
+    expect_error(["splice-eval", "--finetuned", str(tmp_path / "nope")], capsys, monkeypatch, "does not exist")
+    unfinished = tmp_path / "unfinished"
+    unfinished.mkdir()
+    expect_error(["splice-eval", "--finetuned", str(unfinished)], capsys, monkeypatch, "report.json", "--resume")
+    expect_error(["splice-eval", "--finetuned", str(finetuned), "--dict", str(frozen / "codebooks")], capsys, monkeypatch,
+                 "drop --dict")
