@@ -10,8 +10,11 @@ averaged over token positions, p the next-token distributions ("e2e" with μ = 0
 "e2e + downstream reconstruction" in Braun et al. §2 is μ > 0 at the same hook).  The
 model's weights get no gradient; the gradient reaches the dictionary through the layers
 above the hook.  Sparsity is the dictionary's own: TopK (and codebooks) fix L0 by
-construction, relu keeps its L1 term.  Kinds: relu, topk, codebook from scratch, any
-saekit dictionary (batchtopk with its learned threshold, interop formats) from --init.
+construction, relu keeps its L1 term.  Kinds: relu, topk, batchtopk, codebook from scratch,
+any saekit dictionary (interop formats too) from --init.  BatchTopK trains as it does
+offline: the k·n largest pre-activations over the n spliced rows of the step are kept
+and its threshold θ follows them (`training_reconstruction`), so the saved dictionary
+encodes with θ alone, independent of the batch.
 
 Reached as `saekit train --objective e2e` (TrainConfig fields mapped by
 `from_train_config`) or `train_e2e(E2EConfig)`.  Checkpoints and resume as in
@@ -40,7 +43,7 @@ from saekit.config import to_dict
 from saekit.dictionaries.base import DictConfig, Dictionary, Provenance, build
 from saekit.errors import SaekitError
 
-E2E_KINDS = ("relu", "topk", "codebook")
+E2E_KINDS = ("relu", "topk", "batchtopk", "codebook")
 
 
 @dataclass
@@ -62,13 +65,13 @@ class E2EConfig:
     init: str = ""
     """Start from the saekit dictionaries in this folder (matched by hook) instead of fresh ones."""
     kind: str = "topk"
-    """Dictionary kind when not --init: relu | topk | codebook."""
+    """Dictionary kind when not --init: relu | topk | batchtopk | codebook."""
     d_dict: int = 0
     """Latents (codebook: codes over all groups); 0 = expansion × width."""
     expansion: int = 8
     """Latents per input dimension when d_dict is 0."""
     k: int = 32
-    """Active latents per token (topk) or codes per group (codebook)."""
+    """Active latents per token (topk; batchtopk: on average) or codes per group (codebook)."""
     l1: float = 5.0
     """relu: L1 coefficient λ on Σ f_i ‖W_dec,i‖ / d_in."""
     groups: int = 1
@@ -156,6 +159,23 @@ def spliced_reconstruction(d: Dictionary, rows: Tensor) -> tuple[Tensor, Tensor]
     """(x̂, codes) for rows (n, d_in), differentiable in the dictionary's parameters."""
     codes = d.encode(rows)
     return d.decode(codes), codes
+
+
+def training_reconstruction(d: Dictionary, rows: Tensor) -> tuple[Tensor, Tensor]:
+    """(x̂, codes) for the training step: as at inference, except BatchTopK.
+
+    BatchTopK's inference rule (pre > θ) depends on a threshold that only training
+    estimates; a fresh one (θ < 0) would keep every positive pre-activation.  So during
+    training it selects the k·n largest pre-activations over the batch's n rows, as the
+    offline trainer does, and moves θ towards the smallest kept value.
+    """
+    if d.cfg.kind == "batchtopk":
+        from saekit.dictionaries.sae import batch_topk_mask
+
+        codes = batch_topk_mask(d.pre_acts(rows.to(d.scale.dtype) * d.scale), d.cfg.k)
+        d._update_threshold(codes.detach())
+        return d.decode(codes), codes
+    return spliced_reconstruction(d, rows)
 
 
 # --- one run ------------------------------------------------------------------------------------------
@@ -300,7 +320,7 @@ def train_one(cfg: E2EConfig, em: E2EModel, d: Dictionary, hook: str, data: ft.T
 
             def fn(x):
                 rows = x[mask]
-                x_hat, codes = spliced_reconstruction(d, rows)
+                x_hat, codes = training_reconstruction(d, rows)
                 terms["mse"] = ((x_hat - rows) * d.scale).pow(2).sum(-1).mean() / rows.shape[-1]
                 if d.cfg.kind == "relu":
                     terms["l1"] = (codes @ d.W_dec.norm(dim=-1)).mean() / rows.shape[-1]

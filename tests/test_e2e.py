@@ -90,7 +90,39 @@ def test_codebook_e2e_from_init_and_errors(tiny_model_dir, tiny_text_file, tmp_p
     with pytest.raises(SaekitError, match="no dictionary for"):
         e2e.train_e2e(e2e.E2EConfig(out=str(tmp_path / "c"), init=str(p0), **(base | {"hooks": ["blocks.1.hook_mlp_out"]})), progress=False)
     with pytest.raises(ValueError, match="end-to-end"):
-        e2e.E2EConfig(kind="batchtopk")
+        e2e.E2EConfig(kind="jumprelu")  # a loaded kind: only from --init
+
+
+def test_batchtopk_training_reconstruction_keeps_k_per_row_on_average_and_learns_theta():
+    from saekit.dictionaries.sae import BatchTopKSAE
+
+    torch.manual_seed(0)
+    d = BatchTopKSAE(DictConfig(kind="batchtopk", d_in=8, d_dict=32, k=3), Provenance(hook=HOOK, scale=2.0))
+    rows = torch.randn(20, 8)
+    assert d.threshold.item() < 0  # not estimated: inference would keep every positive pre-activation
+    assert (d.encode(rows) != 0).sum(-1).float().mean() > 3
+    x_hat, codes = e2e.training_reconstruction(d, rows)
+    assert int((codes != 0).sum()) == 3 * 20  # k·n over the batch, not k per row
+    smallest = codes[codes != 0].min().item()
+    assert d.threshold.item() == pytest.approx(smallest)  # first estimate: the smallest kept value
+    assert torch.allclose(x_hat, d.decode(codes))
+    x_hat.sum().backward()
+    assert d.W_enc.grad.abs().sum() > 0 and d.W_dec.grad.abs().sum() > 0
+    # Inference with the estimated θ keeps exactly the pre-activations above it.
+    pre = d.pre_acts(rows * 2.0)
+    assert torch.equal(d.encode(rows) != 0, pre > d.threshold)
+
+
+def test_batchtopk_e2e_from_scratch(tiny_model_dir, tiny_text_file, tmp_path):
+    cfg = e2e.E2EConfig(model=tiny_model_dir, hooks=[HOOK], data=tiny_text_file, out=str(tmp_path / "b"), kind="batchtopk",
+                        d_dict=64, k=4, steps=6, lr=3e-3, batch_size=4, seq_len=16, eval_sequences=8, init_rows=256,
+                        checkpoint_every=0, log_every=3)
+    [path] = e2e.train_e2e(cfg, progress=False)
+    assert path.name == "batchtopk-k4-e2e"
+    d = load(path)
+    assert d.cfg.kind == "batchtopk" and d.threshold.item() > 0
+    # θ was estimated from k·n selections, so the held-out L0 lands near k (not the ~d_dict/2 of an unset θ).
+    assert 0.25 * 4 < d.summary["l0"] < 4 * 4, d.summary["l0"]
 
 
 @pytest.mark.slow
