@@ -5,7 +5,7 @@ saekit does not launch processes itself.  `torchrun --nproc-per-node N -m saekit
 MASTER_PORT) starts N copies of the ordinary command; each finds its place here:
 
     env()          -> DistEnv(rank, world_size, local_rank) from the environment (1 process: 0, 1, 0)
-    session(dev)   -> context manager: init the process group if WORLD_SIZE > 1, destroy it after
+    session(dev)   -> context manager: join the process group if WORLD_SIZE > 1 (left at process exit)
     device(dev)    -> cuda means cuda:LOCAL_RANK under torchrun (one GPU per process)
 
 Backend: gloo when the work is on the CPU; for CUDA the group is created as
@@ -21,6 +21,7 @@ rank may wait for the slowest at a barrier, e.g. at the end of a harvest.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import datetime
 import os
@@ -132,6 +133,7 @@ def init(dev: torch.device | str = "cpu") -> DistEnv:
     if dev.type == "cuda":
         torch.cuda.set_device(dev)
     dist.init_process_group(backend=backend_for(dev), rank=e.rank, world_size=e.world_size, timeout=timeout())
+    atexit.register(_destroy_at_exit)
     return e
 
 
@@ -142,17 +144,29 @@ def destroy() -> None:
 
 @contextlib.contextmanager
 def session(dev: torch.device | str = "cpu") -> Iterator[DistEnv]:
-    """`with session(device) as e:` joins the group for the block (if there is one) and leaves it after.
+    """`with session(device) as e:` runs the block inside the process group torchrun describes, if any.
 
-    A group already initialised by the caller (tests, a user's own script) is used and left alone.
+    The group saekit creates lives until the process exits (destroyed at exit): a pipeline
+    that harvests and then trains in one process joins once, because tearing a group down
+    and rendezvousing again on the same MASTER_PORT can hang.  A group the caller created
+    (tests, a user's own script) is used and left alone.  After an error nothing waits:
+    the exit closes the connections and the peers fail at once.
     """
-    owned = env().distributed and not (dist.is_available() and dist.is_initialized())
-    e = init(dev)
+    global _failed
     try:
-        yield e
-    finally:
-        if owned:
-            destroy()
+        yield init(dev)
+    except BaseException:
+        _failed = True
+        raise
+
+
+_failed = False
+"""Set when a session's block raised: the group is then left to the process exit, not destroyed."""
+
+
+def _destroy_at_exit() -> None:
+    if not _failed:
+        destroy()
 
 
 # --------------------------------------------------------------------------- collectives (no-ops alone)
@@ -224,3 +238,12 @@ def broadcast_tensors(tensors: list[torch.Tensor], src: int = 0) -> None:
             n = t.numel()
             t.copy_(flat[i:i + n].view_as(t))
             i += n
+
+
+def all_gather_cat(t: torch.Tensor) -> torch.Tensor:
+    """Every rank's `t` (same shape everywhere) concatenated along dim 0 in rank order."""
+    if not _active():
+        return t
+    parts = [torch.empty_like(t) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, t.contiguous())
+    return torch.cat(parts)

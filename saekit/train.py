@@ -10,6 +10,17 @@ Resuming: a checkpoint holds, per dictionary, the weights, the optimiser moments
 dead-latent counters and the random generator (safetensors + JSON, no pickle), plus the
 step.  The batch source restarts at that step, so a resumed run sees exactly the batches
 it would have seen and ends with the same weights as one that was never stopped.
+
+Under torchrun (saekit.distributed), `placement="data"` is DDP: every rank holds every
+dictionary and reads its own part of each global batch (`store.batches(rank=,
+world_size=)`, batch_size / world_size rows); gradients, the per-latent "fired" flags and
+running buffers (BatchTopK's threshold) are all-reduced in one message per dictionary
+and step, so all ranks take the same Adam step, see the same dead latents and keep
+identical weights (decoder projection included); rank-dependent moves (initialisation
+from data, codebook dead-code replacement) are broadcast from rank 0.  Rank 0 alone
+writes metrics, checkpoints and the dictionaries.  `placement="hooks"` deals the hooks
+out to the ranks instead: each trains its hooks' dictionaries on whole batches, reading
+only those hooks, and writes them itself.
 """
 
 from __future__ import annotations
@@ -30,7 +41,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
-from saekit import metrics
+from saekit import distributed, metrics
 from saekit.config import to_dict
 from saekit.dictionaries.base import KINDS, DictConfig, Dictionary, Provenance, build
 from saekit.errors import SaekitError, did_you_mean
@@ -103,6 +114,8 @@ class TrainConfig:
     """e2e: train on this text (.txt/.jsonl/folder) instead of the store's token sequences."""
     mse_coef: float = 0.0
     """e2e: weight of the normalised reconstruction term added to the KL."""
+    placement: str = "data"
+    """Under torchrun: data (DDP: every rank trains every dictionary on its share of each batch) or hooks (each rank trains the dictionaries of its own hooks)."""
 
     def __post_init__(self):
         if self.kind not in KINDS:
@@ -124,6 +137,11 @@ class TrainConfig:
             raise ValueError("hooks is empty: name at least one hook, or `all`")
         if self.objective not in ("offline", "e2e"):
             raise ValueError(f"objective {self.objective!r} is not offline or e2e")
+        if self.placement not in PLACEMENTS:
+            raise ValueError(f"placement {self.placement!r} is not one of {', '.join(PLACEMENTS)}")
+
+
+PLACEMENTS = ("data", "hooks")
 
 
 # Fields that decide what a run computes; a checkpoint written under other values is refused.
@@ -259,15 +277,25 @@ class Trainer:
     `_checkpoint`; only `_log`/`_checkpoint` read values back from the device.
     """
 
-    def __init__(self, cfg: TrainConfig, hooks: dict[str, HookSource], batches: BatchSource, *, progress: bool = True):
+    def __init__(self, cfg: TrainConfig, hooks: dict[str, HookSource], batches: BatchSource, *, progress: bool = True,
+                 dist: distributed.DistEnv | None = None, data_parallel: bool = False, run_hooks: list[str] | None = None):
+        """`dist` + `data_parallel`: this is one rank of a DDP run (the batch source yields this rank's rows).
+
+        `run_hooks`: every hook of the run when this rank trains only some (placement
+        "hooks"), so checkpoints carry the same identity as a single-process run's.
+        """
         self.cfg = cfg
         self.hooks = hooks
         self.batches = batches
         self.progress = progress
-        self.device = resolve_device(cfg.device)
+        self.dist = dist or distributed.DistEnv(0, 1, 0)
+        self.ddp = data_parallel and self.dist.distributed
+        self.writes = self.dist.is_main or not self.ddp
+        """Whether this rank writes metrics, checkpoints and dictionaries (all but rank 0 of a DDP run)."""
+        self.device = distributed.device(cfg.device, self.dist) if self.dist.distributed else resolve_device(cfg.device)
         self.n_steps = math.ceil(cfg.tokens / cfg.batch_size)
         self.step = 0
-        self.ident = identity_hash(cfg, list(hooks))
+        self.ident = identity_hash(cfg, list(run_hooks or hooks))
         self.runs = [self._make_run(h, src, k, l1) for h, src in hooks.items() for k, l1 in self._sweep()]
         self.scales = {h: torch.tensor(float(src.prov.scale), device=self.device) for h, src in hooks.items()}
         self.tokens_per_s = float("nan")
@@ -300,19 +328,42 @@ class Trainer:
         """Resume from the last common checkpoint, or initialise from a data sample (refusing to overwrite a run)."""
         steps = [set(r.paths.checkpoint_steps()) for r in self.runs]
         common = sorted(set.intersection(*steps)) if steps else []
-        if self.cfg.resume and common:
-            self._load_checkpoint(common[-1])
+        last = common[-1] if self.cfg.resume and common else None
+        if self.ddp:  # rank 0's checkpoints decide; every rank must see them (the --out folder must be shared)
+            last = distributed.broadcast_object(last)
+            distributed.agree(None if last is None or last in common else
+                              f"rank {self.dist.rank} cannot see checkpoint step {last} in {self.cfg.out}; "
+                              "put --out on a file system every node shares")
+        if last is not None:
+            self._load_checkpoint(last)
+            self._sync_state()
             return
+        err = None
         for r in self.runs:
             if not self.cfg.resume and (r.paths.checkpoints.exists() or (r.paths.dir / "config.json").exists()):
-                raise SaekitError(f"{r.paths.dir} already holds a run; pass --resume to continue it, or choose another --out")
+                err = f"{r.paths.dir} already holds a run; pass --resume to continue it, or choose another --out"
+                break
+        if self.dist.distributed:
+            distributed.agree(err)  # every rank has looked before any rank creates a folder
+        elif err:
+            raise SaekitError(err)
         self._init_from_data()
-        for r in self.runs:
-            r.paths.dir.mkdir(parents=True, exist_ok=True)
-            r.paths.metrics.write_text("")
+        self._sync_state()
+        if self.writes:
+            for r in self.runs:
+                r.paths.dir.mkdir(parents=True, exist_ok=True)
+                r.paths.metrics.write_text("")
+
+    def _sync_state(self) -> None:
+        """DDP: every rank takes rank 0's parameters and buffers (as DDP does at construction)."""
+        if self.ddp:
+            for r in self.runs:
+                distributed.broadcast_tensors([*r.dictionary.parameters(), *_running_buffers(r.dictionary)])
 
     def _init_from_data(self) -> None:
         rows = max(self.cfg.init_rows, 1)
+        if self.ddp:  # each rank samples its share; the init then sees the union, as a single process would
+            rows = -(-rows // self.dist.world_size)
         it = self.batches(0)
         sample: dict[str, list[Tensor]] = {h: [] for h in self.hooks}
         got = 0
@@ -322,6 +373,8 @@ class Trainer:
                 sample[h].append(b[h])
             got += next(iter(b.values())).shape[0]
         xs = {h: torch.cat(v)[:rows].to(self.device, torch.float32) * self.scales[h] for h, v in sample.items()}
+        if self.ddp:
+            xs = {h: distributed.all_gather_cat(x) for h, x in xs.items()}
         for r in self.runs:
             if hasattr(r.dictionary, "init_from_data"):
                 r.dictionary.init_from_data(xs[r.hook])
@@ -337,7 +390,7 @@ class Trainer:
         if self.step >= self.n_steps:
             return self.runs
         ckpt_steps = max(1, self.cfg.checkpoint_every // self.cfg.batch_size) if self.cfg.checkpoint_every else None
-        bar = _Progress(self) if self.progress else None
+        bar = _Progress(self) if self.progress and self.dist.is_main else None
         it = self.batches(self.step)
         t0, s0 = time.perf_counter(), self.step
         try:
@@ -374,13 +427,17 @@ class Trainer:
         out = d.training_forward(xn, **state)
         r.opt.zero_grad(set_to_none=True)
         out.loss.backward()
+        fired, rows = out.fired, xn.shape[0]
+        if self.ddp:
+            fired = self._all_reduce_step(d, fired)
+            rows *= self.dist.world_size
         if hasattr(d, "before_step"):
             d.before_step()
         r.opt.step()
         if hasattr(d, "after_step"):
             d.after_step()
         with torch.no_grad():
-            r.since_fired = torch.where(out.fired, torch.zeros_like(r.since_fired), r.since_fired + xn.shape[0])
+            r.since_fired = torch.where(fired, torch.zeros_like(r.since_fired), r.since_fired + rows)
             bad = ~torch.isfinite(out.loss.detach())
             r.nan_step = torch.where(bad & (r.nan_step < 0), torch.full_like(r.nan_step, self.step), r.nan_step)
             for name, t in {"loss": out.loss, **out.terms, "l0": out.l0}.items():
@@ -389,9 +446,26 @@ class Trainer:
         if hasattr(d, "resample_dead") and (self.step + 1) % cfg.replace_every == 0:
             self._replace_dead(r, xn)
 
+    def _all_reduce_step(self, d: Dictionary, fired: Tensor) -> Tensor:
+        """DDP: average gradients and running buffers over ranks, OR the fired flags; one message. Returns fired."""
+        params = list(d.parameters())
+        for p in params:
+            if p.grad is None:  # every rank must send the same layout
+                p.grad = torch.zeros_like(p)
+        grads = [p.grad for p in params]
+        bufs = [b for b in _running_buffers(d) if b.is_floating_point()]
+        flags = fired.to(grads[0].dtype)
+        distributed.flat_all_reduce([*grads, *bufs, flags], "sum")
+        w = self.dist.world_size
+        for t in (*grads, *bufs):
+            t.div_(w)
+        return flags > 0
+
     def _replace_dead(self, r: Run, xn: Tensor) -> None:
         dead = r.since_fired > self.cfg.dead_tokens
         masks = r.dictionary.resample_dead(dead, xn, r.generator)
+        if self.ddp and masks:  # replacements drawn from rank 0's rows; `dead` (hence masks) is the same everywhere
+            distributed.broadcast_tensors(list(r.dictionary.parameters()))
         if not masks:
             return
         params = dict(r.dictionary.named_parameters())
@@ -403,6 +477,12 @@ class Trainer:
         r.since_fired = torch.where(dead, torch.zeros_like(r.since_fired), r.since_fired)
 
     def _check_finite(self) -> None:
+        if self.ddp:  # the first bad step on any rank (all ranks stop together)
+            big = torch.iinfo(torch.int64).max
+            first = torch.stack([torch.where(r.nan_step < 0, big, r.nan_step) for r in self.runs]).to(torch.int64)
+            distributed.flat_all_reduce([first], "min")
+            for r, s in zip(self.runs, first):
+                r.nan_step = torch.where(s == big, -1, s)
         for r in self.runs:
             s = int(r.nan_step)
             if s >= 0:
@@ -412,6 +492,12 @@ class Trainer:
 
     def _log(self, bar: _Progress | None) -> None:
         self._check_finite()
+        if self.ddp:  # log the global batch's averages
+            for r in self.runs:
+                keys = sorted(k for k in r.acc if k != "n")
+                vals = [torch.as_tensor(r.acc[k], dtype=torch.float32, device=self.device).reshape(1) for k in keys]
+                distributed.flat_all_reduce(vals, "mean")
+                r.acc.update(zip(keys, (v[0] for v in vals)))
         for r in self.runs:
             n = r.acc.pop("n", 1)
             row = {"step": self.step, "tokens": self.step * self.cfg.batch_size}
@@ -421,8 +507,9 @@ class Trainer:
             row["tokens_per_s"] = self.tokens_per_s
             r.acc.clear()
             r.last = row
-            with r.paths.metrics.open("a") as fh:
-                fh.write(json.dumps(row) + "\n")
+            if self.writes:
+                with r.paths.metrics.open("a") as fh:
+                    fh.write(json.dumps(row) + "\n")
         if bar:
             bar.update()
 
@@ -430,6 +517,8 @@ class Trainer:
     def _checkpoint(self) -> None:
         """Write every run's state at self.step (temp folder renamed when complete), keep the last two."""
         self._check_finite()
+        if not self.writes:
+            return
         for r in self.runs:
             final = r.paths.checkpoint(self.step)
             tmp = final.with_name(final.name + ".tmp")
@@ -460,7 +549,7 @@ class Trainer:
                                   "rerun with the original options or choose another --out")
             _load_run_state(r, tensors, meta)
             # Drop log lines past the checkpoint: the resumed run writes them again.
-            if r.paths.metrics.exists():
+            if self.writes and r.paths.metrics.exists():
                 lines = [ln for ln in r.paths.metrics.read_text().splitlines() if ln and json.loads(ln)["step"] <= step]
                 r.paths.metrics.write_text("".join(ln + "\n" for ln in lines))
         self.step = step
@@ -499,14 +588,23 @@ class Trainer:
         return out
 
     def save(self, summaries: dict[str, dict] | None = None) -> list[Path]:
+        """Write every dictionary (config.json + weights); returns their folders (written by rank 0 alone under DDP)."""
         paths = []
         for r in self.runs:
+            if not self.writes:
+                paths.append(r.paths.dir)
+                continue
             d = r.dictionary
             d.summary = {"train_steps": self.step, "train_tokens": self.step * self.cfg.batch_size,
                          "tokens_per_s": self.tokens_per_s, **(summaries or {}).get(r.label, {})}
             d.train_config = to_dict(self.cfg)
             paths.append(d.save(r.paths.dir))
         return paths
+
+
+def _running_buffers(d: Dictionary) -> list[Tensor]:
+    """Buffers training changes (BatchTopK's threshold); `scale` is fixed by the store."""
+    return [b for name, b in d.named_buffers() if name != "scale"]
 
 
 def _run_state(r: Run) -> tuple[dict[str, Tensor], dict]:
@@ -592,25 +690,72 @@ def store_eval_batches(store, hooks: list[str], rows_per_batch: int = 4096) -> I
 
 
 def train(cfg: TrainConfig, progress: bool = True) -> list[Path]:
-    """Train every dictionary `cfg` describes on its store; returns their folders (config.json + weights)."""
+    """Train every dictionary `cfg` describes on its store; returns their folders (config.json + weights).
+
+    Started by torchrun, the ranks share the work as `cfg.placement` says (module docstring);
+    every rank returns every folder once they are all written.
+    """
+    env = distributed.env()
     if cfg.objective == "e2e":
+        if env.distributed:
+            raise SaekitError("objective e2e does not run under torchrun yet; start it as a single process")
         from saekit.e2e import from_train_config, train_e2e
 
         return train_e2e(from_train_config(cfg), progress=progress)
+    device = distributed.device(cfg.device, env) if env.distributed else resolve_device(cfg.device)
+    with distributed.session(device) as env:
+        return _train_store(cfg, progress, env)
+
+
+def _train_store(cfg: TrainConfig, progress: bool, env: distributed.DistEnv) -> list[Path]:
     store = open_store(cfg.store)
     hooks = resolve_store_hooks(store, cfg.hooks)
+    mine, batch_size, rank, world = hooks, cfg.batch_size, 0, 1
+    ddp = env.distributed and cfg.placement == "data"
+    if env.distributed and cfg.placement == "hooks":
+        if env.world_size > len(hooks):
+            raise SaekitError(f"--placement hooks with {env.world_size} processes but {len(hooks)} hook(s): "
+                              f"start at most {len(hooks)} processes, or use --placement data")
+        mine = hooks[env.rank::env.world_size]
+    elif ddp:
+        if cfg.batch_size % env.world_size:
+            raise SaekitError(f"--batch-size {cfg.batch_size} is the global batch and must divide by the {env.world_size} "
+                              f"processes; pass --batch-size {cfg.batch_size // env.world_size * env.world_size or env.world_size}")
+        batch_size, rank, world = cfg.batch_size // env.world_size, env.rank, env.world_size
     model = store.model.to_dict() if hasattr(store.model, "to_dict") else dict(store.model or {})
     sources = {}
-    for h in hooks:
+    for h in mine:
         scale = float(store.stats(h)["scale"])
         prov = Provenance(hook=h, model=model, hook_shape=list(store.hook_shape(h)), scale=scale, store=str(cfg.store))
         sources[h] = HookSource(int(store.hook_width(h)), prov)
     kw = {"buffer_rows": cfg.buffer_rows} if cfg.buffer_rows else {}
 
-    def batches(start: int) -> Iterator[dict[str, Tensor]]:
-        return store.batches(hooks, cfg.batch_size, split="train", seed=cfg.seed, start_batch=start, **kw)
+    def stream(start: int):
+        return store.batches(mine, batch_size, split="train", seed=cfg.seed, start_batch=start, rank=rank, world_size=world, **kw)
 
-    trainer = Trainer(cfg, sources, batches, progress=progress)
+    first = None
+    if env.distributed:  # open the first stream now, so a rank with too little data fails on every rank, not in a hang
+        err = None
+        try:
+            first = stream(0)
+        except SaekitError as e:
+            err = str(e)
+        distributed.agree(err)
+
+    def batches(start: int) -> Iterator[dict[str, Tensor]]:
+        nonlocal first
+        if start == 0 and first is not None:
+            it, first = first, None
+            return it
+        return stream(start)
+
+    trainer = Trainer(cfg, sources, batches, progress=progress, dist=env, data_parallel=ddp, run_hooks=hooks)
     trainer.fit()
-    summaries = trainer.evaluate(store_eval_batches(store, hooks), cfg.eval_tokens) if cfg.eval_tokens else {}
-    return trainer.save(summaries)
+    summaries = {}
+    if cfg.eval_tokens and trainer.writes:
+        summaries = trainer.evaluate(store_eval_batches(store, mine), cfg.eval_tokens)
+    paths = trainer.save(summaries)
+    if env.distributed:
+        gathered = distributed.all_gather_object([str(p) for p in paths])  # also: nobody returns before all are saved
+        paths = list(dict.fromkeys(Path(p) for part in gathered for p in part))
+    return paths
