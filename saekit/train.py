@@ -88,6 +88,8 @@ class TrainConfig:
     """topk/batchtopk: latents used by the AuxK loss; 0 means d_in / 2."""
     aux_coef: float = 0.03125
     """topk/batchtopk: weight α of the AuxK loss (Gao et al. use 1/32)."""
+    grad_clip: float = 1.0
+    """Clip each dictionary's gradient norm at grad_clip / d_in (SAELens's clip at 1: its loss is ours × d_in); 0 turns it off."""
     dead_tokens: int = 1_000_000
     """A latent that has not fired for this many tokens is dead (AuxK, code replacement, dead fraction shown)."""
     replace_every: int = 100
@@ -125,6 +127,8 @@ class TrainConfig:
         for name in ("batch_size", "tokens", "expansion", "groups", "log_every", "replace_every"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.grad_clip < 0:
+            raise ValueError(f"grad_clip must be >= 0 (0 turns clipping off), got {self.grad_clip}")
         if not self.k or any(k <= 0 for k in self.k):
             raise ValueError(f"k must be positive integers, got {self.k}")
         if not self.l1 or any(v < 0 for v in self.l1):
@@ -433,6 +437,12 @@ class Trainer:
             rows *= self.dist.world_size
         if hasattr(d, "before_step"):
             d.before_step()
+        if cfg.grad_clip:
+            # The first gradients are ~20× those a few hundred steps later.  Unclipped, they fill
+            # Adam's second moment (β2 = 0.999 remembers ~1000 steps), so every later step is
+            # small; clipping halved TopK's FVU at 100 and 500 steps (benchmarks/README.md).
+            # No host sync: the norm stays on the device.
+            torch.nn.utils.clip_grad_norm_(d.parameters(), cfg.grad_clip / d.cfg.d_in)
         r.opt.step()
         if hasattr(d, "after_step"):
             d.after_step()
