@@ -113,8 +113,6 @@ def fingerprint(path: str) -> str:
 def load_model(name: str, *, compat: bool = False, device: str = "cpu", dtype: torch.dtype = torch.float32) -> LoadedModel:
     """Boot `name` (Hub name, local HF directory or `toy`) as a TransformerBridge, eval mode, no grads."""
     path = resolve_model_path(name)
-    if path != name or os.path.isdir(path):
-        os.environ.setdefault("HF_HUB_OFFLINE", "1") if os.path.isdir(path) else None
     from transformer_lens.model_bridge import TransformerBridge
 
     for logger in ("transformers", "transformer_lens"):
