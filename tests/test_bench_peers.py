@@ -1,10 +1,11 @@
-"""benchmarks/peers/trainers.py helpers: the shared batch order and the SAELens folder written for dictionary_learning weights."""
+"""benchmarks/peers helpers: the shared batch order, the SAELens folder written for dictionary_learning weights, equal-L0 matching."""
 
 from __future__ import annotations
 
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks" / "peers"))
@@ -49,3 +50,25 @@ def test_dictionary_learning_weights_as_saelens_folder_load_in_saekit(tmp_path):
         assert d.prov.hook == meta["hook"] and d.prov.model["name"] == "toy"
         assert torch.allclose(out.x_hat, want, atol=1e-5)
         assert torch.equal(out.codes > 0, f > 0)
+
+
+def test_frontier_interpolation_in_log_l0():
+    """Equal-L0 matching: linear in log L0 between neighbours, None outside the range (no extrapolation)."""
+    import math
+
+    from compare import frontier_compare, interpolate_at
+
+    pts = [(10.0, 0.4), (40.0, 0.2), (160.0, 0.1)]
+    assert interpolate_at(pts, 20.0) == pytest.approx(0.3)  # halfway between 10 and 40 in log L0
+    assert interpolate_at(pts, 40.0) == pytest.approx(0.2)
+    assert interpolate_at(pts, 9.0) is None and interpolate_at(pts, 200.0) is None
+    assert interpolate_at(pts[:1], 10.0) is None
+    ev = lambda l0, fvu: {"l0": l0, "fvu": fvu, "dead_frac": 0.0, "loss_recovered_zero": 1 - fvu, "loss_recovered_mean": 0.5}  # noqa: E731
+    sweep = [{"trainer": "saekit", "l1": 1, "eval": ev(100, 0.05)}, {"trainer": "saekit", "l1": 4, "eval": ev(25, 0.2)},
+             {"trainer": "saelens", "l1": 2, "eval": ev(50, 0.2)}, {"trainer": "saelens", "l1": 8, "eval": ev(10, 0.5)}]
+    front = frontier_compare(sweep)
+    inside, outside = front["saelens"][1], front["saelens"][0]
+    assert outside["l0"] == 10 and outside["fvu"]["saekit"] is None and "fvu_ratio" not in outside
+    assert inside["fvu"]["saekit"] == pytest.approx(0.2 + (0.05 - 0.2) * math.log(2) / math.log(4))
+    assert inside["fvu_ratio"] == pytest.approx(inside["fvu"]["saekit"] / 0.2)
+    assert [p["l0"] for p in front["points"]["saekit"]] == [25, 100]

@@ -17,7 +17,11 @@ One run, back to back, on one machine:
    sparsify folders; dictionary_learning's weights are rewritten as a SAELens folder by the
    runner) and judged by one definition, `saekit.splice.evaluate`, on the same held-out tokens
    (the store's eval split): FVU, L0, dead fraction, loss recovered (zero- and mean-ablation);
-5. a table with saekit / peer ratios is printed and everything is written to <work>/results.json.
+5. a table with saekit / peer ratios is printed and everything is written to <work>/results.json;
+6. with `--l1-sweep λ1,λ2,...` every toolkit's ReLU/L1 SAE is also trained at each λ, and the
+   toolkits are compared at equal L0: along each one's (L0, FVU) and (L0, loss recovered)
+   frontier, saekit's values are interpolated (piecewise linear in log L0, no extrapolation)
+   at every L0 a peer reached, and the ratios are printed and written under "frontier".
 
 A peer that is not installed (or fails) is reported as such and the rest still runs.
 """
@@ -83,11 +87,12 @@ def write_acts(work: Path, store, hook: str, rows: torch.Tensor) -> Path:
 
 # --- training runs --------------------------------------------------------------------------------
 
-def run_trainer(python: str, trainer: str, kind: str, acts: Path, out: Path, a, d_dict: int, lr: float) -> dict:
+def run_trainer(python: str, trainer: str, kind: str, acts: Path, out: Path, a, d_dict: int, lr: float,
+                l1: float | None = None) -> dict:
     """One subprocess of trainers.py; its result.json, or {"error": ...} with the tail of its output."""
     shutil.rmtree(out, ignore_errors=True)
     cmd = [python, str(HERE / "trainers.py"), "--trainer", trainer, "--kind", kind, "--acts", str(acts), "--out", str(out),
-           "--d-dict", str(d_dict), "--k", str(a.k), "--l1", str(a.l1), "--lr", repr(lr), "--batch-size", str(a.batch_size),
+           "--d-dict", str(d_dict), "--k", str(a.k), "--l1", str(a.l1 if l1 is None else l1), "--lr", repr(lr), "--batch-size", str(a.batch_size),
            "--tokens", str(a.tokens), "--seed", str(a.seed), "--threads", str(a.threads)]
     # No TQDM_DISABLE: a disabled tqdm closes the generator it wraps when the loop over it breaks, so
     # dictionary_learning's norm-factor pass would end the batch stream before its training loop.
@@ -134,6 +139,60 @@ def evaluate_all(store, hook: str, runs: list[dict], eval_tokens: int, batch_siz
     for r, row in zip(ok, res["dictionaries"]):
         r["eval"] = {k: row[k] for k in ("fvu", "l0", "dead_frac", "loss_recovered_zero", "loss_recovered_mean", "delta_ce", "kl")}
         r["eval"]["tokens"] = res["eval"]["tokens"]
+
+
+# --- equal-L0 comparison (λ sweep) ----------------------------------------------------------------
+
+def interpolate_at(points: list[tuple[float, float]], l0: float) -> float | None:
+    """The value at `l0` along a frontier [(L0, value), ...]: piecewise linear in log L0 between the two
+    neighbouring points; None outside the frontier's L0 range (no extrapolation) or with < 2 points."""
+    pts = sorted((x, y) for x, y in points if x > 0 and y is not None and math.isfinite(y))
+    if len(pts) < 2 or not pts[0][0] <= l0 <= pts[-1][0]:
+        return None
+    xs = [math.log(x) for x, _ in pts]
+    return float(np.interp(math.log(l0), xs, [y for _, y in pts]))
+
+
+FRONTIER_METRICS = ("fvu", "loss_recovered_zero", "loss_recovered_mean")
+
+
+def frontier_compare(sweep: list[dict]) -> dict:
+    """For each peer: at every L0 it reached, its metrics next to saekit's interpolated at that L0."""
+    by = {}
+    for r in sweep:
+        if "eval" in r:
+            by.setdefault(r["trainer"], []).append(r)
+    ours = by.get("saekit", [])
+    out = {}
+    for peer, rs in by.items():
+        if peer == "saekit":
+            continue
+        rows = []
+        for r in sorted(rs, key=lambda r: r["eval"]["l0"]):
+            l0 = r["eval"]["l0"]
+            row = {"l1": r["l1"], "l0": l0}
+            for m in FRONTIER_METRICS:
+                mine = interpolate_at([(o["eval"]["l0"], o["eval"][m]) for o in ours], l0)
+                row[m] = {"peer": r["eval"][m], "saekit": mine}
+            if row["fvu"]["saekit"] is not None:
+                row["fvu_ratio"] = row["fvu"]["saekit"] / max(row["fvu"]["peer"], 1e-12)
+            rows.append(row)
+        out[peer] = rows
+    out["points"] = {t: sorted(({"l1": r["l1"], **{k: r["eval"][k] for k in ("l0", "dead_frac", *FRONTIER_METRICS)}}
+                                for r in rs), key=lambda p: p["l0"]) for t, rs in by.items()}
+    return out
+
+
+def print_frontier(front: dict) -> None:
+    print("ReLU/L1 at equal L0 (saekit interpolated along its λ frontier at each peer point; — = outside saekit's L0 range):")
+    for peer, rows in front.items():
+        if peer == "points":
+            continue
+        for row in rows:
+            f = lambda v, s: "—" if v is None else format(v, s)  # noqa: E731
+            print(f"  {peer:20s} λ {row['l1']:<5g} L0 {row['l0']:6.1f}  FVU peer {row['fvu']['peer']:.4f} saekit "
+                  f"{f(row['fvu']['saekit'], '.4f')} (×{f(row.get('fvu_ratio'), '.2f')})  loss rec. (zero) peer "
+                  f"{row['loss_recovered_zero']['peer']:.4f} saekit {f(row['loss_recovered_zero']['saekit'], '.4f')}")
 
 
 # --- report ---------------------------------------------------------------------------------------
@@ -187,6 +246,7 @@ def main() -> int:
     ap.add_argument("--lr", type=float, default=0.0, help="Adam learning rate for all (0: saekit's default for the size)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=2, help="torch threads in every trainer process")
+    ap.add_argument("--l1-sweep", default="", help="ReLU: comma-separated λ values; every toolkit trains at each, compared at equal L0")
     ap.add_argument("--repeats", type=int, default=1, help="train each (kind, toolkit) this many times (alternating); the fastest is reported")
     ap.add_argument("--max-rows", type=int, default=1_000_000, help="rows of the train split held in memory (the budget cycles over them)")
     ap.add_argument("--eval-tokens", type=int, default=32768, help="held-out tokens for the splice evaluation")
@@ -206,6 +266,12 @@ def main() -> int:
         bad = [k for k in kinds if k not in ("topk", "relu")] + [p for p in peers if p not in PEERS]
         if bad:
             raise SaekitError(f"unknown kind or peer {', '.join(bad)}; kinds: topk, relu; peers: {', '.join(PEERS)}")
+        try:
+            sweep_l1 = [float(v) for v in a.l1_sweep.split(",") if v.strip()]
+        except ValueError:
+            raise SaekitError(f"--l1-sweep {a.l1_sweep!r} is not a comma-separated list of numbers, e.g. 1,2,5,10") from None
+        if sweep_l1 and "relu" not in kinds:
+            raise SaekitError("--l1-sweep needs kind relu in --kinds")
         t0 = time.perf_counter()
         if not a.store:
             from saekit.pipeline import default_hook
@@ -252,20 +318,39 @@ def main() -> int:
                         r["folder"] = str(keep / Path(r["folder"]).relative_to(a.work / "dicts" / f"{kind}-{trainer}"))
         runs += [best[t] for t, _ in plan]
 
+    sweep: list[dict] = []
+    if sweep_l1:
+        plan = [("saekit", sys.executable)] + [(p, a.peer_python) for p in peers if p not in missing and "relu" in PEER_KINDS[p]]
+        for lam in sweep_l1:
+            for trainer, python in plan:
+                prev = next((r for r in runs if r["kind"] == "relu" and r["trainer"] == trainer), None)
+                if lam == a.l1 and prev is not None:  # already trained above
+                    prev["l1"] = lam
+                    sweep.append(prev)
+                    continue
+                r = run_trainer(python, trainer, "relu", acts, a.work / "sweep" / f"l1_{lam:g}-{trainer}", a, d_dict, lr, l1=lam)
+                r["l1"] = lam
+                print(f"  relu  {trainer:20s} λ {lam:g}: {r.get('error') or format(r['tokens_per_s'], ',.0f') + ' tok/s'}", flush=True)
+                sweep.append(r)
+
     print(f"evaluating {sum('folder' in r for r in runs)} dictionaries with saekit.splice on {a.eval_tokens:,} held-out tokens …", flush=True)
-    evaluate_all(store, hook, runs, a.eval_tokens, batch_size=8)
+    evaluate_all(store, hook, runs + [r for r in sweep if not any(r is q for q in runs)], a.eval_tokens, batch_size=8)
     for kind in kinds:
         ours = next((r for r in runs if r["kind"] == kind and r["trainer"] == "saekit"), {})
         for r in runs:
             if r["kind"] == kind and r["trainer"] != "saekit":
                 r["ratio"] = ratios(ours, r)
     print_table(runs)
+    front = frontier_compare(sweep) if sweep else None
+    if front:
+        print_frontier(front)
     result = {
         "setup": {"store": str(store_path), "hook": hook, "width": width, "train_rows": int(rows.shape[0]), "d_dict": d_dict,
                   "k": a.k, "l1": a.l1, "lr": lr, "batch_size": a.batch_size, "tokens": a.tokens, "seed": a.seed,
-                  "threads": a.threads, "repeats": a.repeats, "eval_tokens": a.eval_tokens, "torch": torch.__version__,
+                  "threads": a.threads, "repeats": a.repeats, "l1_sweep": sweep_l1, "eval_tokens": a.eval_tokens, "torch": torch.__version__,
                   "skipped": missing},
         "runs": runs,
+        "frontier": front,
     }
     out = a.work / "results.json"
     out.with_suffix(".json.tmp").write_text(json.dumps(result, indent=2, default=float))
