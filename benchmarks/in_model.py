@@ -3,14 +3,20 @@
     python benchmarks/in_model.py --model toy --work /tmp/in_model [--steps 300] [--hook blocks.1.hook_mlp_out]
 
 For one hook and one codebook shape (codes, k), it trains
-  offline  — `saekit.train` on a store of the original model's activations,
-  e2e      — `saekit.e2e`: the same codebook shape through the frozen model against KL(clean ‖ spliced),
-  joint    — `saekit.finetune`: codebook and model trained together (Codebook Features),
-and reports for each: held-out CE with the codebook spliced in, loss recovered (vs zero
-ablation), next-token accuracy, transition accuracy of sampled walks (the FSM's own
-measure) and state-recovery F1 (`toy eval`; the joint codebook is scored on a store of
-the fine-tuned model).  Every codebook has L0 = k per token by construction.  Prints a
-table and writes <work>/in_model.json.  CPU: a few minutes at the defaults.
+  offline      — `saekit.train` on a store of the original model's activations (same rows as e2e sees),
+  offline ×M   — the same with M times the tokens (offline steps are cheap: is its gap only budget?),
+  e2e          — `saekit.e2e`: the same codebook shape through the frozen model against KL(clean ‖ spliced),
+  joint        — `saekit.finetune`: codebook and model trained together (Codebook Features),
+all on the store's train split, and reports for each on the first 64 sequences of its eval
+split: CE with the codebook spliced in, loss recovered against the *original* model (clean
+CE and zero ablation of the original, so the joint row says how much of the original's
+loss the codebook model keeps), next-token accuracy, transition accuracy of sampled walks
+(the FSM's own measure, `saekit.toy.fsm.transition_accuracy`) and state-recovery F1 (`toy
+eval`; the joint codebook is scored on a store of the fine-tuned model).  Every codebook
+has L0 = k per token by construction.  The talk's table (original / fine-tuned without
+codebooks / codebook model) comes from `saekit splice-eval --finetuned` on the same tokens,
+beside the one `saekit finetune` wrote.  Prints the tables and writes <work>/in_model.json.
+CPU: about ten minutes at the defaults on a shared 2-core machine.
 """
 
 from __future__ import annotations
@@ -47,7 +53,8 @@ def main() -> None:
     ap.add_argument("--k", type=int, default=4)
     ap.add_argument("--steps", type=int, default=300)
     ap.add_argument("--n-seq", type=int, default=1200)
-    ap.add_argument("--sample-seqs", type=int, default=32)
+    ap.add_argument("--sample-seqs", type=int, default=64)
+    ap.add_argument("--offline-mult", type=int, default=10, help="token multiple of the second offline row (0: no such row)")
     args = ap.parse_args()
     torch.set_num_threads(2)
 
@@ -55,6 +62,7 @@ def main() -> None:
     from saekit.dictionaries import load
     from saekit.e2e import E2EConfig, train_e2e
     from saekit.harvest import HarvestConfig, harvest
+    from saekit.splice import SpliceConfig, splice_eval
     from saekit.toy.corpus import ToyDataConfig, write_corpus
     from saekit.toy.eval import state_recovery
     from saekit.toy.fsm import load_fsm, transition_accuracy
@@ -77,13 +85,18 @@ def main() -> None:
     store = store_of(args.model, "store")
     times["harvest"] = time.time() - t0
 
-    t0 = time.time()
-    offline_root = work / "offline"
-    if not offline_root.exists():
-        train(TrainConfig(store=str(store), hooks=[args.hook], out=str(offline_root), kind="codebook", d_dict=args.codes,
-                          k=[args.k], tokens=args.steps * 8 * (ctx - 1), batch_size=8 * (ctx - 1), eval_tokens=20000), progress=False)
-    [offline] = [p.parent for p in offline_root.rglob("config.json")]
-    times["offline"] = time.time() - t0
+    def offline_run(name: str, mult: int) -> Path:
+        t0 = time.time()
+        root = work / name
+        if not root.exists():
+            train(TrainConfig(store=str(store), hooks=[args.hook], out=str(root), kind="codebook", d_dict=args.codes, k=[args.k],
+                              tokens=mult * args.steps * 8 * (ctx - 1), batch_size=8 * (ctx - 1), eval_tokens=20000), progress=False)
+        times[name] = time.time() - t0
+        [folder] = [p.parent for p in root.rglob("config.json") if (p.parent / "weights.safetensors").is_file()]
+        return folder
+
+    offline = offline_run("offline", 1)
+    offline_long = offline_run(f"offline-x{args.offline_mult}", args.offline_mult) if args.offline_mult else None
 
     t0 = time.time()
     e2e_root = work / "e2e"
@@ -93,8 +106,9 @@ def main() -> None:
 
     t0 = time.time()
     ft_out = work / "joint"
-    res = ft.finetune(ft.FinetuneConfig(model=args.model, data=str(text), codebooks=spec, out=str(ft_out), steps=args.steps,
-                                        batch_size=8, seq_len=ctx, packing="doc", resume=True), progress=False)
+    # On the store's tokens: trained on its train split, scored on its eval split, like the other rows.
+    res = ft.finetune(ft.FinetuneConfig(model=args.model, store=str(store), codebooks=spec, out=str(ft_out), steps=args.steps,
+                                        batch_size=8, resume=True), progress=False)
     joint = res.codebooks[0]
     times["joint"] = time.time() - t0
     store_ft = store_of(str(res.model), "store-joint")
@@ -107,8 +121,12 @@ def main() -> None:
     toks = np.asarray(st.read_tokens(ev.start, min(ev.stop, ev.start + 64)), dtype=np.int32)
     fsm = load_fsm(args.model)
     rows = {}
-    for name, model, dict_dir, eval_store in [("offline", args.model, offline, store), ("e2e", args.model, e2e, store),
-                                              ("joint", str(res.model), joint, store_ft)]:
+    runs = [("offline", args.model, offline, store)]
+    if offline_long is not None:
+        runs.append((f"offline x{args.offline_mult}", args.model, offline_long, store))
+    runs += [("e2e", args.model, e2e, store), ("joint", str(res.model), joint, store_ft)]
+    original: dict = {}
+    for name, model, dict_dir, eval_store in runs:
         im = ft.load_in_model(model, [args.hook], torch.device("cpu"))
         sp = ft.Splicer(im.hf, list(im.sites.values()))
         d = load(dict_dir)
@@ -119,24 +137,38 @@ def main() -> None:
         walks_clean = sample_walks(im.hf, sp, None, im.bos_id, args.sample_seqs, ctx, seed=1)
         walks = sample_walks(im.hf, sp, layer, im.bos_id, args.sample_seqs, ctx, seed=1)
         rec = state_recovery([str(dict_dir)], str(eval_store))
+        if model == args.model and not original:
+            original = {"ce": clean.loss, "ce_zero": zero}
         rows[name] = {
             "ce_clean": clean.loss, "ce_spliced": spliced.loss, "ce_zero": zero,
-            "loss_recovered": metrics.loss_recovered(clean.loss, spliced.loss, zero),
+            # Against the original model: for the joint row, how much of the original's loss the codebook model keeps.
+            "loss_recovered": metrics.loss_recovered(original["ce"], spliced.loss, original["ce_zero"]),
+            # Against the model the codebook is spliced into (differs from the above only for joint).
+            "loss_recovered_own_model": metrics.loss_recovered(clean.loss, spliced.loss, zero),
             "acc_clean": clean.accuracy, "acc_spliced": spliced.accuracy,
             "transition_acc_model": transition_accuracy(fsm, walks_clean)[0],
             "transition_acc_spliced": transition_accuracy(fsm, walks)[0],
             "state_f1": rec.dicts[0].scores.mean_best_f1, "neuron_f1": rec.neurons.mean_best_f1, "l0": args.k,
+            "dict": str(dict_dir),
         }
+    t0 = time.time()
+    talk = splice_eval(SpliceConfig(finetuned=str(ft_out)))["finetuned"]["table"]
+    times["splice-eval --finetuned"] = time.time() - t0
     out = {"model": args.model, "hook": args.hook, "codes": args.codes, "k": args.k, "steps": args.steps,
-           "finetune_table": res.table, "rows": rows, "seconds": times}
+           "sample_seqs": args.sample_seqs, "finetune_table": res.table, "splice_eval_finetuned_table": talk, "rows": rows,
+           "seconds": times}
     (work / "in_model.json").write_text(json.dumps(out, indent=2))
     print(f"hook {args.hook}, {args.codes} codes, k={args.k} (L0={args.k}), {args.steps} steps")
-    print(f"{'':8} {'CE clean':>9} {'CE spliced':>10} {'loss rec.':>9} {'acc':>6} {'trans. acc model/spliced':>25} {'state F1':>8}")
+    print(f"{'':12} {'CE clean':>9} {'CE spliced':>10} {'loss rec.':>9} {'acc':>6} {'trans. acc model/spliced':>25} {'state F1':>8}")
     for name, r in rows.items():
-        print(f"{name:8} {r['ce_clean']:9.4f} {r['ce_spliced']:10.4f} {r['loss_recovered']:9.3f} {r['acc_spliced']:6.3f} "
+        print(f"{name:12} {r['ce_clean']:9.4f} {r['ce_spliced']:10.4f} {r['loss_recovered']:9.3f} {r['acc_spliced']:6.3f} "
               f"{r['transition_acc_model']:12.3f} / {r['transition_acc_spliced']:.3f} {r['state_f1']:9.3f}")
+    print(f"neuron baseline state F1: original {rows['offline']['neuron_f1']:.3f}, fine-tuned {rows['joint']['neuron_f1']:.3f}")
+    by_name = {r["model"]: r for r in talk}
     for row in res.table:
-        print(f"  finetune table: {row['model']:36} loss {row['loss']:.4f}  acc {row['accuracy']:.3f}")
+        mine = by_name.get(row["model"], {"loss": float("nan"), "accuracy": float("nan")})
+        print(f"  {row['model']:36} finetune: loss {row['loss']:.4f} acc {row['accuracy']:.3f} | "
+              f"splice-eval --finetuned: loss {mine['loss']:.4f} acc {mine['accuracy']:.3f}")
     print("seconds:", {k: round(v) for k, v in times.items()})
 
 
