@@ -39,3 +39,4 @@ def register(app) -> None:
         for p in res.codebooks:
             console.print(f"codebook: {p}")
         console.print(f"report: {res.out / 'report.json'}")
+        console.print(f"the same table on other tokens: saekit splice-eval --finetuned {res.out} [--data FILE | --store DIR]")

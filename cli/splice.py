@@ -22,8 +22,7 @@ def register(app) -> None:
     ) -> None:
         """Splice dictionaries into the model and report what it loses (CE, loss recovered, KL, L0, FVU).
 
-        With --finetuned DIR (a `saekit finetune` output) it also prints the loss and accuracy of
-        the original, the fine-tuned-without-codebooks and the codebook model on the same tokens.
+        With --finetuned DIR (a `saekit finetune` output) it also prints the loss and accuracy of the original, the fine-tuned-without-codebooks and the codebook model on the same tokens.
         """
         from dataclasses import replace
 
