@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -34,7 +33,6 @@ from typing import NamedTuple
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 from saekit import finetune as ft
@@ -42,6 +40,7 @@ from saekit import metrics
 from saekit.config import to_dict
 from saekit.dictionaries.base import DictConfig, Dictionary, Provenance, build
 from saekit.errors import SaekitError
+from saekit.splice import PAD, masked_mean, model_input, scored_mask, splice_mask
 
 E2E_KINDS = ("relu", "topk", "batchtopk", "codebook")
 
@@ -152,7 +151,7 @@ def from_train_config(tc) -> E2EConfig:
 
 def e2e_loss(clean_logits: Tensor, spliced_logits: Tensor, mask: Tensor) -> Tensor:
     """Mean KL(clean ‖ spliced) over positions where mask (B, T) is True; the clean side carries no gradient."""
-    return ft.masked_mean(metrics.kl_per_token(clean_logits.detach(), spliced_logits), mask)
+    return masked_mean(metrics.kl_per_token(clean_logits.detach(), spliced_logits), mask)
 
 
 def spliced_reconstruction(d: Dictionary, rows: Tensor) -> tuple[Tensor, Tensor]:
@@ -223,7 +222,7 @@ def e2e_eval(em: E2EModel, d: Dictionary, hook: str, tokens: np.ndarray, batch_s
     l0_sum = rows_n = 0.0
     for i in range(0, tokens.shape[0], batch_size):
         t = torch.as_tensor(tokens[i:i + batch_size], dtype=torch.long, device=dev)
-        inp, mask, sm = ft.model_input(t, bos), ft.splice_mask(t, skip_bos), ft.scored_mask(t)
+        inp, mask, sm = model_input(t, bos), splice_mask(t, skip_bos), scored_mask(t)
         clean = hf(input_ids=inp).logits
         caught = {}
 
@@ -237,7 +236,7 @@ def e2e_eval(em: E2EModel, d: Dictionary, hook: str, tokens: np.ndarray, batch_s
 
         with em.splicer.active({hook: fn}):
             spliced = hf(input_ids=inp).logits
-        valid = t != ft.PAD
+        valid = t != PAD
         kl += (metrics.kl_per_token(clean, spliced) * valid).sum().item()
         n_pos += valid.sum().item()
         ce_c += (metrics.ce_per_token(clean, inp) * sm).sum().item()
@@ -256,22 +255,14 @@ def e2e_eval(em: E2EModel, d: Dictionary, hook: str, tokens: np.ndarray, batch_s
 
 
 def _state(d: Dictionary, opt: torch.optim.Optimizer, step: int) -> tuple[dict[str, Tensor], dict]:
-    t = {f"dict.{k}": v for k, v in d.state_dict().items()}
-    osd = opt.state_dict()
-    for idx, st in osd["state"].items():
-        for name, v in st.items():
-            t[f"opt.{idx}.{name}"] = v if torch.is_tensor(v) else torch.tensor(v)
-    return {k: v.detach().contiguous().cpu() for k, v in t.items()}, {"param_groups": osd["param_groups"], "step": step}
+    t, groups = ft.optimizer_tensors(opt)
+    t |= {f"dict.{k}": v for k, v in d.state_dict().items()}
+    return {k: v.detach().contiguous().cpu() for k, v in t.items()}, {"param_groups": groups, "step": step}
 
 
 def _load_state(d: Dictionary, opt: torch.optim.Optimizer, t: dict[str, Tensor], meta: dict) -> int:
     d.load_state_dict({k[5:]: v for k, v in t.items() if k.startswith("dict.")})
-    state: dict[int, dict[str, Tensor]] = {}
-    for k, v in t.items():
-        if k.startswith("opt."):
-            _, idx, name = k.split(".", 2)
-            state.setdefault(int(idx), {})[name] = v
-    opt.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+    ft.load_optimizer(opt, t, meta["param_groups"])
     return int(meta["step"])
 
 
@@ -295,15 +286,7 @@ def train_one(cfg: E2EConfig, em: E2EModel, d: Dictionary, hook: str, data: ft.T
     cfg_dict, step = to_dict(cfg), 0
     done = paths.checkpoint_steps()
     if done and cfg.resume:
-        folder = paths.checkpoint(done[-1])
-        try:
-            meta = json.loads((folder / "state.json").read_text())
-            tensors = load_file(str(folder / "state.safetensors"), device=str(dev))
-        except (OSError, ValueError) as e:
-            raise SaekitError(f"checkpoint {folder} is damaged ({e}); delete it to resume from the one before") from None
-        if meta.get("identity") != ident:
-            diff = [k for k in E2E_IDENTITY if meta.get("config", {}).get(k) != cfg_dict.get(k)]
-            raise SaekitError(f"{folder} was written with other settings ({', '.join(diff) or 'hook'} differ); rerun with the original options")
+        tensors, meta = ft.open_checkpoint(paths.checkpoint(done[-1]), ident, E2E_IDENTITY, cfg_dict, device=str(dev), unnamed="hook")
         step = _load_state(d, opt, tensors, meta)
     else:
         paths.metrics.write_text("")
@@ -313,7 +296,7 @@ def train_one(cfg: E2EConfig, em: E2EModel, d: Dictionary, hook: str, data: ft.T
     try:
         while step < cfg.steps:
             t = torch.as_tensor(ft.batch_at(data.train, step, cfg.batch_size, cfg.seed), dtype=torch.long, device=dev)
-            inp, mask = ft.model_input(t, bos), ft.splice_mask(t, cfg.skip_bos)
+            inp, mask = model_input(t, bos), splice_mask(t, cfg.skip_bos)
             with torch.no_grad():
                 clean = hf(input_ids=inp).logits
             terms: dict[str, Tensor] = {}
@@ -330,7 +313,7 @@ def train_one(cfg: E2EConfig, em: E2EModel, d: Dictionary, hook: str, data: ft.T
 
             with em.splicer.active({hook: fn}):
                 spliced = hf(input_ids=inp).logits
-            terms["kl"] = e2e_loss(clean, spliced, t != ft.PAD)
+            terms["kl"] = e2e_loss(clean, spliced, t != PAD)
             loss = terms["kl"] + cfg.mse_coef * terms["mse"] + cfg.l1 * terms.get("l1", 0.0)
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -354,17 +337,9 @@ def train_one(cfg: E2EConfig, em: E2EModel, d: Dictionary, hook: str, data: ft.T
                 bar.update(step, f"kl={row['kl']:.4f} mse={row['mse']:.4f}")
                 acc, n_acc = {}, 0
             if last or (cfg.checkpoint_every and step % cfg.checkpoint_every == 0):
-                folder = paths.checkpoint(step)
-                tmp = folder.with_name(folder.name + ".tmp")
-                shutil.rmtree(tmp, ignore_errors=True)
-                tmp.mkdir(parents=True)
                 tensors, meta = _state(d, opt, step)
-                save_file(tensors, tmp / "state.safetensors")
-                (tmp / "state.json").write_text(json.dumps(meta | {"identity": ident, "config": cfg_dict}, indent=1))
-                shutil.rmtree(folder, ignore_errors=True)
-                os.replace(tmp, folder)
-                for old in paths.checkpoint_steps()[:-2]:
-                    shutil.rmtree(paths.checkpoint(old), ignore_errors=True)
+                keep = [paths.checkpoint(s) for s in sorted(set(paths.checkpoint_steps()) | {step})]
+                ft.save_checkpoint(paths.checkpoint(step), tensors, meta | {"identity": ident, "config": cfg_dict}, keep)
     finally:
         bar.stop()
     after = e2e_eval(em, d.eval(), hook, data.eval, cfg.batch_size, cfg.skip_bos)

@@ -44,7 +44,7 @@ import os
 import re
 import shutil
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -58,9 +58,7 @@ from saekit import metrics
 from saekit.config import to_dict
 from saekit.dictionaries.base import DictConfig, Dictionary, Provenance
 from saekit.errors import SaekitError, did_you_mean
-
-PAD = -1
-"""Padding id in token arrays (saekit.text.PAD): fed to the model as BOS, never scored or spliced."""
+from saekit.splice import PAD, masked_mean, model_input, scored_mask, splice_mask  # noqa: F401  (PAD: part of the token-array contract)
 
 
 # --- pure maths ---------------------------------------------------------------------------------
@@ -84,28 +82,6 @@ def norm_scale(x: Tensor) -> float:
     """sqrt(d / E‖x‖²): the store's normalisation (E‖scale·x‖² = d), from a sample of rows (n, d)."""
     msq = x.double().pow(2).sum(-1).mean().item()
     return math.sqrt(x.shape[-1] / msq) if msq > 0 else 1.0
-
-
-def splice_mask(tokens: Tensor, skip_bos: bool) -> Tensor:
-    """(B, T) bool: positions whose activation is replaced (not padding; not position 0 when skip_bos)."""
-    mask = tokens != PAD
-    if skip_bos:
-        mask[:, 0] = False
-    return mask
-
-
-def scored_mask(tokens: Tensor) -> Tensor:
-    """(B, T-1) bool: positions with a real next token (it and the one before are not padding)."""
-    return (tokens[:, :-1] != PAD) & (tokens[:, 1:] != PAD)
-
-
-def model_input(tokens: Tensor, bos_id: int) -> Tensor:
-    """Padding → BOS for the forward; padding sits after the text, so causal attention keeps it out."""
-    return torch.where(tokens == PAD, torch.full_like(tokens, bos_id), tokens)
-
-
-def masked_mean(values: Tensor, mask: Tensor) -> Tensor:
-    return (values * mask).sum() / mask.sum().clamp_min(1)
 
 
 # --- hook names → Hugging Face modules --------------------------------------------------------
@@ -777,12 +753,10 @@ def phase_state(ph: Phase) -> tuple[dict[str, Tensor], dict]:
     for h, layer in ph.layers.items():
         t[f"codebook.{h}"] = layer.d.codebook
         t[f"since.{h}"] = ph.since_fired[h]
-    osd = ph.opt.state_dict()
-    for idx, st in osd["state"].items():
-        for name, v in st.items():
-            t[f"opt.{idx}.{name}"] = v if torch.is_tensor(v) else torch.tensor(v)
+    opt_t, groups = optimizer_tensors(ph.opt)
+    t |= opt_t
     t["generator"] = ph.generator.get_state()
-    return {k: v.detach().contiguous().cpu() for k, v in t.items()}, {"param_groups": osd["param_groups"], "step": ph.step}
+    return {k: v.detach().contiguous().cpu() for k, v in t.items()}, {"param_groups": groups, "step": ph.step}
 
 
 def load_phase_state(ph: Phase, t: dict[str, Tensor], meta: dict) -> None:
@@ -795,42 +769,70 @@ def load_phase_state(ph: Phase, t: dict[str, Tensor], meta: dict) -> None:
                 ph.layers[k[9:]].d.codebook.copy_(v)
             elif k.startswith("since."):
                 ph.since_fired[k[6:]] = v.to(ph.since_fired[k[6:]].device)
-    state: dict[int, dict[str, Tensor]] = {}
-    for k, v in t.items():
-        if k.startswith("opt."):
-            _, idx, name = k.split(".", 2)
-            state.setdefault(int(idx), {})[name] = v
-    ph.opt.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+    load_optimizer(ph.opt, t, meta["param_groups"])
     ph.generator.set_state(t["generator"])
     ph.step = int(meta["step"])
 
 
 def write_checkpoint(folder: Path, ph: Phase, ident: str, cfg_dict: dict, keep: list[Path]) -> None:
-    """Temp folder renamed when complete; older checkpoints in `keep` beyond the last two removed."""
+    tensors, meta = phase_state(ph)
+    save_checkpoint(folder, tensors, meta | {"identity": ident, "config": cfg_dict}, keep)
+
+
+def read_checkpoint(folder: Path, ph: Phase, ident: str, identity_fields: tuple[str, ...], cfg_dict: dict) -> None:
+    tensors, meta = open_checkpoint(folder, ident, identity_fields, cfg_dict)
+    load_phase_state(ph, tensors, meta)
+
+
+# --- checkpoint files (also used by saekit.e2e) ------------------------------------------------
+
+def optimizer_tensors(opt: torch.optim.Optimizer) -> tuple[dict[str, Tensor], list]:
+    """The optimiser's state as flat `opt.{param index}.{name}` tensors plus its param_groups (JSON), so a
+    checkpoint is safetensors + JSON rather than a pickled state_dict."""
+    osd = opt.state_dict()
+    t = {f"opt.{idx}.{name}": v if torch.is_tensor(v) else torch.tensor(v) for idx, st in osd["state"].items() for name, v in st.items()}
+    return t, osd["param_groups"]
+
+
+def load_optimizer(opt: torch.optim.Optimizer, t: dict[str, Tensor], param_groups: list) -> None:
+    """Inverse of `optimizer_tensors`; keys of `t` not starting with `opt.` are ignored."""
+    state: dict[int, dict[str, Tensor]] = {}
+    for k, v in t.items():
+        if k.startswith("opt."):
+            _, idx, name = k.split(".", 2)
+            state.setdefault(int(idx), {})[name] = v
+    opt.load_state_dict({"state": state, "param_groups": param_groups})
+
+
+def save_checkpoint(folder: Path, tensors: dict[str, Tensor], meta: dict, keep: list[Path]) -> None:
+    """state.safetensors + state.json written in a temp folder renamed when complete (a crash never leaves a
+    half checkpoint under its final name); older checkpoints in `keep` beyond the last two removed."""
     tmp = folder.with_name(folder.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    tensors, meta = phase_state(ph)
     save_file(tensors, tmp / "state.safetensors")
-    (tmp / "state.json").write_text(json.dumps(meta | {"identity": ident, "config": cfg_dict}, indent=1))
+    (tmp / "state.json").write_text(json.dumps(meta, indent=1))
     shutil.rmtree(folder, ignore_errors=True)
     os.replace(tmp, folder)
     for old in keep[:-2]:
         shutil.rmtree(old, ignore_errors=True)
 
 
-def read_checkpoint(folder: Path, ph: Phase, ident: str, identity_fields: tuple[str, ...], cfg_dict: dict) -> None:
+def open_checkpoint(folder: Path, ident: str, identity_fields: tuple[str, ...], cfg_dict: dict,
+                    device: str = "cpu", unnamed: str = "unknown") -> tuple[dict[str, Tensor], dict]:
+    """(tensors, meta) of a checkpoint written by `save_checkpoint`, refused unless it was written under the
+    same identity; the error names the differing fields (`unnamed` when the identity differs elsewhere)."""
     try:
         meta = json.loads((folder / "state.json").read_text())
-        tensors = load_file(str(folder / "state.safetensors"))
+        tensors = load_file(str(folder / "state.safetensors"), device=device)
     except (OSError, ValueError) as e:
         raise SaekitError(f"checkpoint {folder} is damaged ({e}); delete it to resume from the one before") from None
     if meta.get("identity") != ident:
         old = meta.get("config", {})
         diff = [k for k in identity_fields if old.get(k) != cfg_dict.get(k)]
-        raise SaekitError(f"{folder} was written with other settings ({', '.join(diff) or 'unknown'} differ); "
+        raise SaekitError(f"{folder} was written with other settings ({', '.join(diff) or unnamed} differ); "
                           "rerun with the original options or choose another --out")
-    load_phase_state(ph, tensors, meta)
+    return tensors, meta
 
 
 class _Bar:

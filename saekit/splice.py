@@ -117,12 +117,21 @@ def replace_rows(act: Tensor, mask: Tensor, fn: Callable[[Tensor], Tensor]) -> T
     return unflatten(out, list(act.shape[2:]))
 
 
-def splice_mask(tokens: Tensor, splice_bos: bool) -> Tensor:
-    """(B, T) bool: positions whose activation is replaced (not padding; not position 0 unless splice_bos)."""
+def splice_mask(tokens: Tensor, skip_bos: bool) -> Tensor:
+    """(B, T) bool: positions whose activation is replaced (not padding; not position 0 when skip_bos).
+
+    Shared by splice-eval, in-model training (`saekit.finetune`) and e2e, so a dictionary
+    is trained and evaluated on the same positions.
+    """
     mask = tokens != PAD
-    if not splice_bos:
+    if skip_bos:
         mask[:, 0] = False
     return mask
+
+
+def masked_mean(values: Tensor, mask: Tensor) -> Tensor:
+    """Mean of values (B, T) over the positions where mask is True (0 when there are none)."""
+    return (values * mask).sum() / mask.sum().clamp_min(1)
 
 
 def scored_mask(tokens: Tensor) -> Tensor:
@@ -298,7 +307,7 @@ def mean_activations(model: LoadedModel, tokens: Tensor, hooks: list[str], batch
     device = next(model.bridge.parameters()).device
     for i in range(0, tokens.shape[0], batch_size):
         tok = tokens[i : i + batch_size].to(device)
-        mask = splice_mask(tok, splice_bos=False)
+        mask = splice_mask(tok, skip_bos=True)
         acts = capture(model.bridge, model_input(tok, model.bos_id), hooks)
         for h, a in acts.items():
             s = a[mask].double().sum(0)
@@ -467,7 +476,7 @@ def evaluate(
     for i in range(0, tokens.shape[0], batch_size):
         tok = tokens[i : i + batch_size].to(device)
         inp = model_input(tok, model.bos_id)
-        mask = splice_mask(tok, splice_bos)
+        mask = splice_mask(tok, skip_bos=not splice_bos)
         scored = scored_mask(tok)
         n_scored += int(scored.sum())
 
