@@ -55,3 +55,13 @@ def tiny_text_file(tmp_path_factory) -> str:
     p = tmp_path_factory.mktemp("text") / "corpus.txt"
     p.write_text("\n".join(lines) + "\n")
     return str(p)
+
+
+@pytest.fixture
+def one_thread():
+    """Torch on one thread for the test: small matmuls run faster, and on a shared machine two threads spin-wait
+    on each other.  Modules of small-matrix tests opt in with `pytestmark = pytest.mark.usefixtures("one_thread")`."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

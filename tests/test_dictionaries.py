@@ -28,13 +28,7 @@ def randomised(d, seed=0):
     return d
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Small matmuls: one thread is faster, and on a shared machine two threads spin-wait on each other."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # fixture in conftest.py
 
 
 # --- plain references --------------------------------------------------------------------------

@@ -36,13 +36,7 @@ def trainer(tmp_path, data, *, name="out", scale=1.0, **kw):
     return Trainer(cfg, hooks, tensor_batches(data, cfg.batch_size, cfg.seed), progress=False)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Small matmuls: one thread is faster, and on a shared machine two threads spin-wait on each other."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # fixture in conftest.py
 
 
 # --- learning ----------------------------------------------------------------------------------------

@@ -11,12 +11,7 @@ from saekit.train import HookSource, TrainConfig, Trainer, tensor_batches
 D_IN, N_ATOMS, K_TRUE = 32, 96, 4
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # fixture in conftest.py
 
 
 def planted(n: int, seed: int) -> torch.Tensor:
