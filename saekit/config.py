@@ -125,3 +125,13 @@ def to_dict(cfg) -> dict:
         return v
 
     return {k: conv(v) for k, v in dataclasses.asdict(cfg).items()}
+
+
+def check_signs(cfg, positive: tuple[str, ...] = (), non_negative: tuple[str, ...] = ()) -> None:
+    """For `__post_init__`: ValueError naming the first field in `positive` that is ≤ 0 or in `non_negative` that is < 0."""
+    for name in positive:
+        if getattr(cfg, name) <= 0:
+            raise ValueError(f"{name} must be positive, got {getattr(cfg, name)}")
+    for name in non_negative:
+        if getattr(cfg, name) < 0:
+            raise ValueError(f"{name} must not be negative, got {getattr(cfg, name)}")

@@ -37,7 +37,7 @@ from torch import Tensor
 
 from saekit import finetune as ft
 from saekit import metrics
-from saekit.config import to_dict
+from saekit.config import check_signs, to_dict
 from saekit.dictionaries.base import DictConfig, Dictionary, Provenance, build
 from saekit.errors import SaekitError
 from saekit.splice import PAD, masked_mean, model_input, scored_mask, splice_mask
@@ -109,12 +109,8 @@ class E2EConfig:
             raise ValueError("give either data or store, not both")
         if self.kind not in E2E_KINDS:
             raise ValueError(f"kind {self.kind!r} cannot be trained end-to-end from scratch; use one of {', '.join(E2E_KINDS)} (or --init)")
-        for name in ("steps", "batch_size", "eval_sequences", "log_every", "k", "expansion", "groups", "init_rows"):
-            if getattr(self, name) <= 0:
-                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
-        for name in ("lr", "l1", "mse_coef", "checkpoint_every"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"{name} must not be negative, got {getattr(self, name)}")
+        check_signs(self, positive=("steps", "batch_size", "eval_sequences", "log_every", "k", "expansion", "groups", "init_rows"),
+                    non_negative=("lr", "l1", "mse_coef", "checkpoint_every"))
 
 
 E2E_IDENTITY = ("model", "data", "store", "text_field", "init", "kind", "d_dict", "expansion", "k", "l1", "groups",

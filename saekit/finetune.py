@@ -55,7 +55,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from saekit import metrics
-from saekit.config import to_dict
+from saekit.config import check_signs, to_dict
 from saekit.dictionaries.base import DictConfig, Dictionary, Provenance
 from saekit.errors import SaekitError, did_you_mean
 from saekit.splice import PAD, masked_mean, model_input, scored_mask, splice_mask  # noqa: F401  (PAD: part of the token-array contract)
@@ -437,12 +437,8 @@ class FinetuneConfig:
     def __post_init__(self):
         if self.data and self.store:
             raise ValueError("give either data or store, not both")
-        for name in ("steps", "batch_size", "eval_sequences", "log_every", "init_rows"):
-            if getattr(self, name) <= 0:
-                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
-        for name in ("lr", "codebook_lr", "commit_coef", "checkpoint_every", "replace_every", "dead_tokens"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"{name} must not be negative, got {getattr(self, name)}")
+        check_signs(self, positive=("steps", "batch_size", "eval_sequences", "log_every", "init_rows"),
+                    non_negative=("lr", "codebook_lr", "commit_coef", "checkpoint_every", "replace_every", "dead_tokens"))
         if self.seq_len < 2:
             raise ValueError(f"seq_len must be at least 2, got {self.seq_len}")
         if self.packing not in ("concat", "doc"):
