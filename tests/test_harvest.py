@@ -238,7 +238,7 @@ def test_cli_errors_are_one_line(case, extra, expected, tiny_model_dir, tiny_tex
 
 
 def test_unwritable_and_full_disk(tiny_model_dir, tiny_text_file, tmp_path, capsys, monkeypatch):
-    import saekit.store as store_mod
+    import saekit.store.writer as store_mod  # the module that opens shards
 
     args = ["harvest", "--quiet", "--model", tiny_model_dir, "--hooks", HOOKS[0], "--data", tiny_text_file, "--context-size", 16, "--tokens", 160]
 

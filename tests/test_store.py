@@ -234,7 +234,7 @@ def test_float16_overflow_names_hook(tmp_path):
 
 
 def test_disk_full_surfaces_as_oserror(tmp_path, monkeypatch):
-    import saekit.store as store_mod
+    import saekit.store.writer as store_mod  # the module that opens shards
 
     header = {"model": ModelInfo("m", "f", 2, 1, CTX, 5).to_dict(), "config": {}, "config_hash": "h"}
     w = StoreWriter(tmp_path / "s", header=header, hooks=[HookSpec("h", 0, [2])], context_size=CTX, dtype="float32", shard_seqs=4)

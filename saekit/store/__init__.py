@@ -1,0 +1,53 @@
+"""The activation store (format `saekit-activations` v1): writer, reader and shuffling loader.
+
+A store is a directory (docs/architecture.md pins the layout):
+
+    manifest.json       what was harvested, how, per-hook statistics, the finished shards
+    shard-00000.h5      tokens int32 [n_seq, ctx] (-1 = padding), acts/<hook> [n_seq, ctx, width],
+    shard-00001.h5      stats/<hook>/{count,sum,sumsq,norm_sum,sq_norm_sum} (float64, counted rows)
+    ...
+
+Read top-down:
+
+- `format`: names, constants, the manifest (read, check against a resumed run,
+  consolidate), per-hook running statistics, dtype conversion; shared by both sides.
+- `writer`: `StoreWriter`, crash-safe shards written on a background thread.
+- `reader`: `ActivationStore` and its shuffling, exactly resumable `BatchStream`;
+  `summary` and `verify` for `saekit info`.
+
+Every public name is re-exported here, so `from saekit.store import X` is the import to use.
+"""
+
+from saekit.store.format import (
+    CHUNK_BYTES,
+    DTYPES,
+    FORMAT,
+    MANIFEST,
+    PROGRESS_PREFIX,
+    STAT_KEYS,
+    TMP_SUFFIX,
+    VERSION,
+    RunningStats,
+    check_existing,
+    consolidate,
+    finished_shards,
+    from_stored,
+    gaps,
+    progress_name,
+    read_manifest,
+    row_mask,
+    sha256_file,
+    shard_index,
+    shard_name,
+    to_stored,
+    write_json_atomic,
+)
+from saekit.store.reader import ActivationStore, BatchStream, summary, verify
+from saekit.store.writer import StoreWriter
+
+__all__ = [
+    "CHUNK_BYTES", "DTYPES", "FORMAT", "MANIFEST", "PROGRESS_PREFIX", "STAT_KEYS", "TMP_SUFFIX", "VERSION",
+    "ActivationStore", "BatchStream", "RunningStats", "StoreWriter",
+    "check_existing", "consolidate", "finished_shards", "from_stored", "gaps", "progress_name", "read_manifest",
+    "row_mask", "sha256_file", "shard_index", "shard_name", "summary", "to_stored", "verify", "write_json_atomic",
+]
