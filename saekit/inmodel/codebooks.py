@@ -1,0 +1,239 @@
+"""Codebooks inside the forward pass: the straight-through maths, `InModelCodebook`, and the --codebooks spec.
+
+Codebook Features (Tamkin et al. 2023, §3): at a hook the activation x is replaced by the sum of
+the k codes most similar to it (per group); the forward value is the codebook's, the backward
+pass is the identity (straight-through), and a commitment term pulls the chosen codes towards
+their inputs.  `saekit.finetune` states the whole objective.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from saekit.dictionaries.base import DictConfig, Dictionary, Provenance
+from saekit.errors import SaekitError, did_you_mean
+from saekit.inmodel.sites import HOOK_RE
+
+# --- pure maths ---------------------------------------------------------------------------------
+
+def straight_through(x: Tensor, x_hat: Tensor) -> Tensor:
+    """Forward value x̂, backward identity to x: sg[x̂] + (x − sg[x]) (Bengio et al. 2013; VQ-VAE §3.2).
+
+    ∂out/∂x = I and ∂out/∂x̂ = 0, so the model's loss flows past the codebook to the
+    layers below as if the hook were not there, and never reaches the codes.  Written
+    this way (not x + sg[x̂ − x]) the value is exactly x̂: x − sg[x] is exactly 0.
+    """
+    return x_hat.detach() + (x - x.detach())
+
+
+def commitment(x_hat_n: Tensor, xn: Tensor) -> Tensor:
+    """Per-row ‖x̂_n − sg[x_n]‖² / d_in: (n, d_in) → (n,).  Its gradient reaches x̂_n (the codes) only."""
+    return (x_hat_n - xn.detach()).pow(2).sum(-1) / xn.shape[-1]
+
+
+def norm_scale(x: Tensor) -> float:
+    """sqrt(d / E‖x‖²): the store's normalisation (E‖scale·x‖² = d), from a sample of rows (n, d)."""
+    msq = x.double().pow(2).sum(-1).mean().item()
+    return math.sqrt(x.shape[-1] / msq) if msq > 0 else 1.0
+
+
+# --- a codebook inside the forward pass --------------------------------------------------------
+
+class InModelCodebook(nn.Module):
+    """A saekit `Codebook` spliced into the forward pass with the straight-through estimator.
+
+    Per call (x: (B, T, d_in), rows where `mask` is False are left as they are):
+
+        x_n  = scale · x;   x̂_n = Σ_{top-k codes per group} c      (codes chosen without gradient)
+        out  = straight_through(x, x̂_n / scale)                  # value x̂, gradient identity to x
+        commit = masked mean of commitment(x̂_n, x_n)              # gradient to the chosen codes only
+
+    `last_commit` and `last_fired` (codes chosen at least once) are kept for the trainer.
+    """
+
+    def __init__(self, dictionary: Dictionary):
+        super().__init__()
+        self.d = dictionary
+        self.mask: Tensor | None = None
+        self.last_commit: Tensor | None = None
+        self.last_fired: Tensor | None = None
+        self.last_rows: Tensor | None = None
+
+    def forward(self, x: Tensor) -> Tensor:
+        from saekit.dictionaries.codebook import choose_codes, sum_codes
+
+        d = self.d
+        mask = self.mask if self.mask is not None else torch.ones(x.shape[:2], dtype=torch.bool, device=x.device)
+        rows = x[mask]  # (n, d_in)
+        G, C, _ = d.codebook.shape
+        if rows.shape[0] == 0:  # e.g. a batch of BOS only (the first sampling step): nothing to replace
+            self.last_commit = d.codebook.sum() * 0  # zero, but still part of the graph
+            self.last_fired = torch.zeros(d.cfg.d_dict, device=x.device)
+            return x
+        xn = rows.float() * d.scale
+        with torch.no_grad():
+            idx = choose_codes(xn, d.codebook, d.k, d.cfg.similarity)  # (n, G, k)
+        x_hat_n = sum_codes(idx, d.codebook)  # (n, d_in), differentiable in the codes
+        self.last_commit = commitment(x_hat_n, xn).mean()
+        flat = (idx + torch.arange(G, device=x.device)[None, :, None] * C).flatten()
+        self.last_fired = torch.zeros(d.cfg.d_dict, device=x.device).index_add_(0, flat, torch.ones_like(flat, dtype=torch.float))
+        self.last_rows = xn.detach()
+        out = x.clone()
+        out[mask] = straight_through(rows, (x_hat_n / d.scale).to(rows.dtype))
+        return out
+
+
+# --- the codebook spec --------------------------------------------------------------------------
+
+SPEC_HELP = (
+    "Codebooks to insert: entries separated by ';', each SITE:key=value,... "
+    "SITE is attn (attn.hook_z, every layer), mlp (hook_mlp_out), resid (hook_resid_post), optionally "
+    "with layers in brackets (mlp[0,2], attn[1-3]), or a full hook name (blocks.1.hook_mlp_out). "
+    "Keys: k (codes chosen per group; required), codes (codes per group; default 8 x the group width), "
+    "groups (a number, or heads = one group per attention head), sim (cosine | inner). "
+    "Example: 'attn:k=8,groups=heads;mlp[3]:k=100,codes=4096'."
+)
+SHORTHANDS = {"attn": "attn.hook_z", "mlp": "hook_mlp_out", "resid": "hook_resid_post"}
+_SITE_RE = re.compile(r"^(attn|mlp|resid)(?:\[([0-9,\- ]+)\])?$")
+
+
+@dataclass
+class CodebookSpec:
+    """One codebook to insert, as parsed from the spec (codes/groups resolved against the hook later)."""
+
+    hook: str
+    k: int | None = None
+    codes: int | None = None
+    """Codes per group (C); None = from --init or 8 × the group width."""
+    groups: int | str | None = None
+    """A number, `heads`, or None (1, or what --init says)."""
+    similarity: str | None = None
+
+
+def _layers(text: str | None, n_layers: int) -> list[int]:
+    if not text:
+        return list(range(n_layers))
+    out: list[int] = []
+    for part in text.replace(" ", "").split(","):
+        a, _, b = part.partition("-")
+        if not a.isdigit() or (b and not b.isdigit()):
+            raise SaekitError(f"bad layer list {text!r} in --codebooks; write e.g. [0,2] or [1-3]")
+        out += list(range(int(a), int(b or a) + 1))
+    bad = [layer for layer in out if layer >= n_layers]
+    if bad:
+        raise SaekitError(f"layers {bad} in --codebooks do not exist: the model has {n_layers} (0-{n_layers - 1})")
+    return sorted(set(out))
+
+
+def parse_spec(spec: str, n_layers: int) -> list[CodebookSpec]:
+    """Parse `SITE:key=value,...;...` (see SPEC_HELP) into one CodebookSpec per hook, in spec order."""
+    if not spec or not spec.strip():
+        raise SaekitError("no codebooks given; pass --codebooks, e.g. 'mlp:k=16' (see --help)")
+    out: dict[str, CodebookSpec] = {}
+    for entry in filter(None, (e.strip() for e in spec.split(";"))):
+        site, _, opts = entry.partition(":")
+        site = site.strip()
+        kw: dict[str, Any] = {}
+        for item in filter(None, (o.strip() for o in opts.split(","))):
+            key, eq, val = item.partition("=")
+            key, val = key.strip(), val.strip()
+            if not eq or not val:
+                raise SaekitError(f"--codebooks entry {entry!r}: {item!r} is not key=value (keys: k, codes, groups, sim)")
+            if key in ("k", "codes"):
+                if not val.isdigit() or int(val) < 1:
+                    raise SaekitError(f"--codebooks entry {entry!r}: {key} must be a positive integer, got {val!r}")
+                kw[key] = int(val)
+            elif key == "groups":
+                if val != "heads" and (not val.isdigit() or int(val) < 1):
+                    raise SaekitError(f"--codebooks entry {entry!r}: groups must be a positive integer or 'heads', got {val!r}")
+                kw["groups"] = val if val == "heads" else int(val)
+            elif key in ("sim", "similarity"):
+                if val not in ("cosine", "inner"):
+                    raise SaekitError(f"--codebooks entry {entry!r}: sim must be cosine or inner, got {val!r}")
+                kw["similarity"] = val
+            else:
+                raise SaekitError(f"--codebooks entry {entry!r}: unknown key {key!r}{did_you_mean(key, ['k', 'codes', 'groups', 'sim'])}; keys: k, codes, groups, sim")
+        m = _SITE_RE.match(site)
+        if m:
+            hooks = [f"blocks.{layer}.{SHORTHANDS[m.group(1)]}" for layer in _layers(m.group(2), n_layers)]
+        elif HOOK_RE.match(site):
+            hooks = [site]
+        else:
+            raise SaekitError(f"--codebooks entry {entry!r}: site {site!r} is not attn, mlp, resid (optionally with [layers]) or a hook name like blocks.0.hook_mlp_out")
+        for h in hooks:
+            if h in out:
+                raise SaekitError(f"--codebooks names hook {h} twice; give each hook one entry")
+            out[h] = CodebookSpec(h, **kw)
+    if not out:
+        raise SaekitError("no codebooks given; pass --codebooks, e.g. 'mlp:k=16' (see --help)")
+    return list(out.values())
+
+
+def build_codebook(spec: CodebookSpec, shape: list[int], init: Dictionary | None = None) -> Dictionary:
+    """A Codebook for a hook of per-position `shape`, from the spec, taking what is unset from `init`."""
+    from saekit.dictionaries.codebook import Codebook
+
+    width = int(np.prod(shape))
+    if init is not None:
+        if init.cfg.kind != "codebook":
+            raise SaekitError(f"--init dictionary for {spec.hook} is kind {init.cfg.kind!r}; joint training needs a codebook")
+        if init.cfg.d_in != width:
+            raise SaekitError(f"--init codebook for {spec.hook} has d_in={init.cfg.d_in}, the hook has width {width}")
+    groups = spec.groups
+    if groups == "heads":
+        if len(shape) != 2:
+            raise SaekitError(f"groups=heads needs a hook with a head axis (attn.hook_z); {spec.hook} has shape {shape}")
+        groups = shape[0]
+    if groups is None:
+        groups = init.cfg.groups if init is not None else 1
+    if width % groups:
+        raise SaekitError(f"{spec.hook}: width {width} is not divisible by groups={groups}")
+    per = spec.codes or (init.cfg.d_dict // init.cfg.groups if init is not None else 8 * (width // groups))
+    k = spec.k or (init.cfg.k if init is not None else None)
+    if not k:
+        raise SaekitError(f"{spec.hook}: no k given; add k=... to its --codebooks entry")
+    sim = spec.similarity or (init.cfg.similarity if init is not None else "cosine")
+    if k >= per:
+        raise SaekitError(f"{spec.hook}: k={k} must be smaller than codes per group ({per}); raise codes= or lower k=")
+    if init is not None:
+        mine = (groups, per, k, sim)
+        theirs = (init.cfg.groups, init.cfg.d_dict // init.cfg.groups, init.cfg.k, init.cfg.similarity)
+        if mine != theirs:
+            raise SaekitError(f"{spec.hook}: --codebooks asks for groups={groups}, codes={per}, k={k}, sim={sim} but the --init "
+                              f"codebook has groups={theirs[0]}, codes={theirs[1]}, k={theirs[2]}, sim={theirs[3]}; drop the keys to take them from --init")
+    cfg = DictConfig(kind="codebook", d_in=width, d_dict=per * groups, k=k, groups=groups, similarity=sim)
+    d = Codebook(cfg, Provenance(hook=spec.hook, hook_shape=list(shape)))
+    if init is not None:
+        d.load_state_dict(init.state_dict())
+    return d
+
+
+def find_init(root: str, hooks: list[str]) -> dict[str, Dictionary]:
+    """Dictionaries under `root` (one folder or a tree, e.g. `saekit train --out`), by hook; one per hook."""
+    from saekit.dictionaries import load
+
+    p = Path(root)
+    if not p.exists():
+        raise SaekitError(f"--init {root} does not exist; pass a dictionary folder or a folder of them")
+    folders = [p] if (p / "config.json").is_file() else sorted(c.parent for c in p.rglob("config.json") if (c.parent / "weights.safetensors").is_file())
+    found: dict[str, Dictionary] = {}
+    for f in folders:
+        d = load(f)
+        h = d.prov.hook
+        if h in hooks and d.cfg.kind == "codebook":
+            if h in found:
+                raise SaekitError(f"--init {root} holds several codebooks for {h}; point --init at one folder per hook")
+            if (d.prov.model or {}).get("compat"):
+                raise SaekitError(f"--init {f} was trained with compatibility mode on; in-model training runs the unprocessed model")
+            found[h] = d
+    if not found:
+        raise SaekitError(f"--init {root} holds no codebook for any of {', '.join(hooks)}")
+    return found
