@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from saekit.dictionaries.base import DictConfig
-from saekit.dictionaries.sae import ReluLoss, ReluSAE, relu_loss_eager
+from saekit.dictionaries.sae import BatchTopKSAE, ReluLoss, ReluSAE, batch_topk_candidates, batch_topk_mask, relu_loss_eager
 
 
 def _params(n=64, d_in=8, d_dict=24, seed=0, dtype=torch.float64):
@@ -50,3 +50,98 @@ def test_relu_sae_training_forward_uses_both_paths_alike():
     torch.testing.assert_close(out.loss, ref[0])
     assert torch.equal(out.fired, (f > 0).any(0)) and not out.fired.all()
     torch.testing.assert_close(out.l0, (f > 0).sum(-1).float().mean())
+
+
+# --- BatchTopK: candidate search against the full batch-wide top-k -------------------------------
+
+def _dense(values, indices, d_dict):
+    return torch.zeros(values.shape[0], d_dict, dtype=values.dtype).scatter(1, indices, values)
+
+
+def _assert_valid_batch_topk(f, pre, k):
+    """f keeps exactly k·n entries (some maybe 0 when fewer are positive), each equal to ReLU(pre) there, none beaten by a dropped one."""
+    kept = f > 0
+    assert int(kept.sum()) <= k * pre.shape[0]
+    torch.testing.assert_close(f[kept], pre[kept], rtol=0, atol=0)
+    r = pre.relu()
+    if kept.any() and (~kept).any():
+        assert r[kept].min() >= r[~kept].max()
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_batch_topk_candidates_equal_reference_on_random_inputs(seed):
+    """No ties: the candidate search keeps exactly the same entries as the full top-(k·n)."""
+    g = torch.Generator().manual_seed(seed)
+    n, d_dict, k = 64, 256, 3
+    pre = torch.randn(n, d_dict, generator=g, dtype=torch.float64) 
+    values, indices, exact = batch_topk_candidates(pre, k, 4 * k)
+    assert bool(exact)
+    assert int((values > 0).sum()) == k * n  # exactly k·n kept, all positive here
+    assert torch.equal(_dense(values, indices, d_dict), batch_topk_mask(pre, k))
+
+
+def test_batch_topk_candidates_detects_a_dominating_row():
+    """One row holding most of the batch's largest values is saturated: `exact` is False, as it must be."""
+    g = torch.Generator().manual_seed(5)
+    n, d_dict, k = 32, 64, 2
+    pre = torch.randn(n, d_dict, generator=g)
+    pre[7] += 10.0  # row 7 deserves all of its 64 latents, far more than 4k = 8
+    values, indices, exact = batch_topk_candidates(pre, k, 4 * k)
+    assert not bool(exact)
+    ref = batch_topk_mask(pre, k)
+    assert int((ref[7] > 0).sum()) > 4 * k  # the reference really keeps more than the candidates hold
+    assert not torch.equal(_dense(values, indices, d_dict), ref)
+    # with every value a candidate the search is exact again
+    values, indices, exact = batch_topk_candidates(pre, k, d_dict)
+    assert bool(exact) and torch.equal(_dense(values, indices, d_dict), ref)
+
+
+def test_batch_topk_candidates_with_ties_and_few_positives():
+    """Ties at the threshold (quantised values) and a batch with fewer than k·n positives stay valid."""
+    g = torch.Generator().manual_seed(6)
+    n, d_dict, k = 40, 50, 3
+    pre = torch.randint(-3, 4, (n, d_dict), generator=g).double()  # many exact ties
+    values, indices, exact = batch_topk_candidates(pre, k, 4 * k)
+    assert int((pre == 3).sum(1).max()) > 4 * k  # rows hold more tied maxima than candidates: ties, not saturation
+    assert bool(exact)
+    f = _dense(values, indices, d_dict)
+    _assert_valid_batch_topk(f, pre, k)
+    assert torch.equal(f.flatten().sort().values, batch_topk_mask(pre, k).flatten().sort().values)
+    sparse = torch.full((n, d_dict), -1.0, dtype=torch.float64)
+    sparse[torch.arange(n), torch.arange(n) % d_dict] = 2.0  # one positive per row: n < k·n positives
+    values, indices, exact = batch_topk_candidates(sparse, k, 4 * k)
+    assert bool(exact) and int((values > 0).sum()) == n
+    assert torch.equal(_dense(values, indices, d_dict), batch_topk_mask(sparse, k))
+
+
+@pytest.mark.parametrize("dominating", [False, True])
+def test_batchtopk_training_forward_candidates_match_full_path(dominating, monkeypatch):
+    """Same loss, terms, fired, L0, θ and gradients from the candidate path (or its fallback) as from the reference."""
+    import saekit.dictionaries.sae as sae
+
+    g = torch.Generator().manual_seed(8)
+    cfg = DictConfig(kind="batchtopk", d_in=8, d_dict=256, k=2)
+    xn = torch.nn.functional.normalize(torch.randn(96, 8, generator=g, dtype=torch.float64), dim=-1) * 3
+    if dominating:
+        xn[3] *= 40  # this token's pre-activations dwarf the rest: the candidate search must fall back
+    dead = torch.zeros(256, dtype=torch.bool)
+    dead[:5] = True
+    outs = {}
+    for mode in ("full", "candidates"):
+        monkeypatch.setattr(sae, "_BATCHTOPK", mode)
+        d = BatchTopKSAE(cfg).double()
+        d.reset_parameters(torch.Generator().manual_seed(0))
+        out = d.training_forward(xn, dead=dead, aux_k=4)
+        out.loss.backward()
+        outs[mode] = (out, d, {n: p.grad.clone() for n, p in d.named_parameters()})
+    (a, da, ga), (b, db, gb) = outs["full"], outs["candidates"]
+    pre = da.pre_acts(xn).detach()
+    assert bool(batch_topk_candidates(pre, 2, 8)[2]) is not dominating  # both branches really taken
+    torch.testing.assert_close(a.loss, b.loss)
+    for name in a.terms:
+        torch.testing.assert_close(a.terms[name], b.terms[name])
+    assert torch.equal(a.fired, b.fired) and not a.fired.all()
+    torch.testing.assert_close(a.l0, b.l0)
+    torch.testing.assert_close(da.threshold, db.threshold)
+    for name in ga:
+        torch.testing.assert_close(ga[name], gb[name], msg=name)

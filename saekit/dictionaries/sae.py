@@ -69,6 +69,11 @@ def sparse_decode_bag(values: Tensor, indices: Tensor, W_dec: Tensor) -> Tensor:
 _DECODE = os.environ.get("SAEKIT_DECODE", "bag")
 sparse_decode = sparse_decode_bag if _DECODE == "bag" else sparse_decode_dense
 
+# BatchTopK's training selection, overridable with SAEKIT_BATCHTOPK=candidates|full (the reference).
+# "candidates" by default: a per-row top-4k, then a top-(k·n) over n·4k values, then the sparse
+# decoder; on one CPU thread at d_in=256, d_dict=4096, k=32, batch 4096 (benchmarks/README.md).
+_BATCHTOPK = os.environ.get("SAEKIT_BATCHTOPK", "candidates")
+
 
 def topk_codes(pre: Tensor, k: int) -> tuple[Tensor, Tensor]:
     """The k largest pre-activations per row, after ReLU: values (n, k) ≥ 0 and their indices (n, k)."""
@@ -77,10 +82,38 @@ def topk_codes(pre: Tensor, k: int) -> tuple[Tensor, Tensor]:
 
 
 def batch_topk_mask(pre: Tensor, k: int) -> Tensor:
-    """Keep the k·n largest positive pre-activations of the whole batch (n, d_dict) -> dense codes."""
+    """Keep the k·n largest positive pre-activations of the whole batch (n, d_dict) -> dense codes.
+
+    The reference (one top-(k·n) over all n·d_dict values); `batch_topk_candidates` is the fast path.
+    """
     flat = pre.relu().flatten()
     values, idx = flat.topk(k * pre.shape[0], sorted=False)
     return torch.zeros_like(flat).scatter(0, idx, values).view_as(pre)
+
+
+def batch_topk_candidates(pre: Tensor, k: int, m: int) -> tuple[Tensor, Tensor, Tensor]:
+    """The batch top-(k·n) found among each row's m largest pre-activations, plus whether that was exact.
+
+    Returns values (n, m) — ReLU'd, 0 where not kept, exactly k·n kept — their latent indices
+    (n, m), and a 0-d bool tensor `exact`.  Why it can be exact: let t be the (k·n)-th largest
+    of the n·m candidates.  A value outside row r's candidates is ≤ that row's smallest
+    candidate; if that is ≤ t for every row, nothing outside the candidates beats t (at most
+    ties it, and ties may go either way), so the candidates' top-(k·n) is the batch's.  A row
+    whose smallest candidate is > t ("saturated": it deserves more than m latents) may be
+    missing values, and then `exact` is False and the caller must use `batch_topk_mask`.
+    A per-row top-m plus a top-(k·n) over n·m values is much cheaper than one over n·d_dict.
+    """
+    n = pre.shape[0]
+    cand, indices = pre.topk(min(m, pre.shape[1]), dim=-1, sorted=False)  # (n, m)
+    cand = cand.relu()
+    flat = cand.detach().flatten()
+    top, pos = flat.topk(k * n, sorted=False)
+    keep = torch.zeros_like(flat, dtype=torch.bool).index_fill_(0, pos, True).view_as(cand)
+    values = torch.where(keep, cand, torch.zeros_like(cand))
+    if m >= pre.shape[1]:  # every value is a candidate
+        return values, indices, torch.ones((), dtype=torch.bool, device=pre.device)
+    exact = (cand.detach().amin(-1) <= top.min()).all()
+    return values, indices, exact
 
 
 class ReluLoss(torch.autograd.Function):
@@ -321,6 +354,10 @@ class BatchTopKSAE(TopKSAE):
 
     kind = "batchtopk"
     threshold_momentum = 0.99
+    candidates = 4
+    """Training looks for the batch top-k among each token's `candidates`·k largest pre-activations
+    (exact, with a fallback to the full search; `batch_topk_candidates`).  A token that deserves
+    more than 4k latents triggers the fallback for that step."""
 
     def __init__(self, cfg: DictConfig, prov: Provenance | None = None):
         super().__init__(cfg, prov)
@@ -333,13 +370,36 @@ class BatchTopKSAE(TopKSAE):
     @torch.no_grad()
     def _update_threshold(self, f: Tensor) -> None:
         positive = f > 0
-        smallest = torch.where(positive, f, torch.full_like(f, torch.inf)).min()
-        smallest = torch.where(positive.any(), smallest, self.threshold.clamp_min(0))
+        self._set_threshold(torch.where(positive, f, torch.full_like(f, torch.inf)).min(), positive.any())
+
+    @torch.no_grad()
+    def _set_threshold(self, smallest: Tensor, any_positive: Tensor) -> None:
+        """θ ← running mean of the smallest kept activation (unchanged by a batch that kept nothing)."""
+        smallest = torch.where(any_positive, smallest, self.threshold.clamp_min(0))
         m = self.threshold_momentum
         self.threshold.copy_(torch.where(self.threshold < 0, smallest, m * self.threshold + (1 - m) * smallest))
 
     def training_forward(self, xn, dead: Tensor | None = None, aux_k: int | None = None, aux_coef: float = 1 / 32, **_) -> TrainOutput:
         pre = self.pre_acts(xn)
+        if _BATCHTOPK == "candidates" and self.candidates * self.cfg.k < self.cfg.d_dict:
+            values, indices, exact = batch_topk_candidates(pre, self.cfg.k, self.candidates * self.cfg.k)
+            if exact:  # one host sync per step; the fallback below is the reference
+                return self._sparse_forward(xn, pre, values, indices, dead, aux_k, aux_coef)
+        return self._dense_forward(xn, pre, dead, aux_k, aux_coef)
+
+    def _sparse_forward(self, xn, pre, values, indices, dead, aux_k, aux_coef) -> TrainOutput:
+        """The step on (n, m) candidate codes: TopK's sparse decoder and counters, no (n, d_dict) code tensor."""
+        active = values > 0
+        smallest = torch.where(active, values.detach(), torch.full_like(values, torch.inf)).min()
+        self._set_threshold(smallest, active.any())
+        x_hat = sparse_decode(values, indices, self.W_dec) + self.b_dec
+        mse = (x_hat - xn).pow(2).sum(-1).mean() / xn.shape[-1]
+        aux = self.aux_loss(pre, (xn - x_hat).detach(), dead, aux_k)
+        fired = xn.new_zeros(self.cfg.d_dict).index_add_(0, indices.flatten(), active.flatten().to(xn.dtype)) > 0
+        return TrainOutput(mse + aux_coef * aux, {"mse": mse, "auxk": aux}, fired, active.sum(-1).float().mean())
+
+    def _dense_forward(self, xn, pre, dead, aux_k, aux_coef) -> TrainOutput:
+        """The reference step: exact batch top-k over all of `pre`, dense codes and decoder."""
         f = batch_topk_mask(pre, self.cfg.k)  # (n, d_dict), k per token on average
         self._update_threshold(f.detach())
         x_hat = self.decode_n(f)
