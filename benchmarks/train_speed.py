@@ -32,7 +32,7 @@ import numpy as np
 import torch
 
 from saekit.dictionaries.base import Provenance
-from saekit.dictionaries.sae import _DECODE
+from saekit.dictionaries.sae import _BATCHTOPK, _DECODE
 from saekit.train import HookSource, TrainConfig, Trainer, tensor_batches, train
 
 
@@ -115,7 +115,7 @@ def main() -> None:
     dev = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else ("cpu" if args.device == "auto" else args.device))
     R = matmul_rate(B, d_in, D, dev)  # re-measured before each kind; the best is kept
     limit = R / (10 * d_in * D)
-    print(f"device {dev}, torch threads {torch.get_num_threads()}, topk decode path: {_DECODE} (SAEKIT_DECODE)")
+    print(f"device {dev}, torch threads {torch.get_num_threads()}, topk decode path: {_DECODE} (SAEKIT_DECODE), batchtopk: {_BATCHTOPK} (SAEKIT_BATCHTOPK)")
     print(f"fp32 matmul ({B}x{d_in})·({d_in}x{D}): {R / 1e9:.1f} GFLOP/s -> dense-SAE limit {limit:,.0f} tokens/s\n")
 
     rows = max(4 * B, 65536)
@@ -133,6 +133,9 @@ def main() -> None:
         dense = 10 * d_in * D
         if kind == "topk" and _DECODE == "bag":
             executed = 4 * d_in * D + 6 * (args.k + d_in // 2) * d_in  # + AuxK's k_aux = d_in/2 rows
+        elif kind == "batchtopk" and _DECODE == "bag" and _BATCHTOPK == "candidates":
+            # sparse decoder over the 4k candidates per token (fallback steps, if any, are dense)
+            executed = 4 * d_in * D + 6 * (4 * args.k + d_in // 2) * d_in
         elif kind == "codebook":
             executed = 2 * d_in * D + 4 * 8 * d_in
         else:
