@@ -13,7 +13,6 @@ def register(app) -> None:
     @config_options(PipelineConfig)
     def pipeline_cmd(cfg: PipelineConfig) -> None:
         """Run the whole pipeline on one hook (default: the built-in toy model) and print what the dictionaries keep."""
-        from rich.console import Console
 
         from saekit.splice import format_table
 

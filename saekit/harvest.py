@@ -34,7 +34,7 @@ import torch
 from saekit import distributed, models, text
 from saekit.config import to_dict
 from saekit.errors import SaekitError
-from saekit.store import DTYPES, MANIFEST, StoreWriter, check_existing, consolidate, progress_name, shard_index
+from saekit.store import DTYPES, StoreWriter, check_existing, consolidate, progress_name, shard_index
 from saekit.store import summary as store_summary
 
 # Looked up through the module at call time, so tests can slow a forward down.

@@ -9,7 +9,6 @@ per-position shape is kept so they can be unflattened when spliced back.
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import os
 import re
@@ -150,6 +149,19 @@ def load_model(name: str, *, compat: bool = False, device: str = "cpu", dtype: t
         compat=compat,
     )
     return LoadedModel(bridge=bridge, info=info, tokenizer=bridge.tokenizer)
+
+
+def resolve_device(name: str) -> torch.device:
+    """`auto` → cuda when a GPU is visible, else cpu; a clear error for an unknown or unavailable device."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(name)
+    except RuntimeError:
+        raise SaekitError(f"unknown device {name!r}; use cpu, cuda, cuda:N or auto") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise SaekitError(f"device {name} asked for but torch sees no CUDA GPU; use --device cpu")
+    return dev
 
 
 def hook_layer(name: str) -> int:

@@ -42,6 +42,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 from saekit import distributed, metrics
+from saekit.models import resolve_device
 from saekit.config import to_dict
 from saekit.dictionaries.base import KINDS, DictConfig, Dictionary, Provenance, build
 from saekit.errors import SaekitError, did_you_mean
@@ -254,16 +255,6 @@ def default_lr(kind: str, d_dict: int) -> float:
     return lr * 5 if kind == "codebook" else lr
 
 
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(name)
-    except RuntimeError:
-        raise SaekitError(f"unknown device {name!r}; use cpu, cuda, cuda:N or auto") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise SaekitError("device cuda asked for but torch sees no GPU; use --device cpu")
-    return dev
 
 
 def _make_adam(params, lr: float, device: torch.device) -> torch.optim.Optimizer:

@@ -9,9 +9,9 @@ from __future__ import annotations
 from typing import NamedTuple
 
 import numpy as np
-import torch
 
 from saekit.errors import SaekitError
+from saekit.models import resolve_device  # noqa: F401  (re-exported for finetune)
 
 
 class TokenData(NamedTuple):
@@ -22,16 +22,6 @@ class TokenData(NamedTuple):
     source: str
 
 
-def resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(device)
-    except RuntimeError:
-        raise SaekitError(f"unknown device {device!r}; use cpu, cuda, cuda:1 or auto") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise SaekitError(f"device {device} asked for but no CUDA GPU is visible; use --device cpu")
-    return dev
 
 
 def load_tokens(data: str, store: str, tokenizer, bos_id: int, seq_len: int, n_train: int, n_eval: int,
