@@ -11,10 +11,12 @@ TORCH  ?= torch==2.13.0
 setup: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml
+	@echo "setting up $(VENV) (log: $(VENV)/install.log)"
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/pip install -q $(TORCH)
-	$(BIN)/pip install -q -e '.[test]'
+	@( $(BIN)/pip install -q --upgrade pip && \
+	   ( $(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/pip install -q $(TORCH) ) && \
+	   $(BIN)/pip install -q -e '.[test]' ) > $(VENV)/install.log 2>&1 \
+	   || { tail -n 40 $(VENV)/install.log; echo "setup failed: see $(VENV)/install.log"; exit 1; }
 	touch $@
 
 demo: setup
