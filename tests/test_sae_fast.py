@@ -38,6 +38,27 @@ def test_relu_loss_gradcheck():
     assert torch.autograd.gradcheck(lambda *p: 1.7 * ReluLoss.apply(xn, *p, 2.0)[0], ps)
 
 
+def test_relu_loss_workspace_reuse():
+    """Reused work tensors give the eager gradients on every step, and misuse fails loudly instead of silently.
+
+    Two forwards on different batches before either backward would overwrite the shared f:
+    autograd's version check must refuse the first backward.
+    """
+    xn, ps = _params()
+    xn2 = xn.flip(0) * 0.7
+    ws: dict = {}
+    for x in (xn, xn2, xn):
+        fast = torch.autograd.grad(ReluLoss.apply(x, *ps, 3.0, ws)[0], ps)
+        ref = torch.autograd.grad(relu_loss_eager(x, *ps, 3.0)[0], ps)
+        for a, b in zip(fast, ref):
+            torch.testing.assert_close(a, b)
+    assert set(ws) == {"f", "h"}
+    first = ReluLoss.apply(xn, *ps, 3.0, ws)[0]
+    ReluLoss.apply(xn2, *ps, 3.0, ws)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        first.backward()
+
+
 def test_relu_sae_training_forward_uses_both_paths_alike():
     """ReluSAE's TrainOutput (fired flags from Σ_n f) equals the eager reference's on float32."""
     d = ReluSAE(DictConfig(kind="relu", d_in=8, d_dict=24, l1=2.0))
