@@ -6,7 +6,9 @@ import pytest
 import torch
 
 from saekit.dictionaries.base import DictConfig
-from saekit.dictionaries.sae import BatchTopKSAE, ReluLoss, ReluSAE, batch_topk_candidates, batch_topk_mask, relu_loss_eager
+import saekit.dictionaries.sae as sae
+from saekit.dictionaries.sae import (BatchTopKSAE, ReluLoss, ReluSAE, TopKEncode, TopKSAE, batch_topk_candidates, batch_topk_mask,
+                                     relu_loss_eager, row_topk)
 
 
 def _params(n=64, d_in=8, d_dict=24, seed=0, dtype=torch.float64):
@@ -166,3 +168,70 @@ def test_batchtopk_training_forward_candidates_match_full_path(dominating, monke
     torch.testing.assert_close(da.threshold, db.threshold)
     for name in ga:
         torch.testing.assert_close(ga[name], gb[name], msg=name)
+
+
+# --- TopK: grouped row top-k and the fused encoder ---------------------------------------------
+
+@pytest.mark.parametrize("width,k,ties", [(512, 16, False), (512, 16, True), (64, 3, True), (96, 5, False), (40, 7, False)])
+def test_row_topk_equals_torch_topk(width, k, ties):
+    """Same values per row (as multisets) as torch.topk, indices that point at them, gradient of a gather."""
+    g = torch.Generator().manual_seed(width + k)
+    x = torch.randint(-3, 4, (257, width), generator=g).double() if ties else torch.randn(257, width, generator=g, dtype=torch.float64)
+    x[0, :] = -torch.inf
+    x[0, 5] = 1.0  # a row with one finite value
+    x.requires_grad_()
+    assert sae._topk_group(width, k) in (1, 4, 8)
+    values, indices = row_topk(x, k)
+    ref_values, _ = x.topk(k, dim=-1)
+    torch.testing.assert_close(values.sort(-1).values, ref_values.sort(-1).values)
+    assert torch.equal(x.detach().gather(1, indices), values.detach())
+    assert all(len(set(r.tolist())) == k for r in indices)  # k distinct latents per row
+    w = torch.randn(257, k, generator=g, dtype=torch.float64)
+    (grad,) = torch.autograd.grad((values * w).sum(), x)
+    expect = torch.zeros_like(x).scatter(1, indices, w)
+    assert torch.equal(grad, expect)
+
+
+def test_row_topk_grouped_path_is_taken_and_plain_reference_agrees(monkeypatch):
+    """At width 512, k 16 the grouped path runs (group 8); SAEKIT_TOPK=plain gives the same selection."""
+    assert sae._topk_group(512, 16) == 8
+    x = torch.randn(300, 512, generator=torch.Generator().manual_seed(1))
+    v, i = row_topk(x, 16)
+    monkeypatch.setattr(sae, "_TOPK", "plain")
+    v2, i2 = row_topk(x, 16)
+    assert torch.equal(i.sort(-1).values, i2.sort(-1).values)
+    torch.testing.assert_close(v.sort(-1).values, v2.sort(-1).values)
+
+
+def test_topk_encode_matches_autograd():
+    """TopKEncode's values, indices and gradients (W_enc, b_enc, b_dec) equal plain autograd's, workspace reused."""
+    xn, (W_enc, b_enc, _, b_dec) = _params(n=200, d_in=8, d_dict=64)
+    b_enc = (b_enc.detach() - 3.5).requires_grad_()  # most pre-activations negative: the ReLU cuts some selected
+    ws: dict = {}
+    for step in range(2):
+        x = xn * (1 + step)
+        w = torch.randn(200, 5, generator=torch.Generator().manual_seed(step), dtype=torch.float64)
+        values, indices = TopKEncode.apply(x, W_enc, b_enc, b_dec, 5, ws)
+        got = torch.autograd.grad((values * w).sum(), (W_enc, b_enc, b_dec))
+        pre = (x - b_dec) @ W_enc + b_enc
+        ref_v = pre.gather(1, indices).relu()
+        assert (ref_v == 0).any() and (ref_v > 0).any()  # some selected values are cut by the ReLU
+        ref = torch.autograd.grad((ref_v * w).sum(), (W_enc, b_enc, b_dec))
+        torch.testing.assert_close(values, ref_v)
+        torch.testing.assert_close(values.sort(-1).values, pre.topk(5, dim=-1).values.relu().sort(-1).values)
+        for a, b in zip(got, ref):
+            torch.testing.assert_close(a, b)
+    assert set(ws) == {"pre"}
+
+
+def test_topk_training_forward_fused_equals_autograd(monkeypatch):
+    """TopKSAE's step: the fused encoder gives the autograd path's loss and parameter gradients."""
+    d = TopKSAE(DictConfig(kind="topk", d_in=16, d_dict=128, k=6))
+    xn = torch.randn(256, 16, generator=torch.Generator().manual_seed(4))
+    grads = {}
+    for mode in ("fused", "autograd"):
+        monkeypatch.setattr(sae, "_TOPK_STEP", mode)
+        out = d.training_forward(xn)
+        grads[mode] = (out.loss.detach(), out.fired, out.l0, *torch.autograd.grad(out.loss, list(d.parameters())))
+    for a, b in zip(grads["fused"], grads["autograd"]):
+        torch.testing.assert_close(a, b)
