@@ -5,10 +5,19 @@ from __future__ import annotations
 import pytest
 import torch
 
+from saekit.dictionaries import sae
 from saekit.dictionaries.base import DictConfig
-import saekit.dictionaries.sae as sae
-from saekit.dictionaries.sae import (BatchTopKSAE, ReluLoss, ReluSAE, TopKEncode, TopKSAE, batch_topk_candidates, batch_topk_mask,
-                                     relu_loss_eager, row_topk)
+from saekit.dictionaries.sae import (
+    BatchTopKSAE,
+    ReluLoss,
+    ReluSAE,
+    TopKEncode,
+    TopKSAE,
+    batch_topk_candidates,
+    batch_topk_mask,
+    relu_loss_eager,
+    row_topk,
+)
 
 
 def _params(n=64, d_in=8, d_dict=24, seed=0, dtype=torch.float64):
@@ -140,7 +149,7 @@ def test_batch_topk_candidates_with_ties_and_few_positives():
 @pytest.mark.parametrize("dominating", [False, True])
 def test_batchtopk_training_forward_candidates_match_full_path(dominating, monkeypatch):
     """Same loss, terms, fired, L0, θ and gradients from the candidate path (or its fallback) as from the reference."""
-    import saekit.dictionaries.sae as sae
+    from saekit.dictionaries import sae
 
     g = torch.Generator().manual_seed(8)
     cfg = DictConfig(kind="batchtopk", d_in=8, d_dict=256, k=2)
