@@ -23,8 +23,6 @@ import hashlib
 import itertools
 import json
 import math
-import queue
-import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -34,6 +32,7 @@ import torch
 from saekit import distributed, models, text
 from saekit.config import to_dict
 from saekit.errors import SaekitError
+from saekit.prefetch import prefetch
 from saekit.store import DTYPES, StoreWriter, check_existing, consolidate, progress_name, shard_index
 from saekit.store import summary as store_summary
 
@@ -129,43 +128,6 @@ def _batches(seqs, start: int, stop: int | None, batch_size: int, shard_seqs: in
         i += len(chunk)
 
 
-def _prefetch(items, size: int):
-    """Iterate `items` in a background thread (tokenising overlaps the forward); errors re-raised here."""
-    q: queue.Queue = queue.Queue(maxsize=size)
-    stop = threading.Event()
-    done = object()
-
-    def put(x) -> bool:
-        while not stop.is_set():
-            try:
-                q.put(x, timeout=0.1)
-                return True
-            except queue.Full:
-                continue
-        return False
-
-    def run():
-        try:
-            for x in items:
-                if not put(x):
-                    return
-            put(done)
-        except BaseException as e:  # noqa: BLE001 - re-raised in the consumer
-            put(e)
-
-    threading.Thread(target=run, name="saekit-tokenize", daemon=True).start()
-    try:
-        while True:
-            x = q.get()
-            if x is done:
-                return
-            if isinstance(x, BaseException):
-                raise x
-            yield x
-    finally:
-        stop.set()
-
-
 def _progress_bar(total: int | None):
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
@@ -221,9 +183,10 @@ def _harvest(cfg: HarvestConfig, progress: bool, model: models.LoadedModel | Non
     specs = models.resolve_hooks(lm, cfg.hooks)
     bos = lm.bos_id
     eos = lm.tokenizer.eos_token_id if lm.tokenizer.eos_token_id is not None else bos
-    seqs = _prefetch(
+    seqs = prefetch(
         text.sequences(cfg.data, lm.tokenizer, cfg.context_size, bos_id=bos, eos_id=eos, packing=cfg.packing, text_field=cfg.text_field),
         size=4 * cfg.batch_size,
+        name="saekit-tokenize",
     )
     first = next(seqs, None)
     if first is None:

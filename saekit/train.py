@@ -46,6 +46,7 @@ from saekit.models import resolve_device
 from saekit.config import to_dict
 from saekit.dictionaries.base import KINDS, DictConfig, Dictionary, Provenance, build
 from saekit.errors import SaekitError, did_you_mean
+from saekit.prefetch import prefetch
 
 BatchSource = Callable[[int], Iterator[dict[str, Tensor]]]
 """start_batch -> endless iterator of {hook: float tensor (batch_size, width)}; batch i is always the same."""
@@ -732,7 +733,9 @@ def _train_store(cfg: TrainConfig, progress: bool, env: distributed.DistEnv) -> 
     kw = {"buffer_rows": cfg.buffer_rows} if cfg.buffer_rows else {}
 
     def stream(start: int):
-        return store.batches(mine, batch_size, split="train", seed=cfg.seed, start_batch=start, rank=rank, world_size=world, **kw)
+        # Reading and shuffling the next batch (h5py, numpy) overlaps the step (torch releases the GIL).
+        return prefetch(store.batches(mine, batch_size, split="train", seed=cfg.seed, start_batch=start, rank=rank,
+                                      world_size=world, **kw), size=2, name="saekit-store-reader")
 
     first = None
     if env.distributed:  # open the first stream now, so a rank with too little data fails on every rank, not in a hang

@@ -1,0 +1,54 @@
+"""Run an iterator one step ahead in a background thread, so producing the next item overlaps using this one.
+
+Used where the producer is I/O or Python work and the consumer is torch compute that releases
+the GIL: harvest tokenises the next batch during the forward pass, and training reads and
+shuffles the next store batch during the step.  Order is kept (one producer), an exception in
+the producer is re-raised at the consumer's next item, and closing the consumer (or dropping
+it) stops the thread.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+from collections.abc import Iterable, Iterator
+from typing import TypeVar
+
+T = TypeVar("T")
+
+
+def prefetch(items: Iterable[T], size: int = 2, name: str = "saekit-prefetch") -> Iterator[T]:
+    """Yield `items` in order while a daemon thread keeps up to `size` of them ready."""
+    q: queue.Queue = queue.Queue(maxsize=size)
+    stop = threading.Event()
+    done = object()
+
+    def put(x) -> bool:
+        while not stop.is_set():
+            try:
+                q.put(x, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def run():
+        try:
+            for x in items:
+                if not put(x):
+                    return
+            put(done)
+        except BaseException as e:  # noqa: BLE001 - re-raised in the consumer
+            put(e)
+
+    threading.Thread(target=run, name=name, daemon=True).start()
+    try:
+        while True:
+            x = q.get()
+            if x is done:
+                return
+            if isinstance(x, BaseException):
+                raise x
+            yield x
+    finally:
+        stop.set()

@@ -1,0 +1,54 @@
+"""saekit.prefetch: order, errors and shutdown of the background iterator."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+
+from saekit.prefetch import prefetch
+
+
+def test_prefetch_keeps_order_and_runs_ahead():
+    produced = []
+
+    def items():
+        for i in range(20):
+            produced.append(i)
+            yield i
+
+    it = prefetch(items(), size=3)
+    assert next(it) == 0
+    deadline = time.time() + 5
+    while len(produced) < 4 and time.time() < deadline:  # the thread fills the queue while we hold item 0
+        time.sleep(0.01)
+    assert len(produced) >= 4
+    assert [0, *it] == list(range(20))
+
+
+def test_prefetch_reraises_the_producers_error_in_the_consumer():
+    def items():
+        yield 1
+        raise ValueError("bad shard")
+
+    it = prefetch(items())
+    assert next(it) == 1
+    with pytest.raises(ValueError, match="bad shard"):
+        next(it)
+
+
+def test_closing_the_consumer_stops_the_thread():
+    def endless():
+        i = 0
+        while True:
+            yield i
+            i += 1
+
+    it = prefetch(endless(), size=2, name="saekit-test-prefetch")
+    assert next(it) == 0
+    it.close()
+    deadline = time.time() + 5
+    while any(t.name == "saekit-test-prefetch" for t in threading.enumerate()) and time.time() < deadline:
+        time.sleep(0.05)
+    assert not any(t.name == "saekit-test-prefetch" for t in threading.enumerate())
