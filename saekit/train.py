@@ -70,8 +70,10 @@ class TrainConfig:
     """Latents per input dimension, used when d_dict is 0."""
     k: list[int] = field(default_factory=lambda: [32])
     """Active latents per token (topk, batchtopk) or codes per group (codebook); several values = a sweep."""
-    l1: list[float] = field(default_factory=lambda: [5.0])
-    """L1 coefficient λ for relu (loss = MSE/d_in + λ/d_in Σ f_i‖W_dec,i‖); several values = a sweep."""
+    l1: list[float] = field(default_factory=lambda: [1.0])
+    """L1 coefficient λ for relu (loss = MSE/d_in + λ/d_in Σ f_i‖W_dec,i‖); several values = a sweep.
+    Default 1, not the April update's 5: from saekit's unit-norm init a given λ reaches a lower L0
+    (benchmarks/README.md, "ReLU/L1 at low L0")."""
     groups: int = 1
     """Codebook groups: the input is cut into this many slices with one codebook each (e.g. n_heads for attn.hook_z)."""
     similarity: str = "cosine"

@@ -75,7 +75,7 @@ def test_relu_sae_training_forward_uses_both_paths_alike():
     d = ReluSAE(DictConfig(kind="relu", d_in=8, d_dict=24, l1=2.0))
     xn = torch.randn(128, 8, generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
-        d.b_enc.copy_(torch.linspace(-0.3, 0.1, 24))
+        d.b_enc.copy_(torch.linspace(-5.0, 1.0, 24))  # pre-activations ~ N(0, 1) here: the lowest latents never fire
     out = d.training_forward(xn)
     f = d.encode_n(xn)
     ref = relu_loss_eager(xn, d.W_enc, d.b_enc, d.W_dec, d.b_dec, 2.0)

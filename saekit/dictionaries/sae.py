@@ -363,22 +363,19 @@ class ReluSAE(_SAE):
     With E‖x_n‖² = d_in this is the update's loss divided by d_in, so λ ≈ 5 means the
     same as there; the trainer warms λ up linearly from 0.  Weighting by ‖W_dec,i‖ stops
     the model from shrinking f by growing decoder rows, so no norm constraint is needed.
+
+    Init: unit decoder rows and W_enc = W_decᵀ (the shared `_SAE` init), not the update's
+    rows of norm 0.1.  The loss does not change when a latent is rescaled (row i of W_dec
+    × c, column i of W_enc and b_enc ÷ c), but Adam's steps do: it moves each weight by
+    about lr per step whatever its size, so a latent's threshold in the output's units,
+    −b_enc,i ‖W_dec,i‖, can grow only ‖W_dec,i‖ × lr per step.  From rows of norm 0.1
+    (still ≈ 0.25 after 98 steps at lr 1.1e-3), λ bought shrinkage rather than zeros.
+    On the toy store, unit rows gave a lower L0 at every λ. At equal L0 the FVU was 4-7×
+    lower at 98 steps and 2-3× lower at 489, ahead of dictionary_learning's unit-norm
+    trainer (benchmarks/README.md, "ReLU/L1 at low L0").
     """
 
     kind = "relu"
-
-    def __init__(self, cfg: DictConfig, prov: Provenance | None = None):
-        super().__init__(cfg, prov)
-        # Small decoder rows at init (norm 0.1) as in the April update: the L1 term starts small.
-        with torch.no_grad():
-            self.W_dec.mul_(0.1)
-            self.W_enc.mul_(0.1)
-
-    def reset_parameters(self, generator: torch.Generator) -> None:
-        super().reset_parameters(generator)
-        with torch.no_grad():
-            self.W_dec.mul_(0.1)
-            self.W_enc.mul_(0.1)
 
     def encode_n(self, xn: Tensor) -> Tensor:
         return self.pre_acts(xn).relu()
