@@ -134,6 +134,9 @@ def evaluate_all(store, hook: str, runs: list[dict], eval_tokens: int, batch_siz
         d.prov.model = d.prov.model or store.model.to_dict()
         targets.append(resolve_target(f"{r['trainer']}/{r['kind']}", d, model))
     tokens = store_tokens(store, eval_tokens)
+    # The store's eval split may hold fewer tokens than asked for (the toy store: 150 sequences).
+    print(f"evaluating {len(ok)} dictionaries with saekit.splice on {tokens.numel():,} held-out tokens "
+          f"({tokens.shape[0]} sequences; asked for {eval_tokens:,}) …", flush=True)
     means = {hook: torch.as_tensor(np.asarray(store.stats(hook)["mean"]), dtype=torch.float32)}
     res = evaluate(model, targets, tokens, means, batch_size=batch_size)
     for r, row in zip(ok, res["dictionaries"]):
@@ -333,7 +336,6 @@ def main() -> int:
                 print(f"  relu  {trainer:20s} λ {lam:g}: {r.get('error') or format(r['tokens_per_s'], ',.0f') + ' tok/s'}", flush=True)
                 sweep.append(r)
 
-    print(f"evaluating {sum('folder' in r for r in runs)} dictionaries with saekit.splice on {a.eval_tokens:,} held-out tokens …", flush=True)
     evaluate_all(store, hook, runs + [r for r in sweep if not any(r is q for q in runs)], a.eval_tokens, batch_size=8)
     for kind in kinds:
         ours = next((r for r in runs if r["kind"] == kind and r["trainer"] == "saekit"), {})
