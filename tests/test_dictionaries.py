@@ -166,6 +166,14 @@ def test_geometric_median_minimises_sum_of_distances():
     assert cost(m) < cost(x.mean(0))
 
 
+def test_geometric_median_survives_a_large_common_offset():
+    """Same median (shifted) when every row carries a large offset: the distance expansion must not cancel."""
+    g = torch.Generator().manual_seed(1)
+    x = torch.cat([torch.randn(300, 16, generator=g), 8 + torch.randn(30, 16, generator=g)])
+    shift = torch.full((16,), 300.0)
+    torch.testing.assert_close(geometric_median(x + shift) - shift, geometric_median(x), atol=1e-4, rtol=0)
+
+
 # --- Codebook --------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("similarity", ["cosine", "inner"])
