@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import itertools
 import json
 import math
 import os
@@ -389,12 +390,12 @@ class Trainer:
             return self.runs
         ckpt_steps = max(1, self.cfg.checkpoint_every // self.cfg.batch_size) if self.cfg.checkpoint_every else None
         bar = _Progress(self) if self.progress and self.dist.is_main else None
-        it = self.batches(self.step)
+        needed = itertools.islice(self.batches(self.step), self.n_steps - self.step)  # no read-ahead past the end
+        it = prefetch(self._inputs(needed), size=2, name="saekit-batches")
         t0, s0 = time.perf_counter(), self.step
         try:
             while self.step < self.n_steps:
-                batch = next(it)
-                xn = {h: batch[h].to(self.device, torch.float32, non_blocking=True) * self.scales[h] for h in self.hooks}
+                xn = self._to_device(next(it))
                 for r in self.runs:
                     self._step(r, xn[r.hook])
                 self.step += 1
@@ -405,9 +406,24 @@ class Trainer:
                 if last or (ckpt_steps and self.step % ckpt_steps == 0):
                     self._checkpoint()
         finally:
+            it.close()
             if bar:
                 bar.stop()
         return self.runs
+
+    def _inputs(self, batches: Iterator[dict[str, Tensor]]) -> Iterator[dict[str, Tensor]]:
+        """Batches scaled to the dictionaries' units.  Runs in the prefetch thread, so on CPU reading,
+        shuffling, the float32 cast and the scaling of batch i+1 overlap step i (torch releases the GIL)."""
+        for batch in batches:
+            if self.device.type == "cpu":
+                yield {h: batch[h].to(torch.float32) * self.scales[h] for h in self.hooks}
+            else:  # device copies stay on the main thread's stream
+                yield batch
+
+    def _to_device(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
+        if self.device.type == "cpu":
+            return batch
+        return {h: batch[h].to(self.device, torch.float32, non_blocking=True) * self.scales[h] for h in self.hooks}
 
     def _step(self, r: Run, xn: Tensor) -> None:
         cfg, d = self.cfg, r.dictionary
@@ -734,10 +750,8 @@ def _train_store(cfg: TrainConfig, progress: bool, env: distributed.DistEnv) -> 
         sources[h] = HookSource(int(store.hook_width(h)), prov)
     kw = {"buffer_rows": cfg.buffer_rows} if cfg.buffer_rows else {}
 
-    def stream(start: int):
-        # Reading and shuffling the next batch (h5py, numpy) overlaps the step (torch releases the GIL).
-        return prefetch(store.batches(mine, batch_size, split="train", seed=cfg.seed, start_batch=start, rank=rank,
-                                      world_size=world, **kw), size=2, name="saekit-store-reader")
+    def stream(start: int):  # the Trainer reads it one batch ahead in a background thread
+        return store.batches(mine, batch_size, split="train", seed=cfg.seed, start_batch=start, rank=rank, world_size=world, **kw)
 
     first = None
     if env.distributed:  # open the first stream now, so a rank with too little data fails on every rank, not in a hang
