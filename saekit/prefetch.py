@@ -1,8 +1,8 @@
 """Run an iterator one step ahead in a background thread, so producing the next item overlaps using this one.
 
 Used where the producer is I/O or Python work and the consumer is torch compute that releases
-the GIL: harvest tokenises the next batch during the forward pass, and training reads and
-shuffles the next store batch during the step.  Order is kept (one producer), an exception in
+the GIL: harvest tokenises the next batch during the forward pass, and the Trainer reads,
+casts and scales the next batch of any source during the step.  Order is kept (one producer), an exception in
 the producer is re-raised at the consumer's next item, and closing the consumer (or dropping
 it) stops the thread.
 """

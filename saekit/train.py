@@ -391,11 +391,14 @@ class Trainer:
         ckpt_steps = max(1, self.cfg.checkpoint_every // self.cfg.batch_size) if self.cfg.checkpoint_every else None
         bar = _Progress(self) if self.progress and self.dist.is_main else None
         needed = itertools.islice(self.batches(self.step), self.n_steps - self.step)  # no read-ahead past the end
-        it = prefetch(self._inputs(needed), size=2, name="saekit-batches")
+        # On CPU the prefetch thread also casts and scales, so all of batch i+1's preparation overlaps
+        # step i (torch releases the GIL); device copies stay on the main thread's stream.
+        on_cpu = self.device.type == "cpu"
+        it = prefetch(map(self._scaled, needed) if on_cpu else needed, size=2, name="saekit-batches")
         t0, s0 = time.perf_counter(), self.step
         try:
             while self.step < self.n_steps:
-                xn = self._to_device(next(it))
+                xn = next(it) if on_cpu else self._scaled(next(it))
                 for r in self.runs:
                     self._step(r, xn[r.hook])
                 self.step += 1
@@ -411,18 +414,8 @@ class Trainer:
                 bar.stop()
         return self.runs
 
-    def _inputs(self, batches: Iterator[dict[str, Tensor]]) -> Iterator[dict[str, Tensor]]:
-        """Batches scaled to the dictionaries' units.  Runs in the prefetch thread, so on CPU reading,
-        shuffling, the float32 cast and the scaling of batch i+1 overlap step i (torch releases the GIL)."""
-        for batch in batches:
-            if self.device.type == "cpu":
-                yield {h: batch[h].to(torch.float32) * self.scales[h] for h in self.hooks}
-            else:  # device copies stay on the main thread's stream
-                yield batch
-
-    def _to_device(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
-        if self.device.type == "cpu":
-            return batch
+    def _scaled(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
+        """A batch on the device, float32, in the dictionaries' units."""
         return {h: batch[h].to(self.device, torch.float32, non_blocking=True) * self.scales[h] for h in self.hooks}
 
     def _step(self, r: Run, xn: Tensor) -> None:
