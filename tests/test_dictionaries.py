@@ -13,6 +13,7 @@ from saekit.dictionaries.sae import (
     TopKSAE,
     geometric_median,
     sparse_decode_bag,
+    sparse_decode_csr,
     sparse_decode_dense,
 )
 
@@ -87,13 +88,14 @@ def test_sparse_decode_paths_agree_with_gradients():
     vals = torch.rand(7, 4, generator=g)
     idx = torch.randint(0, D_DICT, (7, 4), generator=g)
     results = []
-    for fn in (sparse_decode_dense, sparse_decode_bag):
+    for fn in (sparse_decode_dense, sparse_decode_bag, sparse_decode_csr):
         Wp, vp = W.clone().requires_grad_(), vals.clone().requires_grad_()
         y = fn(vp, idx, Wp)
         (y * torch.arange(D_IN)).sum().backward()
         results.append((y.detach(), Wp.grad, vp.grad))
-    for a, b in zip(*results):
-        torch.testing.assert_close(a, b)
+    for other in results[1:]:
+        for a, b in zip(results[0], other):
+            torch.testing.assert_close(a, b)
 
 
 def test_unit_norm_decoder_projection():

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from saekit.dictionaries.base import DictConfig, Dictionary, Provenance
+from saekit.dictionaries.sparse import SparseDecode, transpose, transposed_matmul
 
 
 class TrainOutput(NamedTuple):
@@ -70,12 +71,20 @@ def sparse_decode_bag(values: Tensor, indices: Tensor, W_dec: Tensor) -> Tensor:
     return F.embedding_bag(indices, W_dec, per_sample_weights=values, mode="sum")
 
 
-# Chosen once at import, overridable with SAEKIT_DECODE=dense|bag (STYLE.md 9: fast path + reference).
-# "bag" by default: at d_in=256, d_dict=4096, k=32, batch 4096 the gather and its scatter-add
-# backward take 0.4 s on one CPU thread against 2.9 s for the dense product and its two
-# gradients (benchmarks/train_speed.py measures the whole step).
-_DECODE = os.environ.get("SAEKIT_DECODE", "bag")
-sparse_decode = sparse_decode_bag if _DECODE == "bag" else sparse_decode_dense
+def sparse_decode_csr(values: Tensor, indices: Tensor, W_dec: Tensor) -> Tensor:
+    """`sparse_decode_bag`'s forward with a CSR backward (`sparse.SparseDecode`) on CPU; the bag elsewhere."""
+    if values.device.type == "cpu" and values.dtype in (torch.float32, torch.float64):
+        return SparseDecode.apply(values, indices, W_dec)
+    return sparse_decode_bag(values, indices, W_dec)
+
+
+# Chosen once at import, overridable with SAEKIT_DECODE=csr|bag|dense (STYLE.md 9: fast path + references).
+# The bag's forward gathers only k decoder rows per token: at d_in=256, d_dict=4096, k=32, batch
+# 4096 it and its backward took 0.4 s on one CPU thread against 2.9 s for the dense product and
+# its two gradients.  "csr" (default) keeps that forward and replaces the bag's backward, which
+# scatters entry by entry, with sorted CSR products: ~6 → ~4 ms at d_dict 512, k 16 (sparse.py).
+_DECODE = os.environ.get("SAEKIT_DECODE", "csr")
+sparse_decode = {"csr": sparse_decode_csr, "bag": sparse_decode_bag}.get(_DECODE, sparse_decode_dense)
 
 # BatchTopK's training selection, overridable with SAEKIT_BATCHTOPK=candidates|full (the reference).
 # "candidates" by default: a per-row top-4k, then a top-(k·n) over n·4k values, then the sparse
@@ -252,14 +261,14 @@ class TopKEncode(torch.autograd.Function):
     """TopK's encoder and selection in one step that reuses its (n, d_dict) memory: (values, indices).
 
         pre = x_n W_enc + (b_enc − b_dec W_enc)      values, indices = row_topk(pre, k), ReLU'd
-    Backward (G = ∂values scattered into (n, d_dict), 0 where a value was cut or ≤ 0):
-        ∂W_enc = x_nᵀ G       ∂b_enc = Σ_n G       ∂b_dec = −W_enc ∂b_enc
-    Autograd computes the same, but allocates pre and then a zero-filled (n, d_dict) gradient
-    every step; fresh 8 MB tensors fault in page by page (~5 ms each at batch 4096, d_dict 512
-    on one CPU thread).  Here both live in `ws` across steps, as in `ReluLoss`: pre's memory is
-    reused for G, because backward needs only the indices and the sign of the values.
-    Used for steps without AuxK (which needs pre itself); `TopKSAE.training_forward` falls back
-    to autograd when a latent is dead.
+    Backward (G = ∂values, 0 where a value is ≤ 0; S_G the k-sparse matrix it forms):
+        ∂W_enc = (S_Gᵀ x_n)ᵀ − b_dec ⊗ ∂b_enc       ∂b_enc = Σ_n G per latent       ∂b_dec = −W_enc ∂b_enc
+    Autograd computes the same through a fresh pre, a zero-filled (n, d_dict) gradient and a
+    dense product.  Here pre lives in `ws` across steps (a fresh 8 MB tensor faults in page by
+    page, ~5 ms at batch 4096, d_dict 512 on one CPU thread), and ∂W_enc is one CSR product
+    over the n·k entries (`sparse.transposed_matmul`: ~2.5 ms against ~8.6 ms for the dense
+    scatter and product).  Used on CPU for steps without AuxK (which needs pre itself);
+    `TopKSAE.training_forward` falls back to autograd otherwise.
     """
 
     @staticmethod
@@ -270,17 +279,16 @@ class TopKEncode(torch.autograd.Function):
         values, indices = row_topk(pre, k)
         values = values.relu_()
         ctx.save_for_backward(xn, W_enc, b_dec, values, indices)
-        ctx.ws = ws
         ctx.mark_non_differentiable(indices)
         return values, indices
 
     @staticmethod
     def backward(ctx, g_values: Tensor, _):
         xn, W_enc, b_dec, values, indices = ctx.saved_tensors
-        G = _scratch(ctx.ws, "pre", (xn.shape[0], W_enc.shape[1]), xn).zero_()
-        G.scatter_(1, indices, torch.where(values > 0, g_values, 0.0))
-        g_benc = G.sum(0)
-        gW_enc = torch.addr(xn.t() @ G, b_dec, g_benc, alpha=-1)  # (x_n − b_dec)ᵀ G
+        G = torch.where(values > 0, g_values, 0.0)  # (n, k)
+        g_benc = torch.zeros_like(W_enc[0]).index_add_(0, indices.reshape(-1), G.reshape(-1))
+        gW_enc_t = transposed_matmul(transpose(indices, W_enc.shape[1]), G, xn)  # (d_dict, d_in) = S_Gᵀ x_n
+        gW_enc = torch.addr(gW_enc_t, g_benc, b_dec, alpha=-1).t()  # (x_n − b_dec)ᵀ S_G
         g_bdec = torch.mv(W_enc, g_benc).neg_()
         return None, gW_enc, g_benc, g_bdec, None, None
 
@@ -429,7 +437,7 @@ class TopKSAE(_SAE):
         return normalized_mse(e_hat, resid) * dead.any()
 
     def training_forward(self, xn, dead: Tensor | None = None, aux_k: int | None = None, aux_coef: float = 1 / 32, **_) -> TrainOutput:
-        if dead is None and _TOPK_STEP == "fused":  # no AuxK: pre is needed only for the selection
+        if dead is None and _TOPK_STEP == "fused" and xn.device.type == "cpu":  # no AuxK: pre only selects
             pre = None
             values, indices = TopKEncode.apply(xn, self.W_enc, self.b_enc, self.b_dec, self.cfg.k, self._ws)
         else:
