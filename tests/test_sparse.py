@@ -43,7 +43,7 @@ def test_transpose_is_deterministic_and_latent_major():
 
 
 def test_pattern_dots_equals_gather_of_dense_product():
-    values, indices = _codes(dtype=torch.float32)
+    _, indices = _codes(dtype=torch.float32)
     g = torch.Generator().manual_seed(3)
     A, B = torch.randn(300, 9, generator=g), torch.randn(50, 9, generator=g)
     torch.testing.assert_close(pattern_dots(indices, A, B), (A @ B.t()).gather(1, indices))
