@@ -28,8 +28,16 @@ def _params(n=64, d_in=8, d_dict=24, seed=0, dtype=torch.float64):
     return xn, [p.requires_grad_() for p in ps]
 
 
+@pytest.fixture(params=["dense", "csr"])
+def relu_path(request, monkeypatch):
+    """ReluLoss's two paths: dense work tensors, or CSR codes (forced by the density threshold)."""
+    monkeypatch.setattr(sae, "SPARSE_DENSITY", 1.0 if request.param == "csr" else -1.0)
+    assert sae._kernels() is not None  # numba is installed here: the CSR path really runs
+    return request.param
+
+
 @pytest.mark.parametrize("lam", [0.0, 3.0])
-def test_relu_loss_matches_eager(lam):
+def test_relu_loss_matches_eager(lam, relu_path):
     """Same loss, terms, Σ_n f, L0 and parameter gradients as plain autograd (float64, some latents inactive)."""
     xn, ps = _params()
     fast = ReluLoss.apply(xn, *ps, lam)
@@ -43,17 +51,18 @@ def test_relu_loss_matches_eager(lam):
         torch.testing.assert_close(a, b, msg=name)
 
 
-def test_relu_loss_gradcheck():
+def test_relu_loss_gradcheck(relu_path):
     """The hand-written backward against finite differences (output scaled by a non-unit upstream gradient)."""
     xn, ps = _params(n=16, d_in=4, d_dict=6, seed=1)
     assert torch.autograd.gradcheck(lambda *p: 1.7 * ReluLoss.apply(xn, *p, 2.0)[0], ps)
 
 
-def test_relu_loss_workspace_reuse():
+def test_relu_loss_workspace_reuse(relu_path):
     """Reused work tensors give the eager gradients on every step, and misuse fails loudly instead of silently.
 
-    Two forwards on different batches before either backward would overwrite the shared f:
-    autograd's version check must refuse the first backward.
+    Dense path: two forwards on different batches before either backward would overwrite the
+    shared f, so autograd's version check must refuse the first backward.  The CSR path copies
+    the codes out of the work tensor, so there the first backward stays correct.
     """
     xn, ps = _params()
     xn2 = xn.flip(0) * 0.7
@@ -63,14 +72,44 @@ def test_relu_loss_workspace_reuse():
         ref = torch.autograd.grad(relu_loss_eager(x, *ps, 3.0)[0], ps)
         for a, b in zip(fast, ref):
             torch.testing.assert_close(a, b)
-    assert set(ws) == {"f", "h"}
+    assert set(ws) == ({"f", "h"} if relu_path == "dense" else {"f"})
     first = ReluLoss.apply(xn, *ps, 3.0, ws)[0]
     ReluLoss.apply(xn2, *ps, 3.0, ws)
-    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
-        first.backward()
+    if relu_path == "dense":
+        with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+            first.backward()
+    else:
+        got = torch.autograd.grad(first, ps)
+        for a, b in zip(got, torch.autograd.grad(relu_loss_eager(xn, *ps, 3.0)[0], ps)):
+            torch.testing.assert_close(a, b)
 
 
-def test_relu_sae_training_forward_uses_both_paths_alike():
+def test_relu_loss_csr_path_with_no_active_latent(relu_path):
+    """All codes 0 (nnz = 0): the CSR path still gives the eager loss and gradients."""
+    xn, ps = _params()
+    with torch.no_grad():
+        ps[1] -= 100.0
+    fast = ReluLoss.apply(xn, *ps, 2.0)
+    assert float(fast[4]) == 0.0
+    for a, b in zip(torch.autograd.grad(fast[0], ps), torch.autograd.grad(relu_loss_eager(xn, *ps, 2.0)[0], ps)):
+        torch.testing.assert_close(a, b)
+
+
+def test_relu_loss_picks_csr_by_density(monkeypatch):
+    """At the default threshold a sparse batch takes the CSR path and a dense one the dense path."""
+    seen = []
+    real = sae._relu_csr
+    monkeypatch.setattr(sae, "_relu_csr", lambda pre: seen.append(real(pre)[1] is not None) or real(pre))
+    xn, ps = _params(n=200, d_dict=64)
+    ReluLoss.apply(xn, *ps, 1.0)
+    with torch.no_grad():
+        ps[1] -= 3.0  # most pre-activations now negative
+    out = ReluLoss.apply(xn, *ps, 1.0)
+    assert float(out[4]) / 64 < sae.SPARSE_DENSITY
+    assert seen == [False, True]
+
+
+def test_relu_sae_training_forward_uses_both_paths_alike(relu_path):
     """ReluSAE's TrainOutput (fired flags from Σ_n f) equals the eager reference's on float32."""
     d = ReluSAE(DictConfig(kind="relu", d_in=8, d_dict=24, l1=2.0))
     xn = torch.randn(128, 8, generator=torch.Generator().manual_seed(3))
@@ -181,9 +220,11 @@ def test_batchtopk_training_forward_candidates_match_full_path(dominating, monke
 
 # --- TopK: grouped row top-k and the fused encoder ---------------------------------------------
 
+@pytest.mark.parametrize("mode", ["numba", "grouped"])
 @pytest.mark.parametrize("width,k,ties", [(512, 16, False), (512, 16, True), (64, 3, True), (96, 5, False), (40, 7, False)])
-def test_row_topk_equals_torch_topk(width, k, ties):
+def test_row_topk_equals_torch_topk(width, k, ties, mode, monkeypatch):
     """Same values per row (as multisets) as torch.topk, indices that point at them, gradient of a gather."""
+    monkeypatch.setattr(sae, "_TOPK", mode)
     g = torch.Generator().manual_seed(width + k)
     x = torch.randint(-3, 4, (257, width), generator=g).double() if ties else torch.randn(257, width, generator=g, dtype=torch.float64)
     x[0, :] = -torch.inf
@@ -201,15 +242,18 @@ def test_row_topk_equals_torch_topk(width, k, ties):
     assert torch.equal(grad, expect)
 
 
-def test_row_topk_grouped_path_is_taken_and_plain_reference_agrees(monkeypatch):
-    """At width 512, k 16 the grouped path runs (group 8); SAEKIT_TOPK=plain gives the same selection."""
-    assert sae._topk_group(512, 16) == 8
+def test_row_topk_modes_select_the_same(monkeypatch):
+    """numba (the default, and importable here), grouped and plain torch.topk pick the same entries."""
+    assert sae._TOPK == "numba" and sae._kernels() is not None
     x = torch.randn(300, 512, generator=torch.Generator().manual_seed(1))
-    v, i = row_topk(x, 16)
-    monkeypatch.setattr(sae, "_TOPK", "plain")
-    v2, i2 = row_topk(x, 16)
-    assert torch.equal(i.sort(-1).values, i2.sort(-1).values)
-    torch.testing.assert_close(v.sort(-1).values, v2.sort(-1).values)
+    picks = []
+    for mode in ("numba", "grouped", "plain"):
+        monkeypatch.setattr(sae, "_TOPK", mode)
+        v, i = row_topk(x, 16)
+        picks.append((v.sort(-1).values, i.sort(-1).values))
+    for v, i in picks[1:]:
+        assert torch.equal(i, picks[0][1])
+        torch.testing.assert_close(v, picks[0][0])
 
 
 def test_topk_encode_matches_autograd():

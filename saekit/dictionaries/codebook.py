@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from saekit.dictionaries.base import DictConfig, Dictionary, Provenance
-from saekit.dictionaries.sae import TrainOutput
+from saekit.dictionaries.sae import TrainOutput, row_topk
 
 
 def code_similarity(xg: Tensor, codebook: Tensor, similarity: str) -> Tensor:
@@ -29,7 +29,9 @@ def choose_codes(xn: Tensor, codebook: Tensor, k: int, similarity: str) -> Tenso
     """Indices of the k most similar codes per token and group: (n, G, k), values in [0, C)."""
     G, C, d_g = codebook.shape
     sims = code_similarity(xn.view(-1, G, d_g), codebook, similarity)  # (G, n, C)
-    return sims.topk(k, dim=-1, sorted=False).indices.transpose(0, 1)  # (n, G, k)
+    with torch.no_grad():
+        _, idx = row_topk(sims.reshape(-1, C), k)  # (G·n, k): numba on CPU (sae.row_topk)
+    return idx.view(G, -1, k).transpose(0, 1)  # (n, G, k)
 
 
 def sum_codes(idx: Tensor, codebook: Tensor) -> Tensor:

@@ -16,6 +16,7 @@ except when it logs); `loss_terms` is the same thing as a dict.
 
 from __future__ import annotations
 
+import functools
 import os
 from typing import NamedTuple
 
@@ -24,7 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from saekit.dictionaries.base import DictConfig, Dictionary, Provenance
-from saekit.dictionaries.sparse import SparseDecode, transpose, transposed_matmul
+from saekit.dictionaries.sparse import SparseDecode, sampled_dots, transpose, transposed_matmul
 
 
 class TrainOutput(NamedTuple):
@@ -94,8 +95,23 @@ _BATCHTOPK = os.environ.get("SAEKIT_BATCHTOPK", "candidates")
 # TopK's training step without AuxK: SAEKIT_TOPK_STEP=fused (default, `TopKEncode`) or autograd (the reference).
 _TOPK_STEP = os.environ.get("SAEKIT_TOPK_STEP", "fused")
 
-# Per-row top-k on CPU: SAEKIT_TOPK=grouped (default, `row_topk`) or plain (torch.topk, the reference).
-_TOPK = os.environ.get("SAEKIT_TOPK", "grouped")
+# Per-row top-k on CPU: SAEKIT_TOPK=numba (default, `kernels`), grouped (`row_topk` in torch) or
+# plain (torch.topk, the reference).  numba is imported on first use, so the CLI starts without it.
+_TOPK = os.environ.get("SAEKIT_TOPK", "numba")
+
+
+@functools.cache
+def _kernels():
+    """The numba module saekit.dictionaries.kernels, or None where numba cannot be imported."""
+    try:
+        from saekit.dictionaries import kernels
+    except ImportError:  # numba missing or not built for this Python: the torch paths remain
+        return None
+    return kernels
+
+
+# ReluLoss's CSR path: SAEKIT_RELU_SPARSE=auto (default: by this step's density) or off.
+_RELU_SPARSE = os.environ.get("SAEKIT_RELU_SPARSE", "auto")
 
 
 def _topk_group(width: int, k: int) -> int:
@@ -109,16 +125,23 @@ def _topk_group(width: int, k: int) -> int:
 def row_topk(x: Tensor, k: int) -> tuple[Tensor, Tensor]:
     """The k largest values of each row of x (n, width) and their indices, unsorted; differentiable in x.
 
-    Exact, and on CPU faster than `x.topk` (whose per-row selection costs ~12 ns per value at
-    width 512): split each row into width/g strided groups of g values, keep the k groups with
-    the largest maxima, and take the top-k of those k·g candidates.  Why nothing is lost: if M
-    is the k-th largest group maximum, fewer than k groups have a maximum above M, so every
-    value above M sits in a kept group, and the kept groups' own maxima are k values ≥ M; the
-    candidates therefore hold all values above the row's k-th largest and enough equal to it.
-    One thread, n = 4096: width 512, k 16: 15 ms against 23 ms; width 16384, k 64: 187 against
-    275 ms.  `SAEKIT_TOPK=plain`, and CUDA (whose top-k is already fast), use `x.topk`.
+    On CPU the selection runs in `kernels` (numba: a bound from chunk maxima, one filtering
+    pass, a size-k heap), or where numba is unavailable (or `SAEKIT_TOPK=grouped`) in torch
+    through groups: split each row into width/g strided groups of g values, keep the k groups
+    with the largest maxima, and take the top-k of those k·g candidates.  Why the grouped
+    selection loses nothing: if M is the k-th largest group maximum, fewer than k groups have a
+    maximum above M, so every value above M sits in a kept group, and the kept groups' own
+    maxima are k values ≥ M; the candidates therefore hold all values above the row's k-th
+    largest and enough equal to it.  One thread, n = 4096, width 512, k 16: numba ~7 ms,
+    grouped ~13 ms, `x.topk` ~21 ms.  `SAEKIT_TOPK=plain`, and CUDA (whose top-k is already
+    fast), use `x.topk`.
     """
-    g = _topk_group(x.shape[-1], k) if _TOPK == "grouped" and x.device.type == "cpu" else 1
+    if x.device.type == "cpu" and _TOPK == "numba" and x.dim() == 2 and x.dtype in (torch.float32, torch.float64):
+        kernels = _kernels()
+        if kernels is not None:
+            indices = kernels.topk_indices(x, k)
+            return x.gather(1, indices), indices
+    g = _topk_group(x.shape[-1], k) if _TOPK in ("grouped", "numba") and x.device.type == "cpu" else 1
     if g == 1:
         return x.topk(k, dim=-1, sorted=False)
     n, width = x.shape
@@ -184,15 +207,20 @@ class ReluLoss(torch.autograd.Function):
     Autograd does the same five matmuls but also keeps pre and f, materialises ∂f twice (once
     per use of f) and adds them, and runs ReLU's backward as a separate pass; here the L1
     term's gradient rides in the matmul's bias and Σ_n f serves the loss, the W_dec gradient
-    and the fired flags at once.  On one CPU thread (d_in 128, d_dict 512, batch 4096) that is a
-    modest gain: median step 81 ms against 92 ms for the autograd version on the loaded shared
-    machine, the five matmuls (~40 ms of work) being the floor (benchmarks/README.md).
-    x_n gets no gradient.
-    `ws` (a dict the caller keeps between steps) holds the two (n, d_dict) work tensors, f and
-    ∂pre, so each step writes into memory it already owns.  A fresh 8 MB tensor per step costs
-    a page fault per 4 KB (~5 ms at the size above, as much as a pass over it); reusing them
-    cut the step from ~70 to ~50 ms.  Reuse is safe: f is saved for backward, so a second
-    forward before the first backward fails autograd's version check instead of corrupting it.
+    and the fired flags at once.  x_n gets no gradient.
+    `ws` (a dict the caller keeps between steps) holds the (n, d_dict) work tensors, so each
+    step writes into memory it already owns: a fresh 8 MB tensor costs a page fault per 4 KB
+    (~5 ms at batch 4096, d_dict 512 on one CPU thread); reusing them cut the step from ~70
+    to ~50 ms.  Reuse is safe: f is saved for backward, so a second forward before the first
+    backward fails autograd's version check instead of corrupting it.
+
+    Sparse path (CPU with numba, when at most `SPARSE_DENSITY` of this step's codes are > 0,
+    counted first): f is kept as CSR (`kernels.relu_csr`), and four of the five products use
+    only its nnz entries: x̂ = f W_dec, ∂pre at f's pattern (`sparse.sampled_dots`), fᵀ g and
+    ∂preᵀ x_n (`sparse.transposed_matmul`).  Only the encoder's x_n W_enc stays dense.  The
+    gradients equal the dense path's up to summation order, and the choice depends only on
+    this step's pre-activations, so resumed runs stay bitwise equal.  Timings: benchmarks/
+    README.md, "Speed, third pass".
     Returns (loss, mse, l1, col, l0): only loss is differentiable.
     """
 
@@ -203,33 +231,67 @@ class ReluLoss(torch.autograd.Function):
         N = n * d_in
         ws = {} if ws is None else ws
         c = torch.addmv(b_enc, W_enc.t(), b_dec, alpha=-1)  # (d_dict,)
-        f = torch.addmm(c, xn, W_enc, out=_scratch(ws, "f", (n, W_enc.shape[1]), xn)).clamp_min_(0)  # (n, d_dict)
-        e = torch.addmm(b_dec, f, W_dec).sub_(xn)  # (n, d_in): x̂_n − x_n
+        pre = torch.addmm(c, xn, W_enc, out=_scratch(ws, "f", (n, W_enc.shape[1]), xn))  # (n, d_dict)
         w = W_dec.norm(dim=-1)  # (d_dict,)
-        col = f.sum(0)  # (d_dict,)
+        nnz, csr = _relu_csr(pre)
+        ctx.lam, ctx.ws, ctx.csr = lam, ws, csr
+        if csr is None:
+            f = pre.clamp_min_(0)
+            e = torch.addmm(b_dec, f, W_dec).sub_(xn)  # (n, d_in): x̂_n − x_n
+            col = f.sum(0)  # (d_dict,)
+            if nnz is None:
+                # f ≥ 0, so Σ sign(f) counts the fired entries: one vectorised pass (count_nonzero is ~6× slower on CPU).
+                l0 = torch.sign(f, out=_scratch(ws, "h", f.shape, f)).sum() / n
+            else:
+                l0 = xn.new_tensor(nnz / n)
+            ctx.save_for_backward(xn, W_enc, W_dec, b_dec, f, e, w, col)
+        else:
+            crow, cols, vals, _ = csr
+            S = torch.sparse_csr_tensor(crow, cols, vals, pre.shape, check_invariants=False)
+            e = (S @ W_dec).add_(b_dec).sub_(xn)
+            col = torch.zeros_like(c).index_add_(0, cols, vals)
+            l0 = xn.new_tensor(nnz / n)
+            ctx.save_for_backward(xn, W_enc, W_dec, b_dec, vals, e, w, col)
         mse = torch.dot(e.view(-1), e.view(-1)) / N
         l1 = torch.dot(col, w) / N
-        # f ≥ 0, so Σ sign(f) counts the fired entries: one vectorised pass (count_nonzero is ~6× slower on CPU).
-        l0 = torch.sign(f, out=_scratch(ws, "h", f.shape, f)).sum() / n
-        ctx.save_for_backward(xn, W_enc, W_dec, b_dec, f, e, w, col)
-        ctx.lam, ctx.ws = lam, ws
         ctx.mark_non_differentiable(mse, l1, col, l0)
         return mse + lam * l1, mse, l1, col, l0
 
     @staticmethod
     def backward(ctx, g_loss: Tensor, *_):
-        xn, W_enc, W_dec, b_dec, f, e, w, col = ctx.saved_tensors
+        xn, W_enc, W_dec, b_dec, f, e, w, col = ctx.saved_tensors  # f: dense codes, or the CSR values
         s = g_loss / (xn.shape[0] * xn.shape[1])
         ls = ctx.lam * s
         g = e * (2 * s)  # (n, d_in)
-        gW_dec = torch.addmm(W_dec * (ls * col / w.clamp_min(1e-12))[:, None], f.t(), g)  # (d_dict, d_in)
-        # The L1 gradient λ s w rides in the matmul's bias; threshold_backward keeps it where f > 0 in one pass.
-        h = torch.addmm(ls * w, g, W_dec.t(), out=_scratch(ctx.ws, "h", f.shape, f))
-        g_pre = torch.ops.aten.threshold_backward.grad_input(h, f, 0, grad_input=h)  # (n, d_dict), in place
-        g_benc = g_pre.sum(0)
-        gW_enc = torch.addr(xn.t() @ g_pre, b_dec, g_benc, alpha=-1)  # (d_in, d_dict)
+        gW_dec_l1 = W_dec * (ls * col / w.clamp_min(1e-12))[:, None]
+        if ctx.csr is None:
+            gW_dec = torch.addmm(gW_dec_l1, f.t(), g)  # (d_dict, d_in)
+            # The L1 gradient λ s w rides in the matmul's bias; threshold_backward keeps it where f > 0 in one pass.
+            h = torch.addmm(ls * w, g, W_dec.t(), out=_scratch(ctx.ws, "h", f.shape, f))
+            g_pre = torch.ops.aten.threshold_backward.grad_input(h, f, 0, grad_input=h)  # (n, d_dict), in place
+            g_benc = g_pre.sum(0)
+            gW_enc = torch.addr(xn.t() @ g_pre, b_dec, g_benc, alpha=-1)  # (d_in, d_dict)
+        else:
+            crow, cols, _, rows = ctx.csr
+            t = transpose(cols, W_dec.shape[0], rows=rows, n=xn.shape[0])
+            gW_dec = transposed_matmul(t, f, g).add_(gW_dec_l1)
+            g_pre = sampled_dots(crow, cols, g, W_dec).add_((ls * w)[cols])  # (nnz,): ∂pre where f > 0
+            g_benc = torch.zeros_like(w).index_add_(0, cols, g_pre)
+            gW_enc = torch.addr(transposed_matmul(t, g_pre, xn), g_benc, b_dec, alpha=-1).t()
         g_bdec = torch.addmv(g.sum(0), W_enc, g_benc, alpha=-1)
         return None, gW_enc, g_benc, gW_dec, g_bdec, None, None
+
+
+SPARSE_DENSITY = 0.15
+"""ReluLoss keeps its codes as CSR when at most this fraction of them is > 0 (CPU, numba)."""
+
+
+def _relu_csr(pre: Tensor):
+    """`kernels.relu_csr(pre, SPARSE_DENSITY)` where it applies (CPU, float32/64, numba), else (None, None)."""
+    if pre.device.type != "cpu" or pre.dtype not in (torch.float32, torch.float64) or _RELU_SPARSE != "auto":
+        return None, None
+    kernels = _kernels()
+    return (None, None) if kernels is None else kernels.relu_csr(pre, SPARSE_DENSITY)
 
 
 def _scratch(ws: dict, name: str, shape: tuple, like: Tensor) -> Tensor:
@@ -432,7 +494,7 @@ class TopKSAE(_SAE):
             return resid.new_zeros(())
         k_aux = min(aux_k or self.cfg.d_in // 2, self.cfg.d_dict)
         bias = torch.where(dead, 0.0, -torch.inf)  # (d_dict,): one broadcast add, no (n, d_dict) mask tensor
-        values, indices = (pre + bias).topk(k_aux, dim=-1, sorted=False)
+        values, indices = row_topk(pre + bias, k_aux)
         e_hat = sparse_decode(values.relu(), indices, self.W_dec)  # no b_dec: it models the residual
         return normalized_mse(e_hat, resid) * dead.any()
 

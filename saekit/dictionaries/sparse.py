@@ -31,39 +31,53 @@ warnings.filterwarnings("ignore", message=".*[Ss]parse CSR tensor support is in 
 
 
 class Transposed(NamedTuple):
-    """Sᵀ's CSR structure for codes `indices` (n, k): entries grouped by latent."""
+    """Sᵀ's CSR structure: S's entries grouped by latent."""
 
     crow: Tensor  # (width + 1,) int64: latent i's entries are order[crow[i]:crow[i+1]]
-    tokens: Tensor  # (n·k,) int64: the token of each sorted entry
-    order: Tensor  # (n·k,) int64: position of each sorted entry in indices.flatten()
-    counts: Tensor  # (width,) int64: entries per latent
+    tokens: Tensor  # (nnz,) int64: the token (row of S) of each sorted entry
+    order: Tensor  # (nnz,) int64: position of each sorted entry among S's entries (row-major)
     shape: tuple[int, int]  # (width, n)
 
 
-def transpose(indices: Tensor, width: int) -> Transposed:
-    """Sort the entries of k-sparse codes by latent (stable, so the result is deterministic)."""
-    n, k = indices.shape
+def transpose(indices: Tensor, width: int, rows: Tensor | None = None, n: int | None = None) -> Transposed:
+    """Sort S's entries by latent (stable, so the result is deterministic).
+
+    S is either k-sparse codes, `indices` (n, k), or a CSR matrix given by its column
+    indices `indices` (nnz,), the row of each entry `rows` (nnz,) and its row count `n`.
+    """
     flat = indices.reshape(-1)
     order = flat.argsort(stable=True)
-    counts = torch.bincount(flat, minlength=width)
+    if rows is None:
+        n, k = indices.shape
+        tokens = torch.div(order, k, rounding_mode="floor")
+    else:
+        tokens = rows[order]
     crow = torch.zeros(width + 1, dtype=torch.int64, device=indices.device)
-    torch.cumsum(counts, 0, out=crow[1:])
-    return Transposed(crow, torch.div(order, k, rounding_mode="floor"), order, counts, (width, n))
+    torch.cumsum(torch.bincount(flat, minlength=width), 0, out=crow[1:])
+    return Transposed(crow, tokens, order, (width, n))
 
 
 def transposed_matmul(t: Transposed, values: Tensor, D: Tensor) -> Tensor:
-    """Sᵀ D for codes with these values (n, k) (pattern `t`) and a dense D (n, d) -> (width, d)."""
+    """Sᵀ D for S with these values (row-major: (n, k), or (nnz,)) on pattern `t`, D dense (n, d) -> (width, d)."""
     S_t = torch.sparse_csr_tensor(t.crow, t.tokens, values.reshape(-1)[t.order], t.shape, check_invariants=False)
     return S_t @ D
+
+
+def sampled_dots(crow: Tensor, cols: Tensor, A: Tensor, B: Tensor) -> Tensor:
+    """For each entry (i, j) of a CSR pattern (crow, cols) with n rows: A[i] · B[j], (nnz,).
+
+    A sampled product (`torch.sparse.sampled_addmm`): nnz dot products, not the dense A Bᵀ.
+    """
+    # beta=0 still reads the pattern's values (0 · NaN is NaN), so they must be finite: zeros.
+    S = torch.sparse_csr_tensor(crow, cols, A.new_zeros(cols.shape[0]), (A.shape[0], B.shape[0]), check_invariants=False)
+    return torch.sparse.sampled_addmm(S, A, B.t(), beta=0.0).values()
 
 
 def pattern_dots(indices: Tensor, A: Tensor, B: Tensor) -> Tensor:
     """out[i, j] = A[i] · B[indices[i, j]]  (n, k), without the dense A Bᵀ (n, width)."""
     n, k = indices.shape
     crow = torch.arange(0, n * k + 1, k, device=indices.device)
-    # beta=0 still reads S's values (0 · NaN is NaN), so they must be finite: zeros.
-    S = torch.sparse_csr_tensor(crow, indices.reshape(-1), A.new_zeros(n * k), (n, B.shape[0]), check_invariants=False)
-    return torch.sparse.sampled_addmm(S, A, B.t(), beta=0.0).values().view(n, k)
+    return sampled_dots(crow, indices.reshape(-1), A, B).view(n, k)
 
 
 class SparseDecode(torch.autograd.Function):
