@@ -1,11 +1,11 @@
-"""saekit.dictionaries.kernels (numba row top-k) against torch.topk, including its awkward inputs."""
+"""saekit.dictionaries.kernels (numba) against torch: row top-k, ReLU codes as CSR and the products on them."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from saekit.dictionaries.kernels import topk_indices
+from saekit.dictionaries.kernels import csr_matmul, csr_t_matmul, relu_csr, sampled_dots, topk_indices
 
 
 def _same_selection(x: torch.Tensor, k: int) -> torch.Tensor:
@@ -61,3 +61,30 @@ def test_threads_and_noncontiguous_input():
         torch.set_num_threads(before)
     assert torch.equal(a, b)  # splitting rows across threads changes nothing
     _same_selection(x[:, ::2], 6)  # a strided view is copied, not misread
+
+
+# --- ReLU codes as CSR and the products on them ---------------------------------------------------
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_relu_csr_and_products_equal_dense(dtype):
+    g = torch.Generator().manual_seed(3)
+    pre = torch.randn(700, 90, generator=g, dtype=dtype) - 1.2
+    pre[5] = -1.0  # a row with no active latent
+    nnz, (crow, cols, vals) = relu_csr(pre)
+    f = pre.relu()
+    assert nnz == int((f > 0).sum()) and crow[-1] == nnz
+    assert torch.equal(torch.sparse_csr_tensor(crow, cols, vals, f.shape).to_dense(), f)
+    W = torch.randn(90, 17, generator=g, dtype=dtype)
+    D = torch.randn(700, 17, generator=g, dtype=dtype)
+    torch.testing.assert_close(csr_matmul(crow, cols, vals, W), f @ W)
+    torch.testing.assert_close(csr_t_matmul(crow, cols, vals, D, 90), f.t() @ D)
+    rows = torch.arange(700).repeat_interleave(crow.diff())
+    torch.testing.assert_close(sampled_dots(crow, cols, D, W), (D @ W.t())[rows, cols])
+
+
+def test_relu_csr_density_limit_and_nan():
+    pre = torch.randn(300, 40, generator=torch.Generator().manual_seed(4))
+    nnz, csr = relu_csr(pre, max_density=0.1)  # about half is > 0
+    assert csr is None and nnz == int((pre > 0).sum())
+    pre[7, 3] = torch.nan
+    assert relu_csr(pre) == (None, None)  # the caller keeps the dense path, where NaN propagates
