@@ -46,6 +46,7 @@ from saekit import distributed, metrics
 from saekit.models import resolve_device
 from saekit.config import to_dict
 from saekit.dictionaries.base import KINDS, DictConfig, Dictionary, Provenance, build
+from saekit.dictionaries.sae import warm_kernels
 from saekit.errors import SaekitError, did_you_mean
 from saekit.prefetch import prefetch
 
@@ -298,6 +299,8 @@ class Trainer:
         self.runs = [self._make_run(h, src, k, l1) for h, src in hooks.items() for k, l1 in self._sweep()]
         self.scales = {h: torch.tensor(float(src.prov.scale), device=self.device) for h, src in hooks.items()}
         self.tokens_per_s = float("nan")
+        if self.device.type == "cpu":
+            warm_kernels()  # numba's runtime and compiled kernels load here, not inside the first step
 
     # --- construction ----------------------------------------------------------------------
     def _sweep(self) -> list[tuple[int | None, float | None]]:

@@ -248,3 +248,13 @@ def csr_t_matmul(crow: Tensor, cols: Tensor, vals: Tensor, D: Tensor, width: int
     out = np.empty((width, d.shape[1]), dtype=d.dtype)
     _csr_t_matmul(c, k, v, d, 0, c.shape[0] - 1, out)
     return torch.from_numpy(out)
+
+
+def warm() -> None:
+    """Run every kernel once on a tiny float32 input, so numba loads (or compiles and caches) them now."""
+    x = torch.linspace(-1.0, 1.0, 64).view(4, 16)
+    topk_indices(x, 2)
+    _, (crow, cols, vals) = relu_csr(x)
+    csr_matmul(crow, cols, vals, x.t().contiguous())
+    csr_t_matmul(crow, cols, vals, x, 16)
+    sampled_dots(crow, cols, x, x.t().contiguous())

@@ -110,6 +110,17 @@ def _kernels():
     return kernels
 
 
+def warm_kernels() -> None:
+    """Load numba and the compiled kernels now (compiling them on the first use after an install).
+
+    The runtime costs ~140 MB resident and the first load a few seconds; the Trainer calls
+    this at construction so the first step (and a benchmark's timed loop) does not pay it.
+    """
+    kernels = _kernels()
+    if kernels is not None:
+        kernels.warm()
+
+
 # ReluLoss's CSR path: SAEKIT_RELU_SPARSE=auto (default: by this step's density) or off.
 _RELU_SPARSE = os.environ.get("SAEKIT_RELU_SPARSE", "auto")
 
