@@ -225,8 +225,8 @@ class ReluLoss(torch.autograd.Function):
     to ~50 ms.  Reuse is safe: f is saved for backward, so a second forward before the first
     backward fails autograd's version check instead of corrupting it.
 
-    Sparse path (CPU with numba, when at most `SPARSE_DENSITY` / threads of this step's codes
-    are > 0, counted first): f is kept as CSR (`kernels.relu_csr`), and four of the five products use
+    Sparse path (CPU with numba, when few enough of this step's codes are > 0 (`SPARSE_DENSITY`),
+    counted first): f is kept as CSR (`kernels.relu_csr`), and four of the five products use
     only its nnz entries: x̂ = f W_dec, ∂pre at f's pattern (`sparse.sampled_dots`), fᵀ g and
     ∂preᵀ x_n (`sparse.transposed_matmul`).  Only the encoder's x_n W_enc stays dense.  The
     gradients equal the dense path's up to summation order, and the choice depends only on
@@ -295,10 +295,11 @@ class ReluLoss(torch.autograd.Function):
 
 
 SPARSE_DENSITY = 0.12
-"""ReluLoss keeps its codes as CSR when at most this fraction of them, divided by the torch thread
-count, is > 0 (CPU, numba).  At d_in 128, d_dict 512, batch 4096 on one thread the CSR step took
-0.70× the dense one at density 0.08 (L0 42) and 0.93× at 0.15, and broke even near 0.16.  The
-CSR kernels run on one thread while the dense products use them all, hence the division."""
+"""ReluLoss keeps its codes as CSR when at most this fraction of them is > 0 on one torch thread
+(2 / (1 + threads) times it on more: the CSR kernels run on one thread while the dense products
+use them all).  At d_in 128, d_dict 512, batch 4096 the CSR step took 0.42×, 0.60× and 0.89×
+the dense one at density 0.03, 0.08 and 0.125 on one thread (break-even near 0.16), and 0.87×
+at 0.08 on two (break-even near 0.095); at d_dict 4096 it took 0.25-0.37× (benchmarks/sparse_steps.py)."""
 
 
 def _relu_csr(pre: Tensor):
@@ -306,7 +307,7 @@ def _relu_csr(pre: Tensor):
     if pre.device.type != "cpu" or pre.dtype not in (torch.float32, torch.float64) or _RELU_SPARSE != "auto":
         return None, None
     kernels = _kernels()
-    return (None, None) if kernels is None else kernels.relu_csr(pre, SPARSE_DENSITY / torch.get_num_threads())
+    return (None, None) if kernels is None else kernels.relu_csr(pre, SPARSE_DENSITY * 2 / (1 + torch.get_num_threads()))
 
 
 def _scratch(ws: dict, name: str, shape: tuple, like: Tensor) -> Tensor:
