@@ -43,8 +43,7 @@ def relu_params(n: int, d_in: int, width: int, l0: float, g: torch.Generator):
     W_dec /= W_dec.norm(dim=-1, keepdim=True)
     W_enc = W_dec.t().contiguous()
     b_dec = torch.zeros(d_in)
-    pre = x @ W_enc
-    b_enc = -pre.quantile(1 - l0 / width, dim=0) if width <= 4096 else -pre[:4096].quantile(1 - l0 / width, dim=0)
+    b_enc = -(x[:4096] @ W_enc).quantile(1 - l0 / width, dim=0)  # each latent fires on ~l0/width of the rows
     return x, [p.requires_grad_() for p in (W_enc, b_enc, W_dec, b_dec)]
 
 
@@ -71,20 +70,24 @@ def main() -> None:
     warm_kernels()
     g = torch.Generator().manual_seed(0)
     n, d_in = a.batch_size, a.d_in
-    print(f"batch {n}, d_in {d_in}, {torch.get_num_threads()} thread(s); ms per call (median of {a.steps}), ratio = sparse / reference")
+    print(f"batch {n}, d_in {d_in}, {torch.get_num_threads()} thread(s); "
+          f"ms per call (median of {a.steps}), ratio = sparse / reference")
     for width in (int(w) for w in a.widths.split(",")):
         for l0 in (float(v) for v in a.l0.split(",")):
             x, ps = relu_params(n, d_in, width, l0, g)
             with torch.no_grad():
                 got = float(ReluLoss.apply(x, *ps, 1.0)[4])
             t = interleaved({"csr": relu_step(x, ps, 1e9), "dense": relu_step(x, ps, -1.0)}, a.steps)
-            print(f"relu  width {width:6d}  L0 {got:6.1f}: CSR {t['csr']:7.1f}  dense {t['dense']:7.1f}  ratio {t['csr'] / t['dense']:.2f}")
+            print(f"relu  width {width:6d}  L0 {got:6.1f}: CSR {t['csr']:7.1f}  dense {t['dense']:7.1f}  "
+                  f"ratio {t['csr'] / t['dense']:.2f}")
         sae.SPARSE_DENSITY = 0.12
         pre = torch.randn(n, width, generator=g)
-        modes = {}
-        for mode in ("numba", "grouped", "plain"):
-            modes[mode] = (lambda m: (lambda: (setattr(sae, "_TOPK", m), row_topk(pre, a.k))))(mode)
-        t = interleaved(modes, a.steps)
+        def select(mode):
+            def run():
+                sae._TOPK = mode
+                row_topk(pre, a.k)
+            return run
+        t = interleaved({m: select(m) for m in ("numba", "grouped", "plain")}, a.steps)
         sae._TOPK = "numba"
         print(f"topk  width {width:6d}  k {a.k}: numba {t['numba']:6.1f}  grouped {t['grouped']:6.1f}  torch.topk {t['plain']:6.1f}"
               f"  ratios {t['numba'] / t['grouped']:.2f} / {t['numba'] / t['plain']:.2f}")
@@ -96,7 +99,8 @@ def main() -> None:
         def decode(fn):
             return lambda: torch.autograd.grad((fn(values, indices, W) * up).sum(), (values, W))
         t = interleaved({"csr": decode(sparse_decode_csr), "bag": decode(sparse_decode_bag)}, a.steps)
-        print(f"decode width {width:6d}  k {a.k}: CSR backward {t['csr']:6.1f}  embedding_bag {t['bag']:6.1f}  ratio {t['csr'] / t['bag']:.2f}")
+        print(f"decode width {width:6d}  k {a.k}: CSR backward {t['csr']:6.1f}  embedding_bag {t['bag']:6.1f}  "
+              f"ratio {t['csr'] / t['bag']:.2f}")
 
 
 if __name__ == "__main__":

@@ -26,6 +26,12 @@ kept is unspecified, as for `torch.topk`.  Rows holding a NaN are flagged and re
 `torch.topk` (which ranks NaN above everything), so results match torch's semantics.
 On one thread at batch 4096: width 512, k 16 ~7 ms against ~13 ms for the grouped
 `row_topk` and ~21 ms for `torch.topk` (benchmarks/README.md, "Speed, third pass").
+
+ReLU codes as CSR.  A counting pass (which also spots NaNs: the caller then keeps the dense
+path, where they propagate to the loss) sizes the arrays, a second pass fills them.  The
+products on the result are plain loops over the entries in a fixed order, so they are
+deterministic: S D (a gather of D's rows), Sᵀ D (each row of S scattered into the small
+(width, d) result, so no transpose is needed) and the dot products at S's pattern.
 """
 
 from __future__ import annotations
