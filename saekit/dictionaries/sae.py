@@ -227,8 +227,8 @@ class ReluLoss(torch.autograd.Function):
 
     Sparse path (CPU with numba, when few enough of this step's codes are > 0 (`SPARSE_DENSITY`),
     counted first): f is kept as CSR (`kernels.relu_csr`), and four of the five products use
-    only its nnz entries: x̂ = f W_dec, ∂pre at f's pattern (`sparse.sampled_dots`), fᵀ g and
-    ∂preᵀ x_n (`sparse.transposed_matmul`).  Only the encoder's x_n W_enc stays dense.  The
+    only its nnz entries: x̂ = f W_dec and fᵀ g, ∂preᵀ x_n (`kernels.csr_matmul`, `csr_t_matmul`),
+    and ∂pre at f's pattern (`kernels.sampled_dots`).  Only the encoder's x_n W_enc stays dense.  The
     gradients equal the dense path's up to summation order, and the choice depends only on
     this step's pre-activations, so resumed runs stay bitwise equal.  Timings: benchmarks/
     README.md, "Speed, third pass".
