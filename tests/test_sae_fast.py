@@ -144,7 +144,7 @@ def test_batch_topk_candidates_equal_reference_on_random_inputs(seed):
     """No ties: the candidate search keeps exactly the same entries as the full top-(k·n)."""
     g = torch.Generator().manual_seed(seed)
     n, d_dict, k = 64, 256, 3
-    pre = torch.randn(n, d_dict, generator=g, dtype=torch.float64) 
+    pre = torch.randn(n, d_dict, generator=g, dtype=torch.float64)
     values, indices, exact = batch_topk_candidates(pre, k, 4 * k)
     assert bool(exact)
     assert int((values > 0).sum()) == k * n  # exactly k·n kept, all positive here
