@@ -1,4 +1,4 @@
-"""saekit.dictionaries.sparse: CSR products of k-sparse codes against dense references."""
+"""k-sparse (TopK) codes as CSR: the products in saekit.dictionaries.kernels and the decoder against dense references."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from saekit.dictionaries.sae import sparse_decode_bag, sparse_decode_csr, sparse_decode_dense
-from saekit.dictionaries.sparse import SparseDecode, pattern_dots, transpose, transposed_matmul
+from saekit.dictionaries.kernels import SparseDecode, code_rows, csr_t_matmul, sampled_dots
 
 
 def _codes(n=300, width=50, k=6, seed=0, dtype=torch.float64):
@@ -23,31 +23,24 @@ def _dense(values, indices, width):
 
 
 @pytest.mark.parametrize("k", [1, 6])
-def test_transposed_matmul_equals_dense(k):
+def test_transposed_product_equals_dense(k):
     values, indices = _codes(k=k)
     D = torch.randn(300, 9, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
-    t = transpose(indices, 50)
-    counts = t.crow.diff()
+    crow, cols = code_rows(indices), indices.reshape(-1)
+    counts = torch.bincount(cols, minlength=50)
     assert counts.sum() == indices.numel() and int((counts == 0).sum()) > 0  # some latents unused
-    torch.testing.assert_close(transposed_matmul(t, values, D), _dense(values, indices, 50).t() @ D)
-    # the same structure serves other values with the same pattern
-    torch.testing.assert_close(transposed_matmul(t, values * values, D), _dense(values * values, indices, 50).t() @ D)
+    torch.testing.assert_close(csr_t_matmul(crow, cols, values.reshape(-1), D, 50), _dense(values, indices, 50).t() @ D)
+    # the same pattern serves other values
+    sq = values * values
+    torch.testing.assert_close(csr_t_matmul(crow, cols, sq.reshape(-1), D, 50), _dense(sq, indices, 50).t() @ D)
 
 
-def test_transpose_is_deterministic_and_latent_major():
-    _, indices = _codes()
-    a, b = transpose(indices, 50), transpose(indices, 50)
-    assert torch.equal(a.order, b.order) and torch.equal(a.tokens, b.tokens)
-    sorted_latents = indices.reshape(-1)[a.order]
-    assert bool((sorted_latents[1:] >= sorted_latents[:-1]).all())
-    assert torch.equal(a.crow.diff(), torch.bincount(indices.reshape(-1), minlength=50))
-
-
-def test_pattern_dots_equals_gather_of_dense_product():
+def test_sampled_dots_equal_gather_of_dense_product():
     _, indices = _codes(dtype=torch.float32)
     g = torch.Generator().manual_seed(3)
     A, B = torch.randn(300, 9, generator=g), torch.randn(50, 9, generator=g)
-    torch.testing.assert_close(pattern_dots(indices, A, B), (A @ B.t()).gather(1, indices))
+    got = sampled_dots(code_rows(indices), indices.reshape(-1), A, B).view(indices.shape)
+    torch.testing.assert_close(got, (A @ B.t()).gather(1, indices))
 
 
 def test_sparse_decode_gradients_equal_dense_and_bag():

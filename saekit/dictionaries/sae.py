@@ -25,7 +25,6 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from saekit.dictionaries.base import DictConfig, Dictionary, Provenance
-from saekit.dictionaries.sparse import SparseDecode, transpose, transposed_matmul
 
 
 class TrainOutput(NamedTuple):
@@ -73,17 +72,18 @@ def sparse_decode_bag(values: Tensor, indices: Tensor, W_dec: Tensor) -> Tensor:
 
 
 def sparse_decode_csr(values: Tensor, indices: Tensor, W_dec: Tensor) -> Tensor:
-    """`sparse_decode_bag`'s forward with a CSR backward (`sparse.SparseDecode`) on CPU; the bag elsewhere."""
-    if values.device.type == "cpu" and values.dtype in (torch.float32, torch.float64):
-        return SparseDecode.apply(values, indices, W_dec)
-    return sparse_decode_bag(values, indices, W_dec)
+    """`sparse_decode_bag`'s forward with a CSR backward (`kernels.SparseDecode`) on CPU; the bag elsewhere."""
+    kernels = _kernels() if values.device.type == "cpu" and values.dtype in (torch.float32, torch.float64) else None
+    if kernels is None:
+        return sparse_decode_bag(values, indices, W_dec)
+    return kernels.SparseDecode.apply(values, indices, W_dec)
 
 
 # Chosen once at import, overridable with SAEKIT_DECODE=csr|bag|dense (STYLE.md 9: fast path + references).
 # The bag's forward gathers only k decoder rows per token: at d_in=256, d_dict=4096, k=32, batch
 # 4096 it and its backward took 0.4 s on one CPU thread against 2.9 s for the dense product and
 # its two gradients.  "csr" (default) keeps that forward and replaces the bag's backward, which
-# scatters entry by entry, with sorted CSR products: ~6 → ~4 ms at d_dict 512, k 16 (sparse.py).
+# scatters entry by entry, with CSR products: ~6 → ~4 ms at d_dict 512, k 16 (kernels.py).
 _DECODE = os.environ.get("SAEKIT_DECODE", "csr")
 sparse_decode = {"csr": sparse_decode_csr, "bag": sparse_decode_bag}.get(_DECODE, sparse_decode_dense)
 
@@ -344,8 +344,8 @@ class TopKEncode(torch.autograd.Function):
     Autograd computes the same through a fresh pre, a zero-filled (n, d_dict) gradient and a
     dense product.  Here pre lives in `ws` across steps (a fresh 8 MB tensor faults in page by
     page, ~5 ms at batch 4096, d_dict 512 on one CPU thread), and ∂W_enc is one CSR product
-    over the n·k entries (`sparse.transposed_matmul`: ~2.5 ms against ~8.6 ms for the dense
-    scatter and product).  Used on CPU for steps without AuxK (which needs pre itself);
+    over the n·k entries (`kernels.csr_t_matmul`: ~1.6 ms against ~8.6 ms for the dense
+    scatter and product).  Used on CPU, with numba, for steps without AuxK (which needs pre itself);
     `TopKSAE.training_forward` falls back to autograd otherwise.
     """
 
@@ -365,8 +365,9 @@ class TopKEncode(torch.autograd.Function):
         xn, W_enc, b_dec, values, indices = ctx.saved_tensors
         G = torch.where(values > 0, g_values, 0.0)  # (n, k)
         g_benc = torch.zeros_like(W_enc[0]).index_add_(0, indices.reshape(-1), G.reshape(-1))
-        gW_enc_t = transposed_matmul(transpose(indices, W_enc.shape[1]), G, xn)  # (d_dict, d_in) = S_Gᵀ x_n
-        gW_enc = torch.addr(gW_enc_t, g_benc, b_dec, alpha=-1).t()  # (x_n − b_dec)ᵀ S_G
+        kernels = _kernels()
+        gW_enc_t = kernels.csr_t_matmul(kernels.code_rows(indices), indices.reshape(-1), G.reshape(-1), xn, W_enc.shape[1])
+        gW_enc = torch.addr(gW_enc_t, g_benc, b_dec, alpha=-1).t()  # gW_enc_t = S_Gᵀ x_n; this is (x_n − b_dec)ᵀ S_G
         g_bdec = torch.mv(W_enc, g_benc).neg_()
         return None, gW_enc, g_benc, g_bdec, None, None
 
@@ -531,7 +532,8 @@ class TopKSAE(_SAE):
         return normalized_mse(e_hat, resid) * dead.any()
 
     def training_forward(self, xn, dead: Tensor | None = None, aux_k: int | None = None, aux_coef: float = 1 / 32, **_) -> TrainOutput:
-        if dead is None and _TOPK_STEP == "fused" and xn.device.type == "cpu":  # no AuxK: pre only selects
+        fused = _TOPK_STEP == "fused" and xn.device.type == "cpu" and _kernels() is not None
+        if dead is None and fused:  # no AuxK: pre is needed only for the selection
             pre = None
             values, indices = TopKEncode.apply(xn, self.W_enc, self.b_enc, self.b_dec, self.cfg.k, self._ws)
         else:
