@@ -73,7 +73,7 @@ def sparse_decode_bag(values: Tensor, indices: Tensor, W_dec: Tensor) -> Tensor:
 
 def sparse_decode_csr(values: Tensor, indices: Tensor, W_dec: Tensor) -> Tensor:
     """`sparse_decode_bag`'s forward with a CSR backward (`kernels.SparseDecode`) on CPU; the bag elsewhere."""
-    kernels = _kernels() if values.device.type == "cpu" and values.dtype in (torch.float32, torch.float64) else None
+    kernels = _kernels_for(values)
     if kernels is None:
         return sparse_decode_bag(values, indices, W_dec)
     return kernels.SparseDecode.apply(values, indices, W_dec)
@@ -108,6 +108,11 @@ def _kernels():
     except ImportError:  # numba missing or not built for this Python: the torch paths remain
         return None
     return kernels
+
+
+def _kernels_for(t: Tensor):
+    """`_kernels()` when t is a CPU float32/float64 tensor (what the numba kernels take), else None."""
+    return _kernels() if t.device.type == "cpu" and t.dtype in (torch.float32, torch.float64) else None
 
 
 def warm_kernels() -> None:
@@ -147,11 +152,10 @@ def row_topk(x: Tensor, k: int) -> tuple[Tensor, Tensor]:
     grouped ~13 ms, `x.topk` ~21 ms.  `SAEKIT_TOPK=plain`, and CUDA (whose top-k is already
     fast), use `x.topk`.
     """
-    if x.device.type == "cpu" and _TOPK == "numba" and x.dim() == 2 and x.dtype in (torch.float32, torch.float64):
-        kernels = _kernels()
-        if kernels is not None:
-            indices = kernels.topk_indices(x, k)
-            return x.gather(1, indices), indices
+    kernels = _kernels_for(x) if _TOPK == "numba" and x.dim() == 2 else None
+    if kernels is not None:
+        indices = kernels.topk_indices(x, k)
+        return x.gather(1, indices), indices
     g = _topk_group(x.shape[-1], k) if _TOPK in ("grouped", "numba") and x.device.type == "cpu" else 1
     if g == 1:
         return x.topk(k, dim=-1, sorted=False)
@@ -304,9 +308,7 @@ at 0.08 on two (break-even near 0.095); at d_dict 4096 it took 0.25-0.37× (benc
 
 def _relu_csr(pre: Tensor):
     """`kernels.relu_csr` at this step's density threshold where it applies (CPU, float32/64, numba), else (None, None)."""
-    if pre.device.type != "cpu" or pre.dtype not in (torch.float32, torch.float64) or _RELU_SPARSE != "auto":
-        return None, None
-    kernels = _kernels()
+    kernels = _kernels_for(pre) if _RELU_SPARSE == "auto" else None
     return (None, None) if kernels is None else kernels.relu_csr(pre, SPARSE_DENSITY * 2 / (1 + torch.get_num_threads()))
 
 
@@ -532,7 +534,7 @@ class TopKSAE(_SAE):
         return normalized_mse(e_hat, resid) * dead.any()
 
     def training_forward(self, xn, dead: Tensor | None = None, aux_k: int | None = None, aux_coef: float = 1 / 32, **_) -> TrainOutput:
-        fused = _TOPK_STEP == "fused" and xn.device.type == "cpu" and _kernels() is not None
+        fused = _TOPK_STEP == "fused" and _kernels_for(xn) is not None
         if dead is None and fused:  # no AuxK: pre is needed only for the selection
             pre = None
             values, indices = TopKEncode.apply(xn, self.W_enc, self.b_enc, self.b_dec, self.cfg.k, self._ws)
