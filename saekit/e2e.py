@@ -277,7 +277,7 @@ def train_one(cfg: E2EConfig, em: E2EModel, d: Dictionary, hook: str, data: ft.T
     paths.dir.mkdir(parents=True, exist_ok=True)
     before = e2e_eval(em, d.eval(), hook, data.eval, cfg.batch_size, cfg.skip_bos)
     d.train()
-    opt = torch.optim.Adam(d.parameters(), lr=cfg.lr)
+    opt = torch.optim.Adam(d.param_groups(cfg.lr))  # the dictionary's own lr multiples, as offline training
     ident = ft.identity_hash(cfg, E2E_IDENTITY) + hook
     cfg_dict, step = to_dict(cfg), 0
     done = paths.checkpoint_steps()

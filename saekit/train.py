@@ -48,7 +48,7 @@ from saekit.config import to_dict
 from saekit.dictionaries.base import KINDS, DictConfig, Dictionary, Provenance, build
 from saekit.dictionaries.sae import warm_kernels
 from saekit.errors import SaekitError, did_you_mean
-from saekit.prefetch import prefetch
+from saekit.prefetch import prefetch, spare_core
 
 BatchSource = Callable[[int], Iterator[dict[str, Tensor]]]
 """start_batch -> endless iterator of {hook: float tensor (batch_size, width)}; batch i is always the same."""
@@ -81,7 +81,8 @@ class TrainConfig:
     similarity: str = "cosine"
     """Codebook code choice: cosine or inner (product)."""
     lr: float = 0.0
-    """Adam learning rate; 0 picks 2e-4 / sqrt(d_dict / 16384) (sparsify's rule; codebooks ×5)."""
+    """Adam learning rate; 0 picks 2e-4 / sqrt(d_dict / 16384) (sparsify's rule; codebooks ×5).
+    topk and batchtopk train their matrices at 3× it (their unit decoder rows turn slowly; TopKSAE.weight_lr_scale)."""
     batch_size: int = 4096
     """Activation rows (tokens) per optimiser step."""
     tokens: int = 10_000_000
@@ -262,12 +263,12 @@ def default_lr(kind: str, d_dict: int) -> float:
 
 
 
-def _make_adam(params, lr: float, device: torch.device) -> torch.optim.Optimizer:
+def _make_adam(groups: list[dict], device: torch.device) -> torch.optim.Optimizer:
     # fused Adam: one kernel for all parameters (CPU support since torch 2.4).
     try:
-        return torch.optim.Adam(params, lr=lr, fused=True)
+        return torch.optim.Adam(groups, fused=True)
     except (RuntimeError, TypeError):
-        return torch.optim.Adam(params, lr=lr)
+        return torch.optim.Adam(groups)
 
 
 class Trainer:
@@ -321,7 +322,7 @@ class Trainer:
         gen = torch.Generator().manual_seed(cfg.seed)
         d.reset_parameters(gen)
         d.to(self.device)
-        opt = _make_adam(d.parameters(), cfg.lr or default_lr(cfg.kind, d_dict), self.device)
+        opt = _make_adam(d.param_groups(cfg.lr or default_lr(cfg.kind, d_dict)), self.device)
         name = run_name(cfg.kind, k, l1, cfg.groups)
         return Run(name, hook, d, opt, run_paths(cfg.out, hook, name), gen,
                    torch.zeros(d_dict, device=self.device), nan_step=torch.tensor(-1, device=self.device))
@@ -395,9 +396,11 @@ class Trainer:
         bar = _Progress(self) if self.progress and self.dist.is_main else None
         needed = itertools.islice(self.batches(self.step), self.n_steps - self.step)  # no read-ahead past the end
         # On CPU the prefetch thread also casts and scales, so all of batch i+1's preparation overlaps
-        # step i (torch releases the GIL); device copies stay on the main thread's stream.
+        # step i (torch releases the GIL), but only where a core is free for it; device copies stay on
+        # the main thread's stream.
         on_cpu = self.device.type == "cpu"
-        it = prefetch(map(self._scaled, needed) if on_cpu else needed, size=2, name="saekit-batches")
+        it = prefetch(map(self._scaled, needed) if on_cpu else needed, size=2, name="saekit-batches",
+                      background=not on_cpu or spare_core())
         t0, s0 = time.perf_counter(), self.step
         try:
             while self.step < self.n_steps:
@@ -519,7 +522,7 @@ class Trainer:
             row = {"step": self.step, "tokens": self.step * self.cfg.batch_size}
             row |= {k: float(v) / n for k, v in r.acc.items()}
             row["dead_fraction"] = float((r.since_fired > self.cfg.dead_tokens).float().mean())
-            row["lr"] = r.opt.param_groups[0]["lr"]
+            row["lr"] = r.opt.param_groups[-1]["lr"]  # the run's lr (matrices may take a multiple: Dictionary.weight_lr_scale)
             row["tokens_per_s"] = self.tokens_per_s
             r.acc.clear()
             r.last = row

@@ -142,7 +142,8 @@ def test_batchtopk_keeps_k_per_token_on_average_and_threshold_encodes():
     x2 = torch.randn(50, D_IN)
     kth2 = d.pre_acts(x2).relu().flatten().sort(descending=True).values[4 * 50 - 1]
     d.training_forward(x2)
-    assert d.threshold.item() == pytest.approx(0.99 * kth.item() + 0.01 * kth2.item(), rel=1e-5)
+    m = d.threshold_momentum
+    assert d.threshold.item() == pytest.approx(m * kth.item() + (1 - m) * kth2.item(), rel=1e-5)
 
 
 def test_relu_loss_formula():

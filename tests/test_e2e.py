@@ -41,7 +41,9 @@ def test_identity_sae_reproduces_the_clean_model(em):
         d.b_enc.zero_()
         d.b_dec.zero_()
     r = e2e.e2e_eval(em, d, HOOK, _eval_tokens(), 4, skip_bos=True)
-    assert r["kl"] < 1e-9
+    # float32 rounding alone: x·0.7/0.7 and the spliced forward's summation order differ from the
+    # clean one's by ~1e-7 relative, which gives KL ~1e-9..1e-8 depending on the CPU's kernels.
+    assert r["kl"] < 1e-7
     assert abs(r["ce_spliced"] - r["ce_clean"]) < 1e-5
     assert r["fvu"] < 1e-9
     assert r["eval_tokens"] == 5 * 15 + 9  # non-BOS, non-padding positions

@@ -52,3 +52,32 @@ def test_closing_the_consumer_stops_the_thread():
     while any(t.name == "saekit-test-prefetch" for t in threading.enumerate()) and time.time() < deadline:
         time.sleep(0.05)
     assert not any(t.name == "saekit-test-prefetch" for t in threading.enumerate())
+
+
+def test_inline_prefetch_runs_in_the_consumers_thread():
+    """background=False (no free core): same items, produced on demand by the caller's thread."""
+    threads = []
+
+    def items():
+        for i in range(5):
+            threads.append(threading.current_thread())
+            yield i
+
+    it = prefetch(items(), background=False)
+    assert next(it) == 0 and len(threads) == 1  # nothing produced ahead
+    assert [0, *it] == list(range(5))
+    assert set(threads) == {threading.current_thread()}
+
+
+def test_spare_core_follows_torch_threads(monkeypatch):
+    import os
+
+    import torch
+
+    from saekit.prefetch import spare_core
+
+    monkeypatch.setattr(os, "sched_getaffinity", lambda _: {0, 1}, raising=False)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
+    assert not spare_core()
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 1)
+    assert spare_core()

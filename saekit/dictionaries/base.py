@@ -120,6 +120,17 @@ class Dictionary(nn.Module):
         """Decoder directions (d_dict, d_in) in normalised space."""
         raise NotImplementedError
 
+    weight_lr_scale: ClassVar[float] = 1.0
+    """The matrices' (2-D parameters') Adam learning rate is this × the run's lr; vectors take the lr itself."""
+
+    def param_groups(self, lr: float) -> list[dict]:
+        """Adam parameter groups: matrices at lr × `weight_lr_scale`, vectors (biases) at lr, in `parameters()` order within each."""
+        params = list(self.parameters())
+        if self.weight_lr_scale == 1.0:
+            return [{"params": params, "lr": lr}]
+        return [{"params": [p for p in params if p.dim() >= 2], "lr": lr * self.weight_lr_scale},
+                {"params": [p for p in params if p.dim() < 2], "lr": lr}]
+
     # --- public, original scale ---------------------------------------------------------
     def encode(self, x: Tensor) -> Tensor:
         return self.encode_n(x.to(self.scale.dtype) * self.scale)
