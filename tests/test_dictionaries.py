@@ -127,6 +127,27 @@ def test_auxk_zero_without_dead_and_reaches_only_dead_latents():
     assert enc_grad[:10].sum() > 0 and enc_grad[10:].sum() == 0
 
 
+@pytest.mark.parametrize("n_dead, aux_k", [(10, 4), (3, 8), (D_DICT, 5)])
+def test_auxk_on_the_dead_columns_equals_the_masked_reference(n_dead, aux_k):
+    """The CPU path (top-k over the dead columns only) = top-k of pre masked to −inf off the dead latents."""
+    from saekit.dictionaries.sae import normalized_mse, sparse_decode_dense
+
+    d = randomised(build(DictConfig(kind="topk", d_in=D_IN, d_dict=D_DICT, k=3)))
+    x = torch.randn(32, D_IN)
+    dead = torch.zeros(D_DICT, dtype=torch.bool)
+    dead[torch.randperm(D_DICT, generator=torch.Generator().manual_seed(1))[:n_dead]] = True
+    pre = d.pre_acts(x)
+    resid = torch.randn(32, D_IN)
+    got = d.aux_loss(pre, resid, dead, aux_k)
+    (g_got,) = torch.autograd.grad(got, d.W_enc, retain_graph=True)
+    masked = torch.where(dead, pre, torch.full_like(pre, -torch.inf))
+    values, indices = masked.topk(min(aux_k, D_DICT), dim=-1)
+    want = normalized_mse(sparse_decode_dense(values.relu(), indices, d.W_dec), resid)
+    (g_want,) = torch.autograd.grad(want, d.W_enc)
+    torch.testing.assert_close(got, want)
+    torch.testing.assert_close(g_got, g_want)
+
+
 def test_batchtopk_keeps_k_per_token_on_average_and_threshold_encodes():
     d = randomised(build(DictConfig(kind="batchtopk", d_in=D_IN, d_dict=D_DICT, k=4)))
     x = torch.randn(50, D_IN)

@@ -536,6 +536,16 @@ class TopKSAE(_SAE):
         if dead is None:
             return resid.new_zeros(())
         k_aux = min(aux_k or self.cfg.d_in // 2, self.cfg.d_dict)
+        if dead.device.type == "cpu":
+            # Only the dead columns: a top-k over a row that is mostly −inf keeps every entry in the
+            # numba kernel's filter (its bound is −inf), so masking cost a full sort per row.  Same
+            # result: with fewer dead latents than k_aux, the masked top-k's extra picks were −inf → 0.
+            cols = dead.nonzero().squeeze(1)  # no device sync on CPU
+            if cols.numel() == 0:
+                return resid.new_zeros(())
+            values, j = row_topk(pre.index_select(1, cols), min(k_aux, cols.numel()))
+            e_hat = sparse_decode(values.relu(), cols[j], self.W_dec)
+            return normalized_mse(e_hat, resid)
         bias = torch.where(dead, 0.0, -torch.inf)  # (d_dict,): one broadcast add, no (n, d_dict) mask tensor
         values, indices = row_topk(pre + bias, k_aux)
         e_hat = sparse_decode(values.relu(), indices, self.W_dec)  # no b_dec: it models the residual
