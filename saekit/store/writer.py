@@ -96,7 +96,9 @@ class StoreWriter:
             "shards": [],
             "complete": False,
         }
-        self.totals = {h.name: RunningStats(h.width) for h in hooks}
+        self._by_shard: dict[int, dict[str, RunningStats]] = {}
+        """Each finished shard's statistics by shard index: the totals sum them in index order, so a resumed or
+        distributed run whose shards finished in another order writes the same floats as one run."""
         self.progress_file = progress_file
         if resume:
             self.manifest["shards"] = list(resume["shards"])
@@ -122,14 +124,22 @@ class StoreWriter:
         """Sequences in finished shards (where a resumed harvest starts)."""
         return sum(s["n_seq"] for s in self.manifest["shards"])
 
+    def totals(self) -> dict[str, RunningStats]:
+        """Statistics over every finished shard, summed in shard order."""
+        out = {h.name: RunningStats(h.width) for h in self.hooks}
+        for i in sorted(self._by_shard):
+            for name, st in self._by_shard[i].items():
+                out[name].merge(st)
+        return out
+
     def _rebuild_totals(self) -> None:
         for s in self.manifest["shards"]:
             f = self.path / s["file"]
             if not f.is_file():
                 raise SaekitError(f"{self.path}: finished shard {s['file']} is missing; re-harvest into a new --out")
             with h5py.File(f, "r") as h5:
-                for name, tot in self.totals.items():
-                    tot.merge(RunningStats.from_arrays({k: h5[f"stats/{name}/{k}"][()] for k in STAT_KEYS}))
+                self._by_shard[shard_index(s["file"]) or 0] = {
+                    h.name: RunningStats.from_arrays({k: h5[f"stats/{h.name}/{k}"][()] for k in STAT_KEYS}) for h in self.hooks}
 
     def _clean_leftovers(self) -> None:
         """Remove temp files and shards a killed run renamed but never listed (they will be rewritten)."""
@@ -143,7 +153,7 @@ class StoreWriter:
                 f.unlink()
 
     def _write_manifest(self) -> None:
-        self.manifest["stats"] = {name: tot.summary() for name, tot in self.totals.items()}
+        self.manifest["stats"] = {name: tot.summary() for name, tot in self.totals().items()}
         write_json_atomic(self.path / self.progress_file, self.manifest)
 
     # -- caller side
@@ -309,8 +319,7 @@ class StoreWriter:
             self._cur_tmp = None
         except OSError as e:
             raise self._os_error(e) from e
-        for name, st in self._shard_stats.items():
-            self.totals[name].merge(st)
+        self._by_shard[self._cur_index] = self._shard_stats
         self.manifest["shards"] = [s for s in self.manifest["shards"] if s["file"] != final.name]
         self.manifest["shards"].append(
             {
