@@ -138,7 +138,7 @@ def test_auxk_on_the_dead_columns_equals_the_masked_reference(n_dead, aux_k):
     dead[torch.randperm(D_DICT, generator=torch.Generator().manual_seed(1))[:n_dead]] = True
     pre = d.pre_acts(x)
     resid = torch.randn(32, D_IN)
-    got = d.aux_loss(pre, resid, dead, aux_k)
+    got = d.aux_loss(pre, -resid, dead, aux_k)  # it takes the error x̂ − x; the residual is its negative
     (g_got,) = torch.autograd.grad(got, d.W_enc, retain_graph=True)
     masked = torch.where(dead, pre, torch.full_like(pre, -torch.inf))
     values, indices = masked.topk(min(aux_k, D_DICT), dim=-1)

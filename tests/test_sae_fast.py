@@ -264,7 +264,7 @@ def test_topk_encode_matches_autograd():
     for step in range(2):
         x = xn * (1 + step)
         w = torch.randn(200, 5, generator=torch.Generator().manual_seed(step), dtype=torch.float64)
-        values, indices = TopKEncode.apply(x, W_enc, b_enc, b_dec, 5, ws)
+        values, indices, _, _ = TopKEncode.apply(x, W_enc, b_enc, b_dec, 5, ws)
         got = torch.autograd.grad((values * w).sum(), (W_enc, b_enc, b_dec))
         pre = (x - b_dec) @ W_enc + b_enc
         ref_v = pre.gather(1, indices).relu()
@@ -277,14 +277,21 @@ def test_topk_encode_matches_autograd():
     assert set(ws) == {"pre"}
 
 
-def test_topk_training_forward_fused_equals_autograd(monkeypatch):
-    """TopKSAE's step: the fused encoder gives the autograd path's loss and parameter gradients."""
+@pytest.mark.parametrize("n_dead", [None, 0, 3, 40])
+def test_topk_training_forward_fused_equals_autograd(monkeypatch, n_dead):
+    """TopKSAE's step: the fused encoder gives the autograd path's loss and parameter gradients, AuxK
+    included (fewer and more dead latents than k_aux = 8)."""
     d = TopKSAE(DictConfig(kind="topk", d_in=16, d_dict=128, k=6))
     xn = torch.randn(256, 16, generator=torch.Generator().manual_seed(4))
+    dead = None
+    if n_dead is not None:
+        dead = torch.zeros(128, dtype=torch.bool)
+        dead[torch.randperm(128, generator=torch.Generator().manual_seed(5))[:n_dead]] = True
     grads = {}
     for mode in ("fused", "autograd"):
         monkeypatch.setattr(sae, "_TOPK_STEP", mode)
-        out = d.training_forward(xn)
+        out = d.training_forward(xn, dead=dead)
+        assert (out.terms["auxk"] > 0) == bool(n_dead)
         grads[mode] = (out.loss.detach(), out.fired, out.l0, *torch.autograd.grad(out.loss, list(d.parameters())))
     for a, b in zip(grads["fused"], grads["autograd"]):
         torch.testing.assert_close(a, b)

@@ -338,45 +338,81 @@ relu_loss = relu_loss_eager if os.environ.get("SAEKIT_RELU") == "eager" else Rel
 
 
 class TopKEncode(torch.autograd.Function):
-    """TopK's encoder and selection in one step that reuses its (n, d_dict) memory: (values, indices).
+    """TopK's encoder and selection in one step that reuses its (n, d_dict) memory.
 
         pre = x_n W_enc + (b_enc − b_dec W_enc)      values, indices = row_topk(pre, k), ReLU'd
-    Backward (G = ∂values, 0 where a value is ≤ 0; S_G the k-sparse matrix it forms):
+    and, given the dead latents `cols`, AuxK's codes among them: aux_values, aux_indices =
+    the k_aux largest of pre[:, cols] (ReLU'd; none when `cols` is None).
+    Backward (G = ∂values and ∂aux_values side by side, 0 where a value is ≤ 0; S_G the sparse
+    matrix they form, k + k_aux entries per row):
         ∂W_enc = (S_Gᵀ x_n)ᵀ − b_dec ⊗ ∂b_enc       ∂b_enc = Σ_n G per latent       ∂b_dec = −W_enc ∂b_enc
     Autograd computes the same through a fresh pre, a zero-filled (n, d_dict) gradient and a
     dense product.  Here pre lives in `ws` across steps (a fresh 8 MB tensor faults in page by
     page, ~5 ms at batch 4096, d_dict 512 on one CPU thread), and ∂W_enc is one CSR product
-    over the n·k entries (`kernels.csr_t_matmul`: ~1.6 ms against ~8.6 ms for the dense
-    scatter and product).  Used on CPU, with numba, for steps without AuxK (which needs pre itself);
-    `TopKSAE.training_forward` falls back to autograd otherwise.
+    over the n·(k + k_aux) entries (`kernels.csr_t_matmul`: ~1.6 ms against ~8.6 ms for the
+    dense scatter and product).  Used on CPU, with numba; elsewhere `TopKSAE.training_forward`
+    takes the autograd path.
     """
 
     @staticmethod
-    def forward(ctx, xn: Tensor, W_enc: Tensor, b_enc: Tensor, b_dec: Tensor, k: int, ws: dict | None = None):
+    def forward(ctx, xn: Tensor, W_enc: Tensor, b_enc: Tensor, b_dec: Tensor, k: int, ws: dict | None = None,
+                cols: Tensor | None = None, k_aux: int = 0):
         ws = {} if ws is None else ws
         c = torch.addmv(b_enc, W_enc.t(), b_dec, alpha=-1)
         pre = torch.addmm(c, xn, W_enc, out=_scratch(ws, "pre", (xn.shape[0], W_enc.shape[1]), xn))
         values, indices = row_topk(pre, k)
         values = values.relu_()
-        ctx.save_for_backward(xn, W_enc, b_dec, values, indices)
-        ctx.mark_non_differentiable(indices)
-        return values, indices
+        if cols is None:
+            aux_values, aux_indices = values.new_empty(xn.shape[0], 0), indices.new_empty(xn.shape[0], 0)
+        else:
+            aux_values, aux_indices = _dead_codes(pre, cols, k_aux)
+        ctx.save_for_backward(xn, W_enc, b_dec, torch.cat([values, aux_values], 1), torch.cat([indices, aux_indices], 1))
+        ctx.k = k
+        ctx.mark_non_differentiable(indices, aux_indices)
+        return values, indices, aux_values, aux_indices
 
     @staticmethod
-    def backward(ctx, g_values: Tensor, _):
-        xn, W_enc, b_dec, values, indices = ctx.saved_tensors
-        G = torch.where(values > 0, g_values, 0.0)  # (n, k)
+    def backward(ctx, g_values: Tensor, _, g_aux: Tensor | None, __):
+        xn, W_enc, b_dec, values, indices = ctx.saved_tensors  # main and AuxK codes side by side: (n, k + k_aux)
+        g = g_values if indices.shape[1] == ctx.k else torch.cat([g_values, g_aux if g_aux is not None else
+                                                                  g_values.new_zeros(g_values.shape[0], indices.shape[1] - ctx.k)], 1)
+        G = torch.where(values > 0, g, 0.0)
         g_benc = torch.zeros_like(W_enc[0]).index_add_(0, indices.reshape(-1), G.reshape(-1))
         kernels = _kernels()
         gW_enc_t = kernels.csr_t_matmul(kernels.code_rows(indices), indices.reshape(-1), G.reshape(-1), xn, W_enc.shape[1])
         gW_enc = torch.addr(gW_enc_t, g_benc, b_dec, alpha=-1).t()  # gW_enc_t = S_Gᵀ x_n; this is (x_n − b_dec)ᵀ S_G
         g_bdec = torch.mv(W_enc, g_benc).neg_()
-        return None, gW_enc, g_benc, g_bdec, None, None
+        return None, gW_enc, g_benc, g_bdec, None, None, None, None
+
+
+def _sq(t: Tensor) -> Tensor:
+    """Σ t² as one dot product: no (n, d) temporary (on CPU a fresh 2 MB tensor costs page faults)."""
+    t = t.reshape(-1)
+    return torch.dot(t, t)
 
 
 def normalized_mse(x_hat: Tensor, x: Tensor) -> Tensor:
-    """‖x − x̂‖² / ‖x − mean(x)‖² over the batch (scale-free; used for the AuxK term)."""
-    return (x_hat - x).pow(2).sum() / (x - x.mean(0, keepdim=True)).pow(2).sum().clamp_min(1e-12)
+    """‖x − x̂‖² / ‖x − mean(x)‖² over the batch (scale-free; used for the AuxK term).
+
+    The denominator is Σ‖x‖² − ‖Σx‖²/n, so only the difference is materialised.
+    """
+    s = x.sum(0)
+    return _sq(x_hat - x) / (_sq(x) - _sq(s) / x.shape[0]).clamp_min(1e-12)
+
+
+def recon_error(x_hat: Tensor, xn: Tensor) -> tuple[Tensor, Tensor]:
+    """(MSE per element, the error x̂_n − x_n detached for AuxK): one (n, d) temporary."""
+    e = x_hat.sub(xn)
+    return _sq(e) / e.numel(), e.detach()
+
+
+def _dead_codes(pre: Tensor, cols: Tensor, k_aux: int) -> tuple[Tensor, Tensor]:
+    """AuxK's codes: the k_aux largest of pre[:, cols] per row, ReLU'd (all of them when cols has ≤ k_aux)."""
+    sub = pre.index_select(1, cols)
+    if cols.numel() <= k_aux:
+        return sub.relu_(), cols.expand(pre.shape[0], -1)
+    values, j = row_topk(sub, k_aux)
+    return values.relu_(), cols[j]
 
 
 # --- base SAE -------------------------------------------------------------------------------------
@@ -531,37 +567,47 @@ class TopKSAE(_SAE):
         values, indices = self.select(self.pre_acts(xn))
         return torch.zeros(xn.shape[0], self.cfg.d_dict, dtype=values.dtype, device=values.device).scatter(1, indices, values)
 
-    def aux_loss(self, pre: Tensor, resid: Tensor, dead: Tensor | None, aux_k: int | None) -> Tensor:
-        """AuxK term; exactly 0 (with no host sync) when no latent is dead."""
+    def _k_aux(self, aux_k: int | None) -> int:
+        return min(aux_k or self.cfg.d_in // 2, self.cfg.d_dict)
+
+    def aux_loss(self, pre: Tensor, err: Tensor, dead: Tensor | None, aux_k: int | None) -> Tensor:
+        """AuxK term for the main codes' error err = x̂_n − x_n (detached); exactly 0 (with no host sync) when no latent is dead."""
         if dead is None:
-            return resid.new_zeros(())
-        k_aux = min(aux_k or self.cfg.d_in // 2, self.cfg.d_dict)
+            return err.new_zeros(())
+        k_aux = self._k_aux(aux_k)
         if dead.device.type == "cpu":
             # Only the dead columns: a top-k over a row that is mostly −inf keeps every entry in the
             # numba kernel's filter (its bound is −inf), so masking cost a full sort per row.  Same
             # result: with fewer dead latents than k_aux, the masked top-k's extra picks were −inf → 0.
             cols = dead.nonzero().squeeze(1)  # no device sync on CPU
             if cols.numel() == 0:
-                return resid.new_zeros(())
-            values, j = row_topk(pre.index_select(1, cols), min(k_aux, cols.numel()))
-            e_hat = sparse_decode(values.relu(), cols[j], self.W_dec)
-            return normalized_mse(e_hat, resid)
+                return err.new_zeros(())
+            return self._aux_term(*_dead_codes(pre, cols, k_aux), err)
         bias = torch.where(dead, 0.0, -torch.inf)  # (d_dict,): one broadcast add, no (n, d_dict) mask tensor
         values, indices = row_topk(pre + bias, k_aux)
-        e_hat = sparse_decode(values.relu(), indices, self.W_dec)  # no b_dec: it models the residual
-        return normalized_mse(e_hat, resid) * dead.any()
+        return self._aux_term(values.relu(), indices, err) * dead.any()
+
+    def _aux_term(self, values: Tensor, indices: Tensor, err: Tensor) -> Tensor:
+        """AuxK's normalised error: the dead-latent codes decoded (no b_dec) against the residual −err.
+
+        = `normalized_mse`(ê, −err), written so that no (n, d) tensor but ê + err is formed.
+        """
+        s = err.sum(0)
+        return _sq(sparse_decode(values, indices, self.W_dec) + err) / (_sq(err) - _sq(s) / err.shape[0]).clamp_min(1e-12)
 
     def training_forward(self, xn, dead: Tensor | None = None, aux_k: int | None = None, aux_coef: float = 1 / 32, **_) -> TrainOutput:
-        fused = _TOPK_STEP == "fused" and _kernels_for(xn) is not None
-        if dead is None and fused:  # no AuxK: pre is needed only for the selection
-            pre = None
-            values, indices = TopKEncode.apply(xn, self.W_enc, self.b_enc, self.b_dec, self.cfg.k, self._ws)
+        if _TOPK_STEP == "fused" and _kernels_for(xn) is not None:  # CPU: the fused encoder, AuxK's codes included
+            cols = None if dead is None else dead.nonzero().squeeze(1)
+            cols = None if cols is None or cols.numel() == 0 else cols
+            values, indices, aux_values, aux_indices = TopKEncode.apply(
+                xn, self.W_enc, self.b_enc, self.b_dec, self.cfg.k, self._ws, cols, self._k_aux(aux_k))
+            mse, err = recon_error(sparse_decode(values, indices, self.W_dec) + self.b_dec, xn)
+            aux = xn.new_zeros(()) if cols is None else self._aux_term(aux_values, aux_indices, err)
         else:
             pre = self.pre_acts(xn)  # (n, d_dict)
             values, indices = self.select(pre)  # (n, k)
-        x_hat = sparse_decode(values, indices, self.W_dec) + self.b_dec
-        mse = (x_hat - xn).pow(2).sum(-1).mean() / xn.shape[-1]
-        aux = self.aux_loss(pre, (xn - x_hat).detach(), dead, aux_k)
+            mse, err = recon_error(sparse_decode(values, indices, self.W_dec) + self.b_dec, xn)
+            aux = self.aux_loss(pre, err, dead, aux_k)
         active = (values > 0).float()
         # index_add instead of boolean indexing: boolean masks force a host sync.
         fired = xn.new_zeros(self.cfg.d_dict).index_add_(0, indices.flatten(), active.flatten()) > 0
@@ -625,9 +671,8 @@ class BatchTopKSAE(TopKSAE):
         active = values > 0
         smallest = torch.where(active, values.detach(), torch.full_like(values, torch.inf)).min()
         self._set_threshold(smallest, active.any())
-        x_hat = sparse_decode(values, indices, self.W_dec) + self.b_dec
-        mse = (x_hat - xn).pow(2).sum(-1).mean() / xn.shape[-1]
-        aux = self.aux_loss(pre, (xn - x_hat).detach(), dead, aux_k)
+        mse, err = recon_error(sparse_decode(values, indices, self.W_dec) + self.b_dec, xn)
+        aux = self.aux_loss(pre, err, dead, aux_k)
         fired = xn.new_zeros(self.cfg.d_dict).index_add_(0, indices.flatten(), active.flatten().to(xn.dtype)) > 0
         return TrainOutput(mse + aux_coef * aux, {"mse": mse, "auxk": aux}, fired, active.sum(-1).float().mean())
 
@@ -635,8 +680,7 @@ class BatchTopKSAE(TopKSAE):
         """The reference step: exact batch top-k over all of `pre`, dense codes and decoder."""
         f = batch_topk_mask(pre, self.cfg.k)  # (n, d_dict), k per token on average
         self._update_threshold(f.detach())
-        x_hat = self.decode_n(f)
-        mse = (x_hat - xn).pow(2).sum(-1).mean() / xn.shape[-1]
-        aux = self.aux_loss(pre, (xn - x_hat).detach(), dead, aux_k)
+        mse, err = recon_error(self.decode_n(f), xn)
+        aux = self.aux_loss(pre, err, dead, aux_k)
         active = f > 0
         return TrainOutput(mse + aux_coef * aux, {"mse": mse, "auxk": aux}, active.any(0), active.sum(-1).float().mean())
