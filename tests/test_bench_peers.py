@@ -34,19 +34,23 @@ def test_dictionary_learning_weights_as_saelens_folder_load_in_saekit(tmp_path):
     x = torch.randn(64, d_in, generator=g)
     post = torch.relu((x - b_dec) @ enc_w.T + enc_b)
     meta = {"model": {"name": "toy"}, "hook": "blocks.0.hook_resid_post"}
-    for arch in ("topk", "standard"):
+    theta = float(post[post > 0].median())  # BatchTopKSAE at inference: ReLU(pre) kept above one scalar threshold
+    for arch in ("topk", "standard", "jumprelu"):
         if arch == "topk":
             v, i = post.topk(k, dim=-1)
             f = torch.zeros_like(post).scatter(-1, i, v)
+        elif arch == "jumprelu":
+            f = post * (post > theta)
         else:
             f = post
         want = f @ dec_w.T + b_dec
         folder = tmp_path / arch
-        trainers.write_saelens_folder(folder, arch, enc_w.T, enc_b, dec_w.T, b_dec, meta, k=k if arch == "topk" else None)
+        trainers.write_saelens_folder(folder, arch, enc_w.T, enc_b, dec_w.T, b_dec, meta, k=k if arch == "topk" else None,
+                                      threshold=torch.full((d_dict,), theta) if arch == "jumprelu" else None)
         d = saekit.load(folder)
         with torch.no_grad():
             out = d(x)
-        assert d.cfg.kind == {"topk": "topk", "standard": "relu"}[arch]
+        assert d.cfg.kind == {"topk": "topk", "standard": "relu", "jumprelu": "jumprelu"}[arch]
         assert d.prov.hook == meta["hook"] and d.prov.model["name"] == "toy"
         assert torch.allclose(out.x_hat, want, atol=1e-5)
         assert torch.equal(out.codes > 0, f > 0)

@@ -9,7 +9,7 @@ One run, back to back, on one machine:
    model's, harvested once into <work>/toy-store from a generated FSM corpus (reused after);
 2. its train split (counted rows, the hook's original units) read into memory once, written
    to <work>/acts.safetensors (+ meta.json) for every trainer, capped at the token budget;
-3. for each kind (topk, relu) and each toolkit (saekit + the peers installed in the peer venv,
+3. for each kind (topk, relu, batchtopk) and each toolkit (saekit + the peers installed in the peer venv,
    see setup_peers.sh): one subprocess `trainers.py` trains one SAE with the same d_dict, k or
    λ, batch size, learning rate, token budget, seed, torch threads and batch order, and reports
    training tokens/s and peak memory (ru_maxrss, same method for all);
@@ -44,7 +44,7 @@ from safetensors.torch import save_file
 
 HERE = Path(__file__).resolve().parent
 PEERS = ("saelens", "dictionary_learning", "sparsify")
-PEER_KINDS = {"saelens": ("topk", "relu"), "dictionary_learning": ("topk", "relu"), "sparsify": ("topk",)}
+PEER_KINDS = {"saelens": ("topk", "relu", "batchtopk"), "dictionary_learning": ("topk", "relu", "batchtopk"), "sparsify": ("topk",)}
 DEFAULT_PEER_PYTHON = os.path.join(os.environ.get("SAELENS_VENV", "/work/venv-saelens"), "bin", "python")
 
 
@@ -238,7 +238,7 @@ def main() -> int:
     ap.add_argument("--store", help="activation store to use (default: harvest the toy model's into <work>/toy-store)")
     ap.add_argument("--hook", help="hook to train on (default: the store's first; toy: the pipeline's default hook)")
     ap.add_argument("--work", type=Path, default=Path("runs/bench-peers"), help="folder for the store, activations, dictionaries and results.json")
-    ap.add_argument("--kinds", default="topk,relu", help="comma-separated: topk, relu")
+    ap.add_argument("--kinds", default="topk,relu", help="comma-separated: topk, relu, batchtopk")
     ap.add_argument("--peers", default=",".join(PEERS), help=f"comma-separated subset of {', '.join(PEERS)}")
     ap.add_argument("--tokens", type=int, default=2_000_000, help="training tokens per dictionary (same for all)")
     ap.add_argument("--batch-size", type=int, default=4096)
@@ -266,9 +266,9 @@ def main() -> int:
         a.work.mkdir(parents=True, exist_ok=True)
         kinds = [k for k in a.kinds.split(",") if k]
         peers = [p for p in a.peers.split(",") if p]
-        bad = [k for k in kinds if k not in ("topk", "relu")] + [p for p in peers if p not in PEERS]
+        bad = [k for k in kinds if k not in ("topk", "relu", "batchtopk")] + [p for p in peers if p not in PEERS]
         if bad:
-            raise SaekitError(f"unknown kind or peer {', '.join(bad)}; kinds: topk, relu; peers: {', '.join(PEERS)}")
+            raise SaekitError(f"unknown kind or peer {', '.join(bad)}; kinds: topk, relu, batchtopk; peers: {', '.join(PEERS)}")
         try:
             sweep_l1 = [float(v) for v in a.l1_sweep.split(",") if v.strip()]
         except ValueError:

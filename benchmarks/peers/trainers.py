@@ -43,7 +43,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 TRAINERS = ("saekit", "saelens", "dictionary_learning", "sparsify")
-KINDS = ("topk", "relu")
+KINDS = ("topk", "relu", "batchtopk")
 
 
 def _status_mb(field: str) -> float | None:
@@ -97,10 +97,13 @@ def batch_stream(x: torch.Tensor, batch_size: int, seed: int, start_batch: int =
         yield x[torch.cat(parts)]
 
 
-def write_saelens_folder(out: Path, arch: str, W_enc, b_enc, W_dec, b_dec, meta: dict, k: int | None = None) -> None:
+def write_saelens_folder(out: Path, arch: str, W_enc, b_enc, W_dec, b_dec, meta: dict, k: int | None = None,
+                         threshold=None) -> None:
     """A SAELens v6 inference folder (cfg.json + sae_weights.safetensors) for weights of another toolkit."""
     out.mkdir(parents=True, exist_ok=True)
     tensors = {"W_enc": W_enc, "b_enc": b_enc, "W_dec": W_dec, "b_dec": b_dec}
+    if arch == "jumprelu":
+        tensors["threshold"] = threshold
     save_file({n: t.detach().float().contiguous().cpu() for n, t in tensors.items()}, str(out / "sae_weights.safetensors"))
     cfg = {
         "architecture": arch, "d_in": int(W_enc.shape[0]), "d_sae": int(W_enc.shape[1]), "dtype": "float32",
@@ -136,7 +139,8 @@ def train_saekit(a, x: torch.Tensor, meta: dict, out: Path):
 
 
 def train_saelens(a, x: torch.Tensor, meta: dict, out: Path):
-    from sae_lens import StandardTrainingSAE, StandardTrainingSAEConfig, TopKTrainingSAE, TopKTrainingSAEConfig
+    from sae_lens import (BatchTopKTrainingSAE, BatchTopKTrainingSAEConfig, StandardTrainingSAE, StandardTrainingSAEConfig,
+                          TopKTrainingSAE, TopKTrainingSAEConfig)
     from sae_lens.config import LoggingConfig, SAETrainerConfig
     from sae_lens.saes.sae import SAEMetadata
     from sae_lens.training.sae_trainer import SAETrainer
@@ -148,6 +152,8 @@ def train_saelens(a, x: torch.Tensor, meta: dict, out: Path):
     torch.manual_seed(a.seed)
     if a.kind == "topk":
         sae = TopKTrainingSAE(TopKTrainingSAEConfig(k=a.k, **common))
+    elif a.kind == "batchtopk":  # saved for inference as JumpReLU with its learned threshold
+        sae = BatchTopKTrainingSAE(BatchTopKTrainingSAEConfig(k=a.k, **common))
     else:
         # saekit's loss is SAELens's divided by d_in (both: Σ‖e‖² + λ Σ f_i‖W_dec,i‖ on E‖x‖² = d_in), so λ is the same.
         sae = StandardTrainingSAE(StandardTrainingSAEConfig(l1_coefficient=a.l1, l1_warm_up_steps=max(1, round(0.05 * steps)), **common))
@@ -165,6 +171,7 @@ def train_saelens(a, x: torch.Tensor, meta: dict, out: Path):
 
 
 def train_dictionary_learning(a, x: torch.Tensor, meta: dict, out: Path):
+    from dictionary_learning.trainers.batch_top_k import BatchTopKSAE, BatchTopKTrainer
     from dictionary_learning.trainers.standard import StandardTrainer
     from dictionary_learning.trainers.top_k import AutoEncoderTopK, TopKTrainer
     from dictionary_learning.training import trainSAE
@@ -176,6 +183,11 @@ def train_dictionary_learning(a, x: torch.Tensor, meta: dict, out: Path):
     notes = ["lr warmup 0 (default 1000 steps) to match the others' constant lr"]
     if a.kind == "topk":
         cfg = dict(trainer=TopKTrainer, dict_class=AutoEncoderTopK, k=a.k, **common)
+    elif a.kind == "batchtopk":
+        # Its threshold estimate starts at step 1000 by default; a shorter run would keep threshold −1
+        # (every positive latent active at inference), so it starts at once here.
+        cfg = dict(trainer=BatchTopKTrainer, dict_class=BatchTopKSAE, k=a.k, threshold_start_step=0, **common)
+        notes.append("threshold_start_step 0 (default 1000, past the end of a short run)")
     else:
         # dictionary_learning normalises to E‖x‖² = 1 and penalises λ' Σ f_i (unit decoder columns); with
         # x' = x_n / √d_in that is saekit's loss / d_in when λ' = λ / √d_in.
@@ -190,9 +202,12 @@ def train_dictionary_learning(a, x: torch.Tensor, meta: dict, out: Path):
     # trainSAE writes a torch.save state dict; read it as tensors only and rewrite it in SAELens's format.
     sd = torch.load(save_dir / "trainer_0" / "ae.pt", map_location="cpu", weights_only=True)
     folder = out / "saelens-format"
-    b_dec = sd["b_dec"] if a.kind == "topk" else sd["bias"]
-    write_saelens_folder(folder, "topk" if a.kind == "topk" else "standard", sd["encoder.weight"].T, sd["encoder.bias"],
-                         sd["decoder.weight"].T, b_dec, meta, k=a.k if a.kind == "topk" else None)
+    b_dec = sd["bias"] if a.kind == "relu" else sd["b_dec"]
+    arch = {"topk": "topk", "relu": "standard", "batchtopk": "jumprelu"}[a.kind]
+    # BatchTopKSAE at inference: ReLU(pre) kept where above its scalar threshold = JumpReLU with that threshold everywhere.
+    thr = sd["threshold"].float() * torch.ones(sd["encoder.bias"].shape[0]) if a.kind == "batchtopk" else None
+    write_saelens_folder(folder, arch, sd["encoder.weight"].T, sd["encoder.bias"], sd["decoder.weight"].T, b_dec, meta,
+                         k=a.k if a.kind == "topk" else None, threshold=thr)
     return seconds, before, str(folder), notes
 
 
