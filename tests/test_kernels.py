@@ -19,7 +19,7 @@ def _same_selection(x: torch.Tensor, k: int) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-@pytest.mark.parametrize("width,k", [(512, 16), (100, 7), (33, 1), (20, 20), (4096, 32)])
+@pytest.mark.parametrize("width,k", [(512, 16), (100, 7), (33, 1), (20, 20), (4096, 32), (512, 64), (4096, 128), (64, 63)])
 def test_random_rows(width, k, dtype):
     x = torch.randn(300, width, generator=torch.Generator().manual_seed(width + k), dtype=dtype)
     _same_selection(x, k)

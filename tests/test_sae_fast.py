@@ -186,9 +186,13 @@ def test_batch_topk_candidates_with_ties_and_few_positives():
 
 
 @pytest.mark.parametrize("dominating", [False, True])
-def test_batchtopk_training_forward_candidates_match_full_path(dominating, monkeypatch):
-    """Same loss, terms, fired, L0, θ and gradients from the candidate path (or its fallback) as from the reference."""
+@pytest.mark.parametrize("step", ["fused", "autograd"])
+def test_batchtopk_training_forward_candidates_match_full_path(dominating, step, monkeypatch):
+    """Same loss, terms, fired, L0, θ and gradients from the candidate path (or its fallback) as from the reference,
+    with the candidates' encoder fused (`TopKEncode` with BatchTopK's selection and AuxK's codes) or through autograd."""
     from saekit.dictionaries import sae
+
+    monkeypatch.setattr(sae, "_TOPK_STEP", step)
 
     g = torch.Generator().manual_seed(8)
     cfg = DictConfig(kind="batchtopk", d_in=8, d_dict=256, k=2)

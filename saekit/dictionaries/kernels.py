@@ -13,13 +13,15 @@ threads).
 
 Top-k.  `torch.topk` selects each row with a general-purpose partial sort, ~10 ns per value on
 CPU (~20 ms per step at batch 4096, width 512, k 16: half of a training step).  Here each
-row gets two linear passes and a small heap:
+row gets two linear passes and a selection:
 
 1. t = the smallest of the maxima of k disjoint chunks of the row.  Those maxima are k
    distinct entries ≥ t, so the row's k-th largest value is ≥ t: every top-k entry is ≥ t.
 2. One branch-free pass copies the entries ≥ t to a buffer (~3k of them for Gaussian-like
    rows; all of them when the row is constant).
-3. A min-heap of size k keeps the k largest of the buffer.
+3. A quickselect (Hoare partitions around a median of three) moves the k largest of the
+   buffer to its front: ~c steps, against c·log k for the size-k heap it replaced (width 512,
+   k 64: 12.0 against 17.3 ms; width 4096, k 128: 55.5 against 83.6 ms; equal at k 16).
 
 Indices come back unsorted, as from `row_topk`; among equal values at the cut, which are
 kept is unspecified, as for `torch.topk`.  Rows holding a NaN are flagged and redone with
@@ -55,20 +57,29 @@ warnings.filterwarnings("ignore", message=".*[Ss]parse CSR tensor support is in 
 
 
 @numba.njit(nogil=True, cache=True)
-def _sift_down(hv, hi, i, k):
-    """Restore the min-heap hv[:k] (hi: its column indices) below position i."""
-    v, ix = hv[i], hi[i]
-    while True:
-        s = 2 * i + 1
-        if s >= k:
+def _quickselect(bv, bi, c, k):
+    """Reorder bv[:c] (bi alongside) so that its first k entries are the k largest: Hoare partitions, O(c) expected."""
+    lo, hi, t = 0, c - 1, k - 1
+    while lo < hi:
+        a, b, m = bv[lo], bv[hi], bv[(lo + hi) // 2]
+        pivot = max(min(a, b), min(max(a, b), m))  # median of three
+        i, j = lo, hi
+        while i <= j:
+            while bv[i] > pivot:
+                i += 1
+            while bv[j] < pivot:
+                j -= 1
+            if i <= j:
+                bv[i], bv[j] = bv[j], bv[i]
+                bi[i], bi[j] = bi[j], bi[i]
+                i += 1
+                j -= 1
+        if t <= j:
+            hi = j
+        elif t >= i:
+            lo = i
+        else:
             break
-        if s + 1 < k and hv[s + 1] < hv[s]:
-            s += 1
-        if not hv[s] < v:
-            break
-        hv[i], hi[i] = hv[s], hi[s]
-        i = s
-    hv[i], hi[i] = v, ix
 
 
 @numba.njit(nogil=True, cache=True)
@@ -78,8 +89,6 @@ def _topk_rows(x, k, r0, r1, out, has_nan):
     chunk = m // k
     bv = np.empty(m, x.dtype)
     bi = np.empty(m, np.int64)
-    hv = np.empty(k, x.dtype)
-    hi = np.empty(k, np.int64)
     for r in range(r0, r1):
         row = x[r]
         t = np.inf
@@ -99,15 +108,8 @@ def _topk_rows(x, k, r0, r1, out, has_nan):
         if nan:
             has_nan[r] = True
             continue
-        hv[:k] = bv[:k]
-        hi[:k] = bi[:k]
-        for q in range(k // 2 - 1, -1, -1):
-            _sift_down(hv, hi, q, k)
-        for q in range(k, c):
-            if hv[0] < bv[q]:
-                hv[0], hi[0] = bv[q], bi[q]
-                _sift_down(hv, hi, 0, k)
-        out[r] = hi
+        _quickselect(bv, bi, c, k)
+        out[r] = bi[:k]
 
 
 @numba.njit(nogil=True, cache=True)

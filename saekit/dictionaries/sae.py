@@ -142,7 +142,7 @@ def row_topk(x: Tensor, k: int) -> tuple[Tensor, Tensor]:
     """The k largest values of each row of x (n, width) and their indices, unsorted; differentiable in x.
 
     On CPU the selection runs in `kernels` (numba: a bound from chunk maxima, one filtering
-    pass, a size-k heap), or where numba is unavailable (or `SAEKIT_TOPK=grouped`) in torch
+    pass, a quickselect), or where numba is unavailable (or `SAEKIT_TOPK=grouped`) in torch
     through groups: split each row into width/g strided groups of g values, keep the k groups
     with the largest maxima, and take the top-k of those k·g candidates.  Why the grouped
     selection loses nothing: if M is the k-th largest group maximum, fewer than k groups have a
@@ -338,10 +338,12 @@ relu_loss = relu_loss_eager if os.environ.get("SAEKIT_RELU") == "eager" else Rel
 
 
 class TopKEncode(torch.autograd.Function):
-    """TopK's encoder and selection in one step that reuses its (n, d_dict) memory.
+    """A k-sparse encoder and its selection in one step that reuses its (n, d_dict) memory.
 
-        pre = x_n W_enc + (b_enc − b_dec W_enc)      values, indices = row_topk(pre, k), ReLU'd
-    and, given the dead latents `cols`, AuxK's codes among them: aux_values, aux_indices =
+        pre = x_n W_enc + (b_enc − b_dec W_enc)      values, indices = select(pre)
+    `select` is k (TopK: `topk_codes`, the k largest per row, ReLU'd) or a function returning
+    (values, indices) of shape (n, m), values ≥ 0 with 0 for an unchosen slot (BatchTopK's
+    candidates);    and, given the dead latents `cols`, AuxK's codes among them: aux_values, aux_indices =
     the k_aux largest of pre[:, cols] (ReLU'd; none when `cols` is None).
     Backward (G = ∂values and ∂aux_values side by side, 0 where a value is ≤ 0; S_G the sparse
     matrix they form, k + k_aux entries per row):
@@ -349,25 +351,23 @@ class TopKEncode(torch.autograd.Function):
     Autograd computes the same through a fresh pre, a zero-filled (n, d_dict) gradient and a
     dense product.  Here pre lives in `ws` across steps (a fresh 8 MB tensor faults in page by
     page, ~5 ms at batch 4096, d_dict 512 on one CPU thread), and ∂W_enc is one CSR product
-    over the n·(k + k_aux) entries (`kernels.csr_t_matmul`: ~1.6 ms against ~8.6 ms for the
-    dense scatter and product).  Used on CPU, with numba; elsewhere `TopKSAE.training_forward`
-    takes the autograd path.
+    over the n·(m + k_aux) entries (`kernels.csr_t_matmul`: ~1.6 ms against ~8.6 ms for the
+    dense scatter and product).  Used on CPU, with numba; elsewhere the SAEs take the autograd path.
     """
 
     @staticmethod
-    def forward(ctx, xn: Tensor, W_enc: Tensor, b_enc: Tensor, b_dec: Tensor, k: int, ws: dict | None = None,
+    def forward(ctx, xn: Tensor, W_enc: Tensor, b_enc: Tensor, b_dec: Tensor, select, ws: dict | None = None,
                 cols: Tensor | None = None, k_aux: int = 0):
         ws = {} if ws is None else ws
         c = torch.addmv(b_enc, W_enc.t(), b_dec, alpha=-1)
         pre = torch.addmm(c, xn, W_enc, out=_scratch(ws, "pre", (xn.shape[0], W_enc.shape[1]), xn))
-        values, indices = row_topk(pre, k)
-        values = values.relu_()
+        values, indices = topk_codes(pre, select) if isinstance(select, int) else select(pre)
         if cols is None:
             aux_values, aux_indices = values.new_empty(xn.shape[0], 0), indices.new_empty(xn.shape[0], 0)
         else:
             aux_values, aux_indices = _dead_codes(pre, cols, k_aux)
         ctx.save_for_backward(xn, W_enc, b_dec, torch.cat([values, aux_values], 1), torch.cat([indices, aux_indices], 1))
-        ctx.k = k
+        ctx.k = values.shape[1]
         ctx.mark_non_differentiable(indices, aux_indices)
         return values, indices, aux_values, aux_indices
 
@@ -659,20 +659,42 @@ class BatchTopKSAE(TopKSAE):
         self.threshold.copy_(torch.where(self.threshold < 0, smallest, m * self.threshold + (1 - m) * smallest))
 
     def training_forward(self, xn, dead: Tensor | None = None, aux_k: int | None = None, aux_coef: float = 1 / 32, **_) -> TrainOutput:
-        pre = self.pre_acts(xn)
         if _BATCHTOPK == "candidates" and self.candidates * self.cfg.k < self.cfg.d_dict:
-            values, indices, exact = batch_topk_candidates(pre, self.cfg.k, self.candidates * self.cfg.k)
-            if exact:  # one host sync per step; the fallback below is the reference
-                return self._sparse_forward(xn, pre, values, indices, dead, aux_k, aux_coef)
-        return self._dense_forward(xn, pre, dead, aux_k, aux_coef)
+            k, m = self.cfg.k, self.candidates * self.cfg.k
+            if _TOPK_STEP == "fused" and _kernels_for(xn) is not None:  # CPU: the fused encoder, AuxK's codes included
+                def select(pre):
+                    # A token that deserves more than m latents makes the search inexact: search again with
+                    # twice the candidates (at m = d_dict every value is one), rather than the dense step.
+                    mm = m
+                    while True:
+                        values, indices, exact = batch_topk_candidates(pre, k, mm)
+                        if exact:  # a host sync per search: free on CPU
+                            return values, indices
+                        mm = min(2 * mm, self.cfg.d_dict)
 
-    def _sparse_forward(self, xn, pre, values, indices, dead, aux_k, aux_coef) -> TrainOutput:
-        """The step on (n, m) candidate codes: TopK's sparse decoder and counters, no (n, d_dict) code tensor."""
+                cols = None if dead is None else dead.nonzero().squeeze(1)
+                cols = None if cols is None or cols.numel() == 0 else cols
+                values, indices, aux_values, aux_indices = TopKEncode.apply(
+                    xn, self.W_enc, self.b_enc, self.b_dec, select, self._ws, cols, self._k_aux(aux_k))
+                return self._sparse_forward(xn, values, indices, aux_coef, lambda err: (
+                    xn.new_zeros(()) if cols is None else self._aux_term(aux_values, aux_indices, err)))
+            else:
+                pre = self.pre_acts(xn)
+                values, indices, exact = batch_topk_candidates(pre, k, m)
+                if exact:
+                    return self._sparse_forward(xn, values, indices, aux_coef, lambda err: self.aux_loss(pre, err, dead, aux_k))
+        return self._dense_forward(xn, self.pre_acts(xn), dead, aux_k, aux_coef)
+
+    def _sparse_forward(self, xn, values, indices, aux_coef, aux_of) -> TrainOutput:
+        """The step on (n, m) candidate codes: TopK's sparse decoder and counters, no (n, d_dict) code tensor.
+
+        `aux_of(err)` gives the AuxK term for the reconstruction error err = x̂_n − x_n.
+        """
         active = values > 0
         smallest = torch.where(active, values.detach(), torch.full_like(values, torch.inf)).min()
         self._set_threshold(smallest, active.any())
         mse, err = recon_error(sparse_decode(values, indices, self.W_dec) + self.b_dec, xn)
-        aux = self.aux_loss(pre, err, dead, aux_k)
+        aux = aux_of(err)
         fired = xn.new_zeros(self.cfg.d_dict).index_add_(0, indices.flatten(), active.flatten().to(xn.dtype)) > 0
         return TrainOutput(mse + aux_coef * aux, {"mse": mse, "auxk": aux}, fired, active.sum(-1).float().mean())
 
