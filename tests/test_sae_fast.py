@@ -151,6 +151,37 @@ def test_batch_topk_candidates_equal_reference_on_random_inputs(seed):
     assert torch.equal(_dense(values, indices, d_dict), batch_topk_mask(pre, k))
 
 
+@pytest.mark.parametrize("case", ["random", "dominating", "few_positive", "ties", "nan"])
+def test_batch_topk_above_equals_reference(case):
+    """One threshold for the batch (numba) gives exactly the batch top-(k·n) of the reference, as dense codes."""
+    from saekit.dictionaries.sae import batch_topk_above
+
+    g = torch.Generator().manual_seed(3)
+    pre = torch.randn(200, 96, generator=g)
+    k = 4
+    if case == "dominating":
+        pre[5] += 30  # one token deserves all 96 latents
+    elif case == "few_positive":
+        pre = -pre.abs()
+        pre[::7, 3] = 1.0  # 29 positives, fewer than k·n = 800
+    elif case == "ties":
+        pre = torch.randint(-3, 4, (200, 96), generator=g).float()
+    elif case == "nan":
+        pre[9, 9] = torch.nan
+    got = batch_topk_above(pre, k)
+    if case == "nan":
+        assert got is None
+        return
+    values, indices = got
+    dense = torch.zeros_like(pre).scatter_add_(1, indices, values)
+    ref = batch_topk_mask(pre, k)
+    if case == "ties":  # which tied entries are kept may differ; the kept values may not
+        assert torch.equal(dense.flatten().sort().values, ref.flatten().sort().values)
+    else:
+        assert torch.equal(dense, ref)
+    assert (values > 0).sum() == min(k * 200, int((pre > 0).sum()))
+
+
 def test_batch_topk_candidates_detects_a_dominating_row():
     """One row holding most of the batch's largest values is saturated: `exact` is False, as it must be."""
     g = torch.Generator().manual_seed(5)

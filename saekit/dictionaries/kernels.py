@@ -113,29 +113,29 @@ def _topk_rows(x, k, r0, r1, out, has_nan):
 
 
 @numba.njit(nogil=True, cache=True)
-def _count_positive(x, r0, r1, counts, has_nan):
-    """counts[r] = entries > 0 in x[r]; has_nan[r] flags a NaN (the caller then keeps the dense path)."""
+def _count_above(x, t, r0, r1, counts, has_nan):
+    """counts[r] = entries > t in x[r]; has_nan[r] flags a NaN (the caller then keeps another path)."""
     for r in range(r0, r1):
         row = x[r]
         c = 0
         nan = 0
         for j in range(x.shape[1]):
             v = row[j]
-            c += v > 0
+            c += v > t
             nan += v != v
         counts[r] = c
         has_nan[r] = nan > 0
 
 
 @numba.njit(nogil=True, cache=True)
-def _fill_csr(x, r0, r1, crow, cols, vals):
-    """The entries > 0 of rows r0 ≤ r < r1 at crow[r]..crow[r+1]: column and value of each."""
+def _fill_csr(x, t, r0, r1, crow, cols, vals):
+    """The entries > t of rows r0 ≤ r < r1 at crow[r]..crow[r+1]: column and value of each."""
     for r in range(r0, r1):
         row = x[r]
         p = crow[r]
         for j in range(x.shape[1]):
             v = row[j]
-            if v > 0:
+            if v > t:
                 cols[p] = j
                 vals[p] = v
                 p += 1
@@ -210,7 +210,7 @@ def relu_csr(x: Tensor, max_density: float = 1.0) -> tuple[int | None, tuple[Ten
     n = a.shape[0]
     counts = np.empty(n, dtype=np.int64)
     has_nan = np.zeros(n, dtype=np.bool_)
-    _count_positive(a, 0, n, counts, has_nan)
+    _count_above(a, 0.0, 0, n, counts, has_nan)
     if has_nan.any():
         return None, None
     crow = np.zeros(n + 1, dtype=np.int64)
@@ -219,8 +219,42 @@ def relu_csr(x: Tensor, max_density: float = 1.0) -> tuple[int | None, tuple[Ten
     if nnz > max_density * a.size:
         return nnz, None
     cols, vals = np.empty(nnz, dtype=np.int64), np.empty(nnz, dtype=a.dtype)
-    _fill_csr(a, 0, n, crow, cols, vals)
+    _fill_csr(a, 0.0, 0, n, crow, cols, vals)
     return nnz, (torch.from_numpy(crow), torch.from_numpy(cols), torch.from_numpy(vals))
+
+
+@numba.njit(nogil=True, cache=True)
+def _fill_padded(x, t, r0, r1, vals, idx):
+    """vals[r, :c], idx[r, :c] = the c entries > t of x[r] (column order), for r0 ≤ r < r1; the rest keep their 0."""
+    for r in range(r0, r1):
+        row = x[r]
+        p = 0
+        for j in range(x.shape[1]):
+            v = row[j]
+            if v > t:
+                vals[r, p] = v
+                idx[r, p] = j
+                p += 1
+
+
+def rows_above(x: Tensor, t: float, min_total: int) -> tuple[Tensor, Tensor] | None:
+    """The entries > t of each row of a 2-D CPU float tensor, padded with zeros to the fullest row.
+
+    Returns values (n, w) and their columns (n, w), w = the most any row has (≥ 1); padding is
+    value 0 at column 0.  None when fewer than `min_total` entries are > t (only the counting pass
+    ran: the caller lowers t) or when x holds a NaN.
+    """
+    a = x.detach().contiguous().numpy()
+    n = a.shape[0]
+    counts = np.empty(n, dtype=np.int64)
+    has_nan = np.zeros(n, dtype=np.bool_)
+    _by_rows(lambda r0, r1: _count_above(a, t, r0, r1, counts, has_nan), n)
+    if has_nan.any() or counts.sum() < min_total:
+        return None
+    w = max(int(counts.max()), 1)
+    vals, idx = np.zeros((n, w), dtype=a.dtype), np.zeros((n, w), dtype=np.int64)
+    _by_rows(lambda r0, r1: _fill_padded(a, t, r0, r1, vals, idx), n)
+    return torch.from_numpy(vals), torch.from_numpy(idx)
 
 
 def _np(t: Tensor) -> np.ndarray:
@@ -292,5 +326,6 @@ def warm() -> None:
     x = torch.linspace(-1.0, 1.0, 64).view(4, 16)
     topk_indices(x, 2)
     _, (crow, cols, vals) = relu_csr(x)
+    rows_above(x, 0.5, 1)
     csr_matmul(crow, cols, vals, x.t().contiguous())
     csr_t_matmul(crow, cols, vals, x, 16)

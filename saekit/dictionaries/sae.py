@@ -209,6 +209,46 @@ def batch_topk_candidates(pre: Tensor, k: int, m: int) -> tuple[Tensor, Tensor, 
     return values, indices, exact
 
 
+def batch_topk_above(pre: Tensor, k: int) -> tuple[Tensor, Tensor] | None:
+    """The batch top-(k·n) of ReLU(pre) (n, d_dict) as (n, w) values and latent indices, 0 where not kept; CPU, numba.
+
+    Exact, like `batch_topk_candidates`, but found through one threshold for the whole batch:
+    t is read off a sample of rows (every 16th: the rows are shuffled tokens) so that about
+    1.25·k·n entries lie above it; `kernels.rows_above` then counts the entries > t and, if at
+    least k·n are, collects them per row (padded with zeros to the fullest row).  Every one of
+    the batch's k·n largest is > t, so a top-(k·n) over those is the batch's.  Too few above
+    t: the sample's quantile is lowered until t reaches 0, where every positive entry is a
+    candidate (and if fewer than k·n are positive, all of them are kept, as ReLU's zeros would
+    be).  Two passes over pre and a top-k over ~1.25·k·n values, against a per-row top-4k for
+    the candidates.  None when pre holds a NaN.
+    """
+    kernels = _kernels_for(pre)
+    if kernels is None:
+        return None
+    n = pre.shape[0]
+    need = k * n
+    with torch.no_grad():
+        sample = pre.detach()[::16].reshape(-1)
+        rows = -(-n // 16)
+        want = 1.25 * k * rows
+        while True:
+            q = min(int(want), sample.numel())
+            t = max(float(sample.topk(q, sorted=False).values.min()), 0.0) if q < sample.numel() else 0.0
+            found = kernels.rows_above(pre, t, need if t > 0 else 0)
+            if found is not None or t == 0.0:
+                break
+            want *= 2
+        if found is None:  # a NaN
+            return None
+        values, indices = found
+        flat = values.reshape(-1)
+        if int((flat > 0).sum()) > need:
+            pos = flat.topk(need, sorted=False).indices
+            keep = torch.zeros_like(flat, dtype=torch.bool).index_fill_(0, pos, True).view_as(values)
+            values = torch.where(keep, values, torch.zeros_like(values))
+    return values, indices
+
+
 class ReluLoss(torch.autograd.Function):
     """ReluSAE's training loss with a hand-written backward (the fast path; `relu_loss_eager` is the reference).
 
@@ -663,8 +703,11 @@ class BatchTopKSAE(TopKSAE):
             k, m = self.cfg.k, self.candidates * self.cfg.k
             if _TOPK_STEP == "fused" and _kernels_for(xn) is not None:  # CPU: the fused encoder, AuxK's codes included
                 def select(pre):
-                    # A token that deserves more than m latents makes the search inexact: search again with
-                    # twice the candidates (at m = d_dict every value is one), rather than the dense step.
+                    found = batch_topk_above(pre, k)
+                    if found is not None:
+                        return found
+                    # A NaN: the per-row candidates (torch ranks NaN first).  A token that deserves more
+                    # than m latents makes that search inexact: search again with twice the candidates.
                     mm = m
                     while True:
                         values, indices, exact = batch_topk_candidates(pre, k, mm)
