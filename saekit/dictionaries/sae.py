@@ -88,8 +88,9 @@ _DECODE = os.environ.get("SAEKIT_DECODE", "csr")
 sparse_decode = {"csr": sparse_decode_csr, "bag": sparse_decode_bag}.get(_DECODE, sparse_decode_dense)
 
 # BatchTopK's training selection, overridable with SAEKIT_BATCHTOPK=candidates|full (the reference).
-# "candidates" by default: a per-row top-4k, then a top-(k·n) over n·4k values, then the sparse
-# decoder; on one CPU thread at d_in=256, d_dict=4096, k=32, batch 4096 (benchmarks/README.md).
+# "candidates" by default: on CPU with numba, one threshold for the batch (`batch_topk_above`) inside
+# the fused encoder; elsewhere a per-row top-4k, then a top-(k·n) over n·4k values
+# (`batch_topk_candidates`); either way the sparse decoder follows (benchmarks/README.md).
 _BATCHTOPK = os.environ.get("SAEKIT_BATCHTOPK", "candidates")
 
 # TopK's training step without AuxK: SAEKIT_TOPK_STEP=fused (default, `TopKEncode`) or autograd (the reference).
