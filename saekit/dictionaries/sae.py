@@ -384,8 +384,8 @@ class TopKEncode(torch.autograd.Function):
         pre = x_n W_enc + (b_enc − b_dec W_enc)      values, indices = select(pre)
     `select` is k (TopK: `topk_codes`, the k largest per row, ReLU'd) or a function returning
     (values, indices) of shape (n, m), values ≥ 0 with 0 for an unchosen slot (BatchTopK's
-    candidates);    and, given the dead latents `cols`, AuxK's codes among them: aux_values, aux_indices =
-    the k_aux largest of pre[:, cols] (ReLU'd; none when `cols` is None).
+    selection).  Given the dead latents `cols`, it also returns AuxK's codes among them:
+    aux_values, aux_indices = the k_aux largest of pre[:, cols] (ReLU'd; none when `cols` is None).
     Backward (G = ∂values and ∂aux_values side by side, 0 where a value is ≤ 0; S_G the sparse
     matrix they form, k + k_aux entries per row):
         ∂W_enc = (S_Gᵀ x_n)ᵀ − b_dec ⊗ ∂b_enc       ∂b_enc = Σ_n G per latent       ∂b_dec = −W_enc ∂b_enc
@@ -611,6 +611,12 @@ class TopKSAE(_SAE):
     def _k_aux(self, aux_k: int | None) -> int:
         return min(aux_k or self.cfg.d_in // 2, self.cfg.d_dict)
 
+    @staticmethod
+    def _dead_cols(dead: Tensor | None) -> Tensor | None:
+        """Indices of the dead latents, or None when there are none (CPU: no device sync)."""
+        cols = None if dead is None else dead.nonzero().squeeze(1)
+        return None if cols is None or cols.numel() == 0 else cols
+
     def aux_loss(self, pre: Tensor, err: Tensor, dead: Tensor | None, aux_k: int | None) -> Tensor:
         """AuxK term for the main codes' error err = x̂_n − x_n (detached); exactly 0 (with no host sync) when no latent is dead."""
         if dead is None:
@@ -620,10 +626,8 @@ class TopKSAE(_SAE):
             # Only the dead columns: a top-k over a row that is mostly −inf keeps every entry in the
             # numba kernel's filter (its bound is −inf), so masking cost a full sort per row.  Same
             # result: with fewer dead latents than k_aux, the masked top-k's extra picks were −inf → 0.
-            cols = dead.nonzero().squeeze(1)  # no device sync on CPU
-            if cols.numel() == 0:
-                return err.new_zeros(())
-            return self._aux_term(*_dead_codes(pre, cols, k_aux), err)
+            cols = self._dead_cols(dead)
+            return err.new_zeros(()) if cols is None else self._aux_term(*_dead_codes(pre, cols, k_aux), err)
         bias = torch.where(dead, 0.0, -torch.inf)  # (d_dict,): one broadcast add, no (n, d_dict) mask tensor
         values, indices = row_topk(pre + bias, k_aux)
         return self._aux_term(values.relu(), indices, err) * dead.any()
@@ -638,8 +642,7 @@ class TopKSAE(_SAE):
 
     def training_forward(self, xn, dead: Tensor | None = None, aux_k: int | None = None, aux_coef: float = 1 / 32, **_) -> TrainOutput:
         if _TOPK_STEP == "fused" and _kernels_for(xn) is not None:  # CPU: the fused encoder, AuxK's codes included
-            cols = None if dead is None else dead.nonzero().squeeze(1)
-            cols = None if cols is None or cols.numel() == 0 else cols
+            cols = self._dead_cols(dead)
             values, indices, aux_values, aux_indices = TopKEncode.apply(
                 xn, self.W_enc, self.b_enc, self.b_dec, self.cfg.k, self._ws, cols, self._k_aux(aux_k))
             mse, err = recon_error(sparse_decode(values, indices, self.W_dec) + self.b_dec, xn)
@@ -675,9 +678,10 @@ class BatchTopKSAE(TopKSAE):
     to 0.42 over a 98-step run on the toy store, and at momentum 0.99 θ still held 0.95 at the
     end, so inference kept 8.4 latents per token for k 16 (benchmarks/README.md)."""
     candidates = 4
-    """Training looks for the batch top-k among each token's `candidates`·k largest pre-activations
-    (exact, with a fallback to the full search; `batch_topk_candidates`).  A token that deserves
-    more than 4k latents triggers the fallback for that step."""
+    """Where the threshold search (`batch_topk_above`, CPU) does not apply, training looks for the batch
+    top-k among each token's `candidates`·k largest pre-activations (exact, `batch_topk_candidates`).
+    A token that deserves more than 4k latents makes that search inexact: the fused CPU step then
+    doubles the candidates, the others take the full search for that step."""
 
     def __init__(self, cfg: DictConfig, prov: Provenance | None = None):
         super().__init__(cfg, prov)
@@ -716,8 +720,7 @@ class BatchTopKSAE(TopKSAE):
                             return values, indices
                         mm = min(2 * mm, self.cfg.d_dict)
 
-                cols = None if dead is None else dead.nonzero().squeeze(1)
-                cols = None if cols is None or cols.numel() == 0 else cols
+                cols = self._dead_cols(dead)
                 values, indices, aux_values, aux_indices = TopKEncode.apply(
                     xn, self.W_enc, self.b_enc, self.b_dec, select, self._ws, cols, self._k_aux(aux_k))
                 return self._sparse_forward(xn, values, indices, aux_coef, lambda err: (
