@@ -47,7 +47,8 @@ class StoreWriter:
     """Append sequences to a store; a background thread converts, checks and writes them.
 
     `write(tokens, acts)` only enqueues (bounded queue, so memory stays flat), so writing
-    shard k overlaps the forward passes for shard k+1.  Shard `i` always holds global
+    shard k overlaps the forward passes for shard k+1.  With `background=False` (harvest on a
+    CPU whose cores torch's threads all use) `write` does that work itself, and errors raise there.  Shard `i` always holds global
     sequences [i·shard_seqs, (i+1)·shard_seqs): resuming at a shard boundary regenerates
     exactly the same shards.  Errors raised in the thread (float16 overflow, disk full)
     surface in the caller at the next `write` or at `close`.
@@ -72,6 +73,7 @@ class StoreWriter:
         queue_size: int = 2,
         progress_file: str = MANIFEST,
         clean: bool = True,
+        background: bool = True,
     ):
         if dtype not in DTYPES:
             raise SaekitError(f"dtype {dtype!r} is not one of {', '.join(DTYPES)}")
@@ -115,8 +117,10 @@ class StoreWriter:
         self._shard_stats: dict[str, RunningStats] = {}
         self._error: BaseException | None = None
         self._queue: queue.Queue = queue.Queue(maxsize=queue_size)
-        self._thread = threading.Thread(target=self._run, name="saekit-store-writer", daemon=True)
-        self._thread.start()
+        self._thread: threading.Thread | None = None
+        if background:  # otherwise each write converts and stores in the caller's thread
+            self._thread = threading.Thread(target=self._run, name="saekit-store-writer", daemon=True)
+            self._thread.start()
 
     # -- state
     @property
@@ -166,6 +170,11 @@ class StoreWriter:
         start = self._next if start is None else int(start)
         self._next = start + len(tokens)
         item = (np.asarray(tokens, np.int32), acts, start)
+        if self._thread is None:
+            self._raise_if_failed()
+            self._handle(item)
+            self._raise_if_failed()
+            return
         while True:
             self._raise_if_failed()
             try:
@@ -190,6 +199,9 @@ class StoreWriter:
         self._stop("abort")
 
     def _stop(self, how: str) -> None:
+        if self._thread is None:
+            self._handle(how)
+            return
         while self._thread.is_alive():
             try:
                 self._queue.put(how, timeout=0.1)
@@ -206,20 +218,26 @@ class StoreWriter:
     def _run(self) -> None:
         while True:
             item = self._queue.get()
+            self._handle(item)
             if isinstance(item, str):
-                try:
-                    if item == "close" and self._error is None and self._cur is not None:
-                        self._finish_shard()
-                except BaseException as e:  # noqa: BLE001 - handed to the caller
-                    self._fail(e)
-                self._discard_tmp()
                 return
-            if self._error is not None:
-                continue  # drain until told to stop
+
+    def _handle(self, item) -> None:
+        """One queued item: sequences to append, or "close" / "abort"; a failure is kept for the caller."""
+        if isinstance(item, str):
             try:
-                self._append(*item)
+                if item == "close" and self._error is None and self._cur is not None:
+                    self._finish_shard()
             except BaseException as e:  # noqa: BLE001 - handed to the caller
                 self._fail(e)
+            self._discard_tmp()
+            return
+        if self._error is not None:
+            return  # drain until told to stop
+        try:
+            self._append(*item)
+        except BaseException as e:  # noqa: BLE001 - handed to the caller
+            self._fail(e)
 
     def _fail(self, e: BaseException) -> None:
         self._error = e
