@@ -32,7 +32,7 @@ import torch
 from saekit import distributed, models, text
 from saekit.config import to_dict
 from saekit.errors import SaekitError
-from saekit.prefetch import prefetch, spare_core
+from saekit.prefetch import can_overlap, prefetch
 from saekit.store import DTYPES, StoreWriter, check_existing, consolidate, progress_name, shard_index
 from saekit.store import summary as store_summary
 
@@ -183,9 +183,8 @@ def _harvest(cfg: HarvestConfig, progress: bool, model: models.LoadedModel | Non
     specs = models.resolve_hooks(lm, cfg.hooks)
     bos = lm.bos_id
     eos = lm.tokenizer.eos_token_id if lm.tokenizer.eos_token_id is not None else bos
-    # Tokenising ahead and writing run in background threads; on CPU only where torch leaves a core free,
-    # since a thread on one of torch's cores slows every op of the forward (prefetch.spare_core).
-    overlap = next(lm.bridge.parameters()).device.type != "cpu" or spare_core()
+    # Tokenising ahead and writing run in background threads, on CPU only where torch leaves a core free.
+    overlap = can_overlap(next(lm.bridge.parameters()).device)
     seqs = prefetch(
         text.sequences(cfg.data, lm.tokenizer, cfg.context_size, bos_id=bos, eos_id=eos, packing=cfg.packing, text_field=cfg.text_field),
         size=4 * cfg.batch_size,
@@ -213,7 +212,6 @@ def _harvest(cfg: HarvestConfig, progress: bool, model: models.LoadedModel | Non
         "config_hash": config_hash,
         "holdout": {"fraction": cfg.holdout},
     }
-    # On CPU, convert and write in a background thread only on a core torch leaves free (as the tokeniser).
     kw = dict(header=header, hooks=specs, context_size=cfg.context_size, dtype=cfg.dtype, shard_seqs=cfg.shard_seqs, resume=resume,
               background=overlap)
     if dist_env.distributed:

@@ -48,7 +48,7 @@ from saekit.config import to_dict
 from saekit.dictionaries.base import KINDS, DictConfig, Dictionary, Provenance, build
 from saekit.dictionaries.sae import warm_kernels
 from saekit.errors import SaekitError, did_you_mean
-from saekit.prefetch import prefetch, spare_core
+from saekit.prefetch import can_overlap, prefetch
 
 BatchSource = Callable[[int], Iterator[dict[str, Tensor]]]
 """start_batch -> endless iterator of {hook: float tensor (batch_size, width)}; batch i is always the same."""
@@ -400,7 +400,7 @@ class Trainer:
         # the main thread's stream.
         on_cpu = self.device.type == "cpu"
         it = prefetch(map(self._scaled, needed) if on_cpu else needed, size=2, name="saekit-batches",
-                      background=not on_cpu or spare_core())
+                      background=can_overlap(self.device))
         t0, s0 = time.perf_counter(), self.step
         try:
             while self.step < self.n_steps:

@@ -238,12 +238,12 @@ def test_cli_errors_are_one_line(case, extra, expected, tiny_model_dir, tiny_tex
 
 
 def test_inline_and_background_threads_write_the_same_store(tiny_model_dir, tiny_text_file, tmp_path, monkeypatch):
-    """With no core free for them (spare_core False), tokenising and writing run in the caller: same files."""
+    """With no core free for them (can_overlap False), tokenising and writing run in the caller: same files."""
     import saekit.harvest as hv
 
     stores = {}
     for overlap in (True, False):
-        monkeypatch.setattr(hv, "spare_core", lambda o=overlap: o)
+        monkeypatch.setattr(hv, "can_overlap", lambda device, o=overlap: o)
         cfg = HarvestConfig(model=tiny_model_dir, hooks=HOOKS[:2], data=tiny_text_file, context_size=16, tokens=16 * 40,
                             batch_size=4, shard_tokens=16 * 16, out=str(tmp_path / f"o{overlap}"))
         stores[overlap] = Path(harvest(cfg, progress=False))
@@ -256,7 +256,7 @@ def test_unwritable_and_full_disk(overlap, tiny_model_dir, tiny_text_file, tmp_p
     import saekit.harvest as hv
     import saekit.store.writer as store_mod  # the module that opens shards
 
-    monkeypatch.setattr(hv, "spare_core", lambda: overlap)  # False: the writer runs in the caller's thread
+    monkeypatch.setattr(hv, "can_overlap", lambda device: overlap)  # False: the writer runs in the caller's thread
 
     args = ["harvest", "--quiet", "--model", tiny_model_dir, "--hooks", HOOKS[0], "--data", tiny_text_file, "--context-size", 16, "--tokens", 160]
 

@@ -54,6 +54,23 @@ def test_closing_the_consumer_stops_the_thread():
     assert not any(t.name == "saekit-test-prefetch" for t in threading.enumerate())
 
 
+def test_close_returns_after_the_producer_has_stopped():
+    """Closing waits for the producer (nothing of ours runs on at exit), and promptly: a full queue is freed."""
+    def endless():
+        i = 0
+        while True:
+            yield i
+            i += 1
+
+    it = prefetch(endless(), size=2, name="saekit-test-join")
+    assert next(it) == 0
+    time.sleep(0.05)  # the producer fills the queue and blocks in put
+    t = time.perf_counter()
+    it.close()
+    assert time.perf_counter() - t < 0.05
+    assert not any(th.name == "saekit-test-join" for th in threading.enumerate())
+
+
 def test_inline_prefetch_runs_in_the_consumers_thread():
     """background=False (no free core): same items, produced on demand by the caller's thread."""
     threads = []
@@ -69,15 +86,16 @@ def test_inline_prefetch_runs_in_the_consumers_thread():
     assert set(threads) == {threading.current_thread()}
 
 
-def test_spare_core_follows_torch_threads(monkeypatch):
+def test_can_overlap_follows_torch_threads(monkeypatch):
     import os
 
     import torch
 
-    from saekit.prefetch import spare_core
+    from saekit.prefetch import can_overlap
 
     monkeypatch.setattr(os, "sched_getaffinity", lambda _: {0, 1}, raising=False)
     monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
-    assert not spare_core()
+    assert not can_overlap("cpu")
+    assert can_overlap("cuda")  # the producer's core is not the device's
     monkeypatch.setattr(torch, "get_num_threads", lambda: 1)
-    assert spare_core()
+    assert can_overlap("cpu")

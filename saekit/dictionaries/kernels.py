@@ -128,14 +128,14 @@ def _count_above(x, t, r0, r1, counts, has_nan):
 
 
 @numba.njit(nogil=True, cache=True)
-def _fill_csr(x, t, r0, r1, crow, cols, vals):
-    """The entries > t of rows r0 ≤ r < r1 at crow[r]..crow[r+1]: column and value of each."""
+def _fill_csr(x, r0, r1, crow, cols, vals):
+    """The entries > 0 of rows r0 ≤ r < r1 at crow[r]..crow[r+1]: column and value of each."""
     for r in range(r0, r1):
         row = x[r]
         p = crow[r]
         for j in range(x.shape[1]):
             v = row[j]
-            if v > t:
+            if v > 0:
                 cols[p] = j
                 vals[p] = v
                 p += 1
@@ -219,7 +219,7 @@ def relu_csr(x: Tensor, max_density: float = 1.0) -> tuple[int | None, tuple[Ten
     if nnz > max_density * a.size:
         return nnz, None
     cols, vals = np.empty(nnz, dtype=np.int64), np.empty(nnz, dtype=a.dtype)
-    _fill_csr(a, 0.0, 0, n, crow, cols, vals)
+    _fill_csr(a, 0, n, crow, cols, vals)
     return nnz, (torch.from_numpy(crow), torch.from_numpy(cols), torch.from_numpy(vals))
 
 

@@ -432,13 +432,14 @@ def _sq(t: Tensor) -> Tensor:
     return torch.dot(t, t)
 
 
-def normalized_mse(x_hat: Tensor, x: Tensor) -> Tensor:
-    """‖x − x̂‖² / ‖x − mean(x)‖² over the batch (scale-free; used for the AuxK term).
+def _centred_sq(x: Tensor) -> Tensor:
+    """‖x − mean(x)‖² over the batch as Σ‖x‖² − ‖Σx‖²/n (no centred copy), at least 1e-12."""
+    return (_sq(x) - _sq(x.sum(0)) / x.shape[0]).clamp_min(1e-12)
 
-    The denominator is Σ‖x‖² − ‖Σx‖²/n, so only the difference is materialised.
-    """
-    s = x.sum(0)
-    return _sq(x_hat - x) / (_sq(x) - _sq(s) / x.shape[0]).clamp_min(1e-12)
+
+def normalized_mse(x_hat: Tensor, x: Tensor) -> Tensor:
+    """‖x − x̂‖² / ‖x − mean(x)‖² over the batch (scale-free; used for the AuxK term)."""
+    return _sq(x_hat - x) / _centred_sq(x)
 
 
 def recon_error(x_hat: Tensor, xn: Tensor) -> tuple[Tensor, Tensor]:
@@ -637,8 +638,7 @@ class TopKSAE(_SAE):
 
         = `normalized_mse`(ê, −err), written so that no (n, d) tensor but ê + err is formed.
         """
-        s = err.sum(0)
-        return _sq(sparse_decode(values, indices, self.W_dec) + err) / (_sq(err) - _sq(s) / err.shape[0]).clamp_min(1e-12)
+        return _sq(sparse_decode(values, indices, self.W_dec) + err) / _centred_sq(err)
 
     def training_forward(self, xn, dead: Tensor | None = None, aux_k: int | None = None, aux_coef: float = 1 / 32, **_) -> TrainOutput:
         if _TOPK_STEP == "fused" and _kernels_for(xn) is not None:  # CPU: the fused encoder, AuxK's codes included

@@ -233,6 +233,11 @@ def check_existing(path: str | Path, config: dict, config_hash: str) -> dict | N
     return manifest
 
 
+def read_shard_stats(h5, names) -> dict[str, RunningStats]:
+    """The statistics a shard file holds for each hook in `names` (an open h5py.File)."""
+    return {name: RunningStats.from_arrays({k: h5[f"stats/{name}/{k}"][()] for k in STAT_KEYS}) for name in names}
+
+
 def _progress_files(path: Path) -> list[Path]:
     return sorted(f for f in path.glob(PROGRESS_PREFIX + "*.json")) if path.is_dir() else []
 
@@ -273,8 +278,8 @@ def consolidate(path: str | Path, *, complete: bool) -> dict:
     totals = {name: RunningStats(int(h["width"])) for name, h in manifest["hooks"].items()}
     for s in shards:
         with h5py.File(p / s["file"], "r") as h5:
-            for name, tot in totals.items():
-                tot.merge(RunningStats.from_arrays({k: h5[f"stats/{name}/{k}"][()] for k in STAT_KEYS}))
+            for name, st in read_shard_stats(h5, totals).items():
+                totals[name].merge(st)
     manifest["shards"] = shards
     manifest["stats"] = {name: tot.summary() for name, tot in totals.items()}
     manifest["complete"] = bool(complete)

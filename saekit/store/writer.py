@@ -27,12 +27,12 @@ from saekit.store.format import (
     FORMAT,
     MANIFEST,
     PROGRESS_PREFIX,
-    STAT_KEYS,
     TMP_SUFFIX,
     VERSION,
     RunningStats,
     from_stored,
     gaps,
+    read_shard_stats,
     row_mask,
     sha256_file,
     shard_index,
@@ -101,6 +101,7 @@ class StoreWriter:
         self._by_shard: dict[int, dict[str, RunningStats]] = {}
         """Each finished shard's statistics by shard index: the totals sum them in index order, so a resumed or
         distributed run whose shards finished in another order writes the same floats as one run."""
+        self._totals = self._sum_in_order()
         self.progress_file = progress_file
         if resume:
             self.manifest["shards"] = list(resume["shards"])
@@ -128,7 +129,7 @@ class StoreWriter:
         """Sequences in finished shards (where a resumed harvest starts)."""
         return sum(s["n_seq"] for s in self.manifest["shards"])
 
-    def totals(self) -> dict[str, RunningStats]:
+    def _sum_in_order(self) -> dict[str, RunningStats]:
         """Statistics over every finished shard, summed in shard order."""
         out = {h.name: RunningStats(h.width) for h in self.hooks}
         for i in sorted(self._by_shard):
@@ -136,14 +137,24 @@ class StoreWriter:
                 out[name].merge(st)
         return out
 
+    def _add_shard_stats(self, index: int, stats: dict[str, RunningStats]) -> None:
+        """Record a finished shard's statistics; the totals stay summed in shard order."""
+        last = max(self._by_shard, default=-1)
+        self._by_shard[index] = stats
+        if index > last:  # the usual case: the next shard, added to the running totals
+            for name, st in stats.items():
+                self._totals[name].merge(st)
+        else:  # a gap filled by a resumed or distributed run: sum again in order
+            self._totals = self._sum_in_order()
+
     def _rebuild_totals(self) -> None:
         for s in self.manifest["shards"]:
             f = self.path / s["file"]
             if not f.is_file():
                 raise SaekitError(f"{self.path}: finished shard {s['file']} is missing; re-harvest into a new --out")
             with h5py.File(f, "r") as h5:
-                self._by_shard[shard_index(s["file"]) or 0] = {
-                    h.name: RunningStats.from_arrays({k: h5[f"stats/{h.name}/{k}"][()] for k in STAT_KEYS}) for h in self.hooks}
+                self._by_shard[shard_index(s["file"]) or 0] = read_shard_stats(h5, [h.name for h in self.hooks])
+        self._totals = self._sum_in_order()
 
     def _clean_leftovers(self) -> None:
         """Remove temp files and shards a killed run renamed but never listed (they will be rewritten)."""
@@ -157,7 +168,7 @@ class StoreWriter:
                 f.unlink()
 
     def _write_manifest(self) -> None:
-        self.manifest["stats"] = {name: tot.summary() for name, tot in self.totals().items()}
+        self.manifest["stats"] = {name: tot.summary() for name, tot in self._totals.items()}
         write_json_atomic(self.path / self.progress_file, self.manifest)
 
     # -- caller side
@@ -337,7 +348,7 @@ class StoreWriter:
             self._cur_tmp = None
         except OSError as e:
             raise self._os_error(e) from e
-        self._by_shard[self._cur_index] = self._shard_stats
+        self._add_shard_stats(self._cur_index, self._shard_stats)
         self.manifest["shards"] = [s for s in self.manifest["shards"] if s["file"] != final.name]
         self.manifest["shards"].append(
             {
