@@ -33,8 +33,12 @@ def register(app) -> None:
         t.add_row("features", str(meta["d_dict"]))
         t.add_row("dead", str(len(meta["dead"])))
         t.add_row(f"dense (> {meta['dense_threshold']})", str(len(meta["dense"])))
+        if meta.get("explained_f1_ge_0.5") is not None:
+            t.add_row("explained (held-out F1 ≥ 0.5)", f"{meta['explained_f1_ge_0.5']:.1%}")
         console.print(t)
         console.print(f"dashboard: {out / 'dashboard.html'}   density plot: {out / 'density.png'}")
+        if (out / "feature_table.md").exists():
+            console.print(f"feature table: {out / 'feature_table.md'} (and .html)")
 
     @app.command("steer")
     @config_options(SteerConfig)

@@ -190,9 +190,43 @@ def test_analyze_outputs_agree_with_direct_computation(analysis_dir, sae_dir, st
     assert f0["promotes"][0][0] == int(a.tensors["promote_ids"][0, 0])
     # Files: no temporaries left, JSON and safetensors only, PNG written.
     names = sorted(os.listdir(analysis_dir))
-    assert names == ["dashboard.html", "density.png", "features.json", "stats.safetensors"]
+    assert names == ["dashboard.html", "density.png", "feature_table.html", "feature_table.md", "features.json", "stats.safetensors"]
     with open(os.path.join(analysis_dir, "density.png"), "rb") as fh:
         assert fh.read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def test_explanations_are_scored_on_the_eval_split(analysis_dir, sae_dir, store_dir):
+    """Each feature's recorded precision/recall equal a brute-force count of its token rule on eval sequences."""
+    from saekit import load
+    from saekit.analysis.analyze import load_analysis
+    from saekit.store import ActivationStore
+
+    a, d, st = load_analysis(analysis_dir), load(sae_dir), ActivationStore(store_dir)
+    ev = st.split("eval")
+    toks = st.read_tokens(ev.start, ev.stop)
+    mask = st.row_mask(toks)
+    x = torch.from_numpy(st.read_acts(HOOK, ev.start, ev.stop))
+    fired = (d.encode(x.reshape(-1, x.shape[-1])) > 0).reshape(*toks.shape, -1).numpy()
+    prev = np.full_like(toks, -1)
+    prev[:, 1:] = toks[:, :-1]
+    checked = 0
+    for f in a.meta["features"][:12]:
+        e = f["explanation"]
+        if not e["terms"]:
+            continue
+        hit = np.zeros(toks.shape, bool)
+        for p, t in e["terms"]:
+            hit |= (toks == t) & ((prev == p) if p is not None else True)
+        hit &= mask
+        fire = fired[..., f["index"]] & mask
+        tp, pred = int((hit & fire).sum()), int(hit.sum())
+        assert e["heldout_fires"] == int(fire.sum())
+        assert math.isclose(e["precision"], tp / pred if pred else 0.0, rel_tol=1e-3, abs_tol=1e-9)
+        assert math.isclose(e["recall"], tp / fire.sum() if fire.sum() else 0.0, rel_tol=1e-3, abs_tol=1e-9)
+        checked += 1
+    assert checked > 0
+    md = open(os.path.join(analysis_dir, "feature_table.md")).read()
+    assert md.count("\n| `") == sum(1 for f in a.meta["features"] if f["count"] > 0) and "**" in md
 
 
 def test_analyze_token_budget_and_hook_z_logits(store_dir, tmp_path):

@@ -5,7 +5,10 @@ Outputs in `--out` (format `saekit-analysis` v1; nothing is pickled):
 - `features.json`: ids, flags (dead, dense), token strings, and per feature its numbers,
   histogram, top contexts and logit effects — what the dashboard and notebooks read;
 - `dashboard.html`: the self-contained dashboard (`saekit.analysis.dashboard`);
-- `density.png`: histogram of log10 feature frequency.
+- `density.png`: histogram of log10 feature frequency;
+- `feature_table.md` / `feature_table.html`: per feature an offline explanation (the token
+  rule that best predicts its firing, `saekit.analysis.explain`), its precision, recall and
+  F1 as a detector on held-out text, and example activations with the firing token marked.
 Every file is written under a temporary name and renamed, so an interrupted run never
 leaves a half-written file under its final name.
 """
@@ -23,6 +26,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from saekit.analysis.explain import ExplainPass, share_explained
 from saekit.analysis.ids import feature_ids
 from saekit.analysis.stats import PAD, FeatureStats, StatsResult, logit_effects
 from saekit.errors import SaekitError
@@ -66,6 +70,10 @@ class AnalyzeConfig:
     """Sequences per batch (default: sized so a batch's dense codes stay near 16M numbers)."""
     device: str = "cpu"
     """Device for encoding (cpu, cuda)."""
+    explain: bool = True
+    """Explain each feature by a token rule searched on the train split and scored on the eval split."""
+    explain_terms: int = 6
+    """Most tokens / bigrams in one explanation."""
 
     def __post_init__(self):
         if self.split not in ("all", "train", "eval"):
@@ -76,6 +84,8 @@ class AnalyzeConfig:
             raise ValueError(f"dense_threshold={self.dense_threshold} must be in (0, 1]")
         if self.tokens is not None and self.tokens < 1:
             raise ValueError("tokens must be >= 1 when given")
+        if self.explain_terms < 1:
+            raise ValueError("explain_terms must be >= 1")
 
 
 def check_match(d, store) -> str:
@@ -157,8 +167,9 @@ def _atomic_write_bytes(path: Path, data: bytes) -> None:
     os.replace(tmp, path)
 
 
-def run_pass(d, store, hook: str, cfg: AnalyzeConfig, progress: Callable[[int, int], None] | None = None) -> StatsResult:
-    """The one streaming pass: encode every counted position and feed `FeatureStats`."""
+def run_pass(d, store, hook: str, cfg: AnalyzeConfig, progress: Callable[[int, int], None] | None = None,
+             explain: ExplainPass | None = None) -> StatsResult:
+    """The one streaming pass: encode every counted position and feed `FeatureStats` (and `explain`)."""
     rng = store.split(cfg.split)
     n_total = len(rng)
     if n_total == 0 or store.n_tokens == 0:
@@ -185,6 +196,8 @@ def run_pass(d, store, hook: str, cfg: AnalyzeConfig, progress: Callable[[int, i
             flat[idx[keep:]] = False
             mask = flat.reshape(n, t)
         acc.update(codes, tokens, mask, start)
+        if explain is not None:
+            explain.update(codes, tokens, mask, start)
         done += n
         if progress:
             progress(done, n_total)
@@ -207,7 +220,11 @@ def analyze(cfg: AnalyzeConfig, progress: Callable[[int, int], None] | None = No
     d = load_dict(cfg.dict, device=cfg.device)
     store = ActivationStore(cfg.store)
     hook = check_match(d, store)
-    res = run_pass(d, store, hook, cfg, progress)
+    eval_rng = store.split("eval")
+    # Explanations need text of both splits: built on train sequences, scored on eval ones.
+    can_explain = cfg.explain and cfg.split == "all" and len(eval_rng) > 0 and len(store.split("train")) > 0
+    ex = ExplainPass(int(d.cfg.d_dict), eval_rng.start) if can_explain else None
+    res = run_pass(d, store, hook, cfg, progress, ex)
 
     model_name = cfg.model or store.model.name
     from saekit.models import load_model
@@ -222,6 +239,10 @@ def analyze(cfg: AnalyzeConfig, progress: Callable[[int, int], None] | None = No
             W_U = loaded.bridge.W_U.detach().float().cpu()
             logit = logit_effects(resid, W_U, gamma=final_ln_weight(loaded.bridge, bool(store.model.compat)), n=cfg.n_logits)
     meta = build_features_json(d, res, logit, loaded.tokenizer, cfg, hook, note)
+    if ex is not None:
+        add_explanations(meta, ex, loaded.tokenizer, cfg)
+    elif cfg.explain:
+        meta["explain_note"] = "no explanations: they are built on the train split and scored on the eval split, so run with --split all on a store with both"
 
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -236,7 +257,27 @@ def analyze(cfg: AnalyzeConfig, progress: Callable[[int, int], None] | None = No
 
     _atomic_write_bytes(out / "dashboard.html", render_dashboard(meta).encode())
     density_plot(meta, out / "density.png")
+    if ex is not None:
+        from saekit.analysis.table import feature_table_html, feature_table_md
+
+        _atomic_write_bytes(out / "feature_table.md", feature_table_md(meta).encode())
+        _atomic_write_bytes(out / "feature_table.html", feature_table_html(meta).encode())
     return out
+
+
+def add_explanations(meta: dict, ex: ExplainPass, tokenizer, cfg: AnalyzeConfig) -> None:
+    """Put each feature's explanation and held-out detection score into features.json's records."""
+    expls = ex.explain(lambda t: tokenizer.decode([t]), max_terms=cfg.explain_terms)
+    for f, e in zip(meta["features"], expls):
+        f["explanation"] = {
+            "text": e.text, "terms": [[t.prev, t.token] for t in e.terms],
+            "precision": _r(e.heldout.precision), "recall": _r(e.heldout.recall), "f1": _r(e.heldout.f1),
+            "heldout_fires": e.heldout.fires, "build_f1": _r(e.build.f1),
+        }
+    share = share_explained(expls, 0.5)
+    meta["explained_f1_ge_0.5"] = None if math.isnan(share) else _r(share)
+    meta["explain_note"] = ("token rules searched on the store's train split, scored as detectors on its eval split "
+                            "(precision, recall, F1 over held-out positions)")
 
 
 def build_features_json(d, res: StatsResult, logit, tokenizer, cfg: AnalyzeConfig, hook: str, logit_note: str) -> dict:
