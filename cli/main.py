@@ -18,9 +18,9 @@ app = typer.Typer(
 )
 
 # One module per stage; each adds its commands to `app`.
-from saekit_cli import analyze, export, finetune, harvest, pipeline, splice, toy, train  # noqa: E402
+from saekit_cli import analyze, export, finetune, harvest, pipeline, pycode, splice, toy, train  # noqa: E402
 
-for _module in (pipeline, harvest, toy, train, splice, analyze, export, finetune):
+for _module in (pipeline, harvest, toy, pycode, train, splice, analyze, export, finetune):
     _module.register(app)
 
 

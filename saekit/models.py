@@ -22,6 +22,7 @@ import torch
 from saekit.errors import SaekitError, did_you_mean
 
 TOY_NAME = "toy"
+PYCODE_NAME = "pycode"
 _LAYER_RE = re.compile(r"^blocks\.(\d+)\.")
 
 
@@ -80,9 +81,13 @@ class LoadedModel:
 
 
 def resolve_model_path(name: str) -> str:
-    """`toy` → the shipped toy model's directory; anything else is passed through."""
+    """A built-in name (`toy`, `pycode`) → its shipped directory; anything else is passed through."""
     if name == TOY_NAME:
         from saekit.toy import pretrained_dir
+
+        return str(pretrained_dir())
+    if name == PYCODE_NAME:
+        from saekit.pycode import pretrained_dir
 
         return str(pretrained_dir())
     return name

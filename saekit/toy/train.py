@@ -10,7 +10,6 @@ saekit loads it like any other model.
 from __future__ import annotations
 
 import json
-import math
 import os
 import shutil
 import time
@@ -20,10 +19,10 @@ from typing import Callable
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from saekit.config import to_dict
 from saekit.errors import SaekitError
+from saekit.lmtrain import adamw, lr_at, next_token_logits_loss, train_step
 from saekit.toy.fsm import BOS_ID, BOS_TOKEN, FSM, VOCAB_SIZE, check_shape, generate, optimum_loss, transition_accuracy, unigram_entropy
 
 
@@ -130,14 +129,6 @@ def make_tokenizer():
     )
 
 
-def lr_at(step: int, cfg: ToyTrainConfig) -> float:
-    """Linear warmup to cfg.lr, then cosine decay to cfg.lr/10 at the last step."""
-    if step < cfg.warmup:
-        return cfg.lr * (step + 1) / cfg.warmup
-    t = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
-    return cfg.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(t, 1.0))))
-
-
 @torch.no_grad()
 def sample(model, n_seq: int, ctx: int, seed: int) -> np.ndarray:
     """Generate n_seq sequences of up to ctx tokens from BOS at temperature 1, seeded.
@@ -175,8 +166,7 @@ def evaluate(model, fsm: FSM, ctx: int, n_seq: int = 64, seed: int = 0) -> ToyEv
     model.eval()
     tokens, _ = generate(fsm, n_seq, ctx, seed=[seed, 1])
     t = torch.from_numpy(tokens)
-    logits = model(input_ids=t, attention_mask=torch.ones_like(t)).logits
-    loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(), t[:, 1:].reshape(-1)).item()
+    loss = next_token_logits_loss(model, t)[1].item()
     acc, n = transition_accuracy(fsm, sample(model, n_seq, ctx, seed))
     model.train(was_training)
     return ToyEval(loss, optimum_loss(fsm, ctx), unigram_entropy(fsm, ctx), acc, n)
@@ -246,27 +236,13 @@ def _train(cfg: ToyTrainConfig, progress, command) -> tuple[Path, ToyEval]:
     fsm = FSM.random(cfg.n_states, cfg.out_degree, cfg.digits, cfg.fsm_seed)
     model = build_model(cfg)
     model.train()
-    decay = [p for p in model.parameters() if p.dim() >= 2]
-    no_decay = [p for p in model.parameters() if p.dim() < 2]
-    opt = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=cfg.lr, betas=(0.9, 0.98),
-    )
+    opt = adamw(model, cfg.lr, cfg.weight_decay)
     history = []
     t0 = time.time()
     for step in range(cfg.steps):
-        lr = lr_at(step, cfg)
-        for g in opt.param_groups:
-            g["lr"] = lr
+        lr = lr_at(step, cfg.lr, cfg.warmup, cfg.steps)
         tokens, _ = generate(fsm, cfg.batch_size, cfg.ctx, seed=[cfg.seed, 0, step])
-        t = torch.from_numpy(tokens)
-        logits = model(input_ids=t, attention_mask=torch.ones_like(t)).logits
-        loss = F.cross_entropy(logits[:, :-1].reshape(-1, VOCAB_SIZE), t[:, 1:].reshape(-1))
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        info = {"loss": loss.item(), "lr": lr}
+        info = {"loss": train_step(model, opt, torch.from_numpy(tokens), lr), "lr": lr}
         if cfg.eval_every and (step + 1) % cfg.eval_every == 0 and step + 1 < cfg.steps:
             ev = evaluate(model, fsm, cfg.ctx, cfg.eval_seqs, seed=cfg.seed)
             info["eval"] = ev.to_dict()
