@@ -43,7 +43,13 @@ def register(app) -> None:
     @app.command("steer")
     @config_options(SteerConfig)
     def steer_cmd(cfg: SteerConfig):
-        """Generate with features switched on (SAE: direction added; codebook: codes forced on), beside the unsteered text."""
+        """Generate with features switched on (SAE: direction added; codebook: codes forced on), beside the unsteered text.
+
+        With --topic REGEX --store DIR: find the features that best detect the topic in the store's text, switch them on
+        over held-out prompts that are off topic, and report the share of on-topic continuations, steered vs unsteered.
+        """
+        if cfg.topic:
+            return _topic(cfg)
         from saekit.analysis.steer import steer
 
         res = steer(cfg)
@@ -56,6 +62,20 @@ def register(app) -> None:
         console.print(t)
         if res.match is not None:
             console.print(f"match {res.match!r}: steered {res.steered_rate:.0%}, unsteered {res.unsteered_rate:.0%} of {len(res.steered)} samples")
+
+    def _topic(cfg: SteerConfig):
+        from saekit.analysis.topic import topic_steer
+
+        r = topic_steer(cfg)
+        t = Table(title=f"topic {r.topic!r}: features switched on at strength {r.strength:g}")
+        for c in ("feature", "precision", "recall", "F1"):
+            t.add_column(c, justify="left" if c == "feature" else "right")
+        for f in r.features:
+            t.add_row(f.id, f"{f.precision:.2f}", f"{f.recall:.2f}", f"{f.f1:.2f}")
+        console.print(t)
+        for p, u, s in r.examples:
+            console.print(f"[bold]prompt[/] {p!r}\n  unsteered: {u!r}\n  steered:   {s!r}")
+        console.print(f"on topic: steered {r.steered_rate:.1%}, unsteered {r.unsteered_rate:.1%} of {r.n_generations} generations each")
 
     @app.command("intervene")
     @config_options(InterveneConfig)

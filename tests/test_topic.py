@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from saekit.analysis.topic import TopicConfig, detection_scores, topic_positions, topic_steer
+from saekit.analysis.steer import SteerConfig
+from saekit.analysis.topic import detection_scores, topic_positions, topic_steer
 
 HOOK = "blocks.0.hook_resid_pre"
 
@@ -77,9 +78,27 @@ def topic_setup(tiny_text_file, tmp_path_factory):
 
 def test_topic_features_found_and_steering_raises_the_match_rate(topic_setup):
     d, st, lm = topic_setup
-    cfg = TopicConfig(topic="g", n_features=1, strength=40.0, n_prompts=4, prompt_tokens=4, samples=4, max_new_tokens=6, seed=0)
+    cfg = SteerConfig(topic="g", n_features=1, strength=40.0, n_prompts=4, prompt_tokens=4, samples=4, max_new_tokens=6, seed=0,
+                      store=str(st.path))
     r = topic_steer(cfg, model=lm, dictionary=d, store=st)
     assert r.features[0].index == 0
     assert r.features[0].f1 > 0.9
     assert r.steered_rate > r.unsteered_rate + 0.5
     assert r.n_generations == 16
+
+
+def test_cli_topic_steering_prints_rates_and_refuses_a_bad_pattern(topic_setup, tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    d, st, lm = topic_setup
+    ddir = d.save(tmp_path / "d")
+    exe = [sys.executable, "-m", "saekit", "steer", "--dict", str(ddir), "--store", str(st.path), "--strength", "40",
+           "--n-prompts", "2", "--prompt-tokens", "4", "--samples", "2", "--max-new-tokens", "4"]
+    env = dict(os.environ, HF_HUB_OFFLINE="1", COLUMNS="200")
+    r = subprocess.run(exe + ["--topic", "g"], capture_output=True, text=True, env=env)
+    assert r.returncode == 0, r.stderr
+    assert "on topic: steered 100.0%, unsteered 0.0% of 4 generations" in r.stdout
+    r = subprocess.run(exe + ["--topic", "("], capture_output=True, text=True, env=env)
+    assert r.returncode == 2 and r.stderr.startswith("error:") and "Traceback" not in r.stderr

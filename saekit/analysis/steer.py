@@ -56,10 +56,24 @@ class SteerConfig:
     """Seed of the sampling; the same for both arms."""
     device: str = "cpu"
     """Device to run the model on."""
+    topic: str | None = None
+    """Topic steering: a regular expression over text (a word list as \\b(w1|w2)\\b); the features that best detect it are found on --store and switched on."""
+    store: str | None = None
+    """Topic steering: store at the dictionary's hook; its train split finds the features, its eval split gives the prompts."""
+    n_features: int = 1
+    """Topic steering: how many of the best-matching features are switched on together."""
+    n_prompts: int = 10
+    """Topic steering: prompts cut from held-out sequences that do not continue on topic (each run --samples times)."""
+    prompt_tokens: int = 16
+    """Topic steering: tokens of each prompt."""
+    max_tokens: int = 200_000
+    """Topic steering: store tokens read to score the features."""
 
     def __post_init__(self):
         if self.samples < 1 or self.max_new_tokens < 1:
             raise ValueError("samples and max_new_tokens must be >= 1")
+        if min(self.n_features, self.n_prompts, self.prompt_tokens, self.max_tokens) < 1:
+            raise ValueError("n_features, n_prompts, prompt_tokens and max_tokens must be >= 1")
         if self.temperature < 0:
             raise ValueError(f"temperature={self.temperature} must be >= 0")
 

@@ -9,7 +9,7 @@ that topic's words, and measures the share of generations that are on topic.  He
 2. **Topic features.** Each feature's firing (code ≠ 0) is scored as a detector of the
    topic positions (precision, recall, F1, from counts over the split); the best `n` by F1
    are the topic's features.
-3. **Steering.** `n_prompts` prompts are cut from the starts of held-out sequences whose
+3. **Steering** (`saekit steer --topic REGEX --store DIR`, `SteerConfig`). `n_prompts` prompts are cut from the starts of held-out sequences whose
    continuation is off topic; each is continued `samples` times with and without the
    features (paired seeds, `steer.steering_delta`), and a continuation is on topic when the
    pattern matches its text.  The result is the two match rates.
@@ -24,46 +24,8 @@ import numpy as np
 import torch
 
 from saekit.analysis.ids import feature_id
+from saekit.analysis.steer import SteerConfig
 from saekit.errors import SaekitError
-
-
-@dataclass
-class TopicConfig:
-    """What `saekit steer --topic` finds and measures."""
-
-    dict: str = ""
-    """Dictionary folder whose features are searched and switched on."""
-    store: str = ""
-    """Activation store at the dictionary's hook (its text finds the features, its eval split gives prompts)."""
-    topic: str = ""
-    """Regular expression that defines the topic in text (a word list: `\\b(raise|except)\\b`)."""
-    n_features: int = 1
-    """How many of the best-matching features are switched on together."""
-    strength: float = 4.0
-    """SAE: multiple of the decoder direction added; codebook: the forced codes' coefficient (1 = chosen)."""
-    n_prompts: int = 10
-    """Prompts cut from held-out sequences that do not continue on topic."""
-    prompt_tokens: int = 16
-    """Tokens of each prompt (BOS excluded)."""
-    samples: int = 4
-    """Continuations per prompt and arm, paired by seed."""
-    max_new_tokens: int = 32
-    """Tokens generated after each prompt."""
-    temperature: float = 1.0
-    """Sampling temperature; 0 means greedy."""
-    seed: int = 0
-    """Seed of the prompts' choice and of the sampling."""
-    max_tokens: int = 200_000
-    """Store tokens read to score the features."""
-    device: str = "cpu"
-    """Device to run the model on."""
-
-    def __post_init__(self):
-        for name in ("n_features", "n_prompts", "prompt_tokens", "samples", "max_new_tokens", "max_tokens"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name}={getattr(self, name)} must be at least 1")
-        if self.temperature < 0 or not np.isfinite(self.strength):
-            raise ValueError("temperature must be >= 0 and strength finite")
 
 
 @dataclass
@@ -189,14 +151,17 @@ def off_topic_prompts(store, tok, pattern: re.Pattern, n: int, prompt_tokens: in
     return out
 
 
-def topic_steer(cfg: TopicConfig, *, model=None, dictionary=None, store=None) -> TopicResult:
+def topic_steer(cfg: SteerConfig, *, model=None, dictionary=None, store=None) -> TopicResult:
     """Find the topic's features, steer with them, and count on-topic continuations (module docstring)."""
     from saekit.analysis.steer import check_model, decode, generate, patched, steering_delta
+
+    if not cfg.store and store is None:
+        raise SaekitError("topic steering needs --store: a store at the dictionary's hook to find the topic's features in")
     from saekit.dictionaries import load as load_dict
     from saekit.models import load_model
     from saekit.store import ActivationStore
 
-    pattern = compile_topic(cfg.topic)
+    pattern = compile_topic(cfg.topic or "")
     d = dictionary if dictionary is not None else load_dict(cfg.dict, device=cfg.device)
     store = store if store is not None else ActivationStore(cfg.store)
     if model is None:
