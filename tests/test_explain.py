@@ -93,3 +93,39 @@ def test_explain_pass_splits_sequences_at_the_eval_start():
     assert b.fires[0] == int((tok[:15, 1:] == 3).sum())
     assert h.fires[0] == int((tok[15:, 1:] == 3).sum())
     assert int(b.key_n.sum()) == 15 * 7 and int(h.key_n.sum()) == 5 * 7
+
+
+class _ArrayStore:
+    """The store interface explain_neurons reads (iter_sequences, row_mask, split), over arrays."""
+
+    def __init__(self, tokens, acts, n_eval):
+        self.tokens, self.acts, self.n = tokens, acts, len(tokens)
+        self.eval_start = self.n - n_eval
+
+    def split(self, name):
+        return {"train": range(0, self.eval_start), "eval": range(self.eval_start, self.n), "all": range(self.n)}[name]
+
+    def row_mask(self, toks):
+        m = np.ones(toks.shape, bool)
+        m[:, 0] = False
+        return m
+
+    def iter_sequences(self, hooks, split, batch_seqs):
+        r = self.split(split)
+        for s in range(r.start, r.stop, batch_seqs):
+            e = min(s + batch_seqs, r.stop)
+            yield s, self.tokens[s:e], {hooks[0]: self.acts[s:e]}
+
+
+def test_neuron_floor_explains_a_token_neuron_and_not_a_noise_neuron():
+    from saekit.analysis.explain import explain_neurons
+
+    rng = np.random.default_rng(7)
+    tok = _walks(8, n=300, ctx=16, vocab=20)
+    acts = rng.normal(0, 0.1, size=(*tok.shape, 2)).astype(np.float32)
+    acts[..., 0] += 5.0 * (tok == 3)
+    st = _ArrayStore(tok, acts, n_eval=100)
+    e = explain_neurons(st, "h", 0.04, str)
+    assert [(t.prev, t.token) for t in e[0].terms] == [(None, 3)]
+    assert e[0].heldout.f1 > 0.8
+    assert e[1].heldout.f1 < 0.3

@@ -339,12 +339,27 @@ class ExplainPass:
         return explain_all(self.build.finish(), self.heldout.finish(), decode, **kw)
 
 
-def neuron_firing(x: Tensor, thresholds: Tensor) -> Tensor:
-    """Single neurons as a floor: neuron j 'fires' where x_j exceeds its threshold."""
-    return x > thresholds
+def explain_neurons(store, hook: str, rate: float, decode, *, sample_rows: int = 50_000, batch_seqs: int = 64,
+                    **kw) -> list[Explanation]:
+    """Single neurons as the floor for dictionaries: neuron j fires where x_j is above its (1 - rate) quantile.
 
-
-def rate_thresholds(x: Tensor, rate: float) -> Tensor:
-    """Per-neuron thresholds at which each neuron fires on a `rate` share of the rows of x (r, d)."""
-    q = torch.quantile(x.float(), 1.0 - rate, dim=0)
-    return q
+    The quantiles come from up to `sample_rows` counted rows of the train split, so each neuron fires on about
+    `rate` of the tokens (pass a dictionary's typical feature frequency for a like-for-like floor); then the
+    same build/held-out explanation pass as for features runs over the whole store.
+    """
+    if not 0 < rate < 1:
+        raise ValueError(f"rate={rate} must be in (0, 1)")
+    rows = []
+    n = 0
+    for _, toks, acts in store.iter_sequences([hook], "train", batch_seqs):
+        x = torch.as_tensor(acts[hook]).float()[torch.as_tensor(store.row_mask(toks))]
+        rows.append(x)
+        n += len(x)
+        if n >= sample_rows:
+            break
+    thr = torch.quantile(torch.cat(rows)[:sample_rows], 1.0 - rate, dim=0)  # (d,)
+    ex = ExplainPass(int(thr.numel()), store.split("eval").start)
+    for start, toks, acts in store.iter_sequences([hook], "all", batch_seqs):
+        x = torch.as_tensor(acts[hook]).float()
+        ex.update((x > thr).float(), torch.as_tensor(toks), torch.as_tensor(store.row_mask(toks)), start)
+    return ex.explain(decode, **kw)
