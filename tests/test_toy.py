@@ -227,3 +227,70 @@ def test_cli_train_refuses_an_occupied_out_in_one_line(tmp_path):
     assert r.returncode == 2
     assert r.stderr.strip().splitlines()[-1].startswith("error: ") and "--overwrite" in r.stderr
     assert (tmp_path / "taken" / "x").read_text() == "keep me"
+
+
+def test_fsm_from_a_transition_matrix_file_gives_the_same_transitions(tmp_path):
+    from saekit.toy.fsm import load_matrix
+
+    fsm = FSM.random(30, 4, 2, seed=3)
+    P = fsm.transition_matrix()  # the Codebook Features library's fsm.npy layout: (S, S) float, 1/k per successor
+    np.save(tmp_path / "fsm.npy", P)
+    back = load_matrix(tmp_path / "fsm.npy")
+    assert (back.n_states, back.out_degree, back.digits) == (30, 4, 2)
+    assert np.array_equal(back.successors, fsm.successors)
+    assert np.array_equal(back.transition_matrix(), P)
+    # The same walks from the same seed.
+    assert np.array_equal(generate(back, 3, 21, seed=0)[0], generate(fsm, 3, 21, seed=0)[0])
+
+
+@pytest.mark.parametrize("make, match", [
+    (lambda P: P[:5], "shape"),
+    (lambda P: P.astype(np.int64), "dtype"),
+    (lambda P: np.where(P > 0, P * 2, P), "sums to"),
+    (lambda P: np.concatenate([P[:, :-1], P[:, -1:] * np.nan], 1), "NaN"),
+    (lambda P: _uneven(P), "different numbers of successors"),
+])
+def test_fsm_matrix_file_refuses_other_layouts(tmp_path, make, match):
+    from saekit.toy.fsm import load_matrix
+
+    P = FSM.random(12, 3, 2, seed=1).transition_matrix()
+    np.save(tmp_path / "bad.npy", make(P))
+    with pytest.raises(SaekitError, match=match):
+        load_matrix(tmp_path / "bad.npy")
+
+
+def _uneven(P):
+    Q = P.copy()
+    Q[0] = 0.0
+    Q[0, :2] = 0.5
+    return Q
+
+
+def test_fsm_matrix_file_is_read_without_pickle(tmp_path):
+    from saekit.toy.fsm import load_matrix
+
+    np.save(tmp_path / "obj.npy", np.array([{"a": 1}], dtype=object), allow_pickle=True)
+    with pytest.raises(SaekitError, match="not a readable .npy"):
+        load_matrix(tmp_path / "obj.npy")
+
+
+def test_gpt_neox_toy_from_a_matrix_file_trains_and_loads_through_the_bridge(tmp_path):
+    from transformers import GPTNeoXForCausalLM
+
+    from saekit.models import load_model
+    from saekit.toy.train import ToyTrainConfig, train_toy
+
+    fsm = FSM.random(10, 2, 1, seed=5)
+    np.save(tmp_path / "fsm.npy", fsm.transition_matrix())
+    cfg = ToyTrainConfig(out=str(tmp_path / "neox"), fsm=str(tmp_path / "fsm.npy"), digits=1, arch="gpt-neox", ctx=24, n_layer=1,
+                         d_model=32, n_head=2, d_mlp=64, batch_size=16, steps=60, lr=1e-2, warmup=10, eval_every=0, eval_seqs=16,
+                         threads=1)
+    out, res = train_toy(cfg)
+    assert np.array_equal(load_fsm(out).successors, fsm.successors)
+    assert res.loss < res.unigram
+    assert "GPT-NeoX" in (out / "README.md").read_text()
+    loaded = load_model(str(out))
+    t = torch.from_numpy(generate(fsm, 2, 24, seed=0)[0])
+    hf = GPTNeoXForCausalLM.from_pretrained(out).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.bridge(t), hf(input_ids=t).logits, atol=1e-4, rtol=1e-4)

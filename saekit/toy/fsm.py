@@ -57,6 +57,33 @@ class FSM:
         succ = np.stack([np.sort(rng.choice(n_states, size=out_degree, replace=False)) for _ in range(n_states)])
         return cls(n_states, out_degree, digits, seed, succ.astype(np.int64))
 
+    @classmethod
+    def from_matrix(cls, P: np.ndarray, digits: int | None = None, where: str = "the matrix") -> "FSM":
+        """The FSM of an (S, S) transition matrix whose rows each spread probability evenly over
+        the same number of successors (the Codebook Features library's `fsm.npy` layout)."""
+        P = np.asarray(P)
+        if P.ndim != 2 or P.shape[0] != P.shape[1]:
+            raise SaekitError(f"{where} has shape {P.shape}; a transition matrix is (S, S) with S the number of states")
+        if not np.issubdtype(P.dtype, np.floating):
+            raise SaekitError(f"{where} has dtype {P.dtype}; a transition matrix holds probabilities as floats")
+        if not np.isfinite(P).all() or (P < 0).any():
+            raise SaekitError(f"{where} holds negative, NaN or infinite entries; every entry must be a probability")
+        if not np.allclose(P.sum(1), 1.0, atol=1e-6):
+            bad = int(np.flatnonzero(~np.isclose(P.sum(1), 1.0, atol=1e-6))[0])
+            raise SaekitError(f"{where}: row {bad} sums to {P[bad].sum():.6g}, not 1; each row is a state's next-state distribution")
+        degree = (P > 0).sum(1)
+        if (degree != degree[0]).any():
+            raise SaekitError(f"{where}: states have different numbers of successors ({degree.min()}..{degree.max()}); "
+                              "saekit's FSM needs the same out-degree for every state")
+        k = int(degree[0])
+        if not np.allclose(P[P > 0], 1.0 / k, atol=1e-6):
+            raise SaekitError(f"{where}: successors are not equally likely (expected {1 / k:.6g} each); saekit's FSM walks them uniformly")
+        S = P.shape[0]
+        digits = digits if digits is not None else max(1, len(str(S - 1)))
+        check_shape(S, k, digits)
+        succ = np.stack([np.flatnonzero(row > 0) for row in P]).astype(np.int64)
+        return cls(S, k, digits, -1, succ)
+
     # --- text form of states ---------------------------------------------------------------------
     def state_digits(self) -> np.ndarray:
         """(n_states, digits) int64: the digit tokens that write each state (most significant first)."""
@@ -109,6 +136,18 @@ def check_shape(n_states: int, out_degree: int, digits: int) -> None:
         raise ValueError(f"out_degree={out_degree} must be between 1 and n_states={n_states}")
     if digits < 1 or 10**digits < n_states:
         raise ValueError(f"digits={digits} cannot write {n_states} states; need 10**digits >= n_states")
+
+
+def load_matrix(path: str | os.PathLike, digits: int | None = None) -> FSM:
+    """An FSM from a `.npy` transition matrix file (read without pickle)."""
+    p = Path(path)
+    if not p.is_file():
+        raise SaekitError(f"FSM file {p} does not exist; pass a .npy file holding an (S, S) transition matrix")
+    try:
+        P = np.load(p, allow_pickle=False)
+    except (ValueError, OSError, EOFError) as e:
+        raise SaekitError(f"{p} is not a readable .npy array ({e}); save the matrix with numpy.save") from None
+    return FSM.from_matrix(P, digits, where=str(p))
 
 
 def load_fsm(model_dir: str | os.PathLike) -> FSM:

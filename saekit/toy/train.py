@@ -23,7 +23,11 @@ import torch
 from saekit.config import to_dict
 from saekit.errors import SaekitError
 from saekit.lmtrain import adamw, lr_at, next_token_logits_loss, train_step
-from saekit.toy.fsm import BOS_ID, BOS_TOKEN, FSM, VOCAB_SIZE, check_shape, generate, optimum_loss, transition_accuracy, unigram_entropy
+from saekit.toy.fsm import (BOS_ID, BOS_TOKEN, FSM, VOCAB_SIZE, check_shape, generate, load_matrix, optimum_loss, transition_accuracy,
+                            unigram_entropy)
+
+
+ARCHS = ("gpt2", "gpt-neox")
 
 
 @dataclass
@@ -41,7 +45,11 @@ class ToyTrainConfig:
     digits: int = 2
     """Digit tokens that write one state (10**digits must be >= n_states)."""
     fsm_seed: int = 0
-    """Seed of the random FSM (its successor table)."""
+    """Seed of the random FSM (its successor table); 42 gives the Codebook Features library's fsm.npy."""
+    fsm: str | None = None
+    """Transition-matrix file (.npy, (S, S) floats, equal successors per row) to use instead of a random FSM; n_states and out_degree come from it."""
+    arch: str = "gpt2"
+    """Transformer family: gpt2 (learnt positions) or gpt-neox (rotary positions, as the Codebook Features TokFSM model)."""
     seed: int = 0
     """Seed of the weights' initialisation and of the training stream."""
     ctx: int = 128
@@ -72,7 +80,10 @@ class ToyTrainConfig:
     """CPU threads for torch during training (0: leave torch's default; 1 is fastest for tiny models or a busy machine)."""
 
     def __post_init__(self):
-        check_shape(self.n_states, self.out_degree, self.digits)
+        if self.arch not in ARCHS:
+            raise ValueError(f"arch={self.arch!r} is not one of {', '.join(ARCHS)}")
+        if self.fsm is None:
+            check_shape(self.n_states, self.out_degree, self.digits)
         if self.d_model % self.n_head:
             raise ValueError(f"d_model={self.d_model} is not divisible by n_head={self.n_head}")
         if self.ctx < self.digits + 2:
@@ -104,9 +115,16 @@ class ToyEval:
 
 
 def build_model(cfg: ToyTrainConfig):
-    from transformers import GPT2Config, GPT2LMHeadModel
+    from transformers import GPT2Config, GPT2LMHeadModel, GPTNeoXConfig, GPTNeoXForCausalLM
 
     torch.manual_seed(cfg.seed)
+    if cfg.arch == "gpt-neox":
+        return GPTNeoXForCausalLM(GPTNeoXConfig(
+            vocab_size=VOCAB_SIZE, hidden_size=cfg.d_model, num_hidden_layers=cfg.n_layer, num_attention_heads=cfg.n_head,
+            intermediate_size=cfg.d_mlp, max_position_embeddings=cfg.ctx, rotary_pct=1.0, use_parallel_residual=True,
+            bos_token_id=BOS_ID, eos_token_id=BOS_ID, pad_token_id=BOS_ID, hidden_dropout=0.0, attention_dropout=0.0,
+            tie_word_embeddings=False,
+        ))
     hf = GPT2Config(
         vocab_size=VOCAB_SIZE, n_positions=cfg.ctx, n_embd=cfg.d_model, n_layer=cfg.n_layer, n_head=cfg.n_head,
         n_inner=cfg.d_mlp, bos_token_id=BOS_ID, eos_token_id=BOS_ID, pad_token_id=BOS_ID,
@@ -191,12 +209,20 @@ def _prepare_out(cfg: ToyTrainConfig) -> tuple[Path, Path]:
     return out, tmp
 
 
-def readme_text(cfg: ToyTrainConfig, result: ToyEval, seconds: float, command: str, n_params: int) -> str:
+def make_fsm(cfg: ToyTrainConfig) -> FSM:
+    """The run's FSM: from --fsm when given (its digits from --digits if that can write every state), else random."""
+    if cfg.fsm:
+        return load_matrix(cfg.fsm, cfg.digits)
+    return FSM.random(cfg.n_states, cfg.out_degree, cfg.digits, cfg.fsm_seed)
+
+
+def readme_text(cfg: ToyTrainConfig, fsm: FSM, result: ToyEval, seconds: float, command: str, n_params: int) -> str:
+    arch = "GPT-NeoX (rotary positions)" if cfg.arch == "gpt-neox" else "GPT-2"
     return f"""# saekit toy model
 
-A {cfg.n_layer}-layer GPT-2 (d_model {cfg.d_model}, d_mlp {cfg.d_mlp}, {cfg.n_head} heads, {n_params:,} parameters)
-trained by saekit on random walks of a finite-state machine ({cfg.n_states} states,
-{cfg.out_degree} equally likely successors each, every state written as {cfg.digits} digit tokens;
+A {cfg.n_layer}-layer {arch} (d_model {cfg.d_model}, d_mlp {cfg.d_mlp}, {cfg.n_head} heads, {n_params:,} parameters)
+trained by saekit on random walks of a finite-state machine ({fsm.n_states} states,
+{fsm.out_degree} equally likely successors each, every state written as {fsm.digits} digit tokens;
 the FSM is in `fsm.json`). Vocabulary: digits 0-9 are ids 0-9, `<|endoftext|>` (BOS/EOS) is id 10.
 
 Made with:
@@ -233,7 +259,7 @@ def train_toy(cfg: ToyTrainConfig, progress: Callable[[int, dict], None] | None 
 
 def _train(cfg: ToyTrainConfig, progress, command) -> tuple[Path, ToyEval]:
     out, tmp = _prepare_out(cfg)
-    fsm = FSM.random(cfg.n_states, cfg.out_degree, cfg.digits, cfg.fsm_seed)
+    fsm = make_fsm(cfg)
     model = build_model(cfg)
     model.train()
     opt = adamw(model, cfg.lr, cfg.weight_decay)
@@ -262,7 +288,7 @@ def _train(cfg: ToyTrainConfig, progress, command) -> tuple[Path, ToyEval]:
     n_params = sum(p.numel() for p in model.parameters())
     summary = {"config": to_dict(cfg) | {"out": None}, "command": command, "result": result.to_dict(), "seconds": seconds, "history": history}
     (tmp / "toy_train.json").write_text(json.dumps(summary, indent=2))
-    (tmp / "README.md").write_text(readme_text(cfg, result, seconds, command, n_params))
+    (tmp / "README.md").write_text(readme_text(cfg, fsm, result, seconds, command, n_params))
     if out.exists():
         shutil.rmtree(out) if out.is_dir() else out.unlink()
     os.replace(tmp, out)
