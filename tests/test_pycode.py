@@ -72,3 +72,20 @@ def test_tiny_training_run_loads_through_the_bridge(tmp_path, monkeypatch):
     hf = __import__("transformers").GPT2LMHeadModel.from_pretrained(str(out))
     assert torch.allclose(lm.bridge(t).float(), hf(t).logits.float(), atol=1e-4)
     assert first["config"]["steps"] == 30 and not (tmp_path / "m.partial").exists()
+
+
+@pytest.mark.slow
+def test_shipped_model_beats_the_bigram_baseline_offline(monkeypatch):
+    from saekit.models import load_model
+    from saekit.pycode.train import token_stream
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    lm = load_model("pycode")
+    tok = lm.tokenizer
+    train = token_stream(tok, corpus.documents("train"))
+    windows = heldout_windows(token_stream(tok, corpus.documents("heldout")), lm.info.n_ctx, 20_000)
+    base = baselines(train, windows, lm.info.d_vocab)
+    with torch.no_grad():
+        logits = lm.bridge(windows).float()
+    loss = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), windows[:, 1:].reshape(-1)).item()
+    assert loss < base["bigram_loss"]
