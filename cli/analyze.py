@@ -2,23 +2,20 @@
 
 from __future__ import annotations
 
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-from rich.table import Table
 from saekit_cli.console import make_console
 from saekit_cli.options import config_options
-
-from saekit.analysis.analyze import AnalyzeConfig
-from saekit.analysis.intervene import InterveneConfig
-from saekit.analysis.steer import SteerConfig
 
 console = make_console()
 
 
 def register(app) -> None:
     @app.command("analyze")
-    @config_options(AnalyzeConfig, config_file=True)
-    def analyze_cmd(cfg: AnalyzeConfig):
+    @config_options("saekit.analysis.analyze:AnalyzeConfig", config_file=True)
+    def analyze_cmd(cfg):
         """One pass over a store: per-feature frequency, activations, top contexts, logit effects; dashboard + density plot."""
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+        from rich.table import Table
+
         from saekit.analysis.analyze import analyze, load_analysis
 
         with Progress(TextColumn("[bold]analyzing"), BarColumn(), MofNCompleteColumn(), TextColumn("sequences"), TimeElapsedColumn(),
@@ -37,9 +34,11 @@ def register(app) -> None:
         console.print(f"dashboard: {out / 'dashboard.html'}   density plot: {out / 'density.png'}")
 
     @app.command("steer")
-    @config_options(SteerConfig)
-    def steer_cmd(cfg: SteerConfig):
+    @config_options("saekit.analysis.steer:SteerConfig")
+    def steer_cmd(cfg):
         """Generate with features switched on (SAE: direction added; codebook: codes forced on), beside the unsteered text."""
+        from rich.table import Table
+
         from saekit.analysis.steer import steer
 
         res = steer(cfg)
@@ -54,9 +53,11 @@ def register(app) -> None:
             console.print(f"match {res.match!r}: steered {res.steered_rate:.0%}, unsteered {res.unsteered_rate:.0%} of {len(res.steered)} samples")
 
     @app.command("intervene")
-    @config_options(InterveneConfig)
-    def intervene_cmd(cfg: InterveneConfig):
+    @config_options("saekit.analysis.intervene:InterveneConfig")
+    def intervene_cmd(cfg):
         """Toy model: patch state B's codes into walks ending in state A; success rate and JS divergence."""
+        from rich.table import Table
+
         from saekit.analysis.intervene import run_intervention
 
         r = run_intervention(cfg)

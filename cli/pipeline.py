@@ -5,15 +5,14 @@ from __future__ import annotations
 from saekit_cli.console import make_console
 from saekit_cli.options import config_options
 
-from saekit.pipeline import PipelineConfig, run_pipeline
-
 
 def register(app) -> None:
     @app.command("pipeline")
-    @config_options(PipelineConfig)
-    def pipeline_cmd(cfg: PipelineConfig) -> None:
+    @config_options("saekit.pipeline:PipelineConfig")
+    def pipeline_cmd(cfg) -> None:
         """Run the whole pipeline on one hook (default: the built-in toy model) and print what the dictionaries keep."""
 
+        from saekit.pipeline import run_pipeline
         from saekit.splice import format_table
 
         console = make_console()

@@ -64,8 +64,8 @@ class HarvestConfig:
     """Stored dtype: float16, bfloat16 (range of float32, for models whose activations overflow float16) or float32."""
     shard_tokens: int = 1 << 18
     """Tokens per shard file (rounded down to whole sequences); a killed harvest resumes at a shard boundary."""
-    device: str = "cpu"
-    """Device for the forward pass (cpu, cuda, cuda:1, mps)."""
+    device: str = "auto"
+    """Device for the forward pass: cpu, cuda, cuda:1, ... or auto (cuda when available)."""
     out: str = ""
     """Output directory of the activation store (created; rerun the same command to resume)."""
     seed: int = 0

@@ -42,8 +42,8 @@ class PipelineConfig:
     """Codes in the codebook."""
     codebook_k: int = 1
     """Codes chosen per token by the codebook (k of the k-sparse codebook)."""
-    device: str = "cpu"
-    """Torch device for every stage."""
+    device: str = "auto"
+    """Device for every stage: cpu, cuda, cuda:1, ... or auto (cuda when available)."""
     seed: int = 0
     """Seed for the corpus, batches and initialisations."""
 

@@ -76,8 +76,8 @@ class SpliceConfig:
     """Sequences per forward pass."""
     max_tokens: int = 32768
     """Evaluate on at most this many (non-padding) tokens, in whole sequences (0 = all)."""
-    device: str = "cpu"
-    """Torch device for the model and the dictionaries (cpu, cuda, cuda:1, mps)."""
+    device: str = "auto"
+    """Device for the model and the dictionaries: cpu, cuda, cuda:1, ... or auto (cuda when available)."""
     compat: bool = False
     """Load the model with TransformerLens weight processing (must match how the dictionaries were trained)."""
     finetuned: str | None = None

@@ -64,8 +64,8 @@ class AnalyzeConfig:
     """Features firing on more than this share of tokens are flagged dense."""
     batch_seqs: int | None = None
     """Sequences per batch (default: sized so a batch's dense codes stay near 16M numbers)."""
-    device: str = "cpu"
-    """Device for encoding (cpu, cuda)."""
+    device: str = "auto"
+    """Device for encoding: cpu, cuda, cuda:1, ... or auto (cuda when available)."""
 
     def __post_init__(self):
         if self.split not in ("all", "train", "eval"):
@@ -171,7 +171,7 @@ def run_pass(d, store, hook: str, cfg: AnalyzeConfig, progress: Callable[[int, i
     for start, raw_tokens, acts in store.iter_sequences([hook], cfg.split, batch):
         mask = torch.as_tensor(np.asarray(store.row_mask(raw_tokens))).bool()
         tokens = torch.as_tensor(np.asarray(raw_tokens))
-        x = torch.as_tensor(acts[hook]).float().to(cfg.device)
+        x = torch.as_tensor(acts[hook]).float().to(next(iter(d.state_dict().values())).device)
         n, t, w = x.shape
         codes = torch.zeros(n, t, d_dict)
         with torch.no_grad():

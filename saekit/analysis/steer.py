@@ -54,8 +54,8 @@ class SteerConfig:
     """Sampling temperature; 0 means greedy."""
     seed: int = 0
     """Seed of the sampling; the same for both arms."""
-    device: str = "cpu"
-    """Device to run the model on."""
+    device: str = "auto"
+    """Device for the model: cpu, cuda, cuda:1, ... or auto (cuda when available)."""
 
     def __post_init__(self):
         if self.samples < 1 or self.max_new_tokens < 1:

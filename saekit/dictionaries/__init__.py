@@ -7,6 +7,9 @@ def load(path, device="cpu") -> Dictionary:
     """Load a dictionary folder in any supported format (saekit; SAELens and sparsify via interop)."""
     from pathlib import Path
 
+    from saekit.models import resolve_device
+
+    device = str(resolve_device(str(device)))  # `auto` → cuda when available
     p = Path(path)
     if (p / "config.json").is_file() and (p / "weights.safetensors").is_file():
         return load_saekit(p, device)
