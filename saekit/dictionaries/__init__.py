@@ -9,8 +9,10 @@ def load(path, device="cpu") -> Dictionary:
 
     from saekit.models import resolve_device
 
+    from saekit import hub
+
     device = str(resolve_device(str(device)))  # `auto` → cuda when available
-    p = Path(path)
+    p = hub.fetch(path) if hub.is_hub(path) else Path(path)  # hf://ORG/REPO/PATH: the Hub's cache folder
     if (p / "config.json").is_file() and (p / "weights.safetensors").is_file():
         return load_saekit(p, device)
     try:
