@@ -42,13 +42,39 @@ def register(app) -> None:
         from saekit.analysis.steer import steer
 
         res = steer(cfg)
+        for line in res.about:
+            console.print(line)
+        toy = res.toy
+        if toy is not None:
+            tr = toy.tracked
+            if tr.fire_rate == 0:
+                console.print(f"it never fired on {tr.n_tokens:,} tokens of fresh walks (a dead feature), so it tracks no state; "
+                              "choose a live one: `saekit toy eval --json` names each state's best feature, `saekit analyze` the live ones")
+            else:
+                ratio = f" (strength {res.strength:g} = {res.strength / tr.mean_act:.1f}× it)" if tr.mean_act > 0 else ""
+                console.print(f"on {tr.n_tokens:,} tokens of fresh walks it fires on {tr.fire_rate:.1%} of tokens, best at the completion of "
+                              f"FSM state {tr.state:0{toy.digits}d} (F1 {tr.f1:.2f}: precision {tr.precision:.2f}, recall {tr.recall:.2f}); "
+                              f"its mean activation when it fires is {tr.mean_act:.3g}{ratio}")
+            console.print(f"successors of {tr.state}: {' '.join(map(str, toy.successors))}; walks by state, prompt │ generated, ⏎ = end of walk, ✗ = a step the FSM forbids")
         t = Table(title=f"steering {', '.join(res.features)} at strength {res.strength:g} — prompt {res.prompt!r}", show_lines=True)
         t.add_column("#", justify="right")
         t.add_column("unsteered")
         t.add_column("steered")
-        for i, (u, s) in enumerate(zip(res.unsteered, res.steered)):
-            t.add_row(str(i), u, s)
+        if toy is not None:
+            from saekit.toy.steer import render
+
+            for i, (u, s) in enumerate(zip(toy.unsteered, toy.steered)):
+                t.add_row(str(i), render(u), render(s))
+        else:
+            for i, (u, s) in enumerate(zip(res.unsteered, res.steered)):
+                t.add_row(str(i), u, s)
         console.print(t)
+        if toy is not None:
+            st, un = toy.steered_stats, toy.unsteered_stats
+            console.print(f"generated states that are successors of {toy.tracked.state} (the walk continues as from the feature's state): "
+                          f"steered {st.follow_rate:.0%} ({st.follow}/{st.states}), unsteered {un.follow_rate:.0%} ({un.follow}/{un.states}); "
+                          f"chance {toy.chance:.0%}")
+            console.print(f"legal steps: steered {st.legal_rate:.0%}, unsteered {un.legal_rate:.0%}")
         if res.match is not None:
             console.print(f"match {res.match!r}: steered {res.steered_rate:.0%}, unsteered {res.unsteered_rate:.0%} of {len(res.steered)} samples")
 
