@@ -28,4 +28,12 @@ def register(app) -> None:
             neuron = res.recovery.get("neuron_mean_best_f1")
             if neuron is not None:
                 console.print(f"best single neuron of the raw activations: mean best F1 {neuron:.3f}")
-        console.print(f"outputs in {cfg.out}/ (store/, dicts/, eval.json)")
+        if res.reading:
+            console.print("\n[bold]reading[/bold]")
+            for line in res.reading:
+                console.print(line)
+        total = sum(res.timings.values())
+        console.print("\n[bold]time[/bold] " + ", ".join(f"{k} {v:.0f}s" for k, v in res.timings.items()) + f" — total {total:.0f}s")
+        console.print(f"outputs in {cfg.out}/ (store/, dicts/, eval.json, analysis/)")
+        for step in res.next_steps:
+            console.print(f"next: {step}", soft_wrap=True)
