@@ -32,8 +32,9 @@ def register(app) -> None:
             console.print("\n[bold]reading[/bold]")
             for line in res.reading:
                 console.print(line)
-        total = sum(res.timings.values())
-        console.print("\n[bold]time[/bold] " + ", ".join(f"{k} {v:.0f}s" for k, v in res.timings.items()) + f" — total {total:.0f}s")
+        total, cpu = sum(res.timings.values()), sum(res.cpu.values())
+        console.print("\n[bold]time[/bold] (wall, cpu) " + ", ".join(f"{k} {v:.0f}s/{res.cpu.get(k, 0):.0f}s" for k, v in res.timings.items())
+                      + f" — total {total:.0f}s wall, {cpu:.0f}s cpu")
         console.print(f"outputs in {cfg.out}/ (store/, dicts/, eval.json, analysis/)")
         for step in res.next_steps:
             console.print(f"next: {step}", soft_wrap=True)

@@ -232,13 +232,17 @@ def store_fsm_or_none(store):
         return None
 
 
-def fsm_states(counts) -> tuple[list[int], list[float]]:
-    """Each feature's best state by F1 of its firing against "state s was just completed" (−1, 0 when it never fired)."""
+def fsm_states(counts) -> tuple[list[int], list[float], list[float], list[float]]:
+    """Each feature's best state by F1 of its firing against "state s was just completed" (−1 when it never
+    fired), with that F1, its precision (share of the feature's firings that are s's completion) and recall."""
     tp, fired, pos = counts.tp, counts.fired, counts.pos
     f1 = 2 * tp / (fired[:, None] + pos[None, :]).clamp_min(1e-300)  # (d, n_states)
     best_f1, best = f1.max(1)
+    tp_best = tp.gather(1, best[:, None]).squeeze(1)
+    precision = tp_best / fired.clamp_min(1)
+    recall = tp_best / pos[best].clamp_min(1)
     best = torch.where(fired > 0, best, torch.full_like(best, -1))
-    return best.tolist(), best_f1.tolist()
+    return best.tolist(), best_f1.tolist(), precision.tolist(), recall.tolist()
 
 
 def analyze(cfg: AnalyzeConfig, progress: Callable[[int, int], None] | None = None) -> Path:
@@ -355,6 +359,7 @@ def build_features_json(d, res: StatsResult, logit, tokenizer, cfg: AnalyzeConfi
             f["neighbours"] = [[int(k), _r(float(v))] for k, v in zip(neighbours[0][i].tolist(), neighbours[1][i].tolist())]
         if states is not None:
             f["fsm_state"], f["fsm_f1"] = int(states[0][i]), _r(float(states[1][i]))
+            f["fsm_precision"], f["fsm_recall"] = _r(float(states[2][i])), _r(float(states[3][i]))
         if logit is not None:
             f["promotes"] = [[int(t), _r(float(v))] for t, v in zip(logit[0][i].tolist(), logit[1][i].tolist())]
             f["suppresses"] = [[int(t), _r(float(v))] for t, v in zip(logit[2][i].tolist(), logit[3][i].tolist())]

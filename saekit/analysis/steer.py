@@ -183,7 +183,7 @@ def steer(cfg: SteerConfig, *, model=None, dictionary=None) -> SteerResult:
         steered = generate(model.bridge, start, cfg.max_new_tokens, temperature=cfg.temperature, seed=cfg.seed)
     dec = lambda rows: [decode(tok, r.tolist()) for r in rows]  # noqa: E731
     res = SteerResult(cfg.prompt, [feature_id(d, i) for i in idx], cfg.strength, dec(steered), dec(plain), cfg.match)
-    res.about = describe(d, idx, cfg.strength)
+    res.about = describe(d, idx, cfg.strength) + promoted_tokens(model, d, idx)
     fsm = _toy_fsm(model)
     if fsm is not None:
         from saekit.toy.steer import toy_report, tracked_state
@@ -216,6 +216,23 @@ def describe(d, idx: list[int], strength: float) -> list[str]:
         lines.append(f"strength {strength:g}: {strength:g} × the feature's decoder direction (unit activation, in the hook's scale) "
                      "is added at every position, prompt and generated tokens alike")
     return lines
+
+
+def promoted_tokens(model, d, idx: list[int], n: int = 8) -> list[str]:
+    """"feature X promotes: ..." per feature: the next tokens its direction raises most through the unembedding."""
+    from saekit.analysis.analyze import final_ln_weight, residual_directions
+    from saekit.analysis.stats import logit_effects
+
+    dirs = d.directions().detach().float().cpu()[idx]
+    resid, _ = residual_directions(model.bridge, d.prov.hook, dirs)
+    if resid is None:
+        return []
+    compat = bool((d.prov.model or {}).get("compat", False))
+    gamma = final_ln_weight(model.bridge, compat)
+    top_ids, _, _, _ = logit_effects(resid.cpu(), model.bridge.W_U.detach().float().cpu(),
+                                     gamma=None if gamma is None else gamma.cpu(), n=n)
+    return [f"feature {feature_id(d, i)} promotes: " + " ".join(repr(decode(model.tokenizer, [t])) for t in row)
+            for i, row in zip(idx, top_ids.tolist())]
 
 
 def _toy_fsm(model):
