@@ -251,7 +251,15 @@ def next_steps(cfg: PipelineConfig, res: PipelineResult, metas: list[dict]) -> l
     if cb is not None:
         best = max(cb["features"], key=lambda f: f.get("fsm_f1", 0.0))
         if best.get("fsm_f1", 0) > 0:
-            steps.append(f"saekit steer --dict {cb['dictionary']} --feature {best['id']} --strength 1 --samples 8 --prompt 0123   "
+            prompt = "0123"
+            try:  # a legal two-state walk, so only the steering breaks the FSM's rules
+                from saekit.toy.fsm import load_fsm
+
+                fsm = load_fsm(cfg.model)
+                prompt = "".join(f"{s:0{fsm.digits}d}" for s in (0, int(fsm.successors[0][0])))
+            except SaekitError:
+                pass
+            steps.append(f"saekit steer --dict {cb['dictionary']} --feature {best['id']} --strength 1 --samples 8 --prompt {prompt}   "
                          f"(code {best['id']} tracks state {best['fsm_state']}, F1 {best['fsm_f1']:.2f})")
     steps.append(f"saekit splice-eval --model {cfg.model} --store {res.store} --dict {res.dictionaries[0]}   (again, or on your own dictionaries)")
     steps.append("saekit pipeline --model DIR --data FILE --out runs/mine   (your model and text; `saekit --help` lists every stage)")
