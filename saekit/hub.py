@@ -33,8 +33,8 @@ class Release(NamedTuple):
     """How an SAE id becomes its folder in the repository: a format string over the id's numbers
     (`{0}` = the first number in the id), or `""` when the id is the folder."""
     layout: str
-    """Files each folder holds: "SAELens" (loaded by saekit) or the original format SAELens converts
-    on load (not loaded by saekit yet)."""
+    """Files each folder holds: "SAELens" or "Gemma Scope" (params.npz), both loaded by saekit, or a
+    format SAELens converts on load that saekit does not read yet ("Llama Scope")."""
 
 
 # From sae_lens/pretrained_saes.yaml (SAELens, checked against the file at commit 91ca16cc, Oct 2025).
@@ -43,15 +43,18 @@ RELEASES: dict[str, Release] = {
     "pythia-70m-deduped-res-sm": Release("ctigges/pythia-70m-deduped__res-sm_processed", "pythia-70m-deduped", "{0}-res-sm", "SAELens"),
     "pythia-70m-deduped-mlp-sm": Release("ctigges/pythia-70m-deduped__mlp-sm_processed", "pythia-70m-deduped", "{0}-mlp-sm", "SAELens"),
     "pythia-70m-deduped-att-sm": Release("ctigges/pythia-70m-deduped__att-sm_processed", "pythia-70m-deduped", "{0}-att-sm", "SAELens"),
-    "gemma-scope-2b-pt-res": Release("google/gemma-scope-2b-pt-res", "gemma-2-2b", "", "Gemma Scope params.npz"),
-    "gemma-scope-2b-pt-mlp": Release("google/gemma-scope-2b-pt-mlp", "gemma-2-2b", "", "Gemma Scope params.npz"),
-    "gemma-scope-2b-pt-att": Release("google/gemma-scope-2b-pt-att", "gemma-2-2b", "", "Gemma Scope params.npz"),
-    "gemma-scope-9b-pt-res": Release("google/gemma-scope-9b-pt-res", "gemma-2-9b", "", "Gemma Scope params.npz"),
+    "gemma-scope-2b-pt-res": Release("google/gemma-scope-2b-pt-res", "gemma-2-2b", "", "Gemma Scope"),
+    "gemma-scope-2b-pt-mlp": Release("google/gemma-scope-2b-pt-mlp", "gemma-2-2b", "", "Gemma Scope"),
+    "gemma-scope-2b-pt-att": Release("google/gemma-scope-2b-pt-att", "gemma-2-2b", "", "Gemma Scope"),
+    "gemma-scope-9b-pt-res": Release("google/gemma-scope-9b-pt-res", "gemma-2-9b", "", "Gemma Scope"),
     "llama_scope_lxr_8x": Release("fnlp/Llama3_1-8B-Base-LXR-8x", "meta-llama/Llama-3.1-8B", "Llama3_1-8B-Base-L{0}R-8x", "Llama Scope"),
     "llama_scope_lxr_32x": Release("fnlp/Llama3_1-8B-Base-LXR-32x", "meta-llama/Llama-3.1-8B", "Llama3_1-8B-Base-L{0}R-32x", "Llama Scope"),
     "llama_scope_lxm_8x": Release("fnlp/Llama3_1-8B-Base-LXM-8x", "meta-llama/Llama-3.1-8B", "Llama3_1-8B-Base-L{0}M-8x", "Llama Scope"),
     "llama_scope_lxa_8x": Release("fnlp/Llama3_1-8B-Base-LXA-8x", "meta-llama/Llama-3.1-8B", "Llama3_1-8B-Base-L{0}A-8x", "Llama Scope"),
 }
+
+
+LOADABLE = ("SAELens", "Gemma Scope")
 
 
 class HubRef(NamedTuple):
@@ -112,7 +115,7 @@ def fetch(spec: str) -> Path:
     """Download (or find in the cache) the folder `spec` names; returns the local folder."""
     spec = _normal(spec)
     ref = parse(spec)
-    if ref.release and RELEASES[ref.release].layout != "SAELens":
+    if ref.release and RELEASES[ref.release].layout not in LOADABLE:
         rel = RELEASES[ref.release]
         raise SaekitError(
             f"{ref.release} ({rel.repo}) is published as {rel.layout} files, which saekit does not read yet; "

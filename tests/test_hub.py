@@ -14,9 +14,9 @@ REPO, COMMIT = "acme/tiny-saes", "0123456789abcdef0123456789abcdef01234567"
 HOOK = "blocks.1.hook_resid_post"
 
 
-def _hub_cache(tmp_path, folder, path_in_repo):
+def _hub_cache(tmp_path, folder, path_in_repo, repo=REPO):
     """models--acme--tiny-saes/{blobs/<sha256>, refs/main, snapshots/<commit>/<path>/<file> → ../../blobs/<sha256>}."""
-    root = tmp_path / "hub" / f"models--{REPO.replace('/', '--')}"
+    root = tmp_path / "hub" / f"models--{repo.replace('/', '--')}"
     (root / "blobs").mkdir(parents=True)
     (root / "refs").mkdir()
     (root / "refs" / "main").write_text(COMMIT)
@@ -96,8 +96,42 @@ def test_release_names_resolve_to_their_repositories():
         parse("hf://justonename")
 
 
-def test_gemma_scope_release_refused_with_the_reason():
+def test_llama_scope_release_refused_with_the_reason():
     from saekit.hub import fetch
 
-    with pytest.raises(SaekitError, match="params.npz"):
-        fetch("hf://gemma-scope-2b-pt-res/layer_12/width_16k/average_l0_82")
+    with pytest.raises(SaekitError, match="Llama Scope"):
+        fetch("hf://llama_scope_lxr_8x/l15r_8x")
+
+
+def test_gemma_scope_params_npz_from_the_cache_by_release_name(tmp_path, monkeypatch):
+    """A Gemma Scope folder (params.npz) reproduces its own JumpReLU formula; hook and model come from the path."""
+    import numpy as np
+
+    import saekit
+
+    g = np.random.default_rng(0)
+    d_in, d_sae = 12, 20
+    p = {"W_enc": g.normal(size=(d_in, d_sae)), "W_dec": g.normal(size=(d_sae, d_in)), "b_enc": g.normal(size=d_sae) * 0.1,
+         "b_dec": g.normal(size=d_in), "threshold": np.abs(g.normal(size=d_sae)) * 0.5}
+    p = {k: v.astype(np.float32) for k, v in p.items()}
+    local = tmp_path / "npz"
+    local.mkdir()
+    np.savez(local / "params.npz", **p)
+    path = "layer_3/width_16k/average_l0_5"
+    cache = _hub_cache(tmp_path, local, path, repo="google/gemma-scope-2b-pt-res")
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    d = saekit.load(f"hf://gemma-scope-2b-pt-res/{path}")
+    assert d.cfg.kind == "jumprelu" and (d.cfg.d_in, d.cfg.d_dict) == (d_in, d_sae)
+    assert d.prov.hook == "blocks.3.hook_resid_post" and d.prov.model["name"] == "google/gemma-2-2b"
+    x = torch.from_numpy(g.normal(size=(30, d_in)).astype(np.float32))
+    t = {k: torch.from_numpy(v) for k, v in p.items()}
+    pre = x @ t["W_enc"] + t["b_enc"]
+    f = pre.relu() * (pre > t["threshold"])
+    with torch.no_grad():
+        out = d(x)
+    assert torch.allclose(out.codes, f, atol=1e-5) and torch.allclose(out.x_hat, f @ t["W_dec"] + t["b_dec"], atol=1e-4)
+    # a damaged file is refused with the fix
+    np.savez(local / "params.npz", W_enc=p["W_enc"])
+    with pytest.raises(SaekitError, match="lacks W_dec"):
+        saekit.load(local)

@@ -6,6 +6,7 @@ format is told from the file names alone (each tool has its own weights file nam
 
     SAELens:  cfg.json + sae_weights.safetensors     (saekit.interop.saelens)
     sparsify: cfg.json + sae.safetensors             (saekit.interop.sparsify)
+    Gemma Scope: params.npz                          (saekit.interop.gemmascope)
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ LAYOUTS = {
     "saekit": ("config.json", "weights.safetensors"),
     "SAELens": ("cfg.json", "sae_weights.safetensors"),
     "sparsify": ("cfg.json", "sae.safetensors"),
+    "Gemma Scope": ("params.npz",),
 }
 EXPORT_FORMATS = ("saelens",)
 
@@ -74,6 +76,10 @@ def detect_and_load(path: str | os.PathLike, device: str | torch.device = "cpu")
         from saekit.interop.sparsify import load_sparsify
 
         return load_sparsify(folder, device)
+    if fmt == "Gemma Scope":
+        from saekit.interop.gemmascope import load_gemmascope
+
+        return load_gemmascope(folder, device)
     below = find_dictionary_folders(folder)
     if below:
         subdirs = [str(p.relative_to(folder)) for p in below]
