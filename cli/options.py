@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 import typer
-from typer.core import TyperCommand
+from typer.core import TyperCommand, TyperGroup
 
 # Help panels: panel → the field names shown in it (any config).  Fields not listed go to
 # "Options".  `PANEL_EXCEPTIONS` names fields whose panel differs in one config.
@@ -72,19 +72,30 @@ TARGETS: list[str] = []  # every config a command was built from (tests compare 
 _PANEL_OF = {name: panel for panel, names in PANELS.items() for name in names}
 
 
-class Command(TyperCommand):
-    """A Typer command whose flags (and --help) show no `<bool>` type column: a flag takes no value."""
+def _no_flag_metavar(params):
+    """Flags (and --help) take no value: show no `<bool>` type column for them."""
+    for p in params:
+        if getattr(p, "is_flag", False):
+            p.metavar = ""
+    return params
 
+
+class Command(TyperCommand):
     def get_params(self, ctx):
-        params = super().get_params(ctx)
-        for p in params:
-            if getattr(p, "is_flag", False):
-                p.metavar = ""
-        return params
+        return _no_flag_metavar(super().get_params(ctx))
+
+
+class Group(TyperGroup):
+    def get_params(self, ctx):
+        return _no_flag_metavar(super().get_params(ctx))
 
 
 class App(typer.Typer):
-    """`typer.Typer` whose commands are `Command`s."""
+    """`typer.Typer` whose groups and commands show no `<bool>` on flags."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("cls", Group)
+        super().__init__(*args, **kwargs)
 
     def command(self, *args, **kwargs):
         kwargs.setdefault("cls", Command)

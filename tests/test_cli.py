@@ -88,7 +88,8 @@ def test_help_panels_required_marks_and_no_bool_metavar():
         assert f"─ {panel} " in text, panel
     store_line = next(line for line in text.splitlines() if line.lstrip("│ ").startswith("--store "))
     assert "[required]" in store_line
-    for argv in (("train",), ("harvest",), ("splice-eval",), ("analyze",), ("steer",), ("toy", "data"), ("pipeline",)):
+    for argv in ((), ("toy",), ("train",), ("harvest",), ("splice-eval",), ("analyze",), ("steer",), ("toy", "data"), ("pipeline",),
+                 ("info",), ("hooks",), ("toy", "eval")):
         text = _help(*argv)
         assert "<bool>" not in text, argv  # flags take no value; --help included
         assert "default: none" not in text, argv
