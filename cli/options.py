@@ -215,7 +215,30 @@ def module_constant(module: str, name: str) -> Any:
 
 @functools.cache
 def read_config(target: str) -> ConfigSpec:
-    """`"pkg.module:Class"` → its fields, from the source alone."""
+    """`"pkg.module:Class"` → its fields, from the source alone; from the imported class when the source
+    cannot be read that way (a default that is not a constant expression, inheritance): slower
+    `--help`, which `tests/test_cli.py` reports, but never a broken command."""
+    try:
+        return _read_source(target)
+    except Exception:  # noqa: BLE001 - any reason the static reading fails: use the real class
+        return _read_imported(target)
+
+
+def _read_imported(target: str) -> ConfigSpec:
+    from saekit.config import field_docs
+
+    module, name = target.split(":")
+    cls = getattr(importlib.import_module(module), name)
+    hints, docs = typing.get_type_hints(cls), field_docs(cls)
+    fields = []
+    for f in dataclasses.fields(cls):
+        default = f.default if f.default is not dataclasses.MISSING else (
+            f.default_factory() if f.default_factory is not dataclasses.MISSING else dataclasses.MISSING)  # type: ignore[misc]
+        fields.append(FieldSpec(f.name, hints[f.name], default, docs.get(f.name, ""), dict(f.metadata)))
+    return ConfigSpec(module, name, tuple(fields))
+
+
+def _read_source(target: str) -> ConfigSpec:
     module, name = target.split(":")
     statements, consts = _module_tree(module)
     cls = statements.get(name)

@@ -96,3 +96,22 @@ def test_help_panels_required_marks_and_no_bool_metavar():
     harvest = _help("harvest")
     for flag in ("--data ", "--out ", "--hooks "):
         assert "[required]" in next(line for line in harvest.splitlines() if line.lstrip("│ ").startswith(flag)), flag
+
+
+def test_a_config_the_source_reader_cannot_follow_is_read_from_the_class(tmp_path, monkeypatch):
+    """A default computed by a call falls back to importing the class: same fields, the command still works."""
+    pkg = tmp_path / "cfgpkg"
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text("")
+    (pkg / "mod.py").write_text(
+        "from dataclasses import dataclass, field\n"
+        "def _k():\n    return [4, 8]\n"
+        "@dataclass\nclass Cfg:\n    k: list[int] = field(default_factory=_k)\n    \"\"\"Sweep.\"\"\"\n"
+        "    name: str = 'x'\n    \"\"\"Name.\"\"\"\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    from saekit_cli.options import _read_source, read_config
+
+    with pytest.raises(Exception):
+        _read_source("cfgpkg.mod:Cfg")
+    spec = read_config("cfgpkg.mod:Cfg")
+    assert [(f.name, f.default, f.doc) for f in spec.fields] == [("k", [4, 8], "Sweep."), ("name", "x", "Name.")]
