@@ -124,6 +124,10 @@ def test_dashboard_in_headless_chromium(tmp_path):
         assert sorted(rows()) == ["3.0", "3.4"]
         box.send_keys("\b" * 3)  # back to an empty query: everything listed again
         assert len(rows()) == 6
+        box.send_keys("state 13")  # toy model: the features tracking an FSM state
+        assert rows() == ["3.3"]
+        box.send_keys("\b" * 8)
+        assert len(rows()) == 6
         # Selecting a feature shows its contexts, the firing token highlighted, and its logit effects.
         drv.find_element(By.CSS_SELECTOR, '#list .row[data-id="3.0"]').click()
         assert drv.find_element(By.CSS_SELECTOR, "#detail h2").text.startswith("3.0")
