@@ -2,23 +2,20 @@
 
 from __future__ import annotations
 
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-from rich.table import Table
 from saekit_cli.console import make_console
 from saekit_cli.options import config_options
-
-from saekit.analysis.analyze import AnalyzeConfig
-from saekit.analysis.intervene import InterveneConfig
-from saekit.analysis.steer import SteerConfig
 
 console = make_console()
 
 
 def register(app) -> None:
     @app.command("analyze")
-    @config_options(AnalyzeConfig, config_file=True)
-    def analyze_cmd(cfg: AnalyzeConfig):
+    @config_options("saekit.analysis.analyze:AnalyzeConfig", config_file=True)
+    def analyze_cmd(cfg):
         """One pass over a store: per-feature frequency, activations, top contexts, logit effects; dashboard + density plot."""
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+        from rich.table import Table
+
         from saekit.analysis.analyze import analyze, load_analysis
 
         with Progress(TextColumn("[bold]analyzing"), BarColumn(), MofNCompleteColumn(), TextColumn("sequences"), TimeElapsedColumn(),
@@ -41,8 +38,8 @@ def register(app) -> None:
             console.print(f"feature table: {out / 'feature_table.md'} (and .html)")
 
     @app.command("steer")
-    @config_options(SteerConfig)
-    def steer_cmd(cfg: SteerConfig):
+    @config_options("saekit.analysis.steer:SteerConfig")
+    def steer_cmd(cfg):
         """Generate with features switched on (SAE: direction added; codebook: codes forced on), beside the unsteered text.
 
         With --topic REGEX --store DIR: find the features that best detect the topic in the store's text, switch them on
@@ -50,20 +47,50 @@ def register(app) -> None:
         """
         if cfg.topic:
             return _topic(cfg)
+        from rich.table import Table
+
         from saekit.analysis.steer import steer
 
         res = steer(cfg)
+        for line in res.about:
+            console.print(line)
+        toy = res.toy
+        if toy is not None:
+            tr = toy.tracked
+            if tr.fire_rate == 0:
+                console.print(f"it never fired on {tr.n_tokens:,} tokens of fresh walks (a dead feature), so it tracks no state; "
+                              "choose a live one: `saekit toy eval --json` names each state's best feature, `saekit analyze` the live ones")
+            else:
+                ratio = f" (strength {res.strength:g} = {res.strength / tr.mean_act:.1f}× it)" if tr.mean_act > 0 else ""
+                console.print(f"on {tr.n_tokens:,} tokens of fresh walks it fires on {tr.fire_rate:.1%} of tokens, best at the completion of "
+                              f"FSM state {tr.state:0{toy.digits}d} (F1 {tr.f1:.2f}: precision {tr.precision:.2f}, recall {tr.recall:.2f}); "
+                              f"its mean activation when it fires is {tr.mean_act:.3g}{ratio}")
+            console.print(f"successors of {tr.state}: {' '.join(map(str, toy.successors))}; walks by state, prompt │ generated, ⏎ = end of walk, ✗ = a step the FSM forbids")
         t = Table(title=f"steering {', '.join(res.features)} at strength {res.strength:g} — prompt {res.prompt!r}", show_lines=True)
         t.add_column("#", justify="right")
         t.add_column("unsteered")
         t.add_column("steered")
-        for i, (u, s) in enumerate(zip(res.unsteered, res.steered)):
-            t.add_row(str(i), u, s)
+        if toy is not None:
+            from saekit.toy.steer import render
+
+            for i, (u, s) in enumerate(zip(toy.unsteered, toy.steered)):
+                t.add_row(str(i), render(u), render(s))
+        else:
+            for i, (u, s) in enumerate(zip(res.unsteered, res.steered)):
+                t.add_row(str(i), u, s)
         console.print(t)
+        if toy is not None:
+            st, un = toy.steered_stats, toy.unsteered_stats
+            console.print(f"generated states that are successors of {toy.tracked.state} (the walk continues as from the feature's state): "
+                          f"steered {st.follow_rate:.0%} ({st.follow}/{st.states}), unsteered {un.follow_rate:.0%} ({un.follow}/{un.states}); "
+                          f"chance {toy.chance:.0%}")
+            console.print(f"legal steps: steered {st.legal_rate:.0%}, unsteered {un.legal_rate:.0%}")
         if res.match is not None:
             console.print(f"match {res.match!r}: steered {res.steered_rate:.0%}, unsteered {res.unsteered_rate:.0%} of {len(res.steered)} samples")
 
-    def _topic(cfg: SteerConfig):
+    def _topic(cfg):
+        from rich.table import Table
+
         from saekit.analysis.topic import topic_steer
 
         r = topic_steer(cfg)
@@ -78,9 +105,11 @@ def register(app) -> None:
         console.print(f"on topic: steered {r.steered_rate:.1%}, unsteered {r.unsteered_rate:.1%} of {r.n_generations} generations each")
 
     @app.command("intervene")
-    @config_options(InterveneConfig)
-    def intervene_cmd(cfg: InterveneConfig):
+    @config_options("saekit.analysis.intervene:InterveneConfig")
+    def intervene_cmd(cfg):
         """Toy model: patch state B's codes into walks ending in state A; success rate and JS divergence."""
+        from rich.table import Table
+
         from saekit.analysis.intervene import run_intervention
 
         r = run_intervention(cfg)

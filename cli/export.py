@@ -5,17 +5,16 @@ from __future__ import annotations
 import typer
 from saekit_cli.options import config_options
 
-from saekit.interop import ExportConfig
-from saekit.interop import export as export_dictionary
-
 
 def register(app) -> None:
     @app.command("export")
-    @config_options(ExportConfig)
-    def export(cfg: ExportConfig) -> None:
+    @config_options("saekit.interop:ExportConfig")
+    def export(cfg) -> None:
         """Write a dictionary as a SAELens folder (cfg.json + sae_weights.safetensors) that SAE.load_from_disk reads.
 
         relu → standard, topk → topk, batchtopk → jumprelu (its threshold on every latent); saekit's input scale is folded into the weights, so SAELens reconstructs the hook's original activations. Codebooks have no SAELens equivalent.
         """
+        from saekit.interop import export as export_dictionary
+
         out = export_dictionary(cfg)
         typer.echo(f"wrote {cfg.format} dictionary to {out}")

@@ -2,16 +2,17 @@
 
 from __future__ import annotations
 
-from rich.table import Table
 from saekit_cli.console import make_console
-from saekit_cli.options import config_options
+from saekit_cli.options import config_options, module_constant
 
-from saekit.finetune import SPEC_HELP, FinetuneConfig
+SPEC_HELP = module_constant("saekit.inmodel.codebooks", "SPEC_HELP")  # read from source: no torch for --help
 
 console = make_console()
 
 
 def print_table(table: list[dict], title: str) -> None:
+    from rich.table import Table
+
     t = Table(title=title)
     for col in ("model", "loss", "accuracy", "tokens"):
         t.add_column(col, justify="left" if col == "model" else "right")
@@ -28,8 +29,8 @@ def register(app) -> None:
         "(fine-tuned without codebooks) and OUT/report.json, and prints held-out loss and accuracy of the original, "
         "fine-tuned and codebook models.\n\n--codebooks: " + SPEC_HELP + "\n\nExample: saekit finetune --model toy "
         "--data toy.txt --codebooks 'attn:k=8,groups=heads;mlp:k=16' --steps 300 --out ft"))
-    @config_options(FinetuneConfig, config_file=True)
-    def finetune(cfg: FinetuneConfig):
+    @config_options("saekit.finetune:FinetuneConfig", config_file=True)
+    def finetune(cfg):
         from saekit.finetune import finetune as run
 
         res = run(cfg)

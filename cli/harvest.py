@@ -5,14 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import typer
-from rich.console import Console
-from rich.table import Table
 from saekit_cli.console import make_console
 from saekit_cli.options import config_options
 
-from saekit import distributed
 from saekit.errors import SaekitError
-from saekit.harvest import HarvestConfig, describe, harvest
 
 
 def _size(n: int) -> str:
@@ -23,7 +19,9 @@ def _size(n: int) -> str:
     return str(n)
 
 
-def _print_summary(s: dict, console: Console) -> None:
+def _print_summary(s: dict, console) -> None:
+    from rich.table import Table
+
     m = s["model"]
     t = Table(title=f"activation store {s['path']}", show_header=False, title_justify="left")
     t.add_row("model", f"{m['name']} ({m['n_layers']} layers, d_model {m['d_model']}, fingerprint {m['fingerprint']}{', compat' if m.get('compat') else ''})")
@@ -44,9 +42,12 @@ def _print_summary(s: dict, console: Console) -> None:
 
 def register(app: typer.Typer) -> None:
     @app.command("harvest")
-    @config_options(HarvestConfig, config_file=True)
-    def harvest_cmd(cfg: HarvestConfig, quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar or summary.")):
+    @config_options("saekit.harvest:HarvestConfig", config_file=True)
+    def harvest_cmd(cfg, quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar or summary.")):
         """Run a frozen model over text and store hook activations (rerun the same command to resume)."""
+        from saekit import distributed
+        from saekit.harvest import describe, harvest
+
         path = harvest(cfg, progress=not quiet)
         if not quiet and not distributed.env().rank:  # under torchrun, rank 0 prints for everyone
             _print_summary(describe(path), make_console())
@@ -57,6 +58,7 @@ def register(app: typer.Typer) -> None:
         verify: bool = typer.Option(False, "--verify", help="Recompute every shard's checksum; exit non-zero naming damaged shards."),
     ):
         """Summarise an activation store: model, hooks and widths, tokens, shards, dtype, size on disk."""
+        from saekit.harvest import describe
         from saekit.store import verify as verify_store
 
         console = make_console()
@@ -84,6 +86,8 @@ def register(app: typer.Typer) -> None:
                 patterns.setdefault("blocks.{L}." + ".".join(parts[2:]), set()).add(int(parts[1]))
             else:
                 patterns.setdefault(name, set())
+        from rich.table import Table
+
         t = Table("hook", "layers", title=f"hooks of {model} ({n} layers)", title_justify="left")
         for pat in sorted(patterns, key=lambda p: (p.startswith("blocks"), p)):
             layers = patterns[pat]

@@ -6,10 +6,13 @@ import errno
 import os
 
 import typer
+from saekit_cli.options import App
 
 from saekit.errors import SaekitError
 
-app = typer.Typer(
+# Importing this module must stay cheap (`saekit --help`): the stage modules (torch, transformers,
+# h5py, matplotlib) are imported inside the commands that run, never at registration.
+app = App(
     name="saekit",
     help="Dictionary learning on a frozen model's activations: harvest → train → splice-eval → analyze.",
     no_args_is_help=True,

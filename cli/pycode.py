@@ -5,22 +5,19 @@ from __future__ import annotations
 import shlex
 import sys
 
-import typer
-from rich.table import Table
 from saekit_cli.console import make_console
-from saekit_cli.options import config_options
+from saekit_cli.options import App, config_options
 
-from saekit.pycode.corpus import PyDataConfig
-from saekit.pycode.train import PyTrainConfig
-
-pycode_app = typer.Typer(help="The built-in text model: a small GPT-2 trained on the Python standard library's source.", no_args_is_help=True)
+pycode_app = App(help="The built-in text model: a small GPT-2 trained on the Python standard library's source.", no_args_is_help=True)
 console = make_console()
 
 
 @pycode_app.command("train")
-@config_options(PyTrainConfig)
-def train(cfg: PyTrainConfig):
+@config_options("saekit.pycode.train:PyTrainConfig")
+def train(cfg):
     """Train the tokenizer and the model on this Python's standard library (CPU) and save them in Hugging Face format."""
+    from rich.table import Table
+
     from saekit.pycode.train import check_out, train_pycode
 
     check_out(cfg)
@@ -43,8 +40,8 @@ def train(cfg: PyTrainConfig):
 
 
 @pycode_app.command("data")
-@config_options(PyDataConfig)
-def data(cfg: PyDataConfig):
+@config_options("saekit.pycode.corpus:PyDataConfig")
+def data(cfg):
     """Write the stdlib corpus (held-out files by default) as .jsonl for `saekit harvest --data`."""
     from saekit.pycode.corpus import write_jsonl
 

@@ -7,18 +7,16 @@ from typing import List, Optional
 
 import typer
 from saekit_cli.console import make_console
-from saekit_cli.options import config_options
-
-from saekit.config import field_docs
-from saekit.splice import SpliceConfig, format_finetuned_table, format_table, splice_eval
+from saekit_cli.options import config_options, read_config
 
 
 def register(app) -> None:
     @app.command("splice-eval")
-    @config_options(SpliceConfig, exclude=("dicts",), config_file=True)
+    @config_options("saekit.splice:SpliceConfig", exclude=("dicts",), config_file=True)
     def splice_eval_cmd(
-        cfg: SpliceConfig,
-        dicts: Optional[List[Path]] = typer.Option(None, "--dict", "--dicts", help=field_docs(SpliceConfig)["dicts"]),
+        cfg,
+        dicts: Optional[List[Path]] = typer.Option(None, "--dict", "--dicts", help=read_config("saekit.splice:SpliceConfig").docs()["dicts"] + " [red]\\[required][/red]",
+                                                   rich_help_panel="Dictionary"),
     ) -> None:
         """Splice dictionaries into the model and report what it loses (CE, loss recovered, KL, L0, FVU).
 
@@ -28,6 +26,8 @@ def register(app) -> None:
 
         from rich.console import Console
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+        from saekit.splice import format_finetuned_table, format_table, splice_eval
 
         if dicts:
             # Repeated --dict flags, each possibly comma-separated, after any from --config.

@@ -8,19 +8,16 @@ from pathlib import Path
 from typing import List, Optional
 
 import typer
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
-from rich.table import Table
 from saekit_cli.console import make_console
-from saekit_cli.options import config_options
+from saekit_cli.options import App, config_options
 
-from saekit.toy.corpus import ToyDataConfig
-from saekit.toy.train import ToyTrainConfig
-
-toy_app = typer.Typer(help="The built-in toy model: walks on a random finite-state machine, with ground-truth states.", no_args_is_help=True)
+toy_app = App(help="The built-in toy model: walks on a random finite-state machine, with ground-truth states.", no_args_is_help=True)
 console = make_console()
 
 
-def _progress() -> Progress:
+def _progress():
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
     return Progress(
         TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
         TimeElapsedColumn(), TimeRemainingColumn(), console=console,
@@ -28,8 +25,8 @@ def _progress() -> Progress:
 
 
 @toy_app.command("train")
-@config_options(ToyTrainConfig)
-def train(cfg: ToyTrainConfig):
+@config_options("saekit.toy.train:ToyTrainConfig")
+def train(cfg):
     """Train a small GPT-2 on FSM walks (CPU) and save it in Hugging Face format with fsm.json."""
     from saekit.toy.train import check_out, train_toy
 
@@ -53,6 +50,8 @@ def train(cfg: ToyTrainConfig):
             bar.update(task, completed=step, info=text)
 
         out, result = train_toy(cfg, progress=update, command=command)
+    from rich.table import Table
+
     table = Table(title=f"toy model → {out}")
     table.add_column("measure")
     table.add_column("value", justify="right")
@@ -64,8 +63,8 @@ def train(cfg: ToyTrainConfig):
 
 
 @toy_app.command("data")
-@config_options(ToyDataConfig)
-def data(cfg: ToyDataConfig):
+@config_options("saekit.toy.corpus:ToyDataConfig")
+def data(cfg):
     """Write a toy corpus (one sequence a line, for `harvest --packing doc`) and its labels beside it."""
     from saekit.toy.corpus import write_corpus
 
@@ -91,6 +90,8 @@ def evaluate(
             [str(d) for d in dicts], str(store), labels=str(labels) if labels else None, split=split,
             progress=lambda done, total: bar.update(task, completed=done, total=total),
         )
+    from rich.table import Table
+
     table = Table(title=f"FSM state recovery on {result.n_tokens} tokens ({result.split} split, {int(result.combined.present.sum())}/{result.n_states} states seen)")
     for c, j in (("features", "left"), ("mean best F1", "right"), ("states with F1 ≥ 0.9", "right")):
         table.add_column(c, justify=j)

@@ -2,24 +2,21 @@
 
 from __future__ import annotations
 
-from rich.table import Table
 from saekit_cli.console import make_console
 from saekit_cli.options import config_options
-
-from saekit import distributed
-from saekit.train import TrainConfig
-
-console = make_console()
 
 
 def register(app) -> None:
     @app.command("train")
-    @config_options(TrainConfig, config_file=True)
-    def train(cfg: TrainConfig):
+    @config_options("saekit.train:TrainConfig", config_file=True)
+    def train(cfg):
         """Train dictionaries on a harvested store: several hooks and a sweep over --k or --l1 share one read of the data.
 
         Example: saekit train --store acts --hook blocks.1.hook_resid_post --kind topk --k 16,32 --out dicts
         """
+        from rich.table import Table
+
+        from saekit import distributed
         from saekit.dictionaries import load
         from saekit.train import train as run_train
 
@@ -35,7 +32,7 @@ def register(app) -> None:
                 table.add_row(_rel(p, cfg.out), f"{s['mse']:.4g}", f"{s['fvu']:.4f}", f"{s['l0']:.1f}", f"{s['dead_fraction']:.1%}", str(s["eval_tokens"]))
             else:
                 table.add_row(_rel(p, cfg.out), "-", "-", "-", "-", "0 (store has no eval split)")
-        console.print(table)
+        make_console().print(table)
 
 
 def _rel(p, out) -> str:

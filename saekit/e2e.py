@@ -348,11 +348,12 @@ def train_one(cfg: E2EConfig, em: E2EModel, d: Dictionary, hook: str, data: ft.T
 
 def _find_inits(root: str, hooks: list[str]) -> dict[str, Dictionary]:
     from saekit.dictionaries import load
+    from saekit.interop import find_dictionary_folders
 
     p = Path(root)
     if not p.exists():
         raise SaekitError(f"--init {root} does not exist; pass a dictionary folder or a folder of them")
-    folders = [p] if (p / "config.json").is_file() else sorted(c.parent for c in p.rglob("config.json"))
+    folders = find_dictionary_folders(p)
     found = {}
     for f in folders:
         try:

@@ -64,8 +64,8 @@ class HarvestConfig:
     """Stored dtype: float16, bfloat16 (range of float32, for models whose activations overflow float16) or float32."""
     shard_tokens: int = 1 << 18
     """Tokens per shard file (rounded down to whole sequences); a killed harvest resumes at a shard boundary."""
-    device: str = "cpu"
-    """Device for the forward pass (cpu, cuda, cuda:1, mps)."""
+    device: str = "auto"
+    """Device for the forward pass: cpu, cuda, cuda:1, ... or auto (cuda when available)."""
     out: str = ""
     """Output directory of the activation store (created; rerun the same command to resume)."""
     seed: int = 0
@@ -153,11 +153,32 @@ def harvest(cfg: HarvestConfig, progress: bool = True, model: models.LoadedModel
         raise SaekitError("no output directory; pass --out DIR")
     if not cfg.hooks:
         raise SaekitError("no hooks given; pass --hooks blocks.0.hook_resid_post (comma-separated for several)")
+    check_toy_corpus(cfg)
     dist_env = distributed.env()
     # Under torchrun `cuda` means this rank's GPU (cuda:LOCAL_RANK); alone, the device is used as given.
     device = str(distributed.device(cfg.device, dist_env)) if dist_env.distributed else cfg.device
     with distributed.session(device) as dist_env:
         return _harvest(cfg, progress, model, dist_env, device)
+
+
+def check_toy_corpus(cfg: HarvestConfig) -> None:
+    """Refuse a `saekit toy data` corpus (its labels file lies beside it) harvested so that positions
+    would not line up with the labels: `toy eval` could only refuse the store afterwards."""
+    from saekit.toy.corpus import labels_path
+
+    if not cfg.data or not Path(cfg.data).is_file() or not labels_path(cfg.data).is_file():
+        return
+    from safetensors import safe_open
+
+    with safe_open(str(labels_path(cfg.data)), "np") as f:
+        if (f.metadata() or {}).get("format") != "saekit-toy-labels":
+            return
+        seq_len = int(f.get_slice("tokens").get_shape()[1])
+    if cfg.packing != "doc" or cfg.context_size < seq_len:
+        raise SaekitError(
+            f"{cfg.data} is a toy corpus (labels in {labels_path(cfg.data).name}): harvest it one walk per sequence so "
+            f"positions line up with the FSM labels; pass --packing doc --context-size {seq_len}"
+        )
 
 
 def _harvest(cfg: HarvestConfig, progress: bool, model: models.LoadedModel | None, dist_env: distributed.DistEnv, device: str) -> Path:

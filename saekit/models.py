@@ -117,6 +117,7 @@ def fingerprint(path: str) -> str:
 def load_model(name: str, *, compat: bool = False, device: str = "cpu", dtype: torch.dtype = torch.float32) -> LoadedModel:
     """Boot `name` (Hub name, local HF directory or `toy`) as a TransformerBridge, eval mode, no grads."""
     path = resolve_model_path(name)
+    device = str(resolve_device(device))  # `auto` → cuda when available
     from transformer_lens.model_bridge import TransformerBridge
 
     for logger in ("transformers", "transformer_lens"):

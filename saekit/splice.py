@@ -76,8 +76,8 @@ class SpliceConfig:
     """Sequences per forward pass."""
     max_tokens: int = 32768
     """Evaluate on at most this many (non-padding) tokens, in whole sequences (0 = all)."""
-    device: str = "cpu"
-    """Torch device for the model and the dictionaries (cpu, cuda, cuda:1, mps)."""
+    device: str = "auto"
+    """Device for the model and the dictionaries: cpu, cuda, cuda:1, ... or auto (cuda when available)."""
     compat: bool = False
     """Load the model with TransformerLens weight processing (must match how the dictionaries were trained)."""
     finetuned: str | None = None
@@ -325,10 +325,10 @@ def find_dictionaries(root: str | os.PathLike) -> list[Path]:
     r = Path(root)
     if not r.is_dir():
         raise SaekitError(f"sweep folder {r} does not exist; pass the folder your training sweep wrote")
+    from saekit.interop import find_dictionary_folders
+
     found = []
-    for cfg_file in sorted(r.rglob("config.json")):
-        if not (cfg_file.parent / "weights.safetensors").is_file():
-            continue
+    for cfg_file in (p / "config.json" for p in find_dictionary_folders(r, ("saekit",))):
         try:
             if json.loads(cfg_file.read_text()).get("format") == DICT_FORMAT:
                 found.append(cfg_file.parent)
@@ -685,7 +685,9 @@ def finetuned_eval(cfg: SpliceConfig, progress: Callable[[int, int], None] | Non
     if not original_name:
         raise SaekitError(f"{folder}/report.json does not name the original model; pass --model NAME")
     cb_root = folder / "codebooks"
-    paths = sorted(c.parent for c in cb_root.rglob("config.json") if (c.parent / "weights.safetensors").is_file()) if cb_root.is_dir() else []
+    from saekit.interop import find_dictionary_folders
+
+    paths = find_dictionary_folders(cb_root, ("saekit",)) if cb_root.is_dir() else []
     if not paths:
         raise SaekitError(f"{folder} has no codebooks under codebooks/; pass the --out folder of a finished `saekit finetune`")
     cb_model_dir = folder / "model" if (folder / "model" / "config.json").is_file() else None

@@ -190,7 +190,8 @@ def test_analyze_outputs_agree_with_direct_computation(analysis_dir, sae_dir, st
     assert f0["promotes"][0][0] == int(a.tensors["promote_ids"][0, 0])
     # Files: no temporaries left, JSON and safetensors only, PNG written.
     names = sorted(os.listdir(analysis_dir))
-    assert names == ["dashboard.html", "density.png", "feature_table.html", "feature_table.md", "features.json", "stats.safetensors"]
+    assert names == ["dashboard.html", "density.png", "feature_table.html", "feature_table.md", "features.json", "neuronpedia",
+                     "stats.safetensors"]
     with open(os.path.join(analysis_dir, "density.png"), "rb") as fh:
         assert fh.read(8) == b"\x89PNG\r\n\x1a\n"
 
@@ -408,3 +409,57 @@ def test_cli_steer_prints_both_arms_and_refuses_bad_feature(sae_dir, store_dir):
     assert "unsteered" in r.stdout and "steered" in r.stdout and "match 'a'" in r.stdout
     r = subprocess.run(exe + ["--feature", "0.100000"], capture_output=True, text=True, env=env)
     assert r.returncode == 2 and "out of range" in r.stderr and "Traceback" not in r.stderr
+
+
+# --- sampled contexts, neighbours, quartile groups ---------------------------------------------------
+
+
+def test_sampled_contexts_are_firings_drawn_across_batches():
+    from saekit.analysis.stats import FeatureStats
+
+    g = torch.Generator().manual_seed(3)
+    d, S = 5, 40
+    acc = FeatureStats(d, top_n=3, window=1, bins=8, samples=S, seed=1)
+    firings = {}
+    for b in range(2):
+        codes = torch.rand(50, 8, d, generator=g) * (torch.rand(50, 8, d, generator=g) < 0.25)
+        codes[..., 4] = 0
+        codes[0, 1, 4] = 3.0 if b == 0 else 0.0  # feature 4 fires once in all
+        tokens = torch.randint(0, 20, (50, 8), generator=g)
+        acc.update(codes, tokens, torch.ones(50, 8, dtype=torch.bool), b * 50)
+        for s, p, f in codes.nonzero().tolist():
+            firings[(b * 50 + s, p, f)] = float(codes[s, p, f])
+    r = acc.result()
+    for f in range(d):
+        got = [(int(s), int(p)) for s, p in zip(r.sample_seq[f].tolist(), r.sample_pos[f].tolist()) if s >= 0]
+        n_fired = sum(1 for k in firings if k[2] == f)
+        assert len(got) == min(S, n_fired) and len(set(got)) == len(got)
+        for j, (s, p) in enumerate(got):
+            assert firings[(s, p, f)] == pytest.approx(float(r.sample_values[f, j]))
+            assert int(r.sample_tokens[f, j, 1]) >= 0  # the centre of the window is the firing token
+        if f != 4:
+            first = sum(1 for s, _ in got if s < 50)
+            assert 8 <= first <= 32, (f, first)  # a uniform sample draws from both batches (~20 each)
+    assert r.sample_values[4, 0] == 3.0 and (r.sample_seq[4, 1:] == -1).all()
+
+
+def test_decoder_neighbours_match_brute_force():
+    from saekit.analysis.stats import decoder_neighbours
+
+    dirs = torch.randn(37, 6, generator=torch.Generator().manual_seed(0))
+    ids, cos = decoder_neighbours(dirs, n=3, chunk=8)
+    u = torch.nn.functional.normalize(dirs, dim=1)
+    full = u @ u.T
+    full.fill_diagonal_(-2)
+    v, i = full.topk(3, dim=1)
+    assert torch.equal(ids, i) and torch.allclose(cos, v)
+
+
+def test_quartile_groups_split_the_sample_by_value():
+    from saekit.analysis.analyze import quartile_groups
+
+    samples = [{"value": float(v)} for v in [5, 1, 8, 3, 2, 7, 6, 4]]
+    groups = quartile_groups(samples)
+    assert [(g["lo"], g["hi"]) for g in groups] == [(7.0, 8.0), (5.0, 6.0), (3.0, 4.0), (1.0, 2.0)]
+    assert [c["value"] for c in groups[0]["contexts"]] == [8.0, 7.0] and all(g["share"] == 0.25 for g in groups)
+    assert quartile_groups([]) == []

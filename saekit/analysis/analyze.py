@@ -3,9 +3,12 @@
 Outputs in `--out` (format `saekit-analysis` v1; nothing is pickled):
 - `stats.safetensors`: the per-feature tensors of `StatsResult` plus logit effects;
 - `features.json`: ids, flags (dead, dense), token strings, and per feature its numbers,
-  histogram, top contexts and logit effects — what the dashboard and notebooks read;
+  histogram, top contexts, contexts sampled across its activation quartiles, logit effects,
+  nearest features by decoder cosine and, on the toy model, the FSM state it tracks —
+  what the dashboard and notebooks read;
 - `dashboard.html`: the self-contained dashboard (`saekit.analysis.dashboard`);
 - `density.png`: histogram of log10 feature frequency;
+- `neuronpedia/batch-N.json`: the features in Neuronpedia's upload layout (`saekit.analysis.neuronpedia`);
 - `feature_table.md` / `feature_table.html`: per feature an offline explanation (the token
   rule that best predicts its firing, `saekit.analysis.explain`), its precision, recall and
   F1 as a detector on held-out text, and example activations with the firing token marked.
@@ -28,7 +31,7 @@ from safetensors.torch import load_file, save_file
 
 from saekit.analysis.explain import ExplainPass, share_explained
 from saekit.analysis.ids import feature_ids
-from saekit.analysis.stats import PAD, FeatureStats, StatsResult, logit_effects
+from saekit.analysis.stats import PAD, FeatureStats, StatsResult, decoder_neighbours, logit_effects
 from saekit.errors import SaekitError
 from saekit.models import ModelInfo, hook_layer
 
@@ -54,6 +57,10 @@ class AnalyzeConfig:
     """Stop after this many counted tokens (default: the whole split)."""
     top_n: int = 20
     """Top activating contexts kept per feature."""
+    samples: int = 20
+    """Contexts drawn at random among each feature's firings, shown grouped by activation quartile (0: none)."""
+    neighbours: int = 5
+    """Nearest other features by decoder cosine listed per feature."""
     window: int = 8
     """Tokens shown on each side of a context's firing token."""
     bins: int = 32
@@ -68,8 +75,8 @@ class AnalyzeConfig:
     """Features firing on more than this share of tokens are flagged dense."""
     batch_seqs: int | None = None
     """Sequences per batch (default: sized so a batch's dense codes stay near 16M numbers)."""
-    device: str = "cpu"
-    """Device for encoding (cpu, cuda)."""
+    device: str = "auto"
+    """Device for encoding: cpu, cuda, cuda:1, ... or auto (cuda when available)."""
     explain: bool = True
     """Explain each feature by a token rule searched on the train split and scored on the eval split."""
     explain_terms: int = 6
@@ -78,6 +85,8 @@ class AnalyzeConfig:
     def __post_init__(self):
         if self.split not in ("all", "train", "eval"):
             raise ValueError(f"split {self.split!r} is not all, train or eval")
+        if self.samples < 0 or self.neighbours < 0:
+            raise ValueError("samples and neighbours must be >= 0")
         if self.top_n < 1 or self.bins < 1 or self.window < 0 or self.n_logits < 1:
             raise ValueError("top_n, bins and n_logits must be >= 1 and window >= 0")
         if not 0 < self.dense_threshold <= 1:
@@ -168,8 +177,12 @@ def _atomic_write_bytes(path: Path, data: bytes) -> None:
 
 
 def run_pass(d, store, hook: str, cfg: AnalyzeConfig, progress: Callable[[int, int], None] | None = None,
-             explain: ExplainPass | None = None) -> StatsResult:
-    """The one streaming pass: encode every counted position and feed `FeatureStats` (and `explain`)."""
+             fsm=None, explain: ExplainPass | None = None) -> StatsResult | tuple[StatsResult, object]:
+    """The one streaming pass: encode every counted position and feed `FeatureStats` (and `explain`).
+
+    With `fsm` (a toy store), also count each feature's firings against "state s was just
+    completed" (`saekit.toy.eval.Counts`) and return (stats, counts).
+    """
     rng = store.split(cfg.split)
     n_total = len(rng)
     if n_total == 0 or store.n_tokens == 0:
@@ -177,12 +190,17 @@ def run_pass(d, store, hook: str, cfg: AnalyzeConfig, progress: Callable[[int, i
     d_dict = int(d.cfg.d_dict)
     ctx = store.context_size
     batch = cfg.batch_seqs or max(1, min(256, BATCH_ELEMENTS // max(1, ctx * d_dict)))
-    acc = FeatureStats(d_dict, top_n=cfg.top_n, window=cfg.window, bins=cfg.bins)
+    acc = FeatureStats(d_dict, top_n=cfg.top_n, window=cfg.window, bins=cfg.bins, samples=cfg.samples)
+    counts = None
+    if fsm is not None:
+        from saekit.toy.eval import Counts
+
+        counts = Counts.zeros(d_dict, fsm.n_states)
     done = 0
     for start, raw_tokens, acts in store.iter_sequences([hook], cfg.split, batch):
         mask = torch.as_tensor(np.asarray(store.row_mask(raw_tokens))).bool()
         tokens = torch.as_tensor(np.asarray(raw_tokens))
-        x = torch.as_tensor(acts[hook]).float().to(cfg.device)
+        x = torch.as_tensor(acts[hook]).float().to(next(iter(d.state_dict().values())).device)
         n, t, w = x.shape
         codes = torch.zeros(n, t, d_dict)
         with torch.no_grad():
@@ -198,6 +216,12 @@ def run_pass(d, store, hook: str, cfg: AnalyzeConfig, progress: Callable[[int, i
         acc.update(codes, tokens, mask, start)
         if explain is not None:
             explain.update(codes, tokens, mask, start)
+        if counts is not None:
+            from saekit.toy.fsm import labels_from_tokens
+
+            lab = labels_from_tokens(fsm, np.asarray(raw_tokens))
+            state = torch.as_tensor(np.where(lab.complete, lab.state, -1))[mask]
+            counts.update(codes[mask] != 0, state)
         done += n
         if progress:
             progress(done, n_total)
@@ -205,7 +229,32 @@ def run_pass(d, store, hook: str, cfg: AnalyzeConfig, progress: Callable[[int, i
             break
     if acc.n_rows == 0:
         raise SaekitError("the store has no counted tokens in this split (only padding/BOS); harvest longer documents")
-    return acc.result()
+    return acc.result() if counts is None else (acc.result(), counts)
+
+
+def store_fsm_or_none(store):
+    """The FSM of a toy store harvested one walk per sequence, else None (any other store)."""
+    from saekit.toy.fsm import load_fsm
+
+    if ((store.manifest.get("text") or {}).get("packing")) != "doc":
+        return None
+    try:
+        return load_fsm(store.model.name)
+    except SaekitError:
+        return None
+
+
+def fsm_states(counts) -> tuple[list[int], list[float], list[float], list[float]]:
+    """Each feature's best state by F1 of its firing against "state s was just completed" (−1 when it never
+    fired), with that F1, its precision (share of the feature's firings that are s's completion) and recall."""
+    tp, fired, pos = counts.tp, counts.fired, counts.pos
+    f1 = 2 * tp / (fired[:, None] + pos[None, :]).clamp_min(1e-300)  # (d, n_states)
+    best_f1, best = f1.max(1)
+    tp_best = tp.gather(1, best[:, None]).squeeze(1)
+    precision = tp_best / fired.clamp_min(1)
+    recall = tp_best / pos[best].clamp_min(1)
+    best = torch.where(fired > 0, best, torch.full_like(best, -1))
+    return best.tolist(), best_f1.tolist(), precision.tolist(), recall.tolist()
 
 
 def analyze(cfg: AnalyzeConfig, progress: Callable[[int, int], None] | None = None) -> Path:
@@ -220,11 +269,16 @@ def analyze(cfg: AnalyzeConfig, progress: Callable[[int, int], None] | None = No
     d = load_dict(cfg.dict, device=cfg.device)
     store = ActivationStore(cfg.store)
     hook = check_match(d, store)
+    fsm = store_fsm_or_none(store)
     eval_rng = store.split("eval")
     # Explanations need text of both splits: built on train sequences, scored on eval ones.
     can_explain = cfg.explain and cfg.split == "all" and len(eval_rng) > 0 and len(store.split("train")) > 0
     ex = ExplainPass(int(d.cfg.d_dict), eval_rng.start) if can_explain else None
-    res = run_pass(d, store, hook, cfg, progress, ex)
+    res = run_pass(d, store, hook, cfg, progress, fsm=fsm, explain=ex)
+    states = None
+    if fsm is not None:
+        res, counts = res
+        states = fsm_states(counts)
 
     model_name = cfg.model or store.model.name
     from saekit.models import load_model
@@ -238,7 +292,9 @@ def analyze(cfg: AnalyzeConfig, progress: Callable[[int, int], None] | None = No
         if resid is not None:
             W_U = loaded.bridge.W_U.detach().float().cpu()
             logit = logit_effects(resid, W_U, gamma=final_ln_weight(loaded.bridge, bool(store.model.compat)), n=cfg.n_logits)
-    meta = build_features_json(d, res, logit, loaded.tokenizer, cfg, hook, note)
+    neigh = decoder_neighbours(d.directions().detach().float().cpu(), cfg.neighbours) if cfg.neighbours else None
+    meta = build_features_json(d, res, logit, loaded.tokenizer, cfg, hook, note, neighbours=neigh, states=states,
+                               model=store.model.name)
     if ex is not None:
         add_explanations(meta, ex, loaded.tokenizer, cfg)
     elif cfg.explain:
@@ -257,6 +313,9 @@ def analyze(cfg: AnalyzeConfig, progress: Callable[[int, int], None] | None = No
 
     _atomic_write_bytes(out / "dashboard.html", render_dashboard(meta).encode())
     density_plot(meta, out / "density.png")
+    from saekit.analysis.neuronpedia import write_neuronpedia
+
+    write_neuronpedia(meta, out / "neuronpedia")
     if ex is not None:
         from saekit.analysis.table import feature_table_html, feature_table_md
 
@@ -280,12 +339,40 @@ def add_explanations(meta: dict, ex: ExplainPass, tokenizer, cfg: AnalyzeConfig)
                             "(precision, recall, F1 over held-out positions)")
 
 
-def build_features_json(d, res: StatsResult, logit, tokenizer, cfg: AnalyzeConfig, hook: str, logit_note: str) -> dict:
+def _context(toks: list[int], acts: list[float], value: float, seq: int, pos: int, window: int) -> dict:
+    keep = [k for k, t in enumerate(toks) if t != PAD]
+    return {"seq": seq, "pos": pos, "value": _r(value), "center": window - keep[0] if keep else 0,
+            "tokens": [toks[k] for k in keep], "acts": [_r(acts[k]) for k in keep]}
+
+
+def quartile_groups(samples: list[dict], n_groups: int = 4) -> list[dict]:
+    """Sampled contexts split by activation quantile: [{lo, hi, share, contexts}], highest group first.
+
+    The sample is uniform over the feature's firings, so its quantiles estimate the
+    feature's; `share` is the fraction of the sample in the group (SAEDashboard's intervals).
+    """
+    if not samples:
+        return []
+    ordered = sorted(samples, key=lambda c: c["value"])
+    n = len(ordered)
+    groups = []
+    for g in range(n_groups):
+        part = ordered[g * n // n_groups : (g + 1) * n // n_groups]
+        if part:
+            groups.append({"quantile": [g / n_groups, (g + 1) / n_groups], "lo": part[0]["value"], "hi": part[-1]["value"],
+                           "share": _r(len(part) / n), "contexts": part[::-1]})
+    return groups[::-1]
+
+
+def build_features_json(d, res: StatsResult, logit, tokenizer, cfg: AnalyzeConfig, hook: str, logit_note: str,
+                        neighbours=None, states=None, model: str | None = None) -> dict:
     """Everything a reader of the features needs, as plain JSON (token ids with a string table)."""
     ids = feature_ids(d)
     freq = res.frequency.tolist()
     mean = res.act_mean.tolist()
     used: set[int] = set(int(t) for t in res.window_tokens.unique().tolist() if t != PAD)
+    if res.sample_tokens is not None:
+        used |= set(int(t) for t in res.sample_tokens.unique().tolist() if t != PAD)
     if logit is not None:
         used |= set(logit[0].unique().tolist()) | set(logit[2].unique().tolist())
     vocab = {str(t): tokenizer.decode([t]) for t in sorted(used)}
@@ -295,19 +382,24 @@ def build_features_json(d, res: StatsResult, logit, tokenizer, cfg: AnalyzeConfi
         for j in range(res.top_values.shape[1]):
             if res.top_seq[i, j] < 0:
                 break
-            toks = res.window_tokens[i, j].tolist()
-            acts = res.window_acts[i, j].tolist()
-            keep = [k for k, t in enumerate(toks) if t != PAD]
-            ctxs.append({
-                "seq": int(res.top_seq[i, j]), "pos": int(res.top_pos[i, j]), "value": _r(float(res.top_values[i, j])),
-                "center": cfg.window - keep[0] if keep else 0,
-                "tokens": [toks[k] for k in keep], "acts": [_r(acts[k]) for k in keep],
-            })
+            ctxs.append(_context(res.window_tokens[i, j].tolist(), res.window_acts[i, j].tolist(), float(res.top_values[i, j]),
+                                 int(res.top_seq[i, j]), int(res.top_pos[i, j]), cfg.window))
+        sampled = []
+        if res.sample_seq is not None:
+            for j in range(res.sample_seq.shape[1]):
+                if res.sample_seq[i, j] >= 0:
+                    sampled.append(_context(res.sample_tokens[i, j].tolist(), res.sample_acts[i, j].tolist(),
+                                            float(res.sample_values[i, j]), int(res.sample_seq[i, j]), int(res.sample_pos[i, j]), cfg.window))
         f = {
             "id": fid, "index": i, "frequency": _r(freq[i]), "count": int(res.count[i]), "mean": _r(mean[i]),
             "max": _r(float(res.act_max[i])), "hist": res.hist[i].tolist(), "hist_max": _r(float(res.hist_max[i])),
-            "contexts": ctxs,
+            "contexts": ctxs, "quantiles": quartile_groups(sampled),
         }
+        if neighbours is not None:
+            f["neighbours"] = [[int(k), _r(float(v))] for k, v in zip(neighbours[0][i].tolist(), neighbours[1][i].tolist())]
+        if states is not None:
+            f["fsm_state"], f["fsm_f1"] = int(states[0][i]), _r(float(states[1][i]))
+            f["fsm_precision"], f["fsm_recall"] = _r(float(states[2][i])), _r(float(states[3][i]))
         if logit is not None:
             f["promotes"] = [[int(t), _r(float(v))] for t, v in zip(logit[0][i].tolist(), logit[1][i].tolist())]
             f["suppresses"] = [[int(t), _r(float(v))] for t, v in zip(logit[2][i].tolist(), logit[3][i].tolist())]
@@ -319,6 +411,7 @@ def build_features_json(d, res: StatsResult, logit, tokenizer, cfg: AnalyzeConfi
         "hook": hook, "layer": hook_layer(hook), "kind": d.cfg.kind, "d_dict": int(d.cfg.d_dict), "groups": int(d.cfg.groups),
         "n_rows": res.n_rows, "top_n": cfg.top_n, "window": cfg.window, "dense_threshold": cfg.dense_threshold,
         "logit_note": logit_note, "dead": dead, "dense": dense, "vocab": vocab, "features": feats,
+        "model": model, "fsm": states is not None,
     }
 
 

@@ -7,6 +7,10 @@ the token window around each.  So `saekit analyze` can read a store of any size 
 - Top-N contexts: a running `torch.topk` merge.  Each batch's best N rows per feature are
   concatenated with the N kept so far and cut back to N, carrying (seq, pos), the token
   window and the feature's activation over that window along.  State: (d_dict, N, 2w+1).
+- Sampled contexts: S firings per feature drawn uniformly at random without replacement
+  (bottom-S of a random key per firing, merged like the top N), so the dashboard can show
+  contexts across the whole activation range, not only the strongest (SAEDashboard's
+  interval groups).
 - Histogram: a fixed number of equal bins over [0, R_f) per feature, R_f a power of two
   above the largest activation so far; when a larger one arrives R_f is multiplied by
   2^m and bins are merged (exact: old bin i lands in new bin i // 2^m).  So the range adapts to each feature without a second pass.
@@ -50,6 +54,14 @@ class StatsResult:
     """(d, N, 2w+1) int32: tokens around each hit (PAD = -1 outside the sequence)."""
     window_acts: Tensor
     """(d, N, 2w+1) float32: the feature's activation on those tokens."""
+    sample_values: Tensor | None = None
+    """(d, S) float32: activations at S firings drawn uniformly at random (0 where fewer fired)."""
+    sample_seq: Tensor | None = None
+    """(d, S) int64 (-1 where empty)."""
+    sample_pos: Tensor | None = None
+    sample_tokens: Tensor | None = None
+    """(d, S, 2w+1) int32: tokens around each sampled firing."""
+    sample_acts: Tensor | None = None
 
     @property
     def frequency(self) -> Tensor:
@@ -70,8 +82,8 @@ class FeatureStats:
     number of tokens.
     """
 
-    def __init__(self, d_dict: int, *, top_n: int = 20, window: int = 8, bins: int = 32):
-        self.d, self.N, self.w, self.B = d_dict, top_n, window, bins
+    def __init__(self, d_dict: int, *, top_n: int = 20, window: int = 8, bins: int = 32, samples: int = 0, seed: int = 0):
+        self.d, self.N, self.w, self.B, self.S = d_dict, top_n, window, bins, samples
         W = 2 * window + 1
         self.n_rows = 0
         self.count = torch.zeros(d_dict, dtype=torch.int64)
@@ -84,6 +96,13 @@ class FeatureStats:
         self.top_pos = torch.full((d_dict, top_n), -1, dtype=torch.int64)
         self.window_tokens = torch.full((d_dict, top_n, W), PAD, dtype=torch.int32)
         self.window_acts = torch.zeros(d_dict, top_n, W)
+        self.gen = torch.Generator().manual_seed(seed)
+        self.s_key = torch.full((d_dict, samples), float("-inf"))  # −key: the S largest are the S smallest keys
+        self.s_values = torch.zeros(d_dict, samples)
+        self.s_seq = torch.full((d_dict, samples), -1, dtype=torch.int64)
+        self.s_pos = torch.full((d_dict, samples), -1, dtype=torch.int64)
+        self.s_tokens = torch.full((d_dict, samples, W), PAD, dtype=torch.int32)
+        self.s_acts = torch.zeros(d_dict, samples, W)
 
     @torch.no_grad()
     def update(self, codes: Tensor, tokens: Tensor, mask: Tensor, seq_start: int) -> None:
@@ -101,6 +120,8 @@ class FeatureStats:
         self.n_rows += int(mask.sum())
         self._moments(codes[mask])
         self._top(codes, tokens, seq_start)
+        if self.S:
+            self._sample(codes, tokens, seq_start)
 
     def _moments(self, rows: Tensor) -> None:
         """Counts, sums, max and histogram from the non-zero entries of rows (r, d)."""
@@ -135,13 +156,9 @@ class FeatureStats:
         self.hist[over] = merged
         self.hist_max[over] = target[over]
 
-    def _top(self, codes: Tensor, tokens: Tensor, seq_start: int) -> None:
-        """Merge this batch's best N positions per feature into the kept top N."""
+    def _windows(self, codes: Tensor, tokens: Tensor, s: Tensor, p: Tensor) -> tuple[Tensor, Tensor]:
+        """Tokens and the feature's activations in a ±w window around positions (s, p), each (d, k)."""
         n, ctx, d = codes.shape
-        flat = codes.reshape(n * ctx, d).T  # (d, n·ctx)
-        k = min(self.N, n * ctx)
-        vals, rows = torch.topk(flat, k, dim=1)  # (d, k)
-        s, p = rows // ctx, rows % ctx
         offs = torch.arange(-self.w, self.w + 1)
         pw = p[..., None] + offs  # (d, k, W)
         inside = (pw >= 0) & (pw < ctx)
@@ -150,6 +167,36 @@ class FeatureStats:
         feat = torch.arange(d)[:, None, None].expand_as(pw)
         wtok = torch.where(inside, tokens[sw, pwc].to(torch.int32), torch.tensor(PAD, dtype=torch.int32))
         wact = torch.where(inside, codes[sw, pwc, feat], torch.tensor(0.0))
+        return wtok, wact
+
+    def _sample(self, codes: Tensor, tokens: Tensor, seq_start: int) -> None:
+        """Merge this batch's firings into the uniform sample: keep the S smallest random keys per feature."""
+        n, ctx, d = codes.shape
+        flat = codes.reshape(n * ctx, d).T  # (d, n·ctx)
+        keys = torch.rand(flat.shape, generator=self.gen)
+        score = torch.where(flat > 0, -keys, torch.tensor(float("-inf")))
+        k = min(self.S, n * ctx)
+        sc, rows = torch.topk(score, k, dim=1)  # (d, k)
+        s, p = rows // ctx, rows % ctx
+        wtok, wact = self._windows(codes, tokens, s, p)
+        all_k = torch.cat([self.s_key, sc], 1)
+        keep = torch.topk(all_k, self.S, dim=1).indices
+        self.s_key = all_k.gather(1, keep)
+        self.s_values = torch.cat([self.s_values, flat.gather(1, rows)], 1).gather(1, keep)
+        self.s_seq = torch.cat([self.s_seq, s + seq_start], 1).gather(1, keep)
+        self.s_pos = torch.cat([self.s_pos, p], 1).gather(1, keep)
+        kw = keep[..., None].expand(-1, -1, 2 * self.w + 1)
+        self.s_tokens = torch.cat([self.s_tokens, wtok], 1).gather(1, kw)
+        self.s_acts = torch.cat([self.s_acts, wact], 1).gather(1, kw)
+
+    def _top(self, codes: Tensor, tokens: Tensor, seq_start: int) -> None:
+        """Merge this batch's best N positions per feature into the kept top N."""
+        n, ctx, d = codes.shape
+        flat = codes.reshape(n * ctx, d).T  # (d, n·ctx)
+        k = min(self.N, n * ctx)
+        vals, rows = torch.topk(flat, k, dim=1)  # (d, k)
+        s, p = rows // ctx, rows % ctx
+        wtok, wact = self._windows(codes, tokens, s, p)
         all_v = torch.cat([self.top_values, vals], 1)
         keep = torch.topk(all_v, self.N, dim=1).indices  # (d, N)
         cat_seq = torch.cat([self.top_seq, s + seq_start], 1)
@@ -164,6 +211,7 @@ class FeatureStats:
     def result(self) -> StatsResult:
         """The statistics so far; slots where a feature never fired are emptied (value 0, seq -1)."""
         empty = ~(self.top_values > 0)
+        s_empty = ~torch.isfinite(self.s_key)
         return StatsResult(
             n_rows=self.n_rows,
             count=self.count.clone(),
@@ -176,7 +224,29 @@ class FeatureStats:
             top_pos=self.top_pos.masked_fill(empty, -1),
             window_tokens=self.window_tokens.masked_fill(empty[..., None], PAD),
             window_acts=self.window_acts.masked_fill(empty[..., None], 0.0),
+            sample_values=self.s_values.masked_fill(s_empty, 0.0),
+            sample_seq=self.s_seq.masked_fill(s_empty, -1),
+            sample_pos=self.s_pos.masked_fill(s_empty, -1),
+            sample_tokens=self.s_tokens.masked_fill(s_empty[..., None], PAD),
+            sample_acts=self.s_acts.masked_fill(s_empty[..., None], 0.0),
         )
+
+
+def decoder_neighbours(directions: Tensor, n: int = 5, chunk: int = 2048) -> tuple[Tensor, Tensor]:
+    """Each feature's `n` nearest other features by cosine of decoder directions: (ids (d, n), cos (d, n)).
+
+    Computed in row chunks so memory is O(chunk · d), not d².
+    """
+    u = torch.nn.functional.normalize(directions.float(), dim=1)  # (d, d_in)
+    d = u.shape[0]
+    n = min(n, max(d - 1, 0))
+    ids, vals = torch.zeros(d, n, dtype=torch.int64), torch.zeros(d, n)
+    for a in range(0, d, chunk):
+        cos = u[a : a + chunk] @ u.T  # (c, d)
+        cos[torch.arange(cos.shape[0]), torch.arange(a, a + cos.shape[0])] = float("-inf")  # not itself
+        v, i = torch.topk(cos, n, dim=1)
+        ids[a : a + chunk], vals[a : a + chunk] = i, v
+    return ids, vals
 
 
 def logit_effects(directions: Tensor, W_U: Tensor, *, gamma: Tensor | None = None, n: int = 10):

@@ -54,8 +54,8 @@ class SteerConfig:
     """Sampling temperature; 0 means greedy."""
     seed: int = 0
     """Seed of the sampling; the same for both arms."""
-    device: str = "cpu"
-    """Device to run the model on."""
+    device: str = "auto"
+    """Device for the model: cpu, cuda, cuda:1, ... or auto (cuda when available)."""
     topic: str | None = None
     """Topic steering: a regular expression over text (a word list as \\b(w1|w2)\\b); the features that best detect it are found on --store and switched on."""
     store: str | None = None
@@ -93,6 +93,10 @@ class SteerResult:
     steered_rate: float | None = None
     """Share of steered continuations matching `match`."""
     unsteered_rate: float | None = None
+    about: list[str] = field(default_factory=list)
+    """What the features and the strength are, in words (feature id, hook, latent, what the strength multiplies)."""
+    toy: object | None = None
+    """On a toy model: `saekit.toy.steer.ToySteerReport` (the tracked FSM state; walks by state; follow rates)."""
 
 
 def steering_delta(d, indices: list[int], strength: float):
@@ -193,10 +197,66 @@ def steer(cfg: SteerConfig, *, model=None, dictionary=None) -> SteerResult:
         steered = generate(model.bridge, start, cfg.max_new_tokens, temperature=cfg.temperature, seed=cfg.seed)
     dec = lambda rows: [decode(tok, r.tolist()) for r in rows]  # noqa: E731
     res = SteerResult(cfg.prompt, [feature_id(d, i) for i in idx], cfg.strength, dec(steered), dec(plain), cfg.match)
+    res.about = describe(d, idx, cfg.strength) + promoted_tokens(model, d, idx)
+    fsm = _toy_fsm(model)
+    if fsm is not None:
+        from saekit.toy.steer import toy_report, tracked_state
+
+        res.toy = toy_report(fsm, tracked_state(model, d, idx[0], fsm), ids[1:], steered.tolist(), plain.tolist())
     if pattern is not None:
         res.steered_rate = sum(bool(pattern.search(s)) for s in res.steered) / len(res.steered)
         res.unsteered_rate = sum(bool(pattern.search(s)) for s in res.unsteered) / len(res.unsteered)
     return res
+
+
+def describe(d, idx: list[int], strength: float) -> list[str]:
+    """One line per feature saying what its id means, and one saying what the strength does."""
+    from saekit.models import hook_layer
+
+    lines = []
+    cb = d.cfg.kind == "codebook"
+    groups = max(int(d.cfg.groups), 1)
+    for i in idx:
+        fid = feature_id(d, i)
+        if cb:
+            per = int(d.cfg.d_dict) // groups
+            what = f"code {i % per} of group {i // per} ({per} codes × {groups} groups)"
+        else:
+            what = f"latent {i} of {int(d.cfg.d_dict)}"
+        lines.append(f"feature {fid}: layer {hook_layer(d.prov.hook)} ({d.prov.hook}), {d.cfg.kind} {what}")
+    if cb:
+        lines.append(f"strength {strength:g}: the code's coefficient is forced to {strength:g} (1 = chosen like any code) at every position")
+    else:
+        lines.append(f"strength {strength:g}: {strength:g} × the feature's decoder direction (unit activation, in the hook's scale) "
+                     "is added at every position, prompt and generated tokens alike")
+    return lines
+
+
+def promoted_tokens(model, d, idx: list[int], n: int = 8) -> list[str]:
+    """"feature X promotes: ..." per feature: the next tokens its direction raises most through the unembedding."""
+    from saekit.analysis.analyze import final_ln_weight, residual_directions
+    from saekit.analysis.stats import logit_effects
+
+    dirs = d.directions().detach().float().cpu()[idx]
+    resid, _ = residual_directions(model.bridge, d.prov.hook, dirs)
+    if resid is None:
+        return []
+    compat = bool((d.prov.model or {}).get("compat", False))
+    gamma = final_ln_weight(model.bridge, compat)
+    top_ids, _, _, _ = logit_effects(resid.cpu(), model.bridge.W_U.detach().float().cpu(),
+                                     gamma=None if gamma is None else gamma.cpu(), n=n)
+    return [f"feature {feature_id(d, i)} promotes: " + " ".join(repr(decode(model.tokenizer, [t])) for t in row)
+            for i, row in zip(idx, top_ids.tolist())]
+
+
+def _toy_fsm(model):
+    """The FSM of a toy model (its fsm.json), or None for any other model."""
+    from saekit.toy.fsm import load_fsm
+
+    try:
+        return load_fsm(model.info.name)
+    except SaekitError:
+        return None
 
 
 def check_model(d, model) -> None:

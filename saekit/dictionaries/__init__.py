@@ -7,7 +7,12 @@ def load(path, device="cpu") -> Dictionary:
     """Load a dictionary folder in any supported format (saekit; SAELens and sparsify via interop)."""
     from pathlib import Path
 
-    p = Path(path)
+    from saekit.models import resolve_device
+
+    from saekit import hub
+
+    device = str(resolve_device(str(device)))  # `auto` → cuda when available
+    p = hub.fetch(path) if hub.is_hub(path) else Path(path)  # hf://ORG/REPO/PATH: the Hub's cache folder
     if (p / "config.json").is_file() and (p / "weights.safetensors").is_file():
         return load_saekit(p, device)
     try:

@@ -219,11 +219,12 @@ def build_codebook(spec: CodebookSpec, shape: list[int], init: Dictionary | None
 def find_init(root: str, hooks: list[str]) -> dict[str, Dictionary]:
     """Dictionaries under `root` (one folder or a tree, e.g. `saekit train --out`), by hook; one per hook."""
     from saekit.dictionaries import load
+    from saekit.interop import find_dictionary_folders
 
     p = Path(root)
     if not p.exists():
         raise SaekitError(f"--init {root} does not exist; pass a dictionary folder or a folder of them")
-    folders = [p] if (p / "config.json").is_file() else sorted(c.parent for c in p.rglob("config.json") if (c.parent / "weights.safetensors").is_file())
+    folders = find_dictionary_folders(p, ("saekit",))
     found: dict[str, Dictionary] = {}
     for f in folders:
         d = load(f)

@@ -6,6 +6,7 @@ format is told from the file names alone (each tool has its own weights file nam
 
     SAELens:  cfg.json + sae_weights.safetensors     (saekit.interop.saelens)
     sparsify: cfg.json + sae.safetensors             (saekit.interop.sparsify)
+    Gemma Scope: params.npz                          (saekit.interop.gemmascope)
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ LAYOUTS = {
     "saekit": ("config.json", "weights.safetensors"),
     "SAELens": ("cfg.json", "sae_weights.safetensors"),
     "sparsify": ("cfg.json", "sae.safetensors"),
+    "Gemma Scope": ("params.npz",),
 }
 EXPORT_FORMATS = ("saelens",)
 
@@ -32,6 +34,22 @@ def detect_format(folder: Path) -> str | None:
         if all((folder / f).is_file() for f in files):
             return name
     return None
+
+
+def find_dictionary_folders(root: str | os.PathLike, formats: tuple[str, ...] = tuple(LAYOUTS)) -> list[Path]:
+    """Every dictionary folder at or below `root` whose layout is one of `formats`, sorted.
+
+    The one scanner (sweeps, `--init`, fine-tuned codebooks, the hint for a `--dict` above its
+    dictionaries).  A dictionary's own subfolders (its checkpoints) are not searched.
+    """
+    found = []
+    for dirpath, dirnames, _ in os.walk(root):
+        here = Path(dirpath)
+        if detect_format(here) in formats:
+            found.append(here)
+            dirnames.clear()
+        dirnames.sort()
+    return sorted(found)
 
 
 def _expected() -> str:
@@ -58,11 +76,17 @@ def detect_and_load(path: str | os.PathLike, device: str | torch.device = "cpu")
         from saekit.interop.sparsify import load_sparsify
 
         return load_sparsify(folder, device)
-    subdirs = sorted(p.name for p in folder.iterdir() if p.is_dir() and detect_format(p))
-    if subdirs:
+    if fmt == "Gemma Scope":
+        from saekit.interop.gemmascope import load_gemmascope
+
+        return load_gemmascope(folder, device)
+    below = find_dictionary_folders(folder)
+    if below:
+        subdirs = [str(p.relative_to(folder)) for p in below]
         shown = ", ".join(subdirs[:8]) + (f" and {len(subdirs) - 8} more" if len(subdirs) > 8 else "")
         raise SaekitError(
-            f"{folder} holds {len(subdirs)} dictionaries in subfolders ({shown}); pass one of them, e.g. {folder / subdirs[0]}"
+            f"{folder} holds {len(subdirs)} dictionar{'y' if len(subdirs) == 1 else 'ies'} in subfolders ({shown}); "
+            f"pass one of them, e.g. --dict {below[0]}"
         )
     found = sorted(p.name + ("/" if p.is_dir() else "") for p in folder.iterdir())
     listing = ", ".join(found[:12]) + (f" and {len(found) - 12} more" if len(found) > 12 else "") if found else "nothing"
@@ -100,4 +124,4 @@ def export(cfg: ExportConfig) -> Path:
     return export_saelens(d, cfg.out)
 
 
-__all__ = ["EXPORT_FORMATS", "LAYOUTS", "ExportConfig", "detect_and_load", "detect_format", "export"]
+__all__ = ["EXPORT_FORMATS", "LAYOUTS", "ExportConfig", "detect_and_load", "detect_format", "export", "find_dictionary_folders"]
