@@ -7,8 +7,10 @@ excluded as in a real harvest) to a temp folder, then measures in the same run, 
 the page cache (each path runs once untimed first):
   - raw: `np.fromfile` of every shard file (the file system's rate);
   - h5py: every activation dataset read chunk by chunk (`ds[a:a + chunk]`);
-  - batches: `ActivationStore.batches` (shuffled float32 batches) for one epoch of the train split,
-    with 1 and 2 workers.
+  - batches: `ActivationStore.batches` for one epoch of the train split (after one untimed epoch, so
+    the steady state of a long run), with 1 and 2 workers, as float32 CPU tensors (the default) and
+    in the stored float16 (`dtype=None`: what the CUDA path gathers into pinned memory before
+    casting on the device).
 Rates are stored bytes of activations per CPU-second (process time, all threads) and per wall-second;
 ratios are against h5py's chunk read per CPU-second.  Also printed: store bytes on disk per token per
 hook against width × 2 bytes (the physical minimum), and the estimate for a 16-core host
@@ -82,10 +84,12 @@ class Batches:
     """One stream over the store, read in epochs: the first (untimed) call pays the buffer's first touch, later
     calls measure the steady state a long training run sees."""
 
-    def __init__(self, path: Path, batch: int, workers: int):
+    def __init__(self, path: Path, batch: int, workers: int, stored: bool):
         self.store = ActivationStore(path)
         self.n_batches = self.store.n_rows // batch
         kw = {"workers": workers} if workers != 1 else {}
+        if stored:
+            kw["dtype"] = None
         self.it = self.store.batches(HOOK, batch, seed=0, buffer_rows=max(1 << 17, 4 * batch), **kw)
 
     def __call__(self) -> int:
@@ -99,6 +103,10 @@ class Batches:
         if close:
             close()
         self.store.close()
+
+
+def label(workers: int, stored: bool) -> str:
+    return f"batches {'f16' if stored else 'f32'}, {workers} thr"
 
 
 def main() -> None:
@@ -122,9 +130,11 @@ def main() -> None:
             print(f"\nwidth {width}: {store.n_tokens:,} tokens, {disk / 2**20:.0f} MiB on disk; "
                   f"{per_tok:.1f} bytes per token per hook vs {width * 2} (width x 2): {per_tok / (width * 2):.3f}x the minimum")
             paths = {"raw np.fromfile": lambda: raw_read(path), "h5py chunk read": lambda: h5py_read(path)}
-            streams = [Batches(path, a.batch, w) for w in workers]
-            for w, b in zip(workers, streams):
-                paths[f"batches, {w} worker{'s' if w > 1 else ''}"] = b
+            streams = []
+            for stored in (False, True):
+                for w in workers:
+                    streams.append(Batches(path, a.batch, w, stored))
+                    paths[label(w, stored)] = streams[-1]
             res = {}
             for name, fn in paths.items():
                 fn()  # warm the page cache and any lazy imports
@@ -136,11 +146,12 @@ def main() -> None:
             print(f"{'path':<22} {'GB/CPU-s':>9} {'GB/wall-s':>10} {'Mrows/CPU-s':>12} {'vs h5py (CPU)':>14}")
             for name, (per_cpu, per_wall) in res.items():
                 print(f"{name:<22} {per_cpu / 1e9:9.2f} {per_wall / 1e9:10.2f} {per_cpu / (width * 2) / 1e6:12.3f} {per_cpu / base:13.2f}x")
-            top = f"batches, {max(workers)} worker{'s' if max(workers) > 1 else ''}"
-            line = f"16-core estimate at width {width}: {16 * res[top][0] / (width * 2):,.0f} rows/s (rows per CPU-second, {top}, x 16)"
-            if max(workers) > 1 and 1 in workers:
-                line += f"; wall-clock scaling {max(workers)} vs 1 worker: {res[top][1] / res['batches, 1 worker'][1]:.2f}x"
-            print(line)
+            for stored in (False, True):
+                top = label(max(workers), stored)
+                line = f"16-core estimate, {top}: {16 * res[top][0] / (width * 2):,.0f} rows/s (rows per CPU-second x 16)"
+                if max(workers) > 1 and 1 in workers:
+                    line += f"; wall-clock scaling {max(workers)} vs 1 worker: {res[top][1] / res[label(1, stored)][1]:.2f}x"
+                print(line)
             for b in streams:
                 b.close()
             store.close()
