@@ -750,7 +750,8 @@ def _train_store(cfg: TrainConfig, progress: bool, env: distributed.DistEnv) -> 
     kw = {"buffer_rows": cfg.buffer_rows} if cfg.buffer_rows else {}
 
     def stream(start: int):  # the Trainer reads it one batch ahead in a background thread
-        return store.batches(mine, batch_size, split="train", seed=cfg.seed, start_batch=start, rank=rank, world_size=world, **kw)
+        return store.batches(mine, batch_size, split="train", seed=cfg.seed, start_batch=start, rank=rank, world_size=world,
+                             device=device if device.type == "cuda" else None, **kw)  # CUDA: pinned, copied and cast by the loader
 
     first = None
     if env.distributed:  # open the first stream now, so a rank with too little data fails on every rank, not in a hang

@@ -221,14 +221,16 @@ class ActivationStore:
         start_batch: int = 0,
         rank: int = 0,
         world_size: int = 1,
-        workers: int = 1,
+        workers: int | None = None,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = torch.float32,
     ) -> "BatchStream":
         """Endless shuffled batches {hook: tensor [batch_size, width]} (same rows for every hook).
 
-        `workers` threads read and gather ahead; `device` (a CUDA device: staged through pinned
-        memory, copied beside the step, cast there); `dtype` of the batches (None: as stored).
+        `workers` threads read and gather ahead (None: 1 for CPU batches, which run beside the
+        step on the same cores; up to 4 for a CUDA device); `device` (a CUDA device: staged
+        through pinned memory, copied beside the step, cast there); `dtype` of the batches (None:
+        as stored).
         Rows and their order depend only on (seed, rank, world_size, batch_size, buffer_rows).
         """
         return BatchStream(self, self._hook_list(hooks), batch_size, split, seed, buffer_rows, start_batch, rank, world_size,
@@ -251,6 +253,13 @@ class ActivationStore:
 
     def __repr__(self) -> str:
         return f"ActivationStore({str(self.path)!r}, hooks={self.hooks}, n_sequences={self.n_sequences})"
+
+
+def _cpus() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
 
 
 SERIAL_ELEMENTS = 32768
@@ -283,13 +292,16 @@ class BatchStream:
     """
 
     def __init__(self, store: ActivationStore, hooks, batch_size, split, seed, buffer_rows, start_batch, rank, world_size,
-                 workers: int = 1, device: torch.device | str | None = None, dtype: torch.dtype | None = torch.float32):
+                 workers: int | None = 1, device: torch.device | str | None = None, dtype: torch.dtype | None = torch.float32):
         if batch_size < 1:
             raise SaekitError(f"batch_size must be at least 1, got {batch_size}")
         if not 0 <= rank < world_size:
             raise SaekitError(f"rank {rank} is not in 0..{world_size - 1}")
         if start_batch < 0:
             raise SaekitError(f"start_batch must be >= 0, got {start_batch}")
+        device = torch.device(device) if device is not None else torch.device("cpu")
+        if workers is None:
+            workers = 1 if device.type == "cpu" else max(1, min(4, _cpus() - 1))
         if workers < 1:
             raise SaekitError(f"workers must be at least 1, got {workers}")
         ctx = store.context_size
@@ -298,7 +310,7 @@ class BatchStream:
         self.store, self.hooks, self.batch_size = store, hooks, batch_size
         self.seed, self.buffer_rows, self.rank, self.world_size = seed, buffer_rows, rank, world_size
         self.workers, self.dtype = workers, dtype
-        self.device = torch.device(device) if device is not None else torch.device("cpu")
+        self.device = device
         self.batch_index = start_batch
         self.peak_rows = 0
         # A unit is at most one HDF5 chunk and small enough that any unit fits beside a batch.
@@ -425,6 +437,7 @@ class BatchStream:
         """The batches of one fill, in order, with up to `workers` gathered ahead."""
         cuda = self.device.type == "cuda"
         if cuda and self._ring is None:
+            # slots: `workers` gathers in flight, the batch being copied, one spare
             self._ring = PinnedRing({h: (self.batch_size, w) for h, w in self._widths.items()}, self._np_dtype,
                                     self.workers + 2, self.device)
         count = 0

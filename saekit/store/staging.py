@@ -21,11 +21,12 @@ class PinnedRing:
     def __init__(self, shapes: dict[str, tuple[int, int]], np_dtype: np.dtype, slots: int, device: torch.device):
         self.device = device
         self.stream = torch.cuda.Stream(device)
+        self.bfloat16 = np.dtype(np_dtype) == np.uint16
         torch_dtype = {np.dtype(np.float16): torch.float16, np.dtype(np.uint16): torch.int16,
                        np.dtype(np.float32): torch.float32}[np.dtype(np_dtype)]
-        self.host = [{h: torch.empty(s, dtype=torch_dtype, pin_memory=True) for h, s in shapes.items()} for _ in range(slots)]
+        with torch.cuda.device(device):  # from a producer thread too, whose current device is cuda:0
+            self.host = [{h: torch.empty(s, dtype=torch_dtype, pin_memory=True) for h, s in shapes.items()} for _ in range(slots)]
         self.events: list[torch.cuda.Event | None] = [None] * slots
-        self.bfloat16 = np.dtype(np_dtype) == np.uint16
 
     def __len__(self) -> int:
         return len(self.host)
@@ -41,7 +42,7 @@ class PinnedRing:
         """Copy slot `slot` to the device and cast it to `dtype` (None: the stored dtype) on the copy stream."""
         consumer = torch.cuda.current_stream(self.device)
         out = {}
-        with torch.cuda.stream(self.stream):
+        with torch.cuda.device(self.device), torch.cuda.stream(self.stream):
             for h, t in self.host[slot].items():
                 x = t.view(torch.bfloat16) if self.bfloat16 else t
                 x = x.to(self.device, non_blocking=True)
