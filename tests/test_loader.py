@@ -162,3 +162,19 @@ def test_cuda_batches_survive_a_busy_step(tmp_path):
             big = big @ big / 2048**0.5  # keep the stream busy while the next copies are queued
         sums.append(x.sum())
     torch.testing.assert_close(torch.stack(sums).cpu(), torch.stack([r["a"].sum() for r in ref]), rtol=1e-6, atol=1e-3)
+
+
+def test_units_across_chunk_boundaries(tmp_path, monkeypatch):
+    """Chunks of 3 sequences, units of 2: every other unit spans two chunks and is read whole (read_raw)."""
+    import saekit.store.writer as writer
+
+    monkeypatch.setattr(writer, "CHUNK_BYTES", 3 * 8 * 6 * 2)  # 3 sequences of ctx 8, width 6, float16
+    make_store(tmp_path / "s", dtype="float16")
+    with h5py.File(tmp_path / "s" / "shard-00000.h5") as f:
+        assert f["acts/a"].chunks[0] == 3
+    st = ActivationStore(tmp_path / "s")
+    it = st.batches(["a", "b"], 8, seed=5, buffer_rows=24)  # units of (24 - 8) // 8 = 2 sequences
+    assert any(a // 3 != (b - 1) // 3 for a, b in it.units)
+    got = take(it, 40)
+    monkeypatch.setattr(reader, "chunk_map", lambda ds: None)
+    assert_same(take(ActivationStore(tmp_path / "s").batches(["a", "b"], 8, seed=5, buffer_rows=24), 40), got)

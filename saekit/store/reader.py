@@ -27,7 +27,7 @@ import torch
 from saekit.errors import SaekitError, did_you_mean
 from saekit.models import ModelInfo
 from saekit.store.staging import PinnedRing
-from saekit.store.chunks import ChunkMap, chunk_map, read_h5py, read_raw
+from saekit.store.chunks import ChunkMap, chunk_map, read_h5py, read_raw, read_rows
 from saekit.store.format import MANIFEST, from_stored, gaps, read_manifest, row_mask, sha256_file
 
 STORED_NP = {"float16": np.float16, "bfloat16": np.uint16, "float32": np.float32}
@@ -167,6 +167,17 @@ class ActivationStore:
         else:
             read_raw(self._fd(i), cmap, a, b, out)
 
+    def _read_rows(self, name: str, start: int, stop: int, keep: np.ndarray, out: np.ndarray, junk: np.ndarray) -> bool:
+        """Only the kept rows of [start, stop) into `out`, in one scattered read; False where that cannot be done."""
+        (i, a, b), = self._pieces(start, stop)
+        key = (i, name)
+        if key not in self._maps:
+            with self._lock:
+                if key not in self._maps:
+                    self._maps[key] = chunk_map(self._file(i)[name])
+        cmap = self._maps[key]
+        return cmap is not None and read_rows(self._fd(i), cmap, a, b, keep, out, junk)
+
     def _pieces(self, start: int, stop: int) -> Iterator[tuple[int, int, int]]:
         """(shard, local start, local stop) covering global sequences [start, stop)."""
         if not 0 <= start <= stop <= self.n_sequences:
@@ -282,9 +293,10 @@ def cast_serial(src: torch.Tensor, dst: torch.Tensor) -> None:
 class BatchStream:
     """The iterator `ActivationStore.batches` returns; `peak_rows` records the most rows the buffer ever held.
 
-    The buffer holds rows in the store's dtype.  A fill reads each unit's sequences with one raw
-    read per chunk (`store.chunks`) into a per-thread staging array and keeps the counted rows
-    (`np.take` of their indices straight into the buffer); a batch is a gather of the permuted
+    The buffer holds rows in the store's dtype.  A fill reads each unit's counted rows straight
+    into their place in the buffer with one scattered read (`chunks.read_rows`; the rest land in
+    a junk row), or, for a unit across two chunks or a filtered dataset, reads it whole into a
+    per-thread staging array and takes the counted rows from there; a batch is a gather of the permuted
     row indices into a reused array, then one cast to float32.  `workers` threads read a fill's
     units and gather up to `workers` batches ahead (every copy releases the GIL).  With a CUDA
     `device` the gather lands in pinned memory and the cast happens on the device
@@ -368,19 +380,22 @@ class BatchStream:
     def _load_unit(self, u: int, pos: int) -> None:
         """Unit u's counted rows into buffer rows [pos, pos + unit_rows[u]), in their stored order."""
         a, b = self.units[u]
-        n = b - a
+        n, ctx = b - a, self.store.context_size
         st = self._staging()
         tokens = st["tokens"][:n]
         self.store._read_into("tokens", a, b, tokens)
-        rows = np.flatnonzero(self.store.row_mask(tokens).reshape(-1))
+        keep = self.store.row_mask(tokens).reshape(-1)
         k = int(self.unit_rows[u])
-        if len(rows) != k:
-            raise SaekitError(f"store {self.store.path} changed while it was being read (sequences {a}:{b} now have {len(rows)} "
-                              f"rows, {k} before); restart training")
+        if int(keep.sum()) != k:
+            raise SaekitError(f"store {self.store.path} changed while it was being read (sequences {a}:{b} now have "
+                              f"{int(keep.sum())} rows, {k} before); restart training")
         for h, w in self._widths.items():
-            raw = st[h][:n]
+            dest = self._buf[h][pos : pos + k]
+            if self.store._read_rows(f"acts/{h}", a, b, keep, dest, st[h].reshape(-1, w)[:ctx]):
+                continue  # the kept rows went straight into the buffer
+            raw = st[h][:n]  # spans two chunks, or filtered: read whole, then keep the rows
             self.store._read_into(f"acts/{h}", a, b, raw)
-            np.take(raw.reshape(-1, w), rows, axis=0, out=self._buf[h][pos : pos + k], mode="clip")
+            np.take(raw.reshape(-1, w), np.flatnonzero(keep), axis=0, out=dest, mode="clip")
 
     def _load(self, fill: list[int]) -> int:
         if self._buf is None:
