@@ -273,6 +273,20 @@ def _cpus() -> int:
         return os.cpu_count() or 1
 
 
+_NUMPY = {torch.float32: np.float32, torch.float16: np.float16, torch.float64: np.float64}
+
+
+def fresh(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    """A new CPU tensor, allocated by numpy where it can be.
+
+    numpy asks Linux for transparent huge pages on arrays of 4 MB and more (madvise), so a
+    fresh batch costs one page fault per 2 MB instead of per 4 KB: at width 2,304 a float32
+    batch of 4,096 rows took 7.4-8.0 ms to allocate and fill against 25 ms from torch.empty.
+    """
+    np_dtype = _NUMPY.get(dtype)
+    return torch.from_numpy(np.empty(shape, np_dtype)) if np_dtype else torch.empty(shape, dtype=dtype)
+
+
 SERIAL_ELEMENTS = 32768
 """torch runs an elementwise op of fewer elements on the calling thread alone (its grain size)."""
 
@@ -428,7 +442,7 @@ class BatchStream:
                 continue
             scratch = self._scratch(h, len(idx))
             np.take(buf, idx, axis=0, out=scratch, mode="clip")
-            x = torch.empty((len(idx), w), dtype=self.dtype)
+            x = fresh((len(idx), w), self.dtype)
             cast_serial(self._as_torch(scratch), x)
             out[h] = x
         return out
