@@ -430,21 +430,28 @@ class BatchStream:
         t = torch.from_numpy(arr)
         return t.view(torch.bfloat16) if arr.dtype == np.uint16 else t
 
-    def _gather_cpu(self, idx: np.ndarray) -> dict[str, torch.Tensor]:
-        """One batch on the CPU: rows idx of the buffer, in `dtype` (None: the stored dtype)."""
-        out = {}
-        for h, w in self._widths.items():
+    def _same_dtype(self) -> bool:
+        return self.dtype is None or self._as_torch(np.empty(0, self._np_dtype)).dtype == self.dtype
+
+    def _cpu_outputs(self, n: int) -> dict[str, torch.Tensor]:
+        """A batch's fresh tensors, made on the consumer's thread: glibc gives each thread its own arena, and
+        memory freed back into a worker's small arena is returned to the kernel and faulted in again."""
+        if self._same_dtype():
+            return {h: self._as_torch(np.empty((n, w), self._np_dtype)) for h, w in self._widths.items()}
+        return {h: fresh((n, w), self.dtype) for h, w in self._widths.items()}
+
+    def _gather_cpu(self, idx: np.ndarray, out: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """One batch on the CPU into `out`: rows idx of the buffer, in `dtype` (None: the stored dtype)."""
+        same = self._same_dtype()
+        for h, x in out.items():
             buf = self._buf[h]
-            if self.dtype is None or self._as_torch(buf[:0]).dtype == self.dtype:
-                arr = np.empty((len(idx), w), self._np_dtype)
+            if same:
+                arr = x.view(torch.int16).numpy().view(np.uint16) if x.dtype == torch.bfloat16 else x.numpy()
                 np.take(buf, idx, axis=0, out=arr, mode="clip")  # mode="clip": numpy buffers `out` under "raise"
-                out[h] = self._as_torch(arr)
                 continue
             scratch = self._scratch(h, len(idx))
             np.take(buf, idx, axis=0, out=scratch, mode="clip")
-            x = fresh((len(idx), w), self.dtype)
             cast_serial(self._as_torch(scratch), x)
-            out[h] = x
         return out
 
     def _scratch(self, h: str, n: int) -> np.ndarray:
@@ -474,7 +481,8 @@ class BatchStream:
         def job(idx):
             nonlocal count
             if not cuda:
-                return lambda: self._gather_cpu(idx)
+                out = self._cpu_outputs(len(idx))
+                return lambda: self._gather_cpu(idx, out)
             slot = count % len(self._ring)  # only the consumer's thread submits, so slots go round in batch order
             count += 1
             return lambda: self._gather_pinned(idx, slot)
