@@ -7,8 +7,8 @@ The policy, in one place so the training loop only asks for it:
   `GradScaler`, since small gradients underflow float16); matmuls then take the tensor
   cores, while reductions such as the squared error, whose other operand is the float32
   batch, promote back to float32.
-- TF32 for the float32 matmuls that remain (allowed by default, as JAX and SAELens do: 10
-  mantissa bits are plenty for a reconstruction loss; off for exact references).
+- TF32 for the float32 matmuls that remain (allowed by default: 10 mantissa bits, like
+  bfloat16's 7, are far below a reconstruction loss's noise; `tf32=False` for exact references).
 - CPU trains in float32: the numba kernels (`dictionaries/kernels.py`) take float32, and most
   CPUs have no fast bfloat16 matmul.  On CUDA there is no numba: top-k is torch's, sparse
   decoding is `embedding_bag` (`sae.sparse_decode_bag`); `kernel_path` names the choice that
