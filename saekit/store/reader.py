@@ -17,7 +17,7 @@ import os
 import threading
 from collections import deque
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import h5py
@@ -239,7 +239,8 @@ class ActivationStore:
         """Endless shuffled batches {hook: tensor [batch_size, width]} (same rows for every hook).
 
         `workers` threads read and gather ahead (None: 1 for CPU batches, which run beside the
-        step on the same cores; up to 4 for a CUDA device); `device` (a CUDA device: staged
+        step on the same cores; up to 4 for a CUDA device; more than one also loads the next
+        fill into a second buffer while this one is served); `device` (a CUDA device: staged
         through pinned memory, copied beside the step, cast there); `dtype` of the batches (None:
         as stored).
         Rows and their order depend only on (seed, rank, world_size, batch_size, buffer_rows).
@@ -312,7 +313,8 @@ class BatchStream:
     a junk row), or, for a unit across two chunks or a filtered dataset, reads it whole into a
     per-thread staging array and takes the counted rows from there; a batch is a gather of the permuted
     row indices into a reused array, then one cast to float32.  `workers` threads read a fill's
-    units and gather up to `workers` batches ahead (every copy releases the GIL).  With a CUDA
+    units and gather up to `workers` batches ahead (every copy releases the GIL); with more than
+    one worker a second buffer takes the next fill while this one is served.  With a CUDA
     `device` the gather lands in pinned memory and the cast happens on the device
     (`store.staging`).  None of this changes which rows a batch holds or their order.
     """
@@ -362,6 +364,8 @@ class BatchStream:
         self._max_unit = max(b - a for a, b in self.units)
         self._local = threading.local()  # per-thread staging arrays
         self._pool = ThreadPoolExecutor(workers, thread_name_prefix="saekit-reader") if workers > 1 else None
+        # Loads the next fill in the background (workers > 1).
+        self._loader = ThreadPoolExecutor(1, thread_name_prefix="saekit-reader-fill") if workers > 1 else None
         self._ring = None  # CUDA pinned staging, made at the first batch
         self._buf: dict[str, np.ndarray] | None = None
         self._gen = self._generate(start_batch)
@@ -391,8 +395,8 @@ class BatchStream:
             self._local.arrays = st
         return st
 
-    def _load_unit(self, u: int, pos: int) -> None:
-        """Unit u's counted rows into buffer rows [pos, pos + unit_rows[u]), in their stored order."""
+    def _load_unit(self, buf: dict[str, np.ndarray], u: int, pos: int) -> None:
+        """Unit u's counted rows into rows [pos, pos + unit_rows[u]) of `buf`, in their stored order."""
         a, b = self.units[u]
         n, ctx = b - a, self.store.context_size
         st = self._staging()
@@ -404,23 +408,24 @@ class BatchStream:
             raise SaekitError(f"store {self.store.path} changed while it was being read (sequences {a}:{b} now have "
                               f"{int(keep.sum())} rows, {k} before); restart training")
         for h, w in self._widths.items():
-            dest = self._buf[h][pos : pos + k]
+            dest = buf[h][pos : pos + k]
             if self.store._read_rows(f"acts/{h}", a, b, keep, dest, st[h].reshape(-1, w)[:ctx]):
                 continue  # the kept rows went straight into the buffer
             raw = st[h][:n]  # spans two chunks, or filtered: read whole, then keep the rows
             self.store._read_into(f"acts/{h}", a, b, raw)
             np.take(raw.reshape(-1, w), np.flatnonzero(keep), axis=0, out=dest, mode="clip")
 
-    def _load(self, fill: list[int]) -> int:
-        if self._buf is None:
-            self._buf = {h: np.empty((self.buffer_rows, w), self._np_dtype) for h, w in self._widths.items()}
+    def _new_buffer(self) -> dict[str, np.ndarray]:
+        return {h: np.empty((self.buffer_rows, w), self._np_dtype) for h, w in self._widths.items()}
+
+    def _load(self, fill: list[int], buf: dict[str, np.ndarray], pool: ThreadPoolExecutor | None) -> int:
         starts = np.concatenate([[0], np.cumsum(self.unit_rows[fill])]).astype(np.int64)
         jobs = [(u, int(p)) for u, p in zip(fill, starts[:-1])]
-        if self._pool is None:
+        if pool is None:
             for job in jobs:
-                self._load_unit(*job)
+                self._load_unit(buf, *job)
         else:
-            list(self._pool.map(lambda job: self._load_unit(*job), jobs))  # list(): wait, and raise a worker's error here
+            list(pool.map(lambda job: self._load_unit(buf, *job), jobs))  # list(): wait, and raise a worker's error here
         n = int(starts[-1])
         self.peak_rows = max(self.peak_rows, n)
         return n
@@ -506,7 +511,8 @@ class BatchStream:
         while ahead:
             yield finish(ahead.popleft().result())
 
-    def _generate(self, skip: int) -> Iterator[dict[str, torch.Tensor]]:
+    def _plan(self, skip: int) -> Iterator[tuple[int, int, list[int], int, int]]:
+        """(epoch, fill index, units, first batch, batches) of every fill that serves a batch, from batch `skip` on."""
         bs = self.batch_size
         epoch = 0
         while True:
@@ -515,13 +521,40 @@ class BatchStream:
                 if skip >= n_batches:
                     skip -= n_batches
                     continue
-                n = self._load(fill)
-                perm = np.random.default_rng([self.seed, self.rank, epoch, fi, 1]).permutation(n)
-                for batch in self._batches(perm[b * bs : (b + 1) * bs] for b in range(skip, n_batches)):
-                    self.batch_index += 1
-                    yield batch
+                yield epoch, fi, fill, skip, n_batches
                 skip = 0
             epoch += 1
+
+    def _serve(self, epoch: int, fi: int, first: int, n_batches: int, n: int) -> Iterator[dict[str, torch.Tensor]]:
+        bs = self.batch_size
+        perm = np.random.default_rng([self.seed, self.rank, epoch, fi, 1]).permutation(n)
+        for batch in self._batches(perm[b * bs : (b + 1) * bs] for b in range(first, n_batches)):
+            self.batch_index += 1
+            yield batch
+
+    def _generate(self, skip: int) -> Iterator[dict[str, torch.Tensor]]:
+        plan = self._plan(skip)
+        if self._pool is None:  # one buffer, filled when the last fill's batches are out
+            self._buf = self._new_buffer()
+            for epoch, fi, fill, first, n_batches in plan:
+                yield from self._serve(epoch, fi, first, n_batches, self._load(fill, self._buf, None))
+            return
+        # Workers: two buffers; the next fill loads (on `loader`'s threads) while this one is served, so a
+        # GPU is not left waiting for a whole fill at each boundary.
+        bufs = [self._new_buffer(), self._new_buffer()]
+        cur = next(plan)
+        pending = Future()
+        pending.set_result(self._load(cur[2], bufs[0], self._pool))  # the first fill: every worker reads
+        i = 0
+        while True:
+            n = pending.result()
+            nxt = next(plan)
+            # One thread of its own: units handed to the pool would queue ahead of this fill's gathers.
+            pending = self._loader.submit(self._load, nxt[2], bufs[1 - i], None)
+            self._buf = bufs[i]
+            epoch, fi, _, first, n_batches = cur
+            yield from self._serve(epoch, fi, first, n_batches, n)
+            cur, i = nxt, 1 - i
 
     def __iter__(self):
         return self
@@ -532,14 +565,16 @@ class BatchStream:
     def close(self) -> None:
         """Stop the worker threads (also done when the stream is dropped)."""
         self._gen.close()
-        if self._pool is not None:
-            self._pool.shutdown(wait=True, cancel_futures=True)
-            self._pool = None
+        for pool in (self._loader, self._pool):  # the loader first: it feeds the pool
+            if pool is not None:
+                pool.shutdown(wait=True, cancel_futures=True)
+        self._pool = self._loader = None
 
     def __del__(self):
-        pool = getattr(self, "_pool", None)
-        if pool is not None:
-            pool.shutdown(wait=False, cancel_futures=True)
+        for name in ("_loader", "_pool"):
+            pool = getattr(self, name, None)
+            if pool is not None:
+                pool.shutdown(wait=False, cancel_futures=True)
 
 
 # --------------------------------------------------------------------------- inspection
