@@ -157,10 +157,25 @@ def do_harvest(model, data, out, hooks, tokens, device):
             "bytes_on_disk": sum(f.stat().st_size for f in Path(out).glob("shard-*.h5"))}
 
 
+def steady_tokens_per_s(cfg, hooks, source, steps: int, dev) -> float:
+    """tokens/s of `steps` Trainer steps after one warm-up step (allocations, Adam state, autocast caches)."""
+    from saekit.train import Trainer
+
+    t = Trainer(cfg, hooks, source, progress=False)
+    t._checkpoint = lambda: None
+    t.prepare()
+    t.n_steps = 1
+    t.loop()
+    t.n_steps = 1 + steps
+    sync(dev)
+    t0 = time.perf_counter()
+    t.loop()
+    sync(dev)
+    return steps * cfg.batch_size / (time.perf_counter() - t0)
+
+
 @step("train from store vs memory")
 def do_train(store_path, hook, kinds, d_dict, k, steps, B, device, peak, out):
-    from train_speed import loop_tokens_per_s
-
     from saekit.dictionaries.base import Provenance
     from saekit.store import ActivationStore
     from saekit.train import HookSource, TrainConfig, tensor_batches
@@ -173,11 +188,21 @@ def do_train(store_path, hook, kinds, d_dict, k, steps, B, device, peak, out):
     mem = next(iter(st.batches(hook, rows, buffer_rows=rows + st.context_size, device=dev)))  # in memory, on the device
     res = {}
     for kind in kinds:
-        cfg = TrainConfig(kind=kind, d_dict=d_dict, k=[k], batch_size=B, tokens=steps * B, log_every=10**9, checkpoint_every=0,
-                          init_rows=B, device=device, out=str(Path(out) / kind), dead_tokens=10**9)
+        cfg = TrainConfig(kind=kind, d_dict=d_dict, k=[k], batch_size=B, tokens=(steps + 1) * B, log_every=10**9,
+                          checkpoint_every=0, init_rows=B, device=device, out=str(Path(out) / kind), dead_tokens=10**9)
+        # The timed loop starts at batch 1 from a stream whose first fill is already in memory (a one-time cost
+        # of a run, not its rate); later fill boundaries are timed.
+        warm = st.batches(hook, B, device=dev)
+        next(warm)
+
+        def store_source(start, warm=[warm]):
+            if start == 1 and warm:
+                return warm.pop()
+            return st.batches(hook, B, start_batch=start, device=dev)
+
         with GpuUtil() as util:
-            store_tps = loop_tokens_per_s(cfg, hooks, lambda start: st.batches(hook, B, start_batch=start, device=dev), 2)
-        mem_tps = loop_tokens_per_s(cfg, hooks, tensor_batches(mem, B), 2)
+            store_tps = steady_tokens_per_s(cfg, hooks, store_source, steps, dev)
+        mem_tps = steady_tokens_per_s(cfg, hooks, tensor_batches(mem, B), steps, dev)
         flops = 4 * d_in * d_dict + 6 * k * d_in  # per token, sparse decoder (train_speed.py's count)
         res[kind] = {"store_tokens_per_s": store_tps, "memory_tokens_per_s": mem_tps, "store_vs_memory": store_tps / mem_tps,
                      "fraction_of_bf16_peak": store_tps * flops / peak if peak else None, "gpu_util_mean": util.mean}
