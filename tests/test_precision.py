@@ -56,8 +56,11 @@ def train(kind: str, p: precision.Precision, steps=60, device="cpu"):
         xn = x[(i * 256) % 4096 :][:256]
         if hasattr(d, "before_step"):
             d.before_step()
+        state = {}
+        if kind in ("topk", "batchtopk") and i >= steps // 2:  # AuxK's path too: half the latents called dead
+            state = {"dead": torch.arange(128, device=device) % 2 == 0, "aux_k": 16}
         with precision.autocast(p):
-            out = d.training_forward(xn)
+            out = d.training_forward(xn, **state)
         scaler.scale(out.loss).backward()
         scaler.unscale_(opt)
         for q in d.parameters():  # master weights and their gradients stay float32 under autocast
