@@ -66,6 +66,8 @@ class HarvestConfig:
     """Tokens per shard file (rounded down to whole sequences); a killed harvest resumes at a shard boundary."""
     device: str = "auto"
     """Device for the forward pass: cpu, cuda, cuda:1, ... or auto (cuda when available)."""
+    model_dtype: str = "auto"
+    """dtype of the forward pass: auto (the model's own, e.g. bfloat16, on CUDA; float32 elsewhere), float32, bfloat16 or float16."""
     out: str = ""
     """Output directory of the activation store (created; rerun the same command to resume)."""
     seed: int = 0
@@ -88,6 +90,8 @@ class HarvestConfig:
             raise ValueError(f"tokens={self.tokens} must be >= 0 (0 means all the data)")
         if self.shard_tokens < 1:
             raise ValueError(f"shard_tokens={self.shard_tokens} must be positive")
+        if self.model_dtype not in models.MODEL_DTYPES:
+            raise ValueError(f"model_dtype {self.model_dtype!r} is not one of {', '.join(models.MODEL_DTYPES)}")
         if not 0.0 <= self.holdout < 1.0:
             raise ValueError(f"holdout={self.holdout} must be in [0, 1)")
 
@@ -100,14 +104,19 @@ class HarvestConfig:
         return math.ceil(self.tokens / self.context_size) if self.tokens else None
 
 
-def config_identity(cfg: HarvestConfig, model_fingerprint: str, data_fp: list) -> tuple[dict, str]:
+def config_identity(cfg: HarvestConfig, model_fingerprint: str, data_fp: list, forward: torch.dtype = torch.float32) -> tuple[dict, str]:
     """(config dict, hash) that decide whether an existing store may be resumed.
 
     `out` is left out so a store can be moved; the model and data fingerprints are in,
-    so a changed model or corpus is not silently continued.
+    so a changed model or corpus is not silently continued.  The forward's dtype is in as
+    resolved (`forward`), and only when it is not float32, so stores harvested before the
+    option existed keep their identity.
     """
     d = to_dict(cfg)
     d.pop("out")
+    d.pop("model_dtype", None)
+    if forward != torch.float32:
+        d["model_dtype"] = str(forward).removeprefix("torch.")
     d["model_fingerprint"] = model_fingerprint
     d["data_files"] = data_fp
     h = hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
@@ -156,7 +165,7 @@ def harvest(cfg: HarvestConfig, progress: bool = True, model: models.LoadedModel
     check_toy_corpus(cfg)
     dist_env = distributed.env()
     # Under torchrun `cuda` means this rank's GPU (cuda:LOCAL_RANK); alone, the device is used as given.
-    device = str(distributed.device(cfg.device, dist_env)) if dist_env.distributed else cfg.device
+    device = str(distributed.device(cfg.device, dist_env)) if dist_env.distributed else str(models.resolve_device(cfg.device))
     with distributed.session(device) as dist_env:
         return _harvest(cfg, progress, model, dist_env, device)
 
@@ -186,7 +195,8 @@ def _harvest(cfg: HarvestConfig, progress: bool, model: models.LoadedModel | Non
     out = Path(cfg.out)
     files = text.data_files(cfg.data)
     model_path = models.resolve_model_path(cfg.model)
-    config, config_hash = config_identity(cfg, models.fingerprint(model_path), text.data_fingerprint(files))
+    forward = next(model.bridge.parameters()).dtype if model else models.forward_dtype(model_path, device, cfg.model_dtype)
+    config, config_hash = config_identity(cfg, models.fingerprint(model_path), text.data_fingerprint(files), forward)
     # Every rank checks before any rank writes: a refused config is refused everywhere.
     err = None
     try:
@@ -197,7 +207,7 @@ def _harvest(cfg: HarvestConfig, progress: bool, model: models.LoadedModel | Non
     if resume and resume.get("complete"):
         return out
 
-    lm = model or models.load_model(cfg.model, compat=cfg.compat, device=device)
+    lm = model or models.load_model(cfg.model, compat=cfg.compat, device=device, dtype=forward)
     info = lm.info
     if cfg.context_size > info.n_ctx:
         raise SaekitError(f"context_size {cfg.context_size} is larger than the model's context ({info.n_ctx}); pass --context-size {info.n_ctx} or less")

@@ -9,6 +9,7 @@ per-position shape is kept so they can be unflattened when spliced back.
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import os
 import re
@@ -91,6 +92,36 @@ def resolve_model_path(name: str) -> str:
 
         return str(pretrained_dir())
     return name
+
+
+MODEL_DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+
+def forward_dtype(path: str, device: torch.device | str, choice: str = "auto") -> torch.dtype:
+    """The dtype a frozen model runs its forward in: `choice`, or for `auto` the model's own on CUDA, float32 elsewhere.
+
+    The model's own is config.json's `dtype` (`torch_dtype` before transformers 4.56): what it was
+    trained and published in (Gemma 2: bfloat16), half the memory and the tensor cores' speed.  On
+    CPU most processors have no fast bfloat16 matmul, so `auto` stays float32 there.
+    """
+    if choice not in MODEL_DTYPES:
+        raise SaekitError(f"model dtype {choice!r} is not one of {', '.join(MODEL_DTYPES)}")
+    if choice != "auto":
+        return getattr(torch, choice)
+    if torch.device(device).type != "cuda":
+        return torch.float32
+    cfg = Path(path) / "config.json"
+    try:
+        if cfg.is_file():
+            d = json.loads(cfg.read_text())
+        else:
+            from transformers import AutoConfig
+
+            d = AutoConfig.from_pretrained(path).to_dict()
+    except (OSError, ValueError):
+        return torch.float32
+    own = str(d.get("dtype") or d.get("torch_dtype") or "float32").removeprefix("torch.")
+    return getattr(torch, own) if own in ("bfloat16", "float16") else torch.float32
 
 
 def fingerprint(path: str) -> str:

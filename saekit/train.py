@@ -42,7 +42,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
-from saekit import distributed, metrics
+from saekit import distributed, metrics, precision
 from saekit.models import resolve_device
 from saekit.config import to_dict
 from saekit.dictionaries.base import KINDS, DictConfig, Dictionary, Provenance, build
@@ -300,6 +300,8 @@ class Trainer:
         self.runs = [self._make_run(h, src, k, l1) for h, src in hooks.items() for k, l1 in self._sweep()]
         self.scales = {h: torch.tensor(float(src.prov.scale), device=self.device) for h, src in hooks.items()}
         self.tokens_per_s = float("nan")
+        self.precision = precision.precision_for(self.device)  # CUDA: bfloat16 autocast, float32 master weights, TF32
+        precision.apply_matmul_flags(self.precision)
         if self.device.type == "cpu":
             warm_kernels()  # numba's runtime and compiled kernels load here, not inside the first step
 
@@ -437,7 +439,8 @@ class Trainer:
         if cfg.kind == "relu":
             warm = max(1, round(cfg.l1_warmup * self.n_steps))
             state["l1_coef"] = d.cfg.l1 * min(1.0, (self.step + 1) / warm)
-        out = d.training_forward(xn, **state)
+        with precision.autocast(self.precision):
+            out = d.training_forward(xn, **state)
         r.opt.zero_grad(set_to_none=True)
         out.loss.backward()
         fired, rows = out.fired, xn.shape[0]
@@ -460,7 +463,7 @@ class Trainer:
             bad = ~torch.isfinite(out.loss.detach())
             r.nan_step = torch.where(bad & (r.nan_step < 0), torch.full_like(r.nan_step, self.step), r.nan_step)
             for name, t in {"loss": out.loss, **out.terms, "l0": out.l0}.items():
-                r.acc[name] = r.acc.get(name, 0) + t.detach()
+                r.acc[name] = r.acc.get(name, 0) + t.detach().float()  # terms may be bfloat16 under autocast
             r.acc["n"] = r.acc.get("n", 0) + 1
         if hasattr(d, "resample_dead") and (self.step + 1) % cfg.replace_every == 0:
             self._replace_dead(r, xn)
@@ -748,9 +751,11 @@ def _train_store(cfg: TrainConfig, progress: bool, env: distributed.DistEnv) -> 
         prov = Provenance(hook=h, model=model, hook_shape=list(store.hook_shape(h)), scale=scale, store=str(cfg.store))
         sources[h] = HookSource(int(store.hook_width(h)), prov)
     kw = {"buffer_rows": cfg.buffer_rows} if cfg.buffer_rows else {}
+    device = distributed.device(cfg.device, env) if env.distributed else resolve_device(cfg.device)  # the Trainer's
 
     def stream(start: int):  # the Trainer reads it one batch ahead in a background thread
-        return store.batches(mine, batch_size, split="train", seed=cfg.seed, start_batch=start, rank=rank, world_size=world, **kw)
+        return store.batches(mine, batch_size, split="train", seed=cfg.seed, start_batch=start, rank=rank, world_size=world,
+                             device=device if device.type == "cuda" else None, **kw)  # CUDA: pinned, copied and cast by the loader
 
     first = None
     if env.distributed:  # open the first stream now, so a rank with too little data fails on every rank, not in a hang

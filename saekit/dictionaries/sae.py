@@ -68,7 +68,8 @@ def sparse_decode_dense(values: Tensor, indices: Tensor, W_dec: Tensor) -> Tenso
 
 def sparse_decode_bag(values: Tensor, indices: Tensor, W_dec: Tensor) -> Tensor:
     """Same as `sparse_decode_dense` but gathers only the k rows per token (n·k·d_in work, not n·d_dict·d_in)."""
-    return F.embedding_bag(indices, W_dec, per_sample_weights=values, mode="sum")
+    # embedding_bag is on no autocast list: bfloat16 codes from an autocast encoder meet float32 weights here
+    return F.embedding_bag(indices, W_dec, per_sample_weights=values.to(W_dec.dtype), mode="sum")
 
 
 def sparse_decode_csr(values: Tensor, indices: Tensor, W_dec: Tensor) -> Tensor:
@@ -573,7 +574,9 @@ class ReluSAE(_SAE):
 
     def training_forward(self, xn: Tensor, l1_coef: float | None = None, **_) -> TrainOutput:
         lam = float(self.cfg.l1 if l1_coef is None else l1_coef)
-        loss, mse, l1, col, l0 = relu_loss(xn, self.W_enc, self.b_enc, self.W_dec, self.b_dec, lam, self._ws)
+        # Under autocast (saekit.precision) plain autograd: ReluLoss's hand-written backward assumes one dtype.
+        fn = relu_loss_eager if torch.is_autocast_enabled(xn.device.type) else relu_loss
+        loss, mse, l1, col, l0 = fn(xn, self.W_enc, self.b_enc, self.W_dec, self.b_dec, lam, self._ws)
         return TrainOutput(loss, {"mse": mse, "l1": l1}, col > 0, l0)  # f ≥ 0: a latent fired iff Σ_n f > 0
 
 

@@ -14,7 +14,10 @@ from __future__ import annotations
 
 import math
 import os
+import threading
+from collections import deque
 from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import h5py
@@ -23,7 +26,12 @@ import torch
 
 from saekit.errors import SaekitError, did_you_mean
 from saekit.models import ModelInfo
+from saekit.store.staging import PinnedRing
+from saekit.store.chunks import ChunkMap, chunk_map, read_h5py, read_raw, read_rows
 from saekit.store.format import MANIFEST, from_stored, gaps, read_manifest, row_mask, sha256_file
+
+STORED_NP = {"float16": np.float16, "bfloat16": np.uint16, "float32": np.float32}
+"""numpy dtype of each stored dtype (bfloat16 as its raw bits)."""
 
 
 class ActivationStore:
@@ -50,6 +58,9 @@ class ActivationStore:
         counts = [int(s["n_seq"]) for s in m["shards"]]
         self._starts = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
         self._files: dict[int, h5py.File] = {}
+        self._fds: dict[int, int] = {}
+        self._maps: dict[tuple[int, str], ChunkMap | None] = {}
+        self._lock = threading.RLock()  # opening files and mapping chunks, from the loader's worker threads
         self._pid = os.getpid()
 
     # -- description
@@ -100,9 +111,21 @@ class ActivationStore:
         return ranges[name]
 
     # -- raw reads
+    def _forked(self) -> None:
+        if self._pid != os.getpid():  # h5py handles and file offsets must not cross a fork
+            for fd in self._fds.values():
+                os.close(fd)  # the child's copies; the parent's stay open
+            self._files, self._fds, self._pid = {}, {}, os.getpid()
+
     def _file(self, i: int) -> h5py.File:
-        if self._pid != os.getpid():  # h5py handles must not cross a fork
-            self._files, self._pid = {}, os.getpid()
+        self._forked()
+        f = self._files.get(i)
+        if f is not None:
+            return f
+        with self._lock:
+            return self._open_file(i)
+
+    def _open_file(self, i: int) -> h5py.File:
         f = self._files.get(i)
         if f is None:
             p = self.path / self.manifest["shards"][i]["file"]
@@ -111,6 +134,49 @@ class ActivationStore:
             except (FileNotFoundError, OSError) as e:
                 raise SaekitError(f"cannot read shard {p} ({e}); run `saekit info {self.path} --verify`") from None
         return f
+
+    def _fd(self, i: int) -> int:
+        self._forked()
+        fd = self._fds.get(i)
+        if fd is not None:
+            return fd
+        with self._lock:
+            return self._open_fd(i)
+
+    def _open_fd(self, i: int) -> int:
+        fd = self._fds.get(i)
+        if fd is None:
+            p = self.path / self.manifest["shards"][i]["file"]
+            try:
+                fd = self._fds[i] = os.open(p, os.O_RDONLY)
+            except OSError as e:
+                raise SaekitError(f"cannot read shard {p} ({e}); run `saekit info {self.path} --verify`") from None
+        return fd
+
+    def _read_into(self, name: str, start: int, stop: int, out: np.ndarray) -> None:
+        """Dataset `name` (tokens or acts/<hook>) of global sequences [start, stop) of one shard into `out`, as stored."""
+        (i, a, b), = self._pieces(start, stop)
+        key = (i, name)
+        if key not in self._maps:
+            with self._lock:
+                if key not in self._maps:
+                    self._maps[key] = chunk_map(self._file(i)[name])
+        cmap = self._maps[key]
+        if cmap is None:
+            read_h5py(self._file(i)[name], a, b, out)
+        else:
+            read_raw(self._fd(i), cmap, a, b, out)
+
+    def _read_rows(self, name: str, start: int, stop: int, keep: np.ndarray, out: np.ndarray, junk: np.ndarray) -> bool:
+        """Only the kept rows of [start, stop) into `out`, in one scattered read; False where that cannot be done."""
+        (i, a, b), = self._pieces(start, stop)
+        key = (i, name)
+        if key not in self._maps:
+            with self._lock:
+                if key not in self._maps:
+                    self._maps[key] = chunk_map(self._file(i)[name])
+        cmap = self._maps[key]
+        return cmap is not None and read_rows(self._fd(i), cmap, a, b, keep, out, junk)
 
     def _pieces(self, start: int, stop: int) -> Iterator[tuple[int, int, int]]:
         """(shard, local start, local stop) covering global sequences [start, stop)."""
@@ -166,15 +232,30 @@ class ActivationStore:
         start_batch: int = 0,
         rank: int = 0,
         world_size: int = 1,
+        workers: int | None = None,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = torch.float32,
     ) -> "BatchStream":
-        """Endless shuffled batches {hook: float32 tensor [batch_size, width]} (same rows for every hook)."""
-        return BatchStream(self, self._hook_list(hooks), batch_size, split, seed, buffer_rows, start_batch, rank, world_size)
+        """Endless shuffled batches {hook: tensor [batch_size, width]} (same rows for every hook).
+
+        `workers` threads read and gather ahead (None: 1 for CPU batches, which run beside the
+        step on the same cores; up to 4 for a CUDA device; more than one also loads the next
+        fill into a second buffer while this one is served); `device` (a CUDA device: staged
+        through pinned memory, copied beside the step, cast there); `dtype` of the batches (None:
+        as stored).
+        Rows and their order depend only on (seed, rank, world_size, batch_size, buffer_rows).
+        """
+        return BatchStream(self, self._hook_list(hooks), batch_size, split, seed, buffer_rows, start_batch, rank, world_size,
+                           workers=workers, device=device, dtype=dtype)
 
     # -- lifetime
     def close(self) -> None:
         for f in self._files.values():
             f.close()
-        self._files = {}
+        if self._pid == os.getpid():
+            for fd in self._fds.values():
+                os.close(fd)
+        self._files, self._fds, self._maps = {}, {}, {}
 
     def __enter__(self):
         return self
@@ -186,21 +267,78 @@ class ActivationStore:
         return f"ActivationStore({str(self.path)!r}, hooks={self.hooks}, n_sequences={self.n_sequences})"
 
 
-class BatchStream:
-    """The iterator `ActivationStore.batches` returns; `peak_rows` records the most rows the buffer ever held."""
+def _cpus() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
 
-    def __init__(self, store: ActivationStore, hooks, batch_size, split, seed, buffer_rows, start_batch, rank, world_size):
+
+_NUMPY = {torch.float32: np.float32, torch.float16: np.float16, torch.float64: np.float64}
+
+
+def fresh(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    """A new CPU tensor, allocated by numpy where it can be.
+
+    numpy asks Linux for transparent huge pages on arrays of 4 MB and more (madvise), so a
+    fresh batch costs one page fault per 2 MB instead of per 4 KB: at width 2,304 a float32
+    batch of 4,096 rows took 7.4-8.0 ms to allocate and fill against 25 ms from torch.empty.
+    """
+    np_dtype = _NUMPY.get(dtype)
+    return torch.from_numpy(np.empty(shape, np_dtype)) if np_dtype else torch.empty(shape, dtype=dtype)
+
+
+SERIAL_ELEMENTS = 32768
+"""torch runs an elementwise op of fewer elements on the calling thread alone (its grain size)."""
+
+
+def cast_serial(src: torch.Tensor, dst: torch.Tensor) -> None:
+    """dst[:] = src (cast), in blocks small enough that torch runs each on this thread alone.
+
+    A parallel cast on CPU costs more CPU time than it saves: the OpenMP team's threads spin
+    after every region (float16 -> float32 at width 256: 0.25 GB of stored rows per CPU-second
+    in one cast per batch, against about 2 GB with OMP_WAIT_POLICY=passive, on this 2-core
+    machine), and the loader already runs beside the training step or in its own workers.
+    """
+    rows = max(1, SERIAL_ELEMENTS // max(1, src.shape[1]))
+    for s in range(0, src.shape[0], rows):
+        dst[s : s + rows].copy_(src[s : s + rows])
+
+
+class BatchStream:
+    """The iterator `ActivationStore.batches` returns; `peak_rows` records the most rows the buffer ever held.
+
+    The buffer holds rows in the store's dtype.  A fill reads each unit's counted rows straight
+    into their place in the buffer with one scattered read (`chunks.read_rows`; the rest land in
+    a junk row), or, for a unit across two chunks or a filtered dataset, reads it whole into a
+    per-thread staging array and takes the counted rows from there; a batch is a gather of the permuted
+    row indices into a reused array, then one cast to float32.  `workers` threads read a fill's
+    units and gather up to `workers` batches ahead (every copy releases the GIL); with more than
+    one worker a second buffer takes the next fill while this one is served.  With a CUDA
+    `device` the gather lands in pinned memory and the cast happens on the device
+    (`store.staging`).  None of this changes which rows a batch holds or their order.
+    """
+
+    def __init__(self, store: ActivationStore, hooks, batch_size, split, seed, buffer_rows, start_batch, rank, world_size,
+                 workers: int | None = 1, device: torch.device | str | None = None, dtype: torch.dtype | None = torch.float32):
         if batch_size < 1:
             raise SaekitError(f"batch_size must be at least 1, got {batch_size}")
         if not 0 <= rank < world_size:
             raise SaekitError(f"rank {rank} is not in 0..{world_size - 1}")
         if start_batch < 0:
             raise SaekitError(f"start_batch must be >= 0, got {start_batch}")
+        device = torch.device(device) if device is not None else torch.device("cpu")
+        if workers is None:
+            workers = 1 if device.type == "cpu" else max(1, min(4, _cpus() - 1))
+        if workers < 1:
+            raise SaekitError(f"workers must be at least 1, got {workers}")
         ctx = store.context_size
         if buffer_rows < batch_size + ctx:
             raise SaekitError(f"buffer_rows={buffer_rows} is too small: it must hold a batch plus one sequence ({batch_size + ctx} rows)")
         self.store, self.hooks, self.batch_size = store, hooks, batch_size
         self.seed, self.buffer_rows, self.rank, self.world_size = seed, buffer_rows, rank, world_size
+        self.workers, self.dtype = workers, dtype
+        self.device = device
         self.batch_index = start_batch
         self.peak_rows = 0
         # A unit is at most one HDF5 chunk and small enough that any unit fits beside a batch.
@@ -221,6 +359,14 @@ class BatchStream:
         self.unit_rows = np.array([int(store.row_mask(store.read_tokens(a, b)).sum()) for a, b in self.units], np.int64)
         if self.unit_rows.sum() < batch_size:
             raise SaekitError(f"split {split!r} has {int(self.unit_rows.sum())} rows for this rank, fewer than one batch of {batch_size}")
+        self._np_dtype = STORED_NP[store.dtype]
+        self._widths = {h: store.hook_width(h) for h in hooks}
+        self._max_unit = max(b - a for a, b in self.units)
+        self._local = threading.local()  # per-thread staging arrays
+        self._pool = ThreadPoolExecutor(workers, thread_name_prefix="saekit-reader") if workers > 1 else None
+        # Loads the next fill in the background (workers > 1).
+        self._loader = ThreadPoolExecutor(1, thread_name_prefix="saekit-reader-fill") if workers > 1 else None
+        self._ring = None  # CUDA pinned staging, made at the first batch
         self._buf: dict[str, np.ndarray] | None = None
         self._gen = self._generate(start_batch)
 
@@ -239,22 +385,134 @@ class BatchStream:
             fills.append(cur)
         return fills
 
-    def _load(self, fill: list[int]) -> int:
-        if self._buf is None:
-            self._buf = {h: np.empty((self.buffer_rows, self.store.hook_width(h)), np.float32) for h in self.hooks}
-        n = 0
-        for u in fill:
-            a, b = self.units[u]
-            mask = self.store.row_mask(self.store.read_tokens(a, b)).reshape(-1)
-            k = int(mask.sum())
-            for h in self.hooks:
-                acts = self.store.read_acts(h, a, b)
-                self._buf[h][n : n + k] = acts.reshape(-1, acts.shape[-1])[mask]
-            n += k
-            self.peak_rows = max(self.peak_rows, n)
+    # -- filling the buffer
+    def _staging(self) -> dict[str, np.ndarray]:
+        st = getattr(self._local, "arrays", None)
+        if st is None:
+            n, ctx = self._max_unit, self.store.context_size
+            st = {"tokens": np.empty((n, ctx), np.int32)}
+            st.update({h: np.empty((n, ctx, w), self._np_dtype) for h, w in self._widths.items()})
+            self._local.arrays = st
+        return st
+
+    def _load_unit(self, buf: dict[str, np.ndarray], u: int, pos: int) -> None:
+        """Unit u's counted rows into rows [pos, pos + unit_rows[u]) of `buf`, in their stored order."""
+        a, b = self.units[u]
+        n, ctx = b - a, self.store.context_size
+        st = self._staging()
+        tokens = st["tokens"][:n]
+        self.store._read_into("tokens", a, b, tokens)
+        keep = self.store.row_mask(tokens).reshape(-1)
+        k = int(self.unit_rows[u])
+        if int(keep.sum()) != k:
+            raise SaekitError(f"store {self.store.path} changed while it was being read (sequences {a}:{b} now have "
+                              f"{int(keep.sum())} rows, {k} before); restart training")
+        for h, w in self._widths.items():
+            dest = buf[h][pos : pos + k]
+            if self.store._read_rows(f"acts/{h}", a, b, keep, dest, st[h].reshape(-1, w)[:ctx]):
+                continue  # the kept rows went straight into the buffer
+            raw = st[h][:n]  # spans two chunks, or filtered: read whole, then keep the rows
+            self.store._read_into(f"acts/{h}", a, b, raw)
+            np.take(raw.reshape(-1, w), np.flatnonzero(keep), axis=0, out=dest, mode="clip")
+
+    def _new_buffer(self) -> dict[str, np.ndarray]:
+        return {h: np.empty((self.buffer_rows, w), self._np_dtype) for h, w in self._widths.items()}
+
+    def _load(self, fill: list[int], buf: dict[str, np.ndarray], pool: ThreadPoolExecutor | None) -> int:
+        starts = np.concatenate([[0], np.cumsum(self.unit_rows[fill])]).astype(np.int64)
+        jobs = [(u, int(p)) for u, p in zip(fill, starts[:-1])]
+        if pool is None:
+            for job in jobs:
+                self._load_unit(buf, *job)
+        else:
+            list(pool.map(lambda job: self._load_unit(buf, *job), jobs))  # list(): wait, and raise a worker's error here
+        n = int(starts[-1])
+        self.peak_rows = max(self.peak_rows, n)
         return n
 
-    def _generate(self, skip: int) -> Iterator[dict[str, torch.Tensor]]:
+    # -- serving batches
+    def _as_torch(self, arr: np.ndarray) -> torch.Tensor:
+        t = torch.from_numpy(arr)
+        return t.view(torch.bfloat16) if arr.dtype == np.uint16 else t
+
+    def _same_dtype(self) -> bool:
+        return self.dtype is None or self._as_torch(np.empty(0, self._np_dtype)).dtype == self.dtype
+
+    def _cpu_outputs(self, n: int) -> dict[str, torch.Tensor]:
+        """A batch's fresh tensors, made on the consumer's thread: glibc gives each thread its own arena, and
+        memory freed back into a worker's small arena is returned to the kernel and faulted in again."""
+        if self._same_dtype():
+            return {h: self._as_torch(np.empty((n, w), self._np_dtype)) for h, w in self._widths.items()}
+        return {h: fresh((n, w), self.dtype) for h, w in self._widths.items()}
+
+    def _gather_cpu(self, idx: np.ndarray, out: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """One batch on the CPU into `out`: rows idx of the buffer, in `dtype` (None: the stored dtype)."""
+        same = self._same_dtype()
+        for h, x in out.items():
+            buf = self._buf[h]
+            if same:
+                arr = x.view(torch.int16).numpy().view(np.uint16) if x.dtype == torch.bfloat16 else x.numpy()
+                np.take(buf, idx, axis=0, out=arr, mode="clip")  # mode="clip": numpy buffers `out` under "raise"
+                continue
+            scratch = self._scratch(h, len(idx))
+            np.take(buf, idx, axis=0, out=scratch, mode="clip")
+            cast_serial(self._as_torch(scratch), x)
+        return out
+
+    def _scratch(self, h: str, n: int) -> np.ndarray:
+        """This thread's reusable (n, width) array in the stored dtype: reused memory costs no page faults."""
+        d = getattr(self._local, "scratch", None)
+        if d is None:
+            d = self._local.scratch = {}
+        if h not in d or d[h].shape[0] != n:
+            d[h] = np.empty((n, self._widths[h]), self._np_dtype)
+        return d[h]
+
+    def _gather_pinned(self, idx: np.ndarray, slot: int) -> int:
+        """Rows idx of the buffer into pinned ring slot `slot` (stored dtype); returns the slot."""
+        for h, arr in self._ring.host_arrays(slot).items():
+            np.take(self._buf[h], idx, axis=0, out=arr[: len(idx)], mode="clip")
+        return slot
+
+    def _batches(self, perms: Iterator[np.ndarray]) -> Iterator[dict[str, torch.Tensor]]:
+        """The batches of one fill, in order, with up to `workers` gathered ahead."""
+        cuda = self.device.type == "cuda"
+        if cuda and self._ring is None:
+            # slots: `workers` gathers in flight, the batch being copied, one spare
+            self._ring = PinnedRing({h: (self.batch_size, w) for h, w in self._widths.items()}, self._np_dtype,
+                                    self.workers + 2, self.device)
+        count = 0
+
+        def job(idx):
+            nonlocal count
+            if not cuda:
+                out = self._cpu_outputs(len(idx))
+                return lambda: self._gather_cpu(idx, out)
+            slot = count % len(self._ring)  # only the consumer's thread submits, so slots go round in batch order
+            count += 1
+            return lambda: self._gather_pinned(idx, slot)
+
+        def finish(result):
+            if cuda:
+                return self._ring.to_device(result, self.dtype)
+            if self.device.type != "cpu":
+                return {h: x.to(self.device) for h, x in result.items()}
+            return result
+
+        if self._pool is None:
+            for idx in perms:
+                yield finish(job(idx)())
+            return
+        ahead: deque = deque()
+        for idx in perms:
+            ahead.append(self._pool.submit(job(idx)))
+            if len(ahead) >= self.workers:
+                yield finish(ahead.popleft().result())
+        while ahead:
+            yield finish(ahead.popleft().result())
+
+    def _plan(self, skip: int) -> Iterator[tuple[int, int, list[int], int, int]]:
+        """(epoch, fill index, units, first batch, batches) of every fill that serves a batch, from batch `skip` on."""
         bs = self.batch_size
         epoch = 0
         while True:
@@ -263,20 +521,60 @@ class BatchStream:
                 if skip >= n_batches:
                     skip -= n_batches
                     continue
-                n = self._load(fill)
-                perm = np.random.default_rng([self.seed, self.rank, epoch, fi, 1]).permutation(n)
-                for b in range(skip, n_batches):
-                    idx = perm[b * bs : (b + 1) * bs]
-                    self.batch_index += 1
-                    yield {h: torch.from_numpy(self._buf[h][idx]) for h in self.hooks}
+                yield epoch, fi, fill, skip, n_batches
                 skip = 0
             epoch += 1
+
+    def _serve(self, epoch: int, fi: int, first: int, n_batches: int, n: int) -> Iterator[dict[str, torch.Tensor]]:
+        bs = self.batch_size
+        perm = np.random.default_rng([self.seed, self.rank, epoch, fi, 1]).permutation(n)
+        for batch in self._batches(perm[b * bs : (b + 1) * bs] for b in range(first, n_batches)):
+            self.batch_index += 1
+            yield batch
+
+    def _generate(self, skip: int) -> Iterator[dict[str, torch.Tensor]]:
+        plan = self._plan(skip)
+        if self._pool is None:  # one buffer, filled when the last fill's batches are out
+            self._buf = self._new_buffer()
+            for epoch, fi, fill, first, n_batches in plan:
+                yield from self._serve(epoch, fi, first, n_batches, self._load(fill, self._buf, None))
+            return
+        # Workers: two buffers; the next fill loads (on `loader`'s threads) while this one is served, so a
+        # GPU is not left waiting for a whole fill at each boundary.
+        bufs = [self._new_buffer(), self._new_buffer()]
+        cur = next(plan)
+        pending = Future()
+        pending.set_result(self._load(cur[2], bufs[0], self._pool))  # the first fill: every worker reads
+        i = 0
+        while True:
+            n = pending.result()
+            nxt = next(plan)
+            # One thread of its own: units handed to the pool would queue ahead of this fill's gathers.
+            pending = self._loader.submit(self._load, nxt[2], bufs[1 - i], None)
+            self._buf = bufs[i]
+            epoch, fi, _, first, n_batches = cur
+            yield from self._serve(epoch, fi, first, n_batches, n)
+            cur, i = nxt, 1 - i
 
     def __iter__(self):
         return self
 
     def __next__(self) -> dict[str, torch.Tensor]:
         return next(self._gen)
+
+    def close(self) -> None:
+        """Stop the worker threads (also done when the stream is dropped)."""
+        self._gen.close()
+        for pool in (self._loader, self._pool):  # the loader first: it feeds the pool
+            if pool is not None:
+                pool.shutdown(wait=True, cancel_futures=True)
+        self._pool = self._loader = None
+
+    def __del__(self):
+        for name in ("_loader", "_pool"):
+            pool = getattr(self, name, None)
+            if pool is not None:
+                pool.shutdown(wait=False, cancel_futures=True)
 
 
 # --------------------------------------------------------------------------- inspection

@@ -1,0 +1,180 @@
+"""The store's fast loader: raw chunk reads equal h5py's, and worker threads, the reference read path,
+the batch dtype and the CUDA staging change nothing about which rows a batch holds or their order.
+
+Stores come from tests/test_store.py's `make_store` (hook "a" names each row's global id in
+dimension 0; hook "b" is 2·a[:, :3] + 1).  CUDA tests skip without a device.
+"""
+
+from __future__ import annotations
+
+import h5py
+import numpy as np
+import pytest
+import torch
+from test_store import make_store
+
+import saekit.store.reader as reader
+from saekit.errors import SaekitError
+from saekit.store import ActivationStore
+from saekit.store.chunks import chunk_map, read_h5py
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+
+def take(it, n):
+    return [next(it) for _ in range(n)]
+
+
+def assert_same(xs, ys):
+    assert len(xs) == len(ys)
+    for x, y in zip(xs, ys):
+        assert x.keys() == y.keys()
+        for h in x:
+            assert x[h].dtype == y[h].dtype
+            torch.testing.assert_close(x[h].cpu(), y[h].cpu(), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16", "float32"])
+def test_raw_reads_equal_h5py(tmp_path, dtype):
+    make_store(tmp_path / "s", dtype=dtype, shard_seqs=9)
+    st = ActivationStore(tmp_path / "s")
+    with h5py.File(st.path / "shard-00001.h5") as f:
+        for name in ("tokens", "acts/a", "acts/b"):
+            ds = f[name]
+            assert chunk_map(ds) is not None  # the writer's layout is raw-readable
+            for a, b in ((0, 9), (2, 7), (8, 9), (0, 1)):
+                raw = np.full((b - a, *ds.shape[1:]), 7, ds.dtype)
+                ref = np.zeros_like(raw)
+                st._read_into(name, 9 + a, 9 + b, raw)  # shard 1 holds global sequences 9..17
+                read_h5py(ds, a, b, ref)
+                np.testing.assert_array_equal(raw, ref)
+
+
+def test_workers_and_reference_path_give_the_same_batches(tmp_path, monkeypatch):
+    make_store(tmp_path / "s", dtype="float16")
+    st = ActivationStore(tmp_path / "s")
+    kw = dict(seed=1, buffer_rows=40)
+    ref = take(st.batches(["a", "b"], 8, **kw), 70)  # crosses fills and an epoch boundary
+    assert_same(take(st.batches(["a", "b"], 8, workers=3, **kw), 70), ref)
+    for n in (9, 61):  # resume is exact with workers too
+        assert_same(take(st.batches(["a", "b"], 8, workers=2, start_batch=n, **kw), 70 - n), ref[n:])
+    monkeypatch.setattr(reader, "chunk_map", lambda ds: None)  # every read through h5py
+    assert_same(take(ActivationStore(tmp_path / "s").batches(["a", "b"], 8, workers=2, **kw), 70), ref)
+
+
+def test_batches_hold_the_stored_values(tmp_path):
+    tokens, acts = make_store(tmp_path / "s", dtype="bfloat16")
+    st = ActivationStore(tmp_path / "s")
+    stored = st.batches(["a", "b"], 16, seed=0, buffer_rows=64, dtype=None)
+    f32 = st.batches(["a", "b"], 16, seed=0, buffer_rows=64)
+    want_a = torch.from_numpy(acts["a"].reshape(-1, 6)).to(torch.bfloat16)
+    want_b = torch.from_numpy(acts["b"].reshape(-1, 3)).to(torch.bfloat16)
+    for _ in range(12):
+        x, y = next(stored), next(f32)
+        assert x["a"].dtype == torch.bfloat16 and y["a"].dtype == torch.float32
+        torch.testing.assert_close(x["a"].float(), y["a"], rtol=0, atol=0)
+        rows = [int(v) for v in y["a"][:, 0]]  # ids below 256 survive bfloat16 exactly
+        rows = [r for r in rows if r < 256]
+        assert rows
+        i = torch.tensor([int(torch.nonzero(want_a[:, 0] == r)[0]) for r in rows])
+        mask = y["a"][:, 0] < 256
+        torch.testing.assert_close(x["a"][mask], want_a[i], rtol=0, atol=0)
+        torch.testing.assert_close(x["b"][mask], want_b[i], rtol=0, atol=0)
+
+
+def test_compressed_store_is_read_through_h5py(tmp_path):
+    make_store(tmp_path / "s", dtype="float16")
+    with ActivationStore(tmp_path / "s") as st:
+        ref = take(st.batches(["a", "b"], 8, seed=2, buffer_rows=40), 30)
+    for shard in sorted((tmp_path / "s").glob("shard-*.h5")):  # rewrite every dataset gzip-compressed
+        with h5py.File(shard, "a") as f:
+            for name in ("tokens", "acts/a", "acts/b"):
+                data, attrs, chunks = f[name][...], dict(f[name].attrs), f[name].chunks
+                del f[name]
+                ds = f.create_dataset(name, data=data, chunks=chunks, compression="gzip", maxshape=(None, *data.shape[1:]))
+                ds.attrs.update(attrs)
+            assert chunk_map(f["acts/a"]) is None
+    assert_same(take(ActivationStore(tmp_path / "s").batches(["a", "b"], 8, seed=2, buffer_rows=40, workers=2), 30), ref)
+
+
+def test_cast_serial_equals_to():
+    src = torch.randn(37, 3000).half()
+    dst = torch.empty(37, 3000)
+    reader.cast_serial(src, dst)
+    torch.testing.assert_close(dst, src.float(), rtol=0, atol=0)
+
+
+def test_store_changed_while_reading(tmp_path):
+    make_store(tmp_path / "s")
+    st = ActivationStore(tmp_path / "s")
+    it = st.batches("a", 8, buffer_rows=40)
+    st.close()  # HDF5 will not open a file for writing that this process holds open for reading
+    with h5py.File(tmp_path / "s" / "shard-00000.h5", "a") as f:
+        f["tokens"][:, 3] = -1  # padding where there were rows: the counts no longer match
+    with pytest.raises(SaekitError, match="changed while"):
+        take(it, 40)
+
+
+def test_workers_errors(tmp_path):
+    make_store(tmp_path / "s")
+    with pytest.raises(SaekitError, match="workers"):
+        ActivationStore(tmp_path / "s").batches("a", 8, buffer_rows=40, workers=0)
+
+
+def test_close_stops_workers(tmp_path):
+    import threading
+
+    make_store(tmp_path / "s")
+    before = set(threading.enumerate())
+    it = ActivationStore(tmp_path / "s").batches("a", 8, buffer_rows=40, workers=2)
+    take(it, 5)
+    assert len(set(threading.enumerate()) - before) == 3  # 2 workers, 1 loading the next fill
+    it.close()
+    assert not set(threading.enumerate()) - before
+
+
+@cuda
+@pytest.mark.parametrize("dtype", [torch.float32, None])
+def test_cuda_batches_equal_cpu(tmp_path, dtype):
+    make_store(tmp_path / "s", dtype="float16")
+    st = ActivationStore(tmp_path / "s")
+    kw = dict(seed=1, buffer_rows=40, dtype=dtype)
+    ref = take(st.batches(["a", "b"], 8, **kw), 50)
+    for workers in (1, 3):  # 50 batches go round the pinned ring many times
+        got = take(st.batches(["a", "b"], 8, device="cuda", workers=workers, **kw), 50)
+        for x in got:
+            assert all(v.device.type == "cuda" for v in x.values())
+        assert_same(got, ref)
+
+
+@cuda
+def test_cuda_batches_survive_a_busy_step(tmp_path):
+    """Batches consumed by slow kernels on the default stream while later copies run: values stay right."""
+    make_store(tmp_path / "s", dtype="float16")
+    st = ActivationStore(tmp_path / "s")
+    ref = take(st.batches("a", 8, seed=0, buffer_rows=40), 40)
+    it = st.batches("a", 8, seed=0, buffer_rows=40, device="cuda", workers=2)
+    big = torch.randn(2048, 2048, device="cuda")
+    sums = []
+    for _ in range(40):
+        x = next(it)["a"]
+        for _ in range(3):
+            big = big @ big / 2048**0.5  # keep the stream busy while the next copies are queued
+        sums.append(x.sum())
+    torch.testing.assert_close(torch.stack(sums).cpu(), torch.stack([r["a"].sum() for r in ref]), rtol=1e-6, atol=1e-3)
+
+
+def test_units_across_chunk_boundaries(tmp_path, monkeypatch):
+    """Chunks of 3 sequences, units of 2: every other unit spans two chunks and is read whole (read_raw)."""
+    import saekit.store.writer as writer
+
+    monkeypatch.setattr(writer, "CHUNK_BYTES", 3 * 8 * 6 * 2)  # 3 sequences of ctx 8, width 6, float16
+    make_store(tmp_path / "s", dtype="float16")
+    with h5py.File(tmp_path / "s" / "shard-00000.h5") as f:
+        assert f["acts/a"].chunks[0] == 3
+    st = ActivationStore(tmp_path / "s")
+    it = st.batches(["a", "b"], 8, seed=5, buffer_rows=24)  # units of (24 - 8) // 8 = 2 sequences
+    assert any(a // 3 != (b - 1) // 3 for a, b in it.units)
+    got = take(it, 40)
+    monkeypatch.setattr(reader, "chunk_map", lambda ds: None)
+    assert_same(take(ActivationStore(tmp_path / "s").batches(["a", "b"], 8, seed=5, buffer_rows=24), 40), got)
