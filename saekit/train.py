@@ -26,12 +26,9 @@ only those hooks, and writes them itself.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import itertools
-import json
 import math
 import os
-import shutil
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
@@ -39,16 +36,16 @@ from pathlib import Path
 from typing import NamedTuple
 
 import torch
-from safetensors.torch import load_file, save_file
 from torch import Tensor
 
-from saekit import distributed, metrics
+from saekit import distributed, metrics, runs
 from saekit.models import resolve_device
 from saekit.config import to_dict
 from saekit.dictionaries.base import KINDS, DictConfig, Dictionary, Provenance, build
 from saekit.dictionaries.sae import warm_kernels
 from saekit.errors import SaekitError, did_you_mean
 from saekit.prefetch import can_overlap, prefetch
+from saekit.progress import Progress
 
 BatchSource = Callable[[int], Iterator[dict[str, Tensor]]]
 """start_batch -> endless iterator of {hook: float tensor (batch_size, width)}; batch i is always the same."""
@@ -162,11 +159,6 @@ IDENTITY_FIELDS = ("store", "hooks", "kind", "d_dict", "expansion", "k", "l1", "
                    "replace_every", "init_rows")
 
 
-def identity_hash(cfg: TrainConfig, hooks: list[str]) -> str:
-    ident = {k: to_dict(cfg)[k] for k in IDENTITY_FIELDS} | {"hooks": hooks}
-    return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:16]
-
-
 # --- run layout: the ONE place that names files (used by save and by resume) ---------------------
 
 class RunPaths(NamedTuple):
@@ -178,13 +170,10 @@ class RunPaths(NamedTuple):
     """checkpoints/step-NNNNNNNN/{state.safetensors,state.json}."""
 
     def checkpoint(self, step: int) -> Path:
-        return self.checkpoints / f"step-{step:08d}"
+        return runs.checkpoint_dir(self.checkpoints, step)
 
     def checkpoint_steps(self) -> list[int]:
-        """Steps of the complete checkpoints present (a folder is complete once renamed from .tmp)."""
-        if not self.checkpoints.is_dir():
-            return []
-        return sorted(int(p.name[5:]) for p in self.checkpoints.iterdir() if p.name.startswith("step-") and p.name[5:].isdigit())
+        return runs.checkpoint_steps(self.checkpoints)
 
 
 def run_name(kind: str, k: int | None, l1: float | None, groups: int = 1) -> str:
@@ -296,7 +285,7 @@ class Trainer:
         self.device = distributed.device(cfg.device, self.dist) if self.dist.distributed else resolve_device(cfg.device)
         self.n_steps = math.ceil(cfg.tokens / cfg.batch_size)
         self.step = 0
-        self.ident = identity_hash(cfg, list(run_hooks or hooks))
+        self.ident = runs.identity_hash(to_dict(cfg), IDENTITY_FIELDS, hooks=list(run_hooks or hooks))
         self.runs = [self._make_run(h, src, k, l1) for h, src in hooks.items() for k, l1 in self._sweep()]
         self.scales = {h: torch.tensor(float(src.prov.scale), device=self.device) for h, src in hooks.items()}
         self.tokens_per_s = float("nan")
@@ -338,7 +327,7 @@ class Trainer:
                               f"rank {self.dist.rank} cannot see checkpoint step {last} in {self.cfg.out}; "
                               "put --out on a file system every node shares")
         if last is not None:
-            self._load_checkpoint(last)
+            self._load_checkpoint([s for s in common if s <= last])
             self._sync_state()
             return
         err = None
@@ -354,8 +343,7 @@ class Trainer:
         self._sync_state()
         if self.writes:
             for r in self.runs:
-                r.paths.dir.mkdir(parents=True, exist_ok=True)
-                r.paths.metrics.write_text("")
+                runs.MetricsLog(r.paths.metrics).start()
 
     def _sync_state(self) -> None:
         """DDP: every rank takes rank 0's parameters and buffers (as DDP does at construction)."""
@@ -393,7 +381,7 @@ class Trainer:
         if self.step >= self.n_steps:
             return self.runs
         ckpt_steps = max(1, self.cfg.checkpoint_every // self.cfg.batch_size) if self.cfg.checkpoint_every else None
-        bar = _Progress(self) if self.progress and self.dist.is_main else None
+        bar = self._progress_bar()
         needed = itertools.islice(self.batches(self.step), self.n_steps - self.step)  # no read-ahead past the end
         # On CPU the prefetch thread also casts and scales, so all of batch i+1's preparation overlaps
         # step i (torch releases the GIL), but only where a core is free for it; device copies stay on
@@ -416,9 +404,15 @@ class Trainer:
                     self._checkpoint()
         finally:
             it.close()
-            if bar:
-                bar.stop()
+            bar.close()
         return self.runs
+
+    def _progress_bar(self) -> Progress:
+        """One row per dictionary: tokens, tokens/s, ETA, loss terms, L0 and dead fraction."""
+        bar = Progress(enabled=self.progress and self.dist.is_main, unit="tokens")
+        for r in self.runs:
+            bar.add(r.label, self.n_steps * self.cfg.batch_size, self.step * self.cfg.batch_size)
+        return bar
 
     def _scaled(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
         """A batch on the device, float32, in the dictionaries' units."""
@@ -509,7 +503,7 @@ class Trainer:
                 kept = f"last good checkpoint {r.paths.checkpoint(done[-1])} kept; " if done else "no checkpoint was written yet; "
                 raise SaekitError(f"{r.label}: loss became NaN/inf at step {s}; {kept}lower --lr (or fix the data) and rerun with --resume")
 
-    def _log(self, bar: _Progress | None) -> None:
+    def _log(self, bar: Progress) -> None:
         self._check_finite()
         if self.ddp:  # log the global batch's averages
             for r in self.runs:
@@ -527,51 +521,44 @@ class Trainer:
             r.acc.clear()
             r.last = row
             if self.writes:
-                with r.paths.metrics.open("a") as fh:
-                    fh.write(json.dumps(row) + "\n")
-        if bar:
-            bar.update()
+                runs.MetricsLog(r.paths.metrics).append(row)
+        for i, r in enumerate(self.runs):
+            row = r.last
+            terms = " ".join(f"{k}={row[k]:.4g}" for k in row if k not in ("step", "tokens", "lr", "tokens_per_s", "l0", "dead_fraction"))
+            bar.update(i, done=row["tokens"], info=f"{terms} L0={row.get('l0', 0):.1f} dead={row.get('dead_fraction', 0):.1%}")
 
     # --- checkpoints ---------------------------------------------------------------------------
     def _checkpoint(self) -> None:
-        """Write every run's state at self.step (temp folder renamed when complete), keep the last two."""
+        """Write every run's state at self.step (runs.save_checkpoint: atomic, checksummed, last two kept)."""
         self._check_finite()
         if not self.writes:
             return
         for r in self.runs:
-            final = r.paths.checkpoint(self.step)
-            tmp = final.with_name(final.name + ".tmp")
-            shutil.rmtree(tmp, ignore_errors=True)
-            tmp.mkdir(parents=True)
             tensors, meta = _run_state(r)
-            save_file(tensors, tmp / "state.safetensors")
-            meta |= {"step": self.step, "tokens": self.step * self.cfg.batch_size, "identity": self.ident,
-                     "train_config": to_dict(self.cfg)}
-            (tmp / "state.json").write_text(json.dumps(meta, indent=1))
-            shutil.rmtree(final, ignore_errors=True)
-            os.replace(tmp, final)
-            for old in r.paths.checkpoint_steps()[:-2]:
-                shutil.rmtree(r.paths.checkpoint(old), ignore_errors=True)
+            meta |= {"tokens": self.step * self.cfg.batch_size, "identity": self.ident, "train_config": to_dict(self.cfg)}
+            runs.save_checkpoint(r.paths.checkpoints, self.step, tensors, meta)
 
-    def _load_checkpoint(self, step: int) -> None:
-        for r in self.runs:
-            folder = r.paths.checkpoint(step)
-            try:
-                meta = json.loads((folder / "state.json").read_text())
-                tensors = load_file(str(folder / "state.safetensors"), device=str(self.device))
-            except (OSError, ValueError) as e:
-                raise SaekitError(f"checkpoint {folder} is damaged ({e}); delete that folder to resume from the one before") from None
-            if meta.get("identity") != self.ident:
-                old = meta.get("train_config", {})
-                diff = [k for k in IDENTITY_FIELDS if old.get(k) != to_dict(self.cfg).get(k)]
-                raise SaekitError(f"{r.paths.dir} was trained with other settings ({', '.join(diff) or 'hooks'} differ); "
-                                  "rerun with the original options or choose another --out")
-            _load_run_state(r, tensors, meta)
-            # Drop log lines past the checkpoint: the resumed run writes them again.
-            if self.writes and r.paths.metrics.exists():
-                lines = [ln for ln in r.paths.metrics.read_text().splitlines() if ln and json.loads(ln)["step"] <= step]
-                r.paths.metrics.write_text("".join(ln + "\n" for ln in lines))
-        self.step = step
+    def _load_checkpoint(self, steps: list[int]) -> None:
+        """Resume from the newest of `steps` every run can read (a damaged one is named in a warning and skipped)."""
+        for step in reversed(steps):
+            states = []
+            for r in self.runs:
+                got = runs.try_read_checkpoint(r.paths.checkpoint(step), str(self.device))
+                if got is None:
+                    break
+                runs.check_identity(r.paths.dir, got[1], self.ident, to_dict(self.cfg), IDENTITY_FIELDS,
+                                    config_key="train_config", unnamed="hooks")
+                states.append(got)
+            if len(states) < len(self.runs):
+                continue
+            for r, (tensors, meta) in zip(self.runs, states):
+                _load_run_state(r, tensors, meta)
+                if self.writes:
+                    runs.MetricsLog(r.paths.metrics).truncate(step)
+            self.step = step
+            return
+        raise SaekitError(f"every checkpoint in {self.cfg.out} is damaged (see the warnings); "
+                          "delete the checkpoints folders and rerun without --resume")
 
     # --- evaluation and output ---------------------------------------------------------------------
     @torch.no_grad()
@@ -649,31 +636,6 @@ def _load_run_state(r: Run, t: dict[str, Tensor], meta: dict) -> None:
     r.opt.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
     r.since_fired = t["since_fired"].to(r.since_fired.device)
     r.generator.set_state(t["generator"].cpu())
-
-
-class _Progress:
-    """Rich progress: one row per dictionary with tokens/s, loss terms, L0 and dead fraction."""
-
-    def __init__(self, trainer: Trainer):
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-        self.t = trainer
-        self.p = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                          TextColumn("{task.fields[info]}"), TimeRemainingColumn())
-        total = trainer.n_steps * trainer.cfg.batch_size
-        self.tasks = [self.p.add_task(r.label, total=total, completed=trainer.step * trainer.cfg.batch_size, info="")
-                      for r in trainer.runs]
-        self.p.start()
-
-    def update(self) -> None:
-        for task, r in zip(self.tasks, self.t.runs):
-            row = r.last
-            terms = " ".join(f"{k}={row[k]:.4g}" for k in row if k not in ("step", "tokens", "lr", "tokens_per_s", "l0", "dead_fraction"))
-            info = f"{self.t.tokens_per_s:,.0f} tok/s  {terms}  L0={row.get('l0', 0):.1f}  dead={row.get('dead_fraction', 0):.1%}"
-            self.p.update(task, completed=row.get("tokens", 0), info=info)
-
-    def stop(self) -> None:
-        self.p.stop()
 
 
 # --- from a store ---------------------------------------------------------------------------------
