@@ -59,7 +59,7 @@ def main() -> None:
     torch.set_num_threads(2)
 
     from saekit import finetune as ft, metrics
-    from saekit.dictionaries import load
+    from saekit.interop import load
     from saekit.e2e import E2EConfig, train_e2e
     from saekit.harvest import HarvestConfig, harvest
     from saekit.splice import SpliceConfig, splice_eval

@@ -20,7 +20,7 @@ def register(app) -> None:
 
         Example: saekit train --store acts --hook blocks.1.hook_resid_post --kind topk --k 16,32 --out dicts
         """
-        from saekit.dictionaries import load
+        from saekit.interop import load
         from saekit.train import train as run_train
 
         paths = run_train(cfg)

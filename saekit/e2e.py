@@ -38,7 +38,8 @@ from torch import Tensor
 from saekit import finetune as ft
 from saekit import metrics
 from saekit.config import check_signs, to_dict
-from saekit.dictionaries.base import DictConfig, Dictionary, Provenance, build
+from saekit.dictionaries import build
+from saekit.dictionaries.base import DictConfig, Dictionary, Provenance
 from saekit.errors import SaekitError
 from saekit.splice import PAD, masked_mean, model_input, scored_mask, splice_mask
 
@@ -165,7 +166,7 @@ def training_reconstruction(d: Dictionary, rows: Tensor) -> tuple[Tensor, Tensor
     offline trainer does, and moves θ towards the smallest kept value.
     """
     if d.cfg.kind == "batchtopk":
-        from saekit.dictionaries.sae import batch_topk_mask
+        from saekit.dictionaries.fast import batch_topk_mask
 
         codes = batch_topk_mask(d.pre_acts(rows.to(d.scale.dtype) * d.scale), d.cfg.k)
         d._update_threshold(codes.detach())
@@ -313,11 +314,9 @@ def train_one(cfg: E2EConfig, em: E2EModel, d: Dictionary, hook: str, data: ft.T
             loss = terms["kl"] + cfg.mse_coef * terms["mse"] + cfg.l1 * terms.get("l1", 0.0)
             opt.zero_grad(set_to_none=True)
             loss.backward()
-            if hasattr(d, "before_step"):
-                d.before_step()
+            d.before_step()
             opt.step()
-            if hasattr(d, "after_step"):
-                d.after_step()
+            d.after_step()
             step += 1
             for k, v in terms.items():
                 acc[k] = acc.get(k, 0.0) + float(v.detach())
@@ -347,7 +346,7 @@ def train_one(cfg: E2EConfig, em: E2EModel, d: Dictionary, hook: str, data: ft.T
 
 
 def _find_inits(root: str, hooks: list[str]) -> dict[str, Dictionary]:
-    from saekit.dictionaries import load
+    from saekit.interop import load
 
     p = Path(root)
     if not p.exists():
@@ -408,9 +407,7 @@ def train_e2e(cfg: E2EConfig, progress: bool = True) -> list[Path]:
             scale = ft.norm_scale(sample[h])
             d = build(dc, Provenance(hook=h, model=im.info.to_dict(), hook_shape=shape, scale=scale, store=cfg.store or None))
             g = torch.Generator().manual_seed(cfg.seed)
-            if hasattr(d, "reset_parameters"):
-                d.reset_parameters(g)
-            if hasattr(d, "init_from_data"):
-                d.init_from_data(sample[h] * scale)
+            d.reset_parameters(g)
+            d.init_from_data(sample[h] * scale)
         out.append(train_one(cfg, em, d, h, data, progress))
     return out

@@ -574,7 +574,7 @@ def splice_eval(cfg: SpliceConfig, progress: Callable[[int, int], None] | None =
     Returns the result dict (see `evaluate`), with "model" and "source" added, and
     "frontier" {"png", "csv"} when `cfg.sweep` is set.
     """
-    from saekit.dictionaries import load as load_dictionary
+    from saekit.interop import load as load_dictionary
 
     if cfg.finetuned:
         return finetuned_eval(cfg, progress)
@@ -674,7 +674,7 @@ def finetuned_eval(cfg: SpliceConfig, progress: Callable[[int, int], None] | Non
     dictionary gets), so it is an independent check of the table `saekit finetune` wrote.
     The result is `evaluate`'s for the codebook model with "finetuned" {folder, table} added.
     """
-    from saekit.dictionaries import load as load_dictionary
+    from saekit.interop import load as load_dictionary
 
     if cfg.dicts or cfg.sweep:
         raise SaekitError("--finetuned evaluates the folder's own codebooks; drop --dict/--sweep (or drop --finetuned)")

@@ -41,8 +41,9 @@ from torch import Tensor
 from saekit import distributed, metrics, runs
 from saekit.models import resolve_device
 from saekit.config import to_dict
-from saekit.dictionaries.base import KINDS, DictConfig, Dictionary, Provenance, build
-from saekit.dictionaries.sae import warm_kernels
+from saekit.dictionaries import build
+from saekit.dictionaries.base import KINDS, DictConfig, Dictionary, Provenance
+from saekit.dictionaries.fast import warm_kernels
 from saekit.errors import SaekitError, did_you_mean
 from saekit.prefetch import can_overlap, prefetch
 from saekit.progress import Progress
@@ -252,6 +253,22 @@ def default_lr(kind: str, d_dict: int) -> float:
 
 
 
+def used_config(cfg: TrainConfig, dcfg: DictConfig, lr: float) -> dict:
+    """The run's config as one dictionary was trained: automatic values (0 = pick) resolved, other kinds' knobs None."""
+    used = to_dict(cfg) | {"d_dict": dcfg.d_dict, "lr": lr}
+    if dcfg.kind in ("topk", "batchtopk"):
+        used["aux_k"] = min(cfg.aux_k or dcfg.d_in // 2, dcfg.d_dict)  # as TopKSAE._k_aux resolves it
+    else:
+        used["aux_k"] = used["aux_coef"] = None
+    if dcfg.kind != "relu":
+        used["l1"] = used["l1_warmup"] = None
+    else:
+        used["k"] = None
+    if dcfg.kind != "codebook":
+        used["replace_every"] = None
+    return used
+
+
 def _make_adam(groups: list[dict], device: torch.device) -> torch.optim.Optimizer:
     # fused Adam: one kernel for all parameters (CPU support since torch 2.4).
     try:
@@ -307,11 +324,12 @@ class Trainer:
         except ValueError as e:
             raise SaekitError(f"hook {hook}: {e}; change --k/--d-dict/--expansion/--groups") from None
         d = build(dcfg, dataclasses.replace(src.prov)).to(self.device)
-        d.train_config = to_dict(cfg)
+        lr = cfg.lr or default_lr(cfg.kind, d_dict)
+        d.train_config = used_config(cfg, dcfg, lr)
         gen = torch.Generator().manual_seed(cfg.seed)
         d.reset_parameters(gen)
         d.to(self.device)
-        opt = _make_adam(d.param_groups(cfg.lr or default_lr(cfg.kind, d_dict)), self.device)
+        opt = _make_adam(d.param_groups(lr), self.device)
         name = run_name(cfg.kind, k, l1, cfg.groups)
         return Run(name, hook, d, opt, run_paths(cfg.out, hook, name), gen,
                    torch.zeros(d_dict, device=self.device), nan_step=torch.tensor(-1, device=self.device))
@@ -367,8 +385,7 @@ class Trainer:
         if self.ddp:
             xs = {h: distributed.all_gather_cat(x) for h, x in xs.items()}
         for r in self.runs:
-            if hasattr(r.dictionary, "init_from_data"):
-                r.dictionary.init_from_data(xs[r.hook])
+            r.dictionary.init_from_data(xs[r.hook])
 
     # --- training ----------------------------------------------------------------------------
     def fit(self) -> list[Run]:
@@ -438,8 +455,7 @@ class Trainer:
         if self.ddp:
             fired = self._all_reduce_step(d, fired)
             rows *= self.dist.world_size
-        if hasattr(d, "before_step"):
-            d.before_step()
+        d.before_step()
         if cfg.grad_clip:
             # The first gradients are ~20× those a few hundred steps later.  Unclipped, they fill
             # Adam's second moment (β2 = 0.999 remembers ~1000 steps), so every later step is
@@ -447,8 +463,7 @@ class Trainer:
             # No host sync: the norm stays on the device.
             torch.nn.utils.clip_grad_norm_(d.parameters(), cfg.grad_clip / d.cfg.d_in)
         r.opt.step()
-        if hasattr(d, "after_step"):
-            d.after_step()
+        d.after_step()
         with torch.no_grad():
             r.since_fired = torch.where(fired, torch.zeros_like(r.since_fired), r.since_fired + rows)
             bad = ~torch.isfinite(out.loss.detach())
@@ -456,7 +471,7 @@ class Trainer:
             for name, t in {"loss": out.loss, **out.terms, "l0": out.l0}.items():
                 r.acc[name] = r.acc.get(name, 0) + t.detach()
             r.acc["n"] = r.acc.get("n", 0) + 1
-        if hasattr(d, "resample_dead") and (self.step + 1) % cfg.replace_every == 0:
+        if (self.step + 1) % cfg.replace_every == 0:
             self._replace_dead(r, xn)
 
     def _all_reduce_step(self, d: Dictionary, fired: Tensor) -> Tensor:
@@ -603,7 +618,6 @@ class Trainer:
             d = r.dictionary
             d.summary = {"train_steps": self.step, "train_tokens": self.step * self.cfg.batch_size,
                          "tokens_per_s": self.tokens_per_s, **(summaries or {}).get(r.label, {})}
-            d.train_config = to_dict(self.cfg)
             paths.append(d.save(r.paths.dir))
         return paths
 

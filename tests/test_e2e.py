@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from saekit import e2e, finetune as ft
-from saekit.dictionaries import DictConfig, Provenance, load
+from saekit.dictionaries import DictConfig, Provenance
+from saekit.interop import load
 from saekit.dictionaries.sae import ReluSAE
 from saekit.errors import SaekitError
 

@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from saekit import finetune as ft
-from saekit.dictionaries import DictConfig, Provenance, load
+from saekit.dictionaries import DictConfig, Provenance
+from saekit.interop import load
 from saekit.dictionaries.codebook import Codebook
 from saekit.errors import SaekitError
 

@@ -410,7 +410,7 @@ def eval_store(tiny_model_dir, tiny_text_file, tmp_path_factory):
 
 
 def test_store_eval_split_and_store_means(model, saved, eval_store):
-    from saekit.dictionaries import load
+    from saekit.interop import load
     from saekit.splice import Target
     from saekit.store import ActivationStore
 

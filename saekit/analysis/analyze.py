@@ -197,7 +197,7 @@ def run_pass(d, store, hook: str, cfg: AnalyzeConfig, progress: Callable[[int, i
 
 def analyze(cfg: AnalyzeConfig, progress: Callable[[int, int], None] | None = None) -> Path:
     """Run the pass, compute logit effects, write all outputs; returns the output folder."""
-    from saekit.dictionaries import load as load_dict
+    from saekit.interop import load as load_dict
     from saekit.store import ActivationStore
 
     if not cfg.dict or not cfg.store or not cfg.out:

@@ -235,7 +235,7 @@ def intervene(model, dicts, fsm, layers: list[int] | None = None, *, n_pairs: in
 
 def run_intervention(cfg: InterveneConfig) -> InterventionResult:
     """Load the toy model, its FSM and the dictionaries, patch, and optionally write JSON."""
-    from saekit.dictionaries import load as load_dict
+    from saekit.interop import load as load_dict
     from saekit.models import load_model
     from saekit.toy.fsm import load_fsm
 

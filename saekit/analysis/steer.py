@@ -141,7 +141,7 @@ def steer(cfg: SteerConfig, *, model=None, dictionary=None) -> SteerResult:
 
     `model` (a LoadedModel) and `dictionary` may be passed to reuse loaded objects.
     """
-    from saekit.dictionaries import load as load_dict
+    from saekit.interop import load as load_dict
     from saekit.models import load_model
 
     d = dictionary if dictionary is not None else load_dict(cfg.dict, device=cfg.device)

@@ -218,7 +218,7 @@ def build_codebook(spec: CodebookSpec, shape: list[int], init: Dictionary | None
 
 def find_init(root: str, hooks: list[str]) -> dict[str, Dictionary]:
     """Dictionaries under `root` (one folder or a tree, e.g. `saekit train --out`), by hook; one per hook."""
-    from saekit.dictionaries import load
+    from saekit.interop import load
 
     p = Path(root)
     if not p.exists():

@@ -44,7 +44,8 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
-from saekit.dictionaries.base import DictConfig, Dictionary, Provenance, build
+from saekit.dictionaries import build
+from saekit.dictionaries.base import DictConfig, Dictionary, Provenance
 from saekit.errors import SaekitError
 
 CFG_FILE = "cfg.json"
