@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 from saekit_cli.console import make_console
 from saekit_cli.options import config_options
@@ -21,10 +20,11 @@ def register(app) -> None:
         """One pass over a store: per-feature frequency, activations, top contexts, logit effects; dashboard + density plot."""
         from saekit.analysis.analyze import analyze, load_analysis
 
-        with Progress(TextColumn("[bold]analyzing"), BarColumn(), MofNCompleteColumn(), TextColumn("sequences"), TimeElapsedColumn(),
-                      console=console, transient=True) as bar:
-            task = bar.add_task("analyze", total=None)
-            out = analyze(cfg, progress=lambda done, total: bar.update(task, completed=done, total=total))
+        from saekit.progress import Progress, callback
+
+        with Progress(unit="sequences") as bar:
+            bar.add("analyzing", None)
+            out = analyze(cfg, progress=callback(bar))
         meta = load_analysis(out).meta
         t = Table(title=f"{meta['hook']} ({meta['kind']}) → {out}")
         t.add_column("measure")

@@ -6,7 +6,8 @@ from rich.table import Table
 from saekit_cli.console import make_console
 from saekit_cli.options import config_options
 
-from saekit.finetune import SPEC_HELP, FinetuneConfig
+from saekit.inmodel.codebooks import SPEC_HELP
+from saekit.inmodel.finetune import FinetuneConfig
 
 console = make_console()
 
@@ -30,7 +31,7 @@ def register(app) -> None:
         "--data toy.txt --codebooks 'attn:k=8,groups=heads;mlp:k=16' --steps 300 --out ft"))
     @config_options(FinetuneConfig, config_file=True)
     def finetune(cfg: FinetuneConfig):
-        from saekit.finetune import finetune as run
+        from saekit.inmodel.finetune import finetune as run
 
         res = run(cfg)
         print_table(res.table, f"held-out next-token loss and accuracy ({cfg.eval_sequences} sequences)")

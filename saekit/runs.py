@@ -26,6 +26,7 @@ import uuid
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -50,7 +51,7 @@ def atomic(path: str | os.PathLike) -> Iterator[Path]:
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
+    tmp = path.with_name(f".{path.stem}.{uuid.uuid4().hex[:8]}.tmp{path.suffix}")  # suffix kept: savefig reads it
     try:
         yield tmp
         if tmp.is_dir() and path.is_dir():
@@ -161,6 +162,34 @@ def check_identity(folder: Path, meta: dict, ident: str, cfg: dict, fields: tupl
         diff = changed_fields(meta.get(config_key, {}), cfg, fields)
         raise SaekitError(f"{folder} was written with other settings ({', '.join(diff) or unnamed} differ); "
                           "rerun with the original options or choose another --out")
+
+
+# --- run folder layout: the ONE place that names a dictionary run's files (save and resume) ------
+
+class RunPaths(NamedTuple):
+    dir: Path
+    """<out>/<hook>/<name>/: the dictionary folder (config.json + weights.safetensors)."""
+    metrics: Path
+    """metrics.jsonl: one JSON line per logging step."""
+    checkpoints: Path
+    """checkpoints/step-NNNNNNNN/{state.safetensors,state.json}."""
+
+    def checkpoint(self, step: int) -> Path:
+        return checkpoint_dir(self.checkpoints, step)
+
+    def checkpoint_steps(self) -> list[int]:
+        return checkpoint_steps(self.checkpoints)
+
+
+def run_name(kind: str, k: int | None, l1: float | None, groups: int = 1) -> str:
+    if kind == "relu":
+        return f"relu-l1_{l1:g}"
+    return f"{kind}-k{k}" + (f"-g{groups}" if groups > 1 else "")
+
+
+def run_paths(out: str | os.PathLike, hook: str, name: str) -> RunPaths:
+    d = Path(out) / hook / name
+    return RunPaths(d, d / "metrics.jsonl", d / "checkpoints")
 
 
 # --- optimiser state as tensors (no pickle) --------------------------------------------------------

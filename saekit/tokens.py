@@ -4,7 +4,7 @@ Every stage agrees on these rules, so a dictionary is harvested, trained (offlin
 in the model) and evaluated on the same positions:
 - `PAD` (-1) marks padding in every token array (stores, splice-eval, in-model data);
 - a position counts when it is not padding, and not position 0 when BOS is excluded
-  (`counted`: the store's training rows, the positions splice-eval replaces);
+  (`row_mask`: the store's training rows, the positions splice-eval replaces);
 - the model never sees `PAD`: it is swapped for BOS after the text, where causal
   attention keeps it out of every real position (`model_input`).
 """
@@ -19,7 +19,7 @@ PAD = -1
 """Padding token id in every saekit token array."""
 
 
-def counted(tokens, skip_bos: bool):
+def row_mask(tokens, skip_bos: bool = True):
     """(B, T) bool: the positions that count (not padding; not position 0 when skip_bos).
 
     numpy in, numpy out (the store's rows); torch in, torch out (splice, e2e, finetune).

@@ -28,8 +28,6 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import math
-import os
-import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,14 +37,16 @@ import torch
 from torch import Tensor
 
 from saekit import distributed, metrics, runs
+from saekit.runs import RunPaths, run_name, run_paths
 from saekit.models import resolve_device
 from saekit.config import to_dict
 from saekit.dictionaries import build
 from saekit.dictionaries.base import KINDS, DictConfig, Dictionary, Provenance
 from saekit.dictionaries.fast import warm_kernels
-from saekit.errors import SaekitError, did_you_mean
+from saekit.errors import SaekitError
 from saekit.prefetch import can_overlap, prefetch
-from saekit.progress import Progress
+from saekit.engine import Engine, Objective
+from saekit.store import open_store, resolve_store_hooks, store_eval_batches
 
 BatchSource = Callable[[int], Iterator[dict[str, Tensor]]]
 """start_batch -> endless iterator of {hook: float tensor (batch_size, width)}; batch i is always the same."""
@@ -114,7 +114,7 @@ class TrainConfig:
     resume: bool = False
     """Continue from the last checkpoint in --out (same batches, same final weights as an uninterrupted run)."""
     objective: str = "offline"
-    """offline (reconstruct stored activations) or e2e (splice into the frozen model, minimise KL(clean ‖ spliced); saekit.e2e)."""
+    """offline (reconstruct stored activations) or e2e (splice into the frozen model, minimise KL(clean ‖ spliced); saekit.inmodel.e2e, dispatched by the CLI)."""
     model: str = ""
     """e2e: the frozen model (empty = the store's model)."""
     data: str = ""
@@ -158,34 +158,6 @@ PLACEMENTS = ("data", "hooks")
 IDENTITY_FIELDS = ("store", "hooks", "kind", "d_dict", "expansion", "k", "l1", "groups", "similarity",
                    "batch_size", "seed", "buffer_rows", "l1_warmup", "aux_k", "aux_coef", "dead_tokens",
                    "replace_every", "init_rows")
-
-
-# --- run layout: the ONE place that names files (used by save and by resume) ---------------------
-
-class RunPaths(NamedTuple):
-    dir: Path
-    """<out>/<hook>/<name>/: the dictionary folder (config.json + weights.safetensors)."""
-    metrics: Path
-    """metrics.jsonl: one JSON line per logging step."""
-    checkpoints: Path
-    """checkpoints/step-NNNNNNNN/{state.safetensors,state.json}."""
-
-    def checkpoint(self, step: int) -> Path:
-        return runs.checkpoint_dir(self.checkpoints, step)
-
-    def checkpoint_steps(self) -> list[int]:
-        return runs.checkpoint_steps(self.checkpoints)
-
-
-def run_name(kind: str, k: int | None, l1: float | None, groups: int = 1) -> str:
-    if kind == "relu":
-        return f"relu-l1_{l1:g}"
-    return f"{kind}-k{k}" + (f"-g{groups}" if groups > 1 else "")
-
-
-def run_paths(out: str | os.PathLike, hook: str, name: str) -> RunPaths:
-    d = Path(out) / hook / name
-    return RunPaths(d, d / "metrics.jsonl", d / "checkpoints")
 
 
 # --- batch sources -------------------------------------------------------------------------------
@@ -277,12 +249,16 @@ def _make_adam(groups: list[dict], device: torch.device) -> torch.optim.Optimize
         return torch.optim.Adam(groups)
 
 
-class Trainer:
+class Trainer(Objective):
     """Trains every dictionary of a `TrainConfig` over one stream of batches.
 
-    `fit` is split into `_step` (one optimiser step for one dictionary), `_log` and
-    `_checkpoint`; only `_log`/`_checkpoint` read values back from the device.
+    The reconstruction objective of `saekit.engine`: `step` takes one optimiser step for every
+    dictionary on the same batch (`_step`); the engine logs (`_log`), checkpoints
+    (`_checkpoint`) and stops on NaN, the only times values are read back from the device.
     """
+
+    unit = "tokens"
+    nan_advice = "lower --lr (or fix the data)"
 
     def __init__(self, cfg: TrainConfig, hooks: dict[str, HookSource], batches: BatchSource, *, progress: bool = True,
                  dist: distributed.DistEnv | None = None, data_parallel: bool = False, run_hooks: list[str] | None = None):
@@ -306,6 +282,7 @@ class Trainer:
         self.runs = [self._make_run(h, src, k, l1) for h, src in hooks.items() for k, l1 in self._sweep()]
         self.scales = {h: torch.tensor(float(src.prov.scale), device=self.device) for h, src in hooks.items()}
         self.tokens_per_s = float("nan")
+        self.per_step = cfg.batch_size
         if self.device.type == "cpu":
             warm_kernels()  # numba's runtime and compiled kernels load here, not inside the first step
 
@@ -394,42 +371,61 @@ class Trainer:
         return self.loop()
 
     def loop(self) -> list[Run]:
-        """The training steps from self.step on (timed alone by benchmarks/train_speed.py)."""
+        """The training steps from self.step on, through the engine (timed alone by benchmarks/train_speed.py)."""
         if self.step >= self.n_steps:
             return self.runs
-        ckpt_steps = max(1, self.cfg.checkpoint_every // self.cfg.batch_size) if self.cfg.checkpoint_every else None
-        bar = self._progress_bar()
+        cfg = self.cfg
         needed = itertools.islice(self.batches(self.step), self.n_steps - self.step)  # no read-ahead past the end
         # On CPU the prefetch thread also casts and scales, so all of batch i+1's preparation overlaps
         # step i (torch releases the GIL), but only where a core is free for it; device copies stay on
         # the main thread's stream.
         on_cpu = self.device.type == "cpu"
-        it = prefetch(map(self._scaled, needed) if on_cpu else needed, size=2, name="saekit-batches",
-                      background=can_overlap(self.device))
-        t0, s0 = time.perf_counter(), self.step
+        self._it = prefetch(map(self._scaled, needed) if on_cpu else needed, size=2, name="saekit-batches",
+                            background=can_overlap(self.device))
+        ckpt_steps = max(1, cfg.checkpoint_every // cfg.batch_size) if cfg.checkpoint_every else 0
+        self._engine = Engine(self, self.n_steps, cfg.log_every, ckpt_steps, progress=self.progress and self.dist.is_main)
         try:
-            while self.step < self.n_steps:
-                xn = next(it) if on_cpu else self._scaled(next(it))
-                for r in self.runs:
-                    self._step(r, xn[r.hook])
-                self.step += 1
-                last = self.step == self.n_steps
-                if self.step % self.cfg.log_every == 0 or last:
-                    self.tokens_per_s = (self.step - s0) * self.cfg.batch_size / (time.perf_counter() - t0)
-                    self._log(bar)
-                if last or (ckpt_steps and self.step % ckpt_steps == 0):
-                    self._checkpoint()
+            self._engine.run(self.step)
         finally:
-            it.close()
-            bar.close()
+            self._it.close()
         return self.runs
 
-    def _progress_bar(self) -> Progress:
-        """One row per dictionary: tokens, tokens/s, ETA, loss terms, L0 and dead fraction."""
-        bar = Progress(enabled=self.progress and self.dist.is_main, unit="tokens")
+    # --- the objective: what a step computes, what a log row and a checkpoint hold ---------------
+    @property
+    def labels(self) -> list[str]:
+        return [r.label for r in self.runs]
+
+    def take_step(self, step: int) -> None:
+        xn = next(self._it) if self.device.type == "cpu" else self._scaled(next(self._it))
         for r in self.runs:
-            bar.add(r.label, self.n_steps * self.cfg.batch_size, self.step * self.cfg.batch_size)
-        return bar
+            self._step(r, xn[r.hook])
+        self.step = step + 1
+
+    def log_rows(self, step: int, seconds: float) -> list[dict]:
+        self.tokens_per_s = self._engine.rate
+        return self._log()
+
+    def bad_steps(self) -> list[int | None]:
+        if self.ddp:  # the first bad step on any rank (all ranks stop together)
+            big = torch.iinfo(torch.int64).max
+            first = torch.stack([torch.where(r.nan_step < 0, big, r.nan_step) for r in self.runs]).to(torch.int64)
+            distributed.flat_all_reduce([first], "min")
+            for r, s in zip(self.runs, first):
+                r.nan_step = torch.where(s == big, -1, s)
+        return [int(r.nan_step) if int(r.nan_step) >= 0 else None for r in self.runs]
+
+    def metrics_logs(self) -> list[runs.MetricsLog | None]:
+        return [runs.MetricsLog(r.paths.metrics) if self.writes else None for r in self.runs]
+
+    def checkpoint_roots(self) -> list[Path]:
+        return [r.paths.checkpoints for r in self.runs]
+
+    def save_checkpoint(self, step: int) -> None:
+        self._checkpoint()
+
+    def progress_info(self, row: dict) -> str:
+        terms = " ".join(f"{k}={row[k]:.4g}" for k in row if k not in ("step", "tokens", "lr", "tokens_per_s", "l0", "dead_fraction"))
+        return f"{terms} L0={row.get('l0', 0):.1f} dead={row.get('dead_fraction', 0):.1%}"
 
     def _scaled(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
         """A batch on the device, float32, in the dictionaries' units."""
@@ -504,22 +500,8 @@ class Trainer:
                     st[key][mask] = 0
         r.since_fired = torch.where(dead, torch.zeros_like(r.since_fired), r.since_fired)
 
-    def _check_finite(self) -> None:
-        if self.ddp:  # the first bad step on any rank (all ranks stop together)
-            big = torch.iinfo(torch.int64).max
-            first = torch.stack([torch.where(r.nan_step < 0, big, r.nan_step) for r in self.runs]).to(torch.int64)
-            distributed.flat_all_reduce([first], "min")
-            for r, s in zip(self.runs, first):
-                r.nan_step = torch.where(s == big, -1, s)
-        for r in self.runs:
-            s = int(r.nan_step)
-            if s >= 0:
-                done = r.paths.checkpoint_steps()
-                kept = f"last good checkpoint {r.paths.checkpoint(done[-1])} kept; " if done else "no checkpoint was written yet; "
-                raise SaekitError(f"{r.label}: loss became NaN/inf at step {s}; {kept}lower --lr (or fix the data) and rerun with --resume")
-
-    def _log(self, bar: Progress) -> None:
-        self._check_finite()
+    def _log(self) -> list[dict]:
+        """Each run's averages since the last log (global ones under DDP); reads the device."""
         if self.ddp:  # log the global batch's averages
             for r in self.runs:
                 keys = sorted(k for k in r.acc if k != "n")
@@ -535,17 +517,11 @@ class Trainer:
             row["tokens_per_s"] = self.tokens_per_s
             r.acc.clear()
             r.last = row
-            if self.writes:
-                runs.MetricsLog(r.paths.metrics).append(row)
-        for i, r in enumerate(self.runs):
-            row = r.last
-            terms = " ".join(f"{k}={row[k]:.4g}" for k in row if k not in ("step", "tokens", "lr", "tokens_per_s", "l0", "dead_fraction"))
-            bar.update(i, done=row["tokens"], info=f"{terms} L0={row.get('l0', 0):.1f} dead={row.get('dead_fraction', 0):.1%}")
+        return [r.last for r in self.runs]
 
     # --- checkpoints ---------------------------------------------------------------------------
     def _checkpoint(self) -> None:
         """Write every run's state at self.step (runs.save_checkpoint: atomic, checksummed, last two kept)."""
-        self._check_finite()
         if not self.writes:
             return
         for r in self.runs:
@@ -654,36 +630,6 @@ def _load_run_state(r: Run, t: dict[str, Tensor], meta: dict) -> None:
 
 # --- from a store ---------------------------------------------------------------------------------
 
-def open_store(path: str):
-    from saekit.store import ActivationStore
-
-    if not path:
-        raise SaekitError("no store given; pass --store DIR (a folder written by `saekit harvest`)")
-    store = ActivationStore(path)  # refuses missing, foreign or damaged stores with a SaekitError
-    if not store.n_sequences or not store.n_rows:
-        raise SaekitError(f"store {path} holds no training rows; harvest more text into it (`saekit harvest --out {path} ...`)")
-    return store
-
-
-def resolve_store_hooks(store, names: list[str]) -> list[str]:
-    present = list(store.hooks)
-    if [n.lower() for n in names] == ["all"]:
-        return present
-    for n in names:
-        if n not in present:
-            raise SaekitError(f"hook {n!r} is not in store {store.path}{did_you_mean(n, present)}; "
-                              f"hooks present: {', '.join(present)}")
-    return list(dict.fromkeys(names))
-
-
-def store_eval_batches(store, hooks: list[str], rows_per_batch: int = 4096) -> Iterator[dict[str, Tensor]]:
-    """Counted rows of the store's eval split, {hook: (n, width)} per chunk of sequences."""
-    seqs = max(1, rows_per_batch // max(store.context_size, 1))
-    for _, tokens, acts in store.iter_sequences(hooks, "eval", seqs):
-        mask = torch.as_tensor(store.row_mask(tokens), dtype=torch.bool)
-        yield {h: torch.as_tensor(acts[h])[mask] for h in hooks}
-
-
 def train(cfg: TrainConfig, progress: bool = True) -> list[Path]:
     """Train every dictionary `cfg` describes on its store; returns their folders (config.json + weights).
 
@@ -691,12 +637,9 @@ def train(cfg: TrainConfig, progress: bool = True) -> list[Path]:
     every rank returns every folder once they are all written.
     """
     env = distributed.env()
-    if cfg.objective == "e2e":
-        if env.distributed:
-            raise SaekitError("objective e2e does not run under torchrun yet; start it as a single process")
-        from saekit.e2e import from_train_config, train_e2e
-
-        return train_e2e(from_train_config(cfg), progress=progress)
+    if cfg.objective == "e2e":  # stage 2 does not import saekit.inmodel
+        raise SaekitError("objective e2e trains through the model: call saekit.inmodel.e2e.train_e2e(from_train_config(cfg)) "
+                          "(`saekit train --objective e2e` does)")
     device = distributed.device(cfg.device, env) if env.distributed else resolve_device(cfg.device)
     with distributed.session(device) as env:
         return _train_store(cfg, progress, env)

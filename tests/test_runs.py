@@ -67,9 +67,9 @@ def test_plain_progress_lines(capsys):
     assert capsys.readouterr().err == ""  # a job shorter than the interval prints nothing
 
 
-def test_counted_positions_numpy_and_torch():
+def test_row_mask_positions_numpy_and_torch():
     t = np.array([[10, 1, 2, tokens.PAD], [10, 3, tokens.PAD, tokens.PAD]])
     want = np.array([[False, True, True, False], [False, True, False, False]])
-    assert (tokens.counted(t, skip_bos=True) == want).all()
-    assert torch.equal(tokens.counted(torch.as_tensor(t), skip_bos=False), torch.as_tensor(t != tokens.PAD))
+    assert (tokens.row_mask(t, skip_bos=True) == want).all()
+    assert torch.equal(tokens.row_mask(torch.as_tensor(t), skip_bos=False), torch.as_tensor(t != tokens.PAD))
     assert (tokens.model_input(torch.as_tensor(t), 10) >= 0).all()

@@ -212,7 +212,7 @@ def test_batch_topk_candidates_with_ties_and_few_positives():
 def test_batchtopk_training_forward_candidates_match_full_path(dominating, step, monkeypatch):
     """Same loss, terms, fired, L0, θ and gradients from the candidate path (or its fallback) as from the reference,
     with the candidates' encoder fused (`TopKEncode` with BatchTopK's selection and AuxK's codes) or through autograd."""
-    from saekit.dictionaries import fast, sae
+    from saekit.dictionaries import fast
 
     monkeypatch.setattr(fast, "_TOPK_STEP", step)
 

@@ -14,7 +14,8 @@ import torch.nn.functional as F
 from saekit.dictionaries import Provenance
 from saekit.interop import load
 from saekit.errors import SaekitError
-from saekit.train import HookSource, TrainConfig, Trainer, run_name, run_paths, tensor_batches
+from saekit.runs import run_name, run_paths
+from saekit.train import HookSource, TrainConfig, Trainer, tensor_batches
 
 D_IN, N_ATOMS, K_TRUE = 16, 24, 2
 
@@ -277,3 +278,30 @@ def test_config_json_records_the_values_used(tmp_path):
     relu.fit()
     used = load(relu.save()[0]).train_config
     assert used["l1"] == [1.0] and used["k"] is None and used["aux_k"] is None
+
+
+def test_resume_skips_a_damaged_checkpoint(tmp_path):
+    """The newest checkpoint fails its checksum: a warning names it and the run resumes from the one before."""
+    from saekit import runs
+
+    x, _ = planted(3000)
+    kw = dict(tokens=30 * 128, batch_size=128, checkpoint_every=10 * 128, log_every=5, init_rows=256)
+    full = trainer(tmp_path, {"h": x}, name="full", **kw)
+    full.fit()
+    t1 = trainer(tmp_path, {"h": x}, name="cut", **kw)
+    t1.batches = killing(t1.batches, 23)
+    with pytest.raises(Killed):
+        t1.fit()
+    paths = t1.runs[0].paths
+    f = paths.checkpoint(20) / runs.STATE_TENSORS
+    data = bytearray(f.read_bytes())
+    data[-1] ^= 0xFF
+    f.write_bytes(bytes(data))
+    t2 = trainer(tmp_path, {"h": x}, name="cut", resume=True, **kw)
+    with pytest.warns(UserWarning, match="step-00000020 is damaged"):
+        t2.fit()
+    assert t2.step == 30
+    for (k, va), (_, vb) in zip(full.runs[0].dictionary.state_dict().items(), t2.runs[0].dictionary.state_dict().items()):
+        assert torch.equal(va, vb), k
+    steps = [json.loads(ln)["step"] for ln in paths.metrics.read_text().splitlines()]
+    assert steps == [5, 10, 15, 20, 25, 30]

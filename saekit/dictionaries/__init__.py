@@ -27,6 +27,23 @@ REGISTRY: dict[str, type[Dictionary]] = {"relu": ReluSAE, "topk": TopKSAE, "batc
 """kind name → class (a dict literal, not an import-time registry); KINDS are trained, LOADED_KINDS only read."""
 
 
+def find_dictionaries(root: str | os.PathLike) -> list[Path]:
+    """The saekit dictionary folders at or under `root` (config.json of this format + weights), sorted; [] if none.
+
+    The one scanner behind `--sweep`, `--init` and `--finetuned` (a train `--out` tree holds one per run).
+    """
+    found = []
+    for cfg_file in sorted(Path(root).rglob("config.json")):
+        if not (cfg_file.parent / "weights.safetensors").is_file():
+            continue
+        try:
+            if json.loads(cfg_file.read_text()).get("format") == FORMAT:
+                found.append(cfg_file.parent)
+        except (OSError, json.JSONDecodeError, UnicodeDecodeError, AttributeError):
+            continue
+    return found
+
+
 def build(cfg: DictConfig, prov: Provenance | None = None) -> Dictionary:
     return REGISTRY[cfg.kind](cfg, prov)
 
@@ -62,4 +79,4 @@ def load_saekit(path: str | os.PathLike, device: str | torch.device = "cpu") -> 
 
 
 __all__ = ["KINDS", "LOADED_KINDS", "REGISTRY", "DictConfig", "Dictionary", "ForwardOutput", "Provenance", "TrainOutput",
-           "build", "load_saekit"]
+           "build", "find_dictionaries", "load_saekit"]

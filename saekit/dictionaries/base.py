@@ -14,17 +14,17 @@ unpickles.
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar, NamedTuple
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from saekit.errors import SaekitError
+from saekit.runs import atomic, write_json
 
 FORMAT = "saekit-dictionary"
 VERSION = 1
@@ -205,8 +205,7 @@ class Dictionary(nn.Module):
         out = Path(path)
         out.mkdir(parents=True, exist_ok=True)
         tensors = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
-        save_file(tensors, out / "weights.safetensors.tmp")
-        (out / "config.json.tmp").write_text(json.dumps(self.config_dict(), indent=2))
-        os.replace(out / "weights.safetensors.tmp", out / "weights.safetensors")
-        os.replace(out / "config.json.tmp", out / "config.json")
+        with atomic(out / "weights.safetensors") as tmp:
+            save_file(tensors, tmp)
+        write_json(out / "config.json", self.config_dict())
         return out

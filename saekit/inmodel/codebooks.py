@@ -3,7 +3,7 @@
 Codebook Features (Tamkin et al. 2023, §3): at a hook the activation x is replaced by the sum of
 the k codes most similar to it (per group); the forward value is the codebook's, the backward
 pass is the identity (straight-through), and a commitment term pulls the chosen codes towards
-their inputs.  `saekit.finetune` states the whole objective.
+their inputs.  `saekit.inmodel.finetune` states the whole objective.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from saekit.dictionaries import find_dictionaries
 from saekit.dictionaries.base import DictConfig, Dictionary, Provenance
 from saekit.errors import SaekitError, did_you_mean
 from saekit.inmodel.sites import HOOK_RE
@@ -223,9 +224,8 @@ def find_init(root: str, hooks: list[str]) -> dict[str, Dictionary]:
     p = Path(root)
     if not p.exists():
         raise SaekitError(f"--init {root} does not exist; pass a dictionary folder or a folder of them")
-    folders = [p] if (p / "config.json").is_file() else sorted(c.parent for c in p.rglob("config.json") if (c.parent / "weights.safetensors").is_file())
     found: dict[str, Dictionary] = {}
-    for f in folders:
+    for f in find_dictionaries(p):
         d = load(f)
         h = d.prov.hook
         if h in hooks and d.cfg.kind == "codebook":
