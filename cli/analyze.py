@@ -22,7 +22,7 @@ def register(app) -> None:
 
         from saekit.progress import Progress, callback
 
-        with Progress(unit="sequences") as bar:
+        with Progress(unit="sequences", transient=True) as bar:
             bar.add("analyzing", None)
             out = analyze(cfg, progress=callback(bar))
         meta = load_analysis(out).meta

@@ -37,7 +37,7 @@ def register(app) -> None:
         console = make_console()
         if not console.is_terminal:  # piped to a file: do not squeeze the table into 80 columns
             console = Console(width=220)
-        with Progress(unit="tokens") as bar:
+        with Progress(unit="tokens", transient=True) as bar:
             bar.add("splicing", None)
             if cfg.finetuned:  # a `saekit finetune` folder: in-model training's report (stage 3 does not import it)
                 from saekit.inmodel.report import finetuned_eval, format_finetuned_table

@@ -50,7 +50,9 @@ class _Task:
 class Progress:
     """Tasks with a total (None: unknown), advanced by `update`; use as a context manager or call `close`."""
 
-    def __init__(self, enabled: bool = True, unit: str = "tokens", interval: float = 5.0, tty: bool | None = None):
+    def __init__(self, enabled: bool = True, unit: str = "tokens", interval: float = 5.0, tty: bool | None = None,
+                 transient: bool = False):
+        """`transient`: on a terminal the bars vanish when done (a table printed next takes their place)."""
         self.enabled = enabled
         self.unit = unit
         self.interval = interval
@@ -64,7 +66,8 @@ class Progress:
             from rich.progress import BarColumn, MofNCompleteColumn, Progress as RichProgress, TextColumn, TimeRemainingColumn
 
             self._rich = RichProgress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                                      TextColumn("{task.fields[rate]}"), TextColumn("{task.fields[info]}"), TimeRemainingColumn())
+                                      TextColumn("{task.fields[rate]}"), TextColumn("{task.fields[info]}"), TimeRemainingColumn(),
+                                      transient=transient)
             self._rich.start()
 
     def add(self, label: str, total: int | None, done: int = 0) -> int:
