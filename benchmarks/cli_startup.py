@@ -14,7 +14,7 @@ import statistics
 import subprocess
 import sys
 
-STAGES = ("saekit.harvest", "saekit.train", "saekit.splice", "saekit.finetune", "saekit.e2e", "saekit.pipeline",
+STAGES = ("saekit.harvest", "saekit.train", "saekit.splice", "saekit.inmodel.finetune", "saekit.inmodel.e2e", "saekit.pipeline",
           "saekit.analysis.analyze", "saekit.analysis.steer", "saekit.analysis.intervene", "saekit.toy.train", "saekit.interop")
 
 

@@ -5,8 +5,8 @@
 For one hook and one codebook shape (codes, k), it trains
   offline      — `saekit.train` on a store of the original model's activations (same rows as e2e sees),
   offline ×M   — the same with M times the tokens (offline steps are cheap: is its gap only budget?),
-  e2e          — `saekit.e2e`: the same codebook shape through the frozen model against KL(clean ‖ spliced),
-  joint        — `saekit.finetune`: codebook and model trained together (Codebook Features),
+  e2e          — `saekit.inmodel.e2e`: the same codebook shape through the frozen model against KL(clean ‖ spliced),
+  joint        — `saekit.inmodel.finetune`: codebook and model trained together (Codebook Features),
 all on the store's train split, and reports for each on the first 64 sequences of its eval
 split: CE with the codebook spliced in, loss recovered against the *original* model (clean
 CE and zero ablation of the original, so the joint row says how much of the original's
@@ -32,13 +32,13 @@ import torch
 
 def sample_walks(hf, splicer, layers, bos_id: int, n_seq: int, ctx: int, seed: int) -> np.ndarray:
     """Sample n_seq sequences from BOS at temperature 1, codebooks in `layers` active (full forward per token)."""
-    from saekit import finetune as ft
+    from saekit.inmodel.model import spliced_logits
 
     g = torch.Generator().manual_seed(seed)
     t = torch.full((n_seq, 1), bos_id, dtype=torch.long)
     with torch.no_grad():
         for _ in range(ctx - 1):
-            logits = ft._forward(hf, t, bos_id, splicer, layers, skip_bos=True)
+            logits = spliced_logits(hf, t, bos_id, splicer, layers, skip_bos=True)
             nxt = torch.multinomial(torch.softmax(logits[:, -1].float(), -1), 1, generator=g)
             t = torch.cat([t, nxt], 1)
     return t.numpy()
@@ -58,11 +58,16 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(2)
 
-    from saekit import finetune as ft, metrics
-    from saekit.dictionaries import load
-    from saekit.e2e import E2EConfig, train_e2e
+    from saekit import metrics
+    from saekit.inmodel.codebooks import InModelCodebook
+    from saekit.inmodel.finetune import FinetuneConfig, finetune
+    from saekit.inmodel.model import lm_score, load_in_model
+    from saekit.inmodel.report import finetuned_eval
+    from saekit.inmodel.sites import Splicer
+    from saekit.interop import load
+    from saekit.inmodel.e2e import E2EConfig, train_e2e
     from saekit.harvest import HarvestConfig, harvest
-    from saekit.splice import SpliceConfig, splice_eval
+    from saekit.splice import SpliceConfig
     from saekit.toy.corpus import ToyDataConfig, write_corpus
     from saekit.toy.eval import state_recovery
     from saekit.toy.fsm import load_fsm, transition_accuracy
@@ -107,7 +112,7 @@ def main() -> None:
     t0 = time.time()
     ft_out = work / "joint"
     # On the store's tokens: trained on its train split, scored on its eval split, like the other rows.
-    res = ft.finetune(ft.FinetuneConfig(model=args.model, store=str(store), codebooks=spec, out=str(ft_out), steps=args.steps,
+    res = finetune(FinetuneConfig(model=args.model, store=str(store), codebooks=spec, out=str(ft_out), steps=args.steps,
                                         batch_size=8, resume=True), progress=False)
     joint = res.codebooks[0]
     times["joint"] = time.time() - t0
@@ -127,12 +132,12 @@ def main() -> None:
     runs += [("e2e", args.model, e2e, store), ("joint", str(res.model), joint, store_ft)]
     original: dict = {}
     for name, model, dict_dir, eval_store in runs:
-        im = ft.load_in_model(model, [args.hook], torch.device("cpu"))
-        sp = ft.Splicer(im.hf, list(im.sites.values()))
+        im = load_in_model(model, [args.hook], torch.device("cpu"))
+        sp = Splicer(im.hf, list(im.sites.values()))
         d = load(dict_dir)
-        layer = {args.hook: ft.InModelCodebook(d)}
-        clean = ft.lm_score(im.hf, toks, im.bos_id, 16)
-        spliced = ft.lm_score(im.hf, toks, im.bos_id, 16, sp, layer, True)
+        layer = {args.hook: InModelCodebook(d)}
+        clean = lm_score(im.hf, toks, im.bos_id, 16)
+        spliced = lm_score(im.hf, toks, im.bos_id, 16, sp, layer, True)
         zero = _zero_ablated(im, sp, args.hook, toks)
         walks_clean = sample_walks(im.hf, sp, None, im.bos_id, args.sample_seqs, ctx, seed=1)
         walks = sample_walks(im.hf, sp, layer, im.bos_id, args.sample_seqs, ctx, seed=1)
@@ -152,7 +157,7 @@ def main() -> None:
             "dict": str(dict_dir),
         }
     t0 = time.time()
-    talk = splice_eval(SpliceConfig(finetuned=str(ft_out)))["finetuned"]["table"]
+    talk = finetuned_eval(SpliceConfig(finetuned=str(ft_out)))["finetuned"]["table"]
     times["splice-eval --finetuned"] = time.time() - t0
     out = {"model": args.model, "hook": args.hook, "codes": args.codes, "k": args.k, "steps": args.steps,
            "sample_seqs": args.sample_seqs, "finetune_table": res.table, "splice_eval_finetuned_table": talk, "rows": rows,
@@ -173,13 +178,14 @@ def main() -> None:
 
 
 def _zero_ablated(im, sp, hook: str, toks: np.ndarray) -> float:
-    from saekit import finetune as ft, metrics
+    from saekit import metrics
+    from saekit.tokens import model_input, row_mask, scored_mask
 
     ce = n = 0.0
     with torch.no_grad():
         for i in range(0, toks.shape[0], 16):
             t = torch.as_tensor(toks[i:i + 16], dtype=torch.long)
-            mask = ft.splice_mask(t, True)
+            mask = row_mask(t, True)
 
             def zero(x):
                 out = x.clone()
@@ -187,9 +193,9 @@ def _zero_ablated(im, sp, hook: str, toks: np.ndarray) -> float:
                 return out
 
             with sp.active({hook: zero}):
-                logits = im.hf(input_ids=ft.model_input(t, im.bos_id)).logits
-            m = ft.scored_mask(t)
-            ce += (metrics.ce_per_token(logits, ft.model_input(t, im.bos_id)) * m).sum().item()
+                logits = im.hf(input_ids=model_input(t, im.bos_id)).logits
+            m = scored_mask(t)
+            ce += (metrics.ce_per_token(logits, model_input(t, im.bos_id)) * m).sum().item()
             n += m.sum().item()
     return ce / max(n, 1)
 

@@ -19,8 +19,8 @@ import time
 
 import torch
 
-from saekit.dictionaries import sae
-from saekit.dictionaries.sae import ReluLoss, row_topk, sparse_decode_bag, sparse_decode_csr, warm_kernels
+from saekit.dictionaries import fast
+from saekit.dictionaries.fast import ReluLoss, row_topk, sparse_decode_bag, sparse_decode_csr, warm_kernels
 
 
 def interleaved(fns: dict, steps: int) -> dict[str, float]:
@@ -49,7 +49,7 @@ def relu_params(n: int, d_in: int, width: int, l0: float, g: torch.Generator):
 
 def relu_step(x, ps, density: float):
     def run():
-        sae.SPARSE_DENSITY = density
+        fast.SPARSE_DENSITY = density
         loss = ReluLoss.apply(x, *ps, 1.0, ws)[0]
         torch.autograd.grad(loss, ps)
     ws: dict = {}
@@ -80,15 +80,15 @@ def main() -> None:
             t = interleaved({"csr": relu_step(x, ps, 1e9), "dense": relu_step(x, ps, -1.0)}, a.steps)
             print(f"relu  width {width:6d}  L0 {got:6.1f}: CSR {t['csr']:7.1f}  dense {t['dense']:7.1f}  "
                   f"ratio {t['csr'] / t['dense']:.2f}")
-        sae.SPARSE_DENSITY = 0.12
+        fast.SPARSE_DENSITY = 0.12
         pre = torch.randn(n, width, generator=g)
         def select(mode):
             def run():
-                sae._TOPK = mode
+                fast._TOPK = mode
                 row_topk(pre, a.k)
             return run
         t = interleaved({m: select(m) for m in ("numba", "grouped", "plain")}, a.steps)
-        sae._TOPK = "numba"
+        fast._TOPK = "numba"
         print(f"topk  width {width:6d}  k {a.k}: numba {t['numba']:6.1f}  grouped {t['grouped']:6.1f}  torch.topk {t['plain']:6.1f}"
               f"  ratios {t['numba'] / t['grouped']:.2f} / {t['numba'] / t['plain']:.2f}")
         values, indices = row_topk(pre, a.k)

@@ -32,7 +32,7 @@ import numpy as np
 import torch
 
 from saekit.dictionaries.base import Provenance
-from saekit.dictionaries.sae import _BATCHTOPK, _DECODE
+from saekit.dictionaries.fast import _BATCHTOPK, _DECODE
 from saekit.train import HookSource, TrainConfig, Trainer, tensor_batches, train
 
 

@@ -13,15 +13,14 @@ def register(app) -> None:
     @config_options("saekit.analysis.analyze:AnalyzeConfig", config_file=True)
     def analyze_cmd(cfg):
         """One pass over a store: per-feature frequency, activations, top contexts, logit effects; dashboard + density plot."""
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
         from rich.table import Table
 
         from saekit.analysis.analyze import analyze, load_analysis
+        from saekit.progress import Progress, callback
 
-        with Progress(TextColumn("[bold]analyzing"), BarColumn(), MofNCompleteColumn(), TextColumn("sequences"), TimeElapsedColumn(),
-                      console=console, transient=True) as bar:
-            task = bar.add_task("analyze", total=None)
-            out = analyze(cfg, progress=lambda done, total: bar.update(task, completed=done, total=total))
+        with Progress(unit="sequences", transient=True) as bar:
+            bar.add("analyzing", None)
+            out = analyze(cfg, progress=callback(bar))
         meta = load_analysis(out).meta
         t = Table(title=f"{meta['hook']} ({meta['kind']}) → {out}")
         t.add_column("measure")

@@ -29,9 +29,9 @@ def register(app) -> None:
         "(fine-tuned without codebooks) and OUT/report.json, and prints held-out loss and accuracy of the original, "
         "fine-tuned and codebook models.\n\n--codebooks: " + SPEC_HELP + "\n\nExample: saekit finetune --model toy "
         "--data toy.txt --codebooks 'attn:k=8,groups=heads;mlp:k=16' --steps 300 --out ft"))
-    @config_options("saekit.finetune:FinetuneConfig", config_file=True)
+    @config_options("saekit.inmodel.finetune:FinetuneConfig", config_file=True)
     def finetune(cfg):
-        from saekit.finetune import finetune as run
+        from saekit.inmodel.finetune import finetune as run
 
         res = run(cfg)
         print_table(res.table, f"held-out next-token loss and accuracy ({cfg.eval_sequences} sequences)")

@@ -25,9 +25,9 @@ def register(app) -> None:
         from dataclasses import replace
 
         from rich.console import Console
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-        from saekit.splice import format_finetuned_table, format_table, splice_eval
+        from saekit.progress import Progress, callback
+        from saekit.splice import format_table, splice_eval
 
         if dicts:
             # Repeated --dict flags, each possibly comma-separated, after any from --config.
@@ -36,14 +36,14 @@ def register(app) -> None:
         console = make_console()
         if not console.is_terminal:  # piped to a file: do not squeeze the table into 80 columns
             console = Console(width=220)
-        columns = (TextColumn("splicing"), BarColumn(), MofNCompleteColumn(), TextColumn("tokens"), TimeRemainingColumn())
-        with Progress(*columns, console=Console(stderr=True), transient=True) as bar:
-            task = bar.add_task("splice", total=None)
+        with Progress(unit="tokens", transient=True) as bar:
+            bar.add("splicing", None)
+            if cfg.finetuned:  # a `saekit finetune` folder: in-model training's report (stage 3 does not import it)
+                from saekit.inmodel.report import finetuned_eval, format_finetuned_table
 
-            def progress(done: int, total: int) -> None:
-                bar.update(task, completed=done, total=total)
-
-            result = splice_eval(cfg, progress=progress)
+                result = finetuned_eval(cfg, progress=callback(bar))
+            else:
+                result = splice_eval(cfg, progress=callback(bar))
         console.print(format_table(result))
         if "finetuned" in result:
             console.print(format_finetuned_table(result))

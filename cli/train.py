@@ -17,10 +17,16 @@ def register(app) -> None:
         from rich.table import Table
 
         from saekit import distributed
-        from saekit.dictionaries import load
-        from saekit.train import train as run_train
+        from saekit.interop import load
 
-        paths = run_train(cfg)
+        if cfg.objective == "e2e":  # through the frozen model: saekit.inmodel, which stage 2 never imports
+            from saekit.inmodel.e2e import from_train_config, train_e2e
+
+            paths = train_e2e(from_train_config(cfg))
+        else:
+            from saekit.train import train as run_train
+
+            paths = run_train(cfg)
         if distributed.env().rank:  # under torchrun, rank 0 prints for everyone
             return
         table = Table(title=f"{len(paths)} dictionar{'y' if len(paths) == 1 else 'ies'} in {cfg.out} (eval split of {cfg.store})")

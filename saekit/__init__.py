@@ -11,6 +11,6 @@ __version__ = "0.1.0"
 
 def load(path):
     """Load any dictionary folder (saekit, SAELens or sparsify format), ready to encode/decode."""
-    from saekit.dictionaries import load as _load
+    from saekit.interop import load as _load
 
     return _load(path)

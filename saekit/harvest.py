@@ -33,6 +33,8 @@ from saekit import distributed, models, text
 from saekit.config import to_dict
 from saekit.errors import SaekitError
 from saekit.prefetch import can_overlap, prefetch
+from saekit.progress import Progress
+from saekit.tokens import PAD, model_input
 from saekit.store import DTYPES, StoreWriter, check_existing, consolidate, progress_name, shard_index
 from saekit.store import summary as store_summary
 
@@ -137,19 +139,6 @@ def _batches(seqs, start: int, stop: int | None, batch_size: int, shard_seqs: in
         i += len(chunk)
 
 
-def _progress_bar(total: int | None):
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-    class Rate(TextColumn):
-        def render(self, task):
-            speed = task.finished_speed or task.speed
-            return f"{speed:,.0f} tok/s" if speed else "… tok/s"
-
-    cols = [TextColumn("harvest"), BarColumn(), MofNCompleteColumn(), TextColumn("tokens"), Rate(""), TimeElapsedColumn()]
-    bar = Progress(*cols, transient=False)
-    return bar, bar.add_task("harvest", total=total)
-
-
 def harvest(cfg: HarvestConfig, progress: bool = True, model: models.LoadedModel | None = None) -> Path:
     """Harvest `cfg.hooks` of `cfg.model` over `cfg.data` into the store `cfg.out`; returns its path.
 
@@ -230,7 +219,7 @@ def _harvest(cfg: HarvestConfig, progress: bool, model: models.LoadedModel | Non
     header = {
         "model": info.to_dict(),
         "bos_id": bos,
-        "rows": {"exclude_bos": True, "pad_token": text.PAD},
+        "rows": {"exclude_bos": True, "pad_token": PAD},
         "text": {
             "source": str(cfg.data),
             "files": [str(f) for f in files],
@@ -264,22 +253,19 @@ def _harvest(cfg: HarvestConfig, progress: bool, model: models.LoadedModel | Non
     stop = cfg.max_sequences
     total = _rank_tokens(stop, cfg.shard_seqs, rank, world) * cfg.context_size if stop else None
     show = progress and dist_env.is_main
-    bar, task = _progress_bar(total) if show else (None, None)
+    bar = Progress(enabled=show, unit="tokens")
+    bar.add("harvest", total, sum(n for i, n in done.items() if i % world == rank) * cfg.context_size)
     ok = False
     n_seen = 0
     try:
-        if bar:
-            bar.start()
-            bar.update(task, completed=sum(n for i, n in done.items() if i % world == rank) * cfg.context_size)
         for i, toks in _batches(seqs, 0, stop, cfg.batch_size, cfg.shard_seqs):
             n_seen = i + len(toks)
             if not mine(i // cfg.shard_seqs):
                 continue  # another rank's shard, or one already finished: tokenised only to keep count
-            inp = torch.from_numpy(np.where(toks == text.PAD, bos, toks)).long().to(device)  # PAD never reaches the model
+            inp = torch.from_numpy(model_input(toks, bos)).long().to(device)  # PAD never reaches the model
             acts = capture(lm.bridge, inp, names)
             writer.write(toks, acts, start=i)
-            if bar:
-                bar.advance(task, toks.size)
+            bar.update(advance=toks.size)
         # A finished shard the text no longer fills (the corpus shrank without changing its fingerprint).
         short = [i for i, n in done.items() if i * cfg.shard_seqs + n > n_seen]
         if short:
@@ -289,8 +275,7 @@ def _harvest(cfg: HarvestConfig, progress: bool, model: models.LoadedModel | Non
     finally:
         if not ok:
             writer.abort()
-        if bar:
-            bar.stop()
+        bar.close()
     if dist_env.distributed:
         distributed.barrier()  # every rank's shards are on disk and listed in its progress file
         err = None

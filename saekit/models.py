@@ -270,3 +270,31 @@ def capture(bridge, tokens: torch.Tensor, hooks: list[str], *, flatten: bool = T
 def unflatten(act: torch.Tensor, shape: list[int]) -> torch.Tensor:
     """(…, width) → (…, *shape): the inverse of the flattening `capture` does."""
     return act.reshape(*act.shape[:-1], *shape)
+
+
+# --- does a dictionary or store fit a model -------------------------------------------------------
+
+def _model_label(m: dict) -> str:
+    fp = m.get("fingerprint")
+    return f"{m.get('name', '?')}" + (f" (fingerprint {fp})" if fp else "")
+
+
+def check_model(what: str, recorded: dict | None, info: ModelInfo, against: str = "the loaded model",
+                fix: str = "") -> None:
+    """Refuse `what` (a dictionary or store) made from another model than `info` or with other weight processing.
+
+    The one fit check: splice-eval (dictionary or store vs the loaded model), analyze
+    (dictionary vs the store's model) and steer (dictionary vs the loaded model) use it.
+    """
+    if not recorded:
+        return  # imported dictionaries may not say; nothing to check against
+    here = info.to_dict()
+    fp = recorded.get("fingerprint")
+    if (fp and fp != here["fingerprint"]) or (not fp and recorded.get("name") and recorded["name"] != here["name"]):
+        raise SaekitError(f"{what} was made from model {_model_label(recorded)} but {against} is {_model_label(here)} "
+                          "(different models); "
+                          + (fix or f"pass --model {recorded.get('name', '...')} (the same files) or use dictionaries trained on this model"))
+    if "compat" in recorded and bool(recorded["compat"]) != bool(here["compat"]):
+        flag = "--compat" if recorded["compat"] else "--no-compat"
+        raise SaekitError(f"{what} was made with compat={bool(recorded['compat'])} (TransformerLens weight processing) but "
+                          f"{against} has compat={bool(here['compat'])}; " + (fix or f"pass {flag}"))

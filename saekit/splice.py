@@ -35,17 +35,15 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from saekit import metrics
+from saekit import metrics, runs
 from saekit.errors import SaekitError
-from saekit.models import HookSpec, LoadedModel, check_hook_names, hook_layer, load_model, resolve_hooks, unflatten
+from saekit.tokens import PAD, model_input, row_mask, scored_mask
+from saekit.models import HookSpec, LoadedModel, check_hook_names, check_model, hook_layer, load_model, resolve_hooks, unflatten
 
-PAD = -1
-"""Padding id in stored token arrays (saekit.text.PAD): never fed to the model, never scored."""
 METRIC_KEYS = (
     "ce_clean", "ce_spliced", "ce_zero", "ce_mean", "loss_recovered_zero", "loss_recovered_mean",
     "delta_ce", "kl", "acc_clean", "acc_spliced", "l0", "fvu", "dead_frac",
 )
-DICT_FORMAT = "saekit-dictionary"
 
 
 @dataclass
@@ -115,33 +113,6 @@ def replace_rows(act: Tensor, mask: Tensor, fn: Callable[[Tensor], Tensor]) -> T
     out = flat.clone()
     out[mask] = fn(flat[mask]).to(out.dtype)
     return unflatten(out, list(act.shape[2:]))
-
-
-def splice_mask(tokens: Tensor, skip_bos: bool) -> Tensor:
-    """(B, T) bool: positions whose activation is replaced (not padding; not position 0 when skip_bos).
-
-    Shared by splice-eval, in-model training (`saekit.finetune`) and e2e, so a dictionary
-    is trained and evaluated on the same positions.
-    """
-    mask = tokens != PAD
-    if skip_bos:
-        mask[:, 0] = False
-    return mask
-
-
-def masked_mean(values: Tensor, mask: Tensor) -> Tensor:
-    """Mean of values (B, T) over the positions where mask is True (0 when there are none)."""
-    return (values * mask).sum() / mask.sum().clamp_min(1)
-
-
-def scored_mask(tokens: Tensor) -> Tensor:
-    """(B, T-1) bool: positions that have a real next token (both it and the next one are not padding)."""
-    return (tokens[:, :-1] != PAD) & (tokens[:, 1:] != PAD)
-
-
-def model_input(tokens: Tensor, bos_id: int) -> Tensor:
-    """Padding replaced by BOS for the forward: it sits after the text, so causal attention keeps it out."""
-    return torch.where(tokens == PAD, torch.full_like(tokens, bos_id), tokens)
 
 
 def _ratio(num: float, den: float) -> float:
@@ -307,7 +278,7 @@ def mean_activations(model: LoadedModel, tokens: Tensor, hooks: list[str], batch
     device = next(model.bridge.parameters()).device
     for i in range(0, tokens.shape[0], batch_size):
         tok = tokens[i : i + batch_size].to(device)
-        mask = splice_mask(tok, skip_bos=True)
+        mask = row_mask(tok, skip_bos=True)
         acts = capture(model.bridge, model_input(tok, model.bos_id), hooks)
         for h, a in acts.items():
             s = a[mask].double().sum(0)
@@ -320,49 +291,17 @@ def mean_activations(model: LoadedModel, tokens: Tensor, hooks: list[str], batch
 
 # --- checks ------------------------------------------------------------------------------------
 
-def find_dictionaries(root: str | os.PathLike) -> list[Path]:
-    """Every saekit dictionary folder under `root` (config.json of format saekit-dictionary + weights), sorted."""
+def sweep_dictionaries(root: str | os.PathLike) -> list[Path]:
+    """Every saekit dictionary folder under the sweep folder `root`, sorted; refuses a missing or empty folder."""
     r = Path(root)
     if not r.is_dir():
         raise SaekitError(f"sweep folder {r} does not exist; pass the folder your training sweep wrote")
     from saekit.interop import find_dictionary_folders
 
-    found = []
-    for cfg_file in (p / "config.json" for p in find_dictionary_folders(r, ("saekit",))):
-        try:
-            if json.loads(cfg_file.read_text()).get("format") == DICT_FORMAT:
-                found.append(cfg_file.parent)
-        except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
-            continue
+    found = find_dictionary_folders(r, ("saekit",))
     if not found:
         raise SaekitError(f"no dictionaries under {r} (looked for folders with config.json + weights.safetensors)")
     return found
-
-
-def _model_label(m: dict) -> str:
-    fp = m.get("fingerprint")
-    return f"{m.get('name', '?')}" + (f" (fingerprint {fp})" if fp else "")
-
-
-def check_model(what: str, recorded: dict | None, model: LoadedModel) -> None:
-    """Refuse `what` (a dictionary or store) made from another model or another weight processing."""
-    if not recorded:
-        return  # imported dictionaries may not say; nothing to check against
-    here = model.info.to_dict()
-    fp = recorded.get("fingerprint")
-    if fp and fp != here["fingerprint"]:
-        raise SaekitError(
-            f"{what} was made from model {_model_label(recorded)} but the loaded model is {_model_label(here)}; "
-            f"pass --model {recorded.get('name', '...')} (the same files) or use dictionaries trained on this model"
-        )
-    if not fp and recorded.get("name") and recorded["name"] != here["name"]:
-        raise SaekitError(f"{what} was made from model {recorded['name']!r} but the loaded model is {here['name']!r}; pass --model {recorded['name']}")
-    if "compat" in recorded and bool(recorded["compat"]) != here["compat"]:
-        flag = "--compat" if recorded["compat"] else "--no-compat"
-        raise SaekitError(
-            f"{what} was made with compat={bool(recorded['compat'])} (TransformerLens weight processing) but the model "
-            f"was loaded with compat={here['compat']}; pass {flag}"
-        )
 
 
 def resolve_target(name: str, d, model: LoadedModel) -> Target:
@@ -370,7 +309,7 @@ def resolve_target(name: str, d, model: LoadedModel) -> Target:
     prov = d.prov
     if not prov.hook:
         raise SaekitError(f"dictionary {name} does not record which hook it was trained on; it cannot be spliced")
-    check_model(f"dictionary {name}", prov.model, model)
+    check_model(f"dictionary {name}", prov.model, model.info)
     try:
         check_hook_names(model.bridge, [prov.hook])
     except SaekitError as e:
@@ -476,7 +415,7 @@ def evaluate(
     for i in range(0, tokens.shape[0], batch_size):
         tok = tokens[i : i + batch_size].to(device)
         inp = model_input(tok, model.bos_id)
-        mask = splice_mask(tok, skip_bos=not splice_bos)
+        mask = row_mask(tok, skip_bos=not splice_bos)
         scored = scored_mask(tok)
         n_scored += int(scored.sum())
 
@@ -574,13 +513,13 @@ def splice_eval(cfg: SpliceConfig, progress: Callable[[int, int], None] | None =
     Returns the result dict (see `evaluate`), with "model" and "source" added, and
     "frontier" {"png", "csv"} when `cfg.sweep` is set.
     """
-    from saekit.dictionaries import load as load_dictionary
+    from saekit.interop import load as load_dictionary
 
     if cfg.finetuned:
-        return finetuned_eval(cfg, progress)
+        raise SaekitError("--finetuned folders are evaluated by saekit.inmodel.report.finetuned_eval (the CLI dispatches it)")
     paths = [Path(p) for p in cfg.dicts]
     if cfg.sweep:
-        paths += [p for p in find_dictionaries(cfg.sweep) if p not in paths]
+        paths += [p for p in sweep_dictionaries(cfg.sweep) if p not in paths]
     if not paths:
         raise SaekitError("no dictionaries given; pass --dict DIR (repeatable) or --sweep DIR")
     if not cfg.data and not cfg.store:
@@ -603,7 +542,7 @@ def splice_eval(cfg: SpliceConfig, progress: Callable[[int, int], None] | None =
             raise SaekitError("no model given and the dictionaries do not record one; pass --model NAME")
     model = load_model(model_name, compat=cfg.compat, device=cfg.device)
     if store is not None:
-        check_model(f"store {cfg.store}", store.model.to_dict(), model)
+        check_model(f"store {cfg.store}", store.model.to_dict(), model.info)
     targets = [resolve_target(str(p), d, model) for p, d in zip(paths, dictionaries)]
 
     hooks = list(dict.fromkeys(t.hook.name for t in targets))
@@ -633,131 +572,11 @@ def splice_eval(cfg: SpliceConfig, progress: Callable[[int, int], None] | None =
         png, csv_path = write_frontier(result, cfg.sweep)
         result["frontier"] = {"png": str(png), "csv": str(csv_path)}
     if cfg.json_out:
-        _write_atomic(Path(cfg.json_out), json.dumps(_clean_json(result), indent=2) + "\n")
+        runs.write_text(cfg.json_out, json.dumps(_clean_json(result), indent=2) + "\n")
     return result
-
-
-# --- a finetune folder: the talk's table ------------------------------------------------------
-
-def _finetune_report(folder: Path) -> dict:
-    report = folder / "report.json"
-    if not folder.is_dir():
-        raise SaekitError(f"--finetuned {folder} does not exist; pass the --out folder of `saekit finetune`")
-    if not report.is_file():
-        raise SaekitError(f"--finetuned {folder} holds no finished finetune (no report.json); finish it with "
-                          "`saekit finetune ... --resume` or pass another folder")
-    try:
-        return json.loads(report.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise SaekitError(f"{report} is damaged ({e}); rerun the finetune into a new --out") from None
-
-
-def finetune_eval_tokens(run_cfg: dict, model: LoadedModel) -> Tensor:
-    """The finetune's own held-out sequences (its first `eval_sequences`, or its store's eval split), as it read them."""
-    from saekit.finetune import load_tokens
-
-    data = load_tokens(run_cfg.get("data", ""), run_cfg.get("store", ""), model.tokenizer, model.bos_id,
-                       int(run_cfg.get("seq_len", 128)), 1, int(run_cfg.get("eval_sequences", 64)),
-                       run_cfg.get("text_field", "text"), n_ctx=model.info.n_ctx, packing=run_cfg.get("packing", "concat"))
-    return torch.as_tensor(data.eval, dtype=torch.long)
-
-
-def finetuned_eval(cfg: SpliceConfig, progress: Callable[[int, int], None] | None = None) -> dict:
-    """`splice-eval --finetuned DIR`: the codebook model's splice result plus the talk's table.
-
-    Codebook Features' claim is that codebook models stay capable language models, so the
-    fair comparison is on one set of tokens: the original model, the same model fine-tuned
-    the same steps without codebooks (`DIR/baseline`, absent with --no-baseline or
-    --freeze-model), and the codebook model (`DIR/model`, or the original with
-    --freeze-model) with every codebook spliced in at once, plus that model with the
-    codebooks taken out.  Every number comes from `evaluate` (the same splice as any
-    dictionary gets), so it is an independent check of the table `saekit finetune` wrote.
-    The result is `evaluate`'s for the codebook model with "finetuned" {folder, table} added.
-    """
-    from saekit.dictionaries import load as load_dictionary
-
-    if cfg.dicts or cfg.sweep:
-        raise SaekitError("--finetuned evaluates the folder's own codebooks; drop --dict/--sweep (or drop --finetuned)")
-    folder = Path(cfg.finetuned)
-    report = _finetune_report(folder)
-    run_cfg = report.get("config", {})
-    original_name = cfg.model or run_cfg.get("model", "")
-    if not original_name:
-        raise SaekitError(f"{folder}/report.json does not name the original model; pass --model NAME")
-    cb_root = folder / "codebooks"
-    from saekit.interop import find_dictionary_folders
-
-    paths = find_dictionary_folders(cb_root, ("saekit",)) if cb_root.is_dir() else []
-    if not paths:
-        raise SaekitError(f"{folder} has no codebooks under codebooks/; pass the --out folder of a finished `saekit finetune`")
-    cb_model_dir = folder / "model" if (folder / "model" / "config.json").is_file() else None
-    if cb_model_dir is None and not run_cfg.get("freeze_model"):
-        raise SaekitError(f"{folder}/model is missing; the finetune output is incomplete, rerun it into a new --out")
-
-    cb_model = load_model(str(cb_model_dir) if cb_model_dir else original_name, device=cfg.device)
-    dictionaries = [load_dictionary(p, device=cfg.device) for p in paths]
-    targets = [resolve_target(str(p), d, cb_model) for p, d in zip(paths, dictionaries)]
-    if cfg.store:
-        from saekit.store import ActivationStore
-
-        tokens, source = store_tokens(ActivationStore(cfg.store), cfg.max_tokens), {"store": str(cfg.store), "split": "eval"}
-    elif cfg.data:
-        tokens, source = text_tokens(cfg, cb_model), {"data": str(cfg.data)}
-    else:
-        tokens, source = finetune_eval_tokens(run_cfg, cb_model), {"finetune_eval": report.get("data", "")}
-    if tokens.numel() == 0:
-        raise SaekitError("no evaluation tokens: the data gave no sequences; pass --data FILE with text or --store DIR")
-    hooks = list(dict.fromkeys(t.hook.name for t in targets))
-    # The codebook model's own activation means (a store's statistics describe the original model).
-    means = mean_activations(cb_model, tokens, hooks, cfg.batch_size)
-    result = evaluate(cb_model, targets, tokens, means, splice_bos=cfg.splice_bos, batch_size=cfg.batch_size, progress=progress)
-    result["model"] = cb_model.info.to_dict()
-    result["source"] = source
-    cb_row = result["all"] if result["all"] is not None else result["dictionaries"][0]
-    del cb_model
-
-    def clean_row(label: str, name: str) -> dict:
-        m = load_model(name, device=cfg.device)
-        r = evaluate(m, [], tokens, {}, splice_bos=cfg.splice_bos, batch_size=cfg.batch_size, progress=progress)["clean"]
-        return {"model": label, "path": name, "loss": r["ce"], "accuracy": r["acc"]}
-
-    table = [clean_row("original", original_name)]
-    if (folder / "baseline" / "config.json").is_file():
-        table.append(clean_row("fine-tuned, no codebooks", str(folder / "baseline")))
-    cb_name = str(cb_model_dir or original_name)
-    table.append({"model": "codebook model", "path": cb_name, "loss": cb_row["ce_spliced"], "accuracy": cb_row["acc_spliced"]})
-    if cb_model_dir is not None:
-        table.append({"model": "codebook model, codebooks removed", "path": cb_name, "loss": result["clean"]["ce"],
-                      "accuracy": result["clean"]["acc"]})
-    result["finetuned"] = {"folder": str(folder), "steps": report.get("steps"), "table": table}
-    if cfg.json_out:
-        _write_atomic(Path(cfg.json_out), json.dumps(_clean_json(result), indent=2) + "\n")
-    return result
-
-
-def format_finetuned_table(result: dict):
-    """The talk's table ("codebook models are capable language models"): one row per model."""
-    from rich.table import Table
-
-    ft = result["finetuned"]
-    ev = result["eval"]
-    t = Table(title=f"{ft['folder']}: loss (nats/token) and next-token accuracy on the same {ev['scored_positions']} predictions",
-              title_justify="left")
-    for name, just in (("model", "left"), ("loss", "right"), ("accuracy", "right"), ("path", "left")):
-        t.add_column(name, justify=just)
-    for r in ft["table"]:
-        t.add_row(r["model"], _fmt(r["loss"], 4), _fmt(r["accuracy"]), r["path"])
-    return t
 
 
 # --- output ------------------------------------------------------------------------------------
-
-def _write_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
 
 def frontier_points(rows: list[dict], key: str = "loss_recovered_mean") -> list[dict]:
     """The Pareto frontier: rows no other row beats on both L0 (lower) and `key` (higher), by L0."""
@@ -786,13 +605,11 @@ def write_frontier(result: dict, out_dir: str | os.PathLike) -> tuple[Path, Path
     rows = sorted(result["dictionaries"], key=lambda r: r["l0"])
     front = {id(r) for r in frontier_points(rows)}
     csv_path = out / "frontier.csv"
-    tmp = csv_path.with_name(csv_path.name + ".tmp")
-    with open(tmp, "w", newline="") as fh:
+    with runs.atomic(csv_path) as tmp, open(tmp, "w", newline="") as fh:
         w = csv.DictWriter(fh, fieldnames=CSV_FIELDS, extrasaction="ignore")
         w.writeheader()
         for r in rows:
             w.writerow({**r, "on_frontier": id(r) in front})
-    os.replace(tmp, csv_path)
 
     fig, ax = plt.subplots(figsize=(6.4, 4.4))
     series = (("loss_recovered_mean", "o", "C0", "vs mean-ablation"), ("loss_recovered_zero", "^", "C1", "vs zero-ablation"))
@@ -813,10 +630,9 @@ def write_frontier(result: dict, out_dir: str | os.PathLike) -> tuple[Path, Path
     ax.legend(loc="best", fontsize=8)
     fig.tight_layout()
     png = out / "frontier.png"
-    tmp_png = png.with_name("frontier.tmp.png")
-    fig.savefig(tmp_png, dpi=120)
+    with runs.atomic(png) as tmp_png:
+        fig.savefig(tmp_png, dpi=120)
     plt.close(fig)
-    os.replace(tmp_png, png)
     return png, csv_path
 
 

@@ -31,9 +31,8 @@ from pathlib import Path
 import numpy as np
 
 from saekit.errors import SaekitError
+from saekit.tokens import PAD
 
-PAD = -1
-"""Token id written for padding in stored token arrays."""
 PACKINGS = ("concat", "doc")
 TEXT_SUFFIXES = (".txt", ".jsonl")
 

@@ -26,29 +26,27 @@ only those hooks, and writes them itself.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import itertools
-import json
 import math
-import os
-import shutil
-import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NamedTuple
 
 import torch
-from safetensors.torch import load_file, save_file
 from torch import Tensor
 
-from saekit import distributed, metrics, precision
+from saekit import distributed, metrics, precision, runs
+from saekit.runs import RunPaths, run_name, run_paths
 from saekit.models import resolve_device
 from saekit.config import to_dict
-from saekit.dictionaries.base import KINDS, DictConfig, Dictionary, Provenance, build
-from saekit.dictionaries.sae import warm_kernels
-from saekit.errors import SaekitError, did_you_mean
+from saekit.dictionaries import build
+from saekit.dictionaries.base import KINDS, DictConfig, Dictionary, Provenance
+from saekit.dictionaries.fast import warm_kernels
+from saekit.errors import SaekitError
 from saekit.prefetch import can_overlap, prefetch
+from saekit.engine import Engine, Objective
+from saekit.store import open_store, resolve_store_hooks, store_eval_batches
 
 BatchSource = Callable[[int], Iterator[dict[str, Tensor]]]
 """start_batch -> endless iterator of {hook: float tensor (batch_size, width)}; batch i is always the same."""
@@ -116,7 +114,7 @@ class TrainConfig:
     resume: bool = False
     """Continue from the last checkpoint in --out (same batches, same final weights as an uninterrupted run)."""
     objective: str = "offline"
-    """offline (reconstruct stored activations) or e2e (splice into the frozen model, minimise KL(clean ‖ spliced); saekit.e2e)."""
+    """offline (reconstruct stored activations) or e2e (splice into the frozen model, minimise KL(clean ‖ spliced); saekit.inmodel.e2e, dispatched by the CLI)."""
     model: str = ""
     """e2e: the frozen model (empty = the store's model)."""
     data: str = ""
@@ -160,42 +158,6 @@ PLACEMENTS = ("data", "hooks")
 IDENTITY_FIELDS = ("store", "hooks", "kind", "d_dict", "expansion", "k", "l1", "groups", "similarity",
                    "batch_size", "seed", "buffer_rows", "l1_warmup", "aux_k", "aux_coef", "dead_tokens",
                    "replace_every", "init_rows")
-
-
-def identity_hash(cfg: TrainConfig, hooks: list[str]) -> str:
-    ident = {k: to_dict(cfg)[k] for k in IDENTITY_FIELDS} | {"hooks": hooks}
-    return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:16]
-
-
-# --- run layout: the ONE place that names files (used by save and by resume) ---------------------
-
-class RunPaths(NamedTuple):
-    dir: Path
-    """<out>/<hook>/<name>/: the dictionary folder (config.json + weights.safetensors)."""
-    metrics: Path
-    """metrics.jsonl: one JSON line per logging step."""
-    checkpoints: Path
-    """checkpoints/step-NNNNNNNN/{state.safetensors,state.json}."""
-
-    def checkpoint(self, step: int) -> Path:
-        return self.checkpoints / f"step-{step:08d}"
-
-    def checkpoint_steps(self) -> list[int]:
-        """Steps of the complete checkpoints present (a folder is complete once renamed from .tmp)."""
-        if not self.checkpoints.is_dir():
-            return []
-        return sorted(int(p.name[5:]) for p in self.checkpoints.iterdir() if p.name.startswith("step-") and p.name[5:].isdigit())
-
-
-def run_name(kind: str, k: int | None, l1: float | None, groups: int = 1) -> str:
-    if kind == "relu":
-        return f"relu-l1_{l1:g}"
-    return f"{kind}-k{k}" + (f"-g{groups}" if groups > 1 else "")
-
-
-def run_paths(out: str | os.PathLike, hook: str, name: str) -> RunPaths:
-    d = Path(out) / hook / name
-    return RunPaths(d, d / "metrics.jsonl", d / "checkpoints")
 
 
 # --- batch sources -------------------------------------------------------------------------------
@@ -263,6 +225,22 @@ def default_lr(kind: str, d_dict: int) -> float:
 
 
 
+def used_config(cfg: TrainConfig, dcfg: DictConfig, lr: float) -> dict:
+    """The run's config as one dictionary was trained: automatic values (0 = pick) resolved, other kinds' knobs None."""
+    used = to_dict(cfg) | {"d_dict": dcfg.d_dict, "lr": lr}
+    if dcfg.kind in ("topk", "batchtopk"):
+        used["aux_k"] = min(cfg.aux_k or dcfg.d_in // 2, dcfg.d_dict)  # as TopKSAE._k_aux resolves it
+    else:
+        used["aux_k"] = used["aux_coef"] = None
+    if dcfg.kind != "relu":
+        used["l1"] = used["l1_warmup"] = None
+    else:
+        used["k"] = None
+    if dcfg.kind != "codebook":
+        used["replace_every"] = None
+    return used
+
+
 def _make_adam(groups: list[dict], device: torch.device) -> torch.optim.Optimizer:
     # fused Adam: one kernel for all parameters (CPU support since torch 2.4).
     try:
@@ -271,12 +249,16 @@ def _make_adam(groups: list[dict], device: torch.device) -> torch.optim.Optimize
         return torch.optim.Adam(groups)
 
 
-class Trainer:
+class Trainer(Objective):
     """Trains every dictionary of a `TrainConfig` over one stream of batches.
 
-    `fit` is split into `_step` (one optimiser step for one dictionary), `_log` and
-    `_checkpoint`; only `_log`/`_checkpoint` read values back from the device.
+    The reconstruction objective of `saekit.engine`: `step` takes one optimiser step for every
+    dictionary on the same batch (`_step`); the engine logs (`_log`), checkpoints
+    (`_checkpoint`) and stops on NaN, the only times values are read back from the device.
     """
+
+    unit = "tokens"
+    nan_advice = "lower --lr (or fix the data)"
 
     def __init__(self, cfg: TrainConfig, hooks: dict[str, HookSource], batches: BatchSource, *, progress: bool = True,
                  dist: distributed.DistEnv | None = None, data_parallel: bool = False, run_hooks: list[str] | None = None):
@@ -296,12 +278,13 @@ class Trainer:
         self.device = distributed.device(cfg.device, self.dist) if self.dist.distributed else resolve_device(cfg.device)
         self.n_steps = math.ceil(cfg.tokens / cfg.batch_size)
         self.step = 0
-        self.ident = identity_hash(cfg, list(run_hooks or hooks))
+        self.ident = runs.identity_hash(to_dict(cfg), IDENTITY_FIELDS, hooks=list(run_hooks or hooks))
         self.runs = [self._make_run(h, src, k, l1) for h, src in hooks.items() for k, l1 in self._sweep()]
         self.scales = {h: torch.tensor(float(src.prov.scale), device=self.device) for h, src in hooks.items()}
         self.tokens_per_s = float("nan")
         self.precision = precision.precision_for(self.device)  # CUDA: bfloat16 autocast, float32 master weights, TF32
         precision.apply_matmul_flags(self.precision)
+        self.per_step = cfg.batch_size
         if self.device.type == "cpu":
             warm_kernels()  # numba's runtime and compiled kernels load here, not inside the first step
 
@@ -320,11 +303,12 @@ class Trainer:
         except ValueError as e:
             raise SaekitError(f"hook {hook}: {e}; change --k/--d-dict/--expansion/--groups") from None
         d = build(dcfg, dataclasses.replace(src.prov)).to(self.device)
-        d.train_config = to_dict(cfg)
+        lr = cfg.lr or default_lr(cfg.kind, d_dict)
+        d.train_config = used_config(cfg, dcfg, lr)
         gen = torch.Generator().manual_seed(cfg.seed)
         d.reset_parameters(gen)
         d.to(self.device)
-        opt = _make_adam(d.param_groups(cfg.lr or default_lr(cfg.kind, d_dict)), self.device)
+        opt = _make_adam(d.param_groups(lr), self.device)
         name = run_name(cfg.kind, k, l1, cfg.groups)
         return Run(name, hook, d, opt, run_paths(cfg.out, hook, name), gen,
                    torch.zeros(d_dict, device=self.device), nan_step=torch.tensor(-1, device=self.device))
@@ -340,7 +324,7 @@ class Trainer:
                               f"rank {self.dist.rank} cannot see checkpoint step {last} in {self.cfg.out}; "
                               "put --out on a file system every node shares")
         if last is not None:
-            self._load_checkpoint(last)
+            self._load_checkpoint([s for s in common if s <= last])
             self._sync_state()
             return
         err = None
@@ -356,8 +340,7 @@ class Trainer:
         self._sync_state()
         if self.writes:
             for r in self.runs:
-                r.paths.dir.mkdir(parents=True, exist_ok=True)
-                r.paths.metrics.write_text("")
+                runs.MetricsLog(r.paths.metrics).start()
 
     def _sync_state(self) -> None:
         """DDP: every rank takes rank 0's parameters and buffers (as DDP does at construction)."""
@@ -381,8 +364,7 @@ class Trainer:
         if self.ddp:
             xs = {h: distributed.all_gather_cat(x) for h, x in xs.items()}
         for r in self.runs:
-            if hasattr(r.dictionary, "init_from_data"):
-                r.dictionary.init_from_data(xs[r.hook])
+            r.dictionary.init_from_data(xs[r.hook])
 
     # --- training ----------------------------------------------------------------------------
     def fit(self) -> list[Run]:
@@ -391,36 +373,61 @@ class Trainer:
         return self.loop()
 
     def loop(self) -> list[Run]:
-        """The training steps from self.step on (timed alone by benchmarks/train_speed.py)."""
+        """The training steps from self.step on, through the engine (timed alone by benchmarks/train_speed.py)."""
         if self.step >= self.n_steps:
             return self.runs
-        ckpt_steps = max(1, self.cfg.checkpoint_every // self.cfg.batch_size) if self.cfg.checkpoint_every else None
-        bar = _Progress(self) if self.progress and self.dist.is_main else None
+        cfg = self.cfg
         needed = itertools.islice(self.batches(self.step), self.n_steps - self.step)  # no read-ahead past the end
         # On CPU the prefetch thread also casts and scales, so all of batch i+1's preparation overlaps
         # step i (torch releases the GIL), but only where a core is free for it; device copies stay on
         # the main thread's stream.
         on_cpu = self.device.type == "cpu"
-        it = prefetch(map(self._scaled, needed) if on_cpu else needed, size=2, name="saekit-batches",
-                      background=can_overlap(self.device))
-        t0, s0 = time.perf_counter(), self.step
+        self._it = prefetch(map(self._scaled, needed) if on_cpu else needed, size=2, name="saekit-batches",
+                            background=can_overlap(self.device))
+        ckpt_steps = max(1, cfg.checkpoint_every // cfg.batch_size) if cfg.checkpoint_every else 0
+        self._engine = Engine(self, self.n_steps, cfg.log_every, ckpt_steps, progress=self.progress and self.dist.is_main)
         try:
-            while self.step < self.n_steps:
-                xn = next(it) if on_cpu else self._scaled(next(it))
-                for r in self.runs:
-                    self._step(r, xn[r.hook])
-                self.step += 1
-                last = self.step == self.n_steps
-                if self.step % self.cfg.log_every == 0 or last:
-                    self.tokens_per_s = (self.step - s0) * self.cfg.batch_size / (time.perf_counter() - t0)
-                    self._log(bar)
-                if last or (ckpt_steps and self.step % ckpt_steps == 0):
-                    self._checkpoint()
+            self._engine.run(self.step)
         finally:
-            it.close()
-            if bar:
-                bar.stop()
+            self._it.close()
         return self.runs
+
+    # --- the objective: what a step computes, what a log row and a checkpoint hold ---------------
+    @property
+    def labels(self) -> list[str]:
+        return [r.label for r in self.runs]
+
+    def take_step(self, step: int) -> None:
+        xn = next(self._it) if self.device.type == "cpu" else self._scaled(next(self._it))
+        for r in self.runs:
+            self._step(r, xn[r.hook])
+        self.step = step + 1
+
+    def log_rows(self, step: int, seconds: float) -> list[dict]:
+        self.tokens_per_s = self._engine.rate
+        return self._log()
+
+    def bad_steps(self) -> list[int | None]:
+        if self.ddp:  # the first bad step on any rank (all ranks stop together)
+            big = torch.iinfo(torch.int64).max
+            first = torch.stack([torch.where(r.nan_step < 0, big, r.nan_step) for r in self.runs]).to(torch.int64)
+            distributed.flat_all_reduce([first], "min")
+            for r, s in zip(self.runs, first):
+                r.nan_step = torch.where(s == big, -1, s)
+        return [int(r.nan_step) if int(r.nan_step) >= 0 else None for r in self.runs]
+
+    def metrics_logs(self) -> list[runs.MetricsLog | None]:
+        return [runs.MetricsLog(r.paths.metrics) if self.writes else None for r in self.runs]
+
+    def checkpoint_roots(self) -> list[Path]:
+        return [r.paths.checkpoints for r in self.runs]
+
+    def save_checkpoint(self, step: int) -> None:
+        self._checkpoint()
+
+    def progress_info(self, row: dict) -> str:
+        terms = " ".join(f"{k}={row[k]:.4g}" for k in row if k not in ("step", "tokens", "lr", "tokens_per_s", "l0", "dead_fraction"))
+        return f"{terms} L0={row.get('l0', 0):.1f} dead={row.get('dead_fraction', 0):.1%}"
 
     def _scaled(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
         """A batch on the device, float32, in the dictionaries' units."""
@@ -447,8 +454,7 @@ class Trainer:
         if self.ddp:
             fired = self._all_reduce_step(d, fired)
             rows *= self.dist.world_size
-        if hasattr(d, "before_step"):
-            d.before_step()
+        d.before_step()
         if cfg.grad_clip:
             # The first gradients are ~20× those a few hundred steps later.  Unclipped, they fill
             # Adam's second moment (β2 = 0.999 remembers ~1000 steps), so every later step is
@@ -456,8 +462,7 @@ class Trainer:
             # No host sync: the norm stays on the device.
             torch.nn.utils.clip_grad_norm_(d.parameters(), cfg.grad_clip / d.cfg.d_in)
         r.opt.step()
-        if hasattr(d, "after_step"):
-            d.after_step()
+        d.after_step()
         with torch.no_grad():
             r.since_fired = torch.where(fired, torch.zeros_like(r.since_fired), r.since_fired + rows)
             bad = ~torch.isfinite(out.loss.detach())
@@ -465,7 +470,7 @@ class Trainer:
             for name, t in {"loss": out.loss, **out.terms, "l0": out.l0}.items():
                 r.acc[name] = r.acc.get(name, 0) + t.detach().float()  # terms may be bfloat16 under autocast
             r.acc["n"] = r.acc.get("n", 0) + 1
-        if hasattr(d, "resample_dead") and (self.step + 1) % cfg.replace_every == 0:
+        if (self.step + 1) % cfg.replace_every == 0:
             self._replace_dead(r, xn)
 
     def _all_reduce_step(self, d: Dictionary, fired: Tensor) -> Tensor:
@@ -498,22 +503,8 @@ class Trainer:
                     st[key][mask] = 0
         r.since_fired = torch.where(dead, torch.zeros_like(r.since_fired), r.since_fired)
 
-    def _check_finite(self) -> None:
-        if self.ddp:  # the first bad step on any rank (all ranks stop together)
-            big = torch.iinfo(torch.int64).max
-            first = torch.stack([torch.where(r.nan_step < 0, big, r.nan_step) for r in self.runs]).to(torch.int64)
-            distributed.flat_all_reduce([first], "min")
-            for r, s in zip(self.runs, first):
-                r.nan_step = torch.where(s == big, -1, s)
-        for r in self.runs:
-            s = int(r.nan_step)
-            if s >= 0:
-                done = r.paths.checkpoint_steps()
-                kept = f"last good checkpoint {r.paths.checkpoint(done[-1])} kept; " if done else "no checkpoint was written yet; "
-                raise SaekitError(f"{r.label}: loss became NaN/inf at step {s}; {kept}lower --lr (or fix the data) and rerun with --resume")
-
-    def _log(self, bar: _Progress | None) -> None:
-        self._check_finite()
+    def _log(self) -> list[dict]:
+        """Each run's averages since the last log (global ones under DDP); reads the device."""
         if self.ddp:  # log the global batch's averages
             for r in self.runs:
                 keys = sorted(k for k in r.acc if k != "n")
@@ -529,52 +520,39 @@ class Trainer:
             row["tokens_per_s"] = self.tokens_per_s
             r.acc.clear()
             r.last = row
-            if self.writes:
-                with r.paths.metrics.open("a") as fh:
-                    fh.write(json.dumps(row) + "\n")
-        if bar:
-            bar.update()
+        return [r.last for r in self.runs]
 
     # --- checkpoints ---------------------------------------------------------------------------
     def _checkpoint(self) -> None:
-        """Write every run's state at self.step (temp folder renamed when complete), keep the last two."""
-        self._check_finite()
+        """Write every run's state at self.step (runs.save_checkpoint: atomic, checksummed, last two kept)."""
         if not self.writes:
             return
         for r in self.runs:
-            final = r.paths.checkpoint(self.step)
-            tmp = final.with_name(final.name + ".tmp")
-            shutil.rmtree(tmp, ignore_errors=True)
-            tmp.mkdir(parents=True)
             tensors, meta = _run_state(r)
-            save_file(tensors, tmp / "state.safetensors")
-            meta |= {"step": self.step, "tokens": self.step * self.cfg.batch_size, "identity": self.ident,
-                     "train_config": to_dict(self.cfg)}
-            (tmp / "state.json").write_text(json.dumps(meta, indent=1))
-            shutil.rmtree(final, ignore_errors=True)
-            os.replace(tmp, final)
-            for old in r.paths.checkpoint_steps()[:-2]:
-                shutil.rmtree(r.paths.checkpoint(old), ignore_errors=True)
+            meta |= {"tokens": self.step * self.cfg.batch_size, "identity": self.ident, "train_config": to_dict(self.cfg)}
+            runs.save_checkpoint(r.paths.checkpoints, self.step, tensors, meta)
 
-    def _load_checkpoint(self, step: int) -> None:
-        for r in self.runs:
-            folder = r.paths.checkpoint(step)
-            try:
-                meta = json.loads((folder / "state.json").read_text())
-                tensors = load_file(str(folder / "state.safetensors"), device=str(self.device))
-            except (OSError, ValueError) as e:
-                raise SaekitError(f"checkpoint {folder} is damaged ({e}); delete that folder to resume from the one before") from None
-            if meta.get("identity") != self.ident:
-                old = meta.get("train_config", {})
-                diff = [k for k in IDENTITY_FIELDS if old.get(k) != to_dict(self.cfg).get(k)]
-                raise SaekitError(f"{r.paths.dir} was trained with other settings ({', '.join(diff) or 'hooks'} differ); "
-                                  "rerun with the original options or choose another --out")
-            _load_run_state(r, tensors, meta)
-            # Drop log lines past the checkpoint: the resumed run writes them again.
-            if self.writes and r.paths.metrics.exists():
-                lines = [ln for ln in r.paths.metrics.read_text().splitlines() if ln and json.loads(ln)["step"] <= step]
-                r.paths.metrics.write_text("".join(ln + "\n" for ln in lines))
-        self.step = step
+    def _load_checkpoint(self, steps: list[int]) -> None:
+        """Resume from the newest of `steps` every run can read (a damaged one is named in a warning and skipped)."""
+        for step in reversed(steps):
+            states = []
+            for r in self.runs:
+                got = runs.try_read_checkpoint(r.paths.checkpoint(step), str(self.device))
+                if got is None:
+                    break
+                runs.check_identity(r.paths.dir, got[1], self.ident, to_dict(self.cfg), IDENTITY_FIELDS,
+                                    config_key="train_config", unnamed="hooks")
+                states.append(got)
+            if len(states) < len(self.runs):
+                continue
+            for r, (tensors, meta) in zip(self.runs, states):
+                _load_run_state(r, tensors, meta)
+                if self.writes:
+                    runs.MetricsLog(r.paths.metrics).truncate(step)
+            self.step = step
+            return
+        raise SaekitError(f"every checkpoint in {self.cfg.out} is damaged (see the warnings); "
+                          "delete the checkpoints folders and rerun without --resume")
 
     # --- evaluation and output ---------------------------------------------------------------------
     @torch.no_grad()
@@ -619,7 +597,6 @@ class Trainer:
             d = r.dictionary
             d.summary = {"train_steps": self.step, "train_tokens": self.step * self.cfg.batch_size,
                          "tokens_per_s": self.tokens_per_s, **(summaries or {}).get(r.label, {})}
-            d.train_config = to_dict(self.cfg)
             paths.append(d.save(r.paths.dir))
         return paths
 
@@ -654,62 +631,7 @@ def _load_run_state(r: Run, t: dict[str, Tensor], meta: dict) -> None:
     r.generator.set_state(t["generator"].cpu())
 
 
-class _Progress:
-    """Rich progress: one row per dictionary with tokens/s, loss terms, L0 and dead fraction."""
-
-    def __init__(self, trainer: Trainer):
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-        self.t = trainer
-        self.p = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                          TextColumn("{task.fields[info]}"), TimeRemainingColumn())
-        total = trainer.n_steps * trainer.cfg.batch_size
-        self.tasks = [self.p.add_task(r.label, total=total, completed=trainer.step * trainer.cfg.batch_size, info="")
-                      for r in trainer.runs]
-        self.p.start()
-
-    def update(self) -> None:
-        for task, r in zip(self.tasks, self.t.runs):
-            row = r.last
-            terms = " ".join(f"{k}={row[k]:.4g}" for k in row if k not in ("step", "tokens", "lr", "tokens_per_s", "l0", "dead_fraction"))
-            info = f"{self.t.tokens_per_s:,.0f} tok/s  {terms}  L0={row.get('l0', 0):.1f}  dead={row.get('dead_fraction', 0):.1%}"
-            self.p.update(task, completed=row.get("tokens", 0), info=info)
-
-    def stop(self) -> None:
-        self.p.stop()
-
-
 # --- from a store ---------------------------------------------------------------------------------
-
-def open_store(path: str):
-    from saekit.store import ActivationStore
-
-    if not path:
-        raise SaekitError("no store given; pass --store DIR (a folder written by `saekit harvest`)")
-    store = ActivationStore(path)  # refuses missing, foreign or damaged stores with a SaekitError
-    if not store.n_sequences or not store.n_rows:
-        raise SaekitError(f"store {path} holds no training rows; harvest more text into it (`saekit harvest --out {path} ...`)")
-    return store
-
-
-def resolve_store_hooks(store, names: list[str]) -> list[str]:
-    present = list(store.hooks)
-    if [n.lower() for n in names] == ["all"]:
-        return present
-    for n in names:
-        if n not in present:
-            raise SaekitError(f"hook {n!r} is not in store {store.path}{did_you_mean(n, present)}; "
-                              f"hooks present: {', '.join(present)}")
-    return list(dict.fromkeys(names))
-
-
-def store_eval_batches(store, hooks: list[str], rows_per_batch: int = 4096) -> Iterator[dict[str, Tensor]]:
-    """Counted rows of the store's eval split, {hook: (n, width)} per chunk of sequences."""
-    seqs = max(1, rows_per_batch // max(store.context_size, 1))
-    for _, tokens, acts in store.iter_sequences(hooks, "eval", seqs):
-        mask = torch.as_tensor(store.row_mask(tokens), dtype=torch.bool)
-        yield {h: torch.as_tensor(acts[h])[mask] for h in hooks}
-
 
 def train(cfg: TrainConfig, progress: bool = True) -> list[Path]:
     """Train every dictionary `cfg` describes on its store; returns their folders (config.json + weights).
@@ -718,12 +640,9 @@ def train(cfg: TrainConfig, progress: bool = True) -> list[Path]:
     every rank returns every folder once they are all written.
     """
     env = distributed.env()
-    if cfg.objective == "e2e":
-        if env.distributed:
-            raise SaekitError("objective e2e does not run under torchrun yet; start it as a single process")
-        from saekit.e2e import from_train_config, train_e2e
-
-        return train_e2e(from_train_config(cfg), progress=progress)
+    if cfg.objective == "e2e":  # stage 2 does not import saekit.inmodel
+        raise SaekitError("objective e2e trains through the model: call saekit.inmodel.e2e.train_e2e(from_train_config(cfg)) "
+                          "(`saekit train --objective e2e` does)")
     device = distributed.device(cfg.device, env) if env.distributed else resolve_device(cfg.device)
     with distributed.session(device) as env:
         return _train_store(cfg, progress, env)

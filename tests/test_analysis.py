@@ -14,7 +14,8 @@ import pytest
 import torch
 
 from saekit.analysis.ids import feature_id, parse_feature_id, parse_feature_ids
-from saekit.analysis.stats import PAD, FeatureStats, logit_effects
+from saekit.analysis.stats import FeatureStats, logit_effects
+from saekit.tokens import PAD
 from saekit.errors import SaekitError
 
 HOOK = "blocks.0.hook_resid_post"

@@ -5,17 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from saekit.dictionaries import DictConfig, Provenance, build, load
+from saekit.dictionaries import DictConfig, Provenance, build
+from saekit.interop import load
 from saekit.dictionaries.codebook import Codebook
-from saekit.dictionaries.sae import (
-    BatchTopKSAE,
-    ReluSAE,
-    TopKSAE,
-    geometric_median,
-    sparse_decode_bag,
-    sparse_decode_csr,
-    sparse_decode_dense,
-)
+from saekit.dictionaries.fast import sparse_decode_bag, sparse_decode_csr, sparse_decode_dense
+from saekit.dictionaries.sae import BatchTopKSAE, ReluSAE, TopKSAE, geometric_median
 
 D_IN, D_DICT = 12, 40
 
@@ -130,7 +124,7 @@ def test_auxk_zero_without_dead_and_reaches_only_dead_latents():
 @pytest.mark.parametrize("n_dead, aux_k", [(10, 4), (3, 8), (D_DICT, 5)])
 def test_auxk_on_the_dead_columns_equals_the_masked_reference(n_dead, aux_k):
     """The CPU path (top-k over the dead columns only) = top-k of pre masked to −inf off the dead latents."""
-    from saekit.dictionaries.sae import normalized_mse, sparse_decode_dense
+    from saekit.dictionaries.fast import normalized_mse, sparse_decode_dense
 
     d = randomised(build(DictConfig(kind="topk", d_in=D_IN, d_dict=D_DICT, k=3)))
     x = torch.randn(32, D_IN)

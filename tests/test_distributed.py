@@ -358,7 +358,7 @@ def test_ddp_ranks_agree_and_match_one_process(tmp_path):
 
 @pytest.mark.slow
 def test_ddp_store_training_resume_and_hook_placement(small_store, tmp_path):
-    from saekit.dictionaries import load
+    from saekit.interop import load
     from saekit.train import TrainConfig, train
 
     spawn(_store_worker, str(tmp_path), small_store)

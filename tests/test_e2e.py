@@ -8,8 +8,12 @@ import numpy as np
 import pytest
 import torch
 
-from saekit import e2e, finetune as ft
-from saekit.dictionaries import DictConfig, Provenance, load
+from saekit.inmodel import e2e
+from saekit.inmodel.model import load_in_model
+from saekit.inmodel.sites import Splicer
+from saekit.tokens import PAD
+from saekit.dictionaries import DictConfig, Provenance
+from saekit.interop import load
 from saekit.dictionaries.sae import ReluSAE
 from saekit.errors import SaekitError
 
@@ -18,15 +22,15 @@ HOOK = "blocks.0.hook_mlp_out"
 
 @pytest.fixture(scope="module")
 def em(tiny_model_dir):
-    im = ft.load_in_model(tiny_model_dir, [HOOK], torch.device("cpu"))
-    return e2e.E2EModel(im, ft.Splicer(im.hf, list(im.sites.values())))
+    im = load_in_model(tiny_model_dir, [HOOK], torch.device("cpu"))
+    return e2e.E2EModel(im, Splicer(im.hf, list(im.sites.values())))
 
 
 def _eval_tokens(seed=0):
     g = torch.Generator().manual_seed(seed)
     tok = torch.randint(2, 41, (6, 16), generator=g)
     tok[:, 0] = 0
-    tok[-1, 10:] = ft.PAD  # a padded sequence: neither spliced nor scored
+    tok[-1, 10:] = PAD  # a padded sequence: neither spliced nor scored
     return tok.numpy().astype(np.int32)
 
 
@@ -129,7 +133,7 @@ def test_batchtopk_e2e_from_scratch(tiny_model_dir, tiny_text_file, tmp_path):
 
 @pytest.mark.slow
 def test_saekit_train_objective_e2e(tiny_model_dir, tiny_text_file, tmp_path):
-    """`saekit train --objective e2e` dispatches to saekit.e2e and prints the train table from its summary."""
+    """`saekit train --objective e2e` dispatches to saekit.inmodel.e2e and prints the train table from its summary."""
     from typer.testing import CliRunner
 
     from saekit_cli.main import app

@@ -8,8 +8,16 @@ import numpy as np
 import pytest
 import torch
 
-from saekit import finetune as ft
-from saekit.dictionaries import DictConfig, Provenance, load
+from saekit.inmodel import finetune as ft
+from pathlib import Path
+from saekit.inmodel.codebooks import CodebookSpec, InModelCodebook, build_codebook, commitment, norm_scale, parse_spec, straight_through
+from saekit.inmodel.data import TokenData, batch_at, load_tokens
+from saekit.inmodel.finetune import FinetuneConfig, FinetunePaths, finetune
+from saekit.inmodel.model import load_in_model, sample_rows, spliced_logits
+from saekit.inmodel.sites import Splicer, hook_site
+from saekit.tokens import masked_mean, model_input, row_mask, scored_mask
+from saekit.dictionaries import DictConfig, Provenance
+from saekit.interop import load
 from saekit.dictionaries.codebook import Codebook
 from saekit.errors import SaekitError
 
@@ -21,7 +29,7 @@ def test_straight_through_gradient_is_identity_to_input_and_zero_to_codes():
     x = torch.randn(5, 6, requires_grad=True)
     x_hat = torch.randn(5, 6, requires_grad=True)
     w = torch.randn(5, 6)
-    out = ft.straight_through(x, x_hat)
+    out = straight_through(x, x_hat)
     assert torch.equal(out, x_hat)  # forward value: the codebook output
     (out * w).sum().backward()
     assert torch.equal(x.grad, w)  # backward: exactly what the identity would give
@@ -32,7 +40,7 @@ def test_commitment_reaches_only_the_codes():
     torch.manual_seed(0)
     xn = torch.randn(7, 4, requires_grad=True)
     codes = torch.randn(7, 4, requires_grad=True)
-    ft.commitment(codes, xn).mean().backward()
+    commitment(codes, xn).mean().backward()
     assert xn.grad is None or torch.all(xn.grad == 0)
     expected = 2 * (codes - xn).detach() / (7 * 4)  # d/dc of mean_n ‖c − x‖²/d
     assert torch.allclose(codes.grad, expected)
@@ -44,7 +52,7 @@ def test_commitment_reaches_only_the_codes():
 def tiny(tiny_model_dir):
     hooks = ["blocks.0.attn.hook_z", "blocks.0.hook_mlp_out", "blocks.1.hook_resid_pre", "blocks.1.hook_resid_post",
              "blocks.1.hook_attn_out", "blocks.0.mlp.hook_post", "blocks.1.hook_mlp_out"]
-    return ft.load_in_model(tiny_model_dir, hooks, torch.device("cpu"))
+    return load_in_model(tiny_model_dir, hooks, torch.device("cpu"))
 
 
 def _tokens(n=3, t=12, seed=0):
@@ -71,7 +79,7 @@ def test_hf_sites_see_the_bridge_activations(tiny, tiny_model_dir):
 
         return fn
 
-    with torch.no_grad(), ft.Splicer(tiny.hf, list(tiny.sites.values())).active({h: saver(h) for h in hooks}):
+    with torch.no_grad(), Splicer(tiny.hf, list(tiny.sites.values())).active({h: saver(h) for h in hooks}):
         tiny.hf(input_ids=tok)
     for h in hooks:
         assert got[h].shape == ref[h].shape, h
@@ -84,7 +92,7 @@ def test_unsupported_hook_is_refused(tiny_model_dir):
 
     adapter = load_model(tiny_model_dir).bridge.adapter
     with pytest.raises(SaekitError, match="supports the hooks"):
-        ft.hook_site(adapter, "blocks.0.attn.hook_pattern")
+        hook_site(adapter, "blocks.0.attn.hook_pattern")
 
 
 # --- identity codebooks -----------------------------------------------------------------------------
@@ -92,7 +100,7 @@ def test_unsupported_hook_is_refused(tiny_model_dir):
 def _identity_codebook(rows: torch.Tensor, hook: str, shape: list[int], groups: int) -> Codebook:
     """Codes = every row's slices (normalised), k=1: each row picks itself (cosine 1), so x̂ = x exactly."""
     n, width = rows.shape
-    scale = ft.norm_scale(rows)
+    scale = norm_scale(rows)
     cb = Codebook(DictConfig(kind="codebook", d_in=width, d_dict=n * groups, k=1, groups=groups),
                   Provenance(hook=hook, hook_shape=shape, scale=scale))
     with torch.no_grad():
@@ -101,8 +109,8 @@ def _identity_codebook(rows: torch.Tensor, hook: str, shape: list[int], groups: 
 
 
 def _rows(tiny, hooks, tok, skip_bos=True):
-    data = ft.TokenData(tok.numpy().astype(np.int32), tok.numpy().astype(np.int32), "test")
-    return ft.sample_rows(tiny.hf, ft.Splicer(tiny.hf, list(tiny.sites.values())), hooks, data, tiny.bos_id, 10**6, 8, skip_bos)
+    data = TokenData(tok.numpy().astype(np.int32), tok.numpy().astype(np.int32), "test")
+    return sample_rows(tiny.hf, Splicer(tiny.hf, list(tiny.sites.values())), hooks, data, tiny.bos_id, 10**6, 8, skip_bos)
 
 
 def test_identity_codebooks_reproduce_loss_and_model_gradients(tiny):
@@ -110,17 +118,17 @@ def test_identity_codebooks_reproduce_loss_and_model_gradients(tiny):
     groups = {"blocks.0.attn.hook_z": 4, "blocks.1.hook_mlp_out": 1}
     tok = _tokens()
     rows = _rows(tiny, hooks, tok)
-    layers = {h: ft.InModelCodebook(_identity_codebook(rows[h], h, tiny.shapes[h], groups[h])) for h in hooks}
-    splicer = ft.Splicer(tiny.hf, list(tiny.sites.values()))
+    layers = {h: InModelCodebook(_identity_codebook(rows[h], h, tiny.shapes[h], groups[h])) for h in hooks}
+    splicer = Splicer(tiny.hf, list(tiny.sites.values()))
     hf = tiny.hf
     for p in hf.parameters():
         p.requires_grad_(True)
-    inp, m = ft.model_input(tok, tiny.bos_id), ft.scored_mask(tok)
+    inp, m = model_input(tok, tiny.bos_id), scored_mask(tok)
 
     def ce(logits):
         from saekit import metrics
 
-        return ft.masked_mean(metrics.ce_per_token(logits, inp), m)
+        return masked_mean(metrics.ce_per_token(logits, inp), m)
 
     hf.zero_grad()
     clean_loss = ce(hf(input_ids=inp).logits)
@@ -128,7 +136,7 @@ def test_identity_codebooks_reproduce_loss_and_model_gradients(tiny):
     clean_grads = {n: p.grad.clone() for n, p in hf.named_parameters()}
 
     hf.zero_grad()
-    spliced = ft._forward(hf, tok, tiny.bos_id, splicer, layers, skip_bos=True)
+    spliced = spliced_logits(hf, tok, tiny.bos_id, splicer, layers, skip_bos=True)
     loss = ce(spliced)
     assert torch.allclose(loss, clean_loss, atol=1e-5)
     loss.backward(retain_graph=True)
@@ -143,7 +151,7 @@ def test_identity_codebooks_reproduce_loss_and_model_gradients(tiny):
     for layer in layers.values():
         with torch.no_grad():
             layer.d.codebook.mul_(1.1)  # move the codes off the inputs so the term is non-zero
-    ft._forward(hf, tok, tiny.bos_id, splicer, layers, skip_bos=True)
+    spliced_logits(hf, tok, tiny.bos_id, splicer, layers, skip_bos=True)
     commit = sum(layer.last_commit for layer in layers.values())
     assert commit.item() > 0
     commit.backward()
@@ -160,10 +168,10 @@ def test_spliced_output_equals_dictionary_forward(tiny):
     h = "blocks.1.hook_mlp_out"
     tok = _tokens(seed=1)
     rows = _rows(tiny, [h], _tokens(n=6, seed=2))[h]
-    d = Codebook(DictConfig(kind="codebook", d_in=32, d_dict=16, k=3), Provenance(hook=h, scale=ft.norm_scale(rows)))
+    d = Codebook(DictConfig(kind="codebook", d_in=32, d_dict=16, k=3), Provenance(hook=h, scale=norm_scale(rows)))
     d.init_from_data(rows * d.scale)
-    layer = ft.InModelCodebook(d)
-    layer.mask = ft.splice_mask(tok, True)
+    layer = InModelCodebook(d)
+    layer.mask = row_mask(tok, True)
     x = torch.randn(3, 12, 32)
     out = layer(x)
     assert torch.allclose(out[:, 1:], d(x[:, 1:]).x_hat, atol=1e-6)
@@ -173,33 +181,33 @@ def test_spliced_output_equals_dictionary_forward(tiny):
 # --- spec -----------------------------------------------------------------------------------------
 
 def test_parse_spec():
-    specs = ft.parse_spec("attn:k=8,groups=heads; mlp[1]:k=100,codes=4096,sim=inner", n_layers=2)
+    specs = parse_spec("attn:k=8,groups=heads; mlp[1]:k=100,codes=4096,sim=inner", n_layers=2)
     assert [s.hook for s in specs] == ["blocks.0.attn.hook_z", "blocks.1.attn.hook_z", "blocks.1.hook_mlp_out"]
     assert specs[0].groups == "heads" and specs[0].k == 8
     assert specs[2].codes == 4096 and specs[2].similarity == "inner"
-    assert [s.hook for s in ft.parse_spec("blocks.0.hook_resid_post:k=2;resid[0-1]:k=1".replace(";resid[0-1]:k=1", ""), 2)] == ["blocks.0.hook_resid_post"]
-    assert len(ft.parse_spec("mlp[0-1]:k=2", 2)) == 2
+    assert [s.hook for s in parse_spec("blocks.0.hook_resid_post:k=2;resid[0-1]:k=1".replace(";resid[0-1]:k=1", ""), 2)] == ["blocks.0.hook_resid_post"]
+    assert len(parse_spec("mlp[0-1]:k=2", 2)) == 2
     for bad, msg in [("mlp:k=x", "positive integer"), ("mlp:kk=2", "unknown key"), ("mlp[5]:k=2", "do not exist"),
                      ("foo:k=2", "is not attn"), ("mlp:k=2;mlp[0]:k=3", "twice"), ("", "no codebooks"), ("mlp:groups=0", "groups")]:
         with pytest.raises(SaekitError, match=msg):
-            ft.parse_spec(bad, 2)
+            parse_spec(bad, 2)
 
 
 def test_build_codebook_groups_and_errors():
-    d = ft.build_codebook(ft.CodebookSpec("blocks.0.attn.hook_z", k=2, groups="heads"), [4, 8])
+    d = build_codebook(CodebookSpec("blocks.0.attn.hook_z", k=2, groups="heads"), [4, 8])
     assert d.cfg.groups == 4 and d.cfg.d_dict == 4 * 8 * 8 and d.cfg.k == 2
     with pytest.raises(SaekitError, match="head axis"):
-        ft.build_codebook(ft.CodebookSpec("blocks.0.hook_mlp_out", k=2, groups="heads"), [32])
+        build_codebook(CodebookSpec("blocks.0.hook_mlp_out", k=2, groups="heads"), [32])
     with pytest.raises(SaekitError, match="no k"):
-        ft.build_codebook(ft.CodebookSpec("blocks.0.hook_mlp_out"), [32])
+        build_codebook(CodebookSpec("blocks.0.hook_mlp_out"), [32])
     with pytest.raises(SaekitError, match="smaller than codes"):
-        ft.build_codebook(ft.CodebookSpec("blocks.0.hook_mlp_out", k=4, codes=4), [32])
+        build_codebook(CodebookSpec("blocks.0.hook_mlp_out", k=4, codes=4), [32])
 
 
 def test_batches_are_a_function_of_step():
     train = np.arange(10)[:, None].repeat(3, 1)
-    a = [ft.batch_at(train, s, 4, seed=1) for s in range(6)]
-    b = ft.batch_at(train, 4, 4, seed=1)
+    a = [batch_at(train, s, 4, seed=1) for s in range(6)]
+    b = batch_at(train, 4, 4, seed=1)
     assert np.array_equal(a[4], b)
     first_epoch = np.concatenate(a)[:10, 0]
     assert sorted(first_epoch.tolist()) == list(range(10))  # each epoch is a permutation
@@ -211,14 +219,14 @@ def _cfg(tiny_model_dir, tiny_text_file, out, **kw):
     base = dict(model=tiny_model_dir, data=tiny_text_file, out=str(out), codebooks="attn[0]:k=1,groups=heads,codes=8;mlp[1]:k=2,codes=16",
                 steps=6, batch_size=4, seq_len=16, eval_sequences=8, init_rows=256, checkpoint_every=2, log_every=2,
                 lr=1e-3, codebook_lr=1e-2, replace_every=3, dead_tokens=20)
-    return ft.FinetuneConfig(**(base | kw))
+    return FinetuneConfig(**(base | kw))
 
 
 def test_finetune_job_outputs_and_table(tiny_model_dir, tiny_text_file, tmp_path):
     from saekit import metrics
     from saekit.models import load_model
 
-    res = ft.finetune(_cfg(tiny_model_dir, tiny_text_file, tmp_path / "ft"), progress=False)
+    res = finetune(_cfg(tiny_model_dir, tiny_text_file, tmp_path / "ft"), progress=False)
     names = [r["model"] for r in res.table]
     assert names == ["original", "fine-tuned, no codebooks", "codebook model", "codebook model, codebooks removed"]
     assert all(np.isfinite(r["loss"]) and 0 <= r["accuracy"] <= 1 for r in res.table)
@@ -238,9 +246,9 @@ def test_finetune_job_outputs_and_table(tiny_model_dir, tiny_text_file, tmp_path
     # Outside reference: splice the saved codebooks into the saved model through the bridge by hand;
     # the loss must be the table's "codebook model" row.
     cfg = _cfg(tiny_model_dir, tiny_text_file, tmp_path / "x")
-    data = ft.load_tokens(cfg.data, "", lm.tokenizer, lm.bos_id, cfg.seq_len, 1, cfg.eval_sequences)
+    data = load_tokens(cfg.data, "", lm.tokenizer, lm.bos_id, cfg.seq_len, 1, cfg.eval_sequences)
     tok = torch.as_tensor(data.eval, dtype=torch.long)
-    mask = ft.splice_mask(tok, True)
+    mask = row_mask(tok, True)
 
     def splice(d):
         def fn(act, hook):
@@ -251,19 +259,19 @@ def test_finetune_job_outputs_and_table(tiny_model_dir, tiny_text_file, tmp_path
         return fn
 
     with torch.no_grad():
-        logits = lm.bridge.run_with_hooks(ft.model_input(tok, lm.bos_id), fwd_hooks=[(h, splice(d)) for h, d in cbs.items()])
-    inp, m = ft.model_input(tok, lm.bos_id), ft.scored_mask(tok)
-    ref = ft.masked_mean(metrics.ce_per_token(logits, inp), m).item()
+        logits = lm.bridge.run_with_hooks(model_input(tok, lm.bos_id), fwd_hooks=[(h, splice(d)) for h, d in cbs.items()])
+    inp, m = model_input(tok, lm.bos_id), scored_mask(tok)
+    ref = masked_mean(metrics.ce_per_token(logits, inp), m).item()
     row = next(r for r in res.table if r["model"] == "codebook model")
     assert abs(row["loss"] - ref) < 1e-4
 
     with pytest.raises(SaekitError, match="already holds"):
-        ft.finetune(_cfg(tiny_model_dir, tiny_text_file, tmp_path / "ft"), progress=False)
+        finetune(_cfg(tiny_model_dir, tiny_text_file, tmp_path / "ft"), progress=False)
 
 
 @pytest.mark.slow
 def test_resume_gives_the_uninterrupted_result(tiny_model_dir, tiny_text_file, tmp_path, monkeypatch):
-    full = ft.finetune(_cfg(tiny_model_dir, tiny_text_file, tmp_path / "a", baseline=False), progress=False)
+    full = finetune(_cfg(tiny_model_dir, tiny_text_file, tmp_path / "a", baseline=False), progress=False)
 
     real = ft.train_step
     calls = {"n": 0}
@@ -276,14 +284,14 @@ def test_resume_gives_the_uninterrupted_result(tiny_model_dir, tiny_text_file, t
 
     monkeypatch.setattr(ft, "train_step", dies_at_5)
     with pytest.raises(KeyboardInterrupt):
-        ft.finetune(_cfg(tiny_model_dir, tiny_text_file, tmp_path / "b", baseline=False), progress=False)
+        finetune(_cfg(tiny_model_dir, tiny_text_file, tmp_path / "b", baseline=False), progress=False)
     monkeypatch.setattr(ft, "train_step", real)
-    assert ft.FinetunePaths(tmp_path / "b").checkpoint_steps("joint") == [2, 4]
+    assert FinetunePaths(tmp_path / "b").checkpoint_steps("joint") == [2, 4]
     with pytest.raises(SaekitError, match="unfinished"):
-        ft.finetune(_cfg(tiny_model_dir, tiny_text_file, tmp_path / "b", baseline=False), progress=False)
+        finetune(_cfg(tiny_model_dir, tiny_text_file, tmp_path / "b", baseline=False), progress=False)
     with pytest.raises(SaekitError, match="other settings.*lr"):
-        ft.finetune(_cfg(tiny_model_dir, tiny_text_file, tmp_path / "b", baseline=False, lr=5e-4, resume=True), progress=False)
-    resumed = ft.finetune(_cfg(tiny_model_dir, tiny_text_file, tmp_path / "b", baseline=False, resume=True), progress=False)
+        finetune(_cfg(tiny_model_dir, tiny_text_file, tmp_path / "b", baseline=False, lr=5e-4, resume=True), progress=False)
+    resumed = finetune(_cfg(tiny_model_dir, tiny_text_file, tmp_path / "b", baseline=False, resume=True), progress=False)
     assert resumed.table == full.table
     for pa, pb in zip(sorted(full.codebooks), sorted(resumed.codebooks)):
         assert torch.equal(load(pa).codebook, load(pb).codebook)
@@ -294,8 +302,8 @@ def test_resume_gives_the_uninterrupted_result(tiny_model_dir, tiny_text_file, t
 
 
 def test_freeze_model_trains_only_codes(tiny_model_dir, tiny_text_file, tmp_path):
-    res = ft.finetune(_cfg(tiny_model_dir, tiny_text_file, tmp_path / "f", freeze_model=True, codebooks="mlp[1]:k=2,codes=16"), progress=False)
-    assert res.model == ft.Path(tiny_model_dir)  # no model copy: the codebooks point at the original
+    res = finetune(_cfg(tiny_model_dir, tiny_text_file, tmp_path / "f", freeze_model=True, codebooks="mlp[1]:k=2,codes=16"), progress=False)
+    assert res.model == Path(tiny_model_dir)  # no model copy: the codebooks point at the original
     assert [r["model"] for r in res.table] == ["original", "codebook model"]
     d = load(res.codebooks[0])
     assert d.prov.model["name"] == tiny_model_dir
@@ -305,8 +313,8 @@ def test_freeze_model_trains_only_codes(tiny_model_dir, tiny_text_file, tmp_path
 def test_codebook_layer_with_nothing_to_replace():
     """A batch of BOS only (first sampling step) passes through unchanged."""
     d = Codebook(DictConfig(kind="codebook", d_in=8, d_dict=4, k=1), Provenance(hook="blocks.0.hook_mlp_out"))
-    layer = ft.InModelCodebook(d)
+    layer = InModelCodebook(d)
     tok = torch.zeros(2, 1, dtype=torch.long)
-    layer.mask = ft.splice_mask(tok, True)
+    layer.mask = row_mask(tok, True)
     x = torch.randn(2, 1, 8)
     assert torch.equal(layer(x), x) and layer.last_commit.item() == 0

@@ -5,19 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from saekit.dictionaries import sae
+from saekit.dictionaries import fast
 from saekit.dictionaries.base import DictConfig
-from saekit.dictionaries.sae import (
-    BatchTopKSAE,
-    ReluLoss,
-    ReluSAE,
-    TopKEncode,
-    TopKSAE,
-    batch_topk_candidates,
-    batch_topk_mask,
-    relu_loss_eager,
-    row_topk,
-)
+from saekit.dictionaries.fast import ReluLoss, TopKEncode, batch_topk_candidates, batch_topk_mask, relu_loss_eager, row_topk
+from saekit.dictionaries.sae import BatchTopKSAE, ReluSAE, TopKSAE
 
 
 def _params(n=64, d_in=8, d_dict=24, seed=0, dtype=torch.float64):
@@ -31,8 +22,8 @@ def _params(n=64, d_in=8, d_dict=24, seed=0, dtype=torch.float64):
 @pytest.fixture(params=["dense", "csr"])
 def relu_path(request, monkeypatch):
     """ReluLoss's two paths: dense work tensors, or CSR codes (forced by the density threshold)."""
-    monkeypatch.setattr(sae, "SPARSE_DENSITY", 1e9 if request.param == "csr" else -1.0)
-    assert sae._kernels() is not None  # numba is installed here: the CSR path really runs
+    monkeypatch.setattr(fast, "SPARSE_DENSITY", 1e9 if request.param == "csr" else -1.0)
+    assert fast._kernels() is not None  # numba is installed here: the CSR path really runs
     return request.param
 
 
@@ -98,14 +89,14 @@ def test_relu_loss_csr_path_with_no_active_latent(relu_path):
 def test_relu_loss_picks_csr_by_density(monkeypatch):
     """At the default threshold a sparse batch takes the CSR path and a dense one the dense path."""
     seen = []
-    real = sae._relu_csr
-    monkeypatch.setattr(sae, "_relu_csr", lambda pre: seen.append(real(pre)[1] is not None) or real(pre))
+    real = fast._relu_csr
+    monkeypatch.setattr(fast, "_relu_csr", lambda pre: seen.append(real(pre)[1] is not None) or real(pre))
     xn, ps = _params(n=200, d_dict=64)
     ReluLoss.apply(xn, *ps, 1.0)
     with torch.no_grad():
         ps[1] -= 3.0  # most pre-activations now negative
     out = ReluLoss.apply(xn, *ps, 1.0)
-    assert float(out[4]) / 64 < sae.SPARSE_DENSITY * 2 / (1 + torch.get_num_threads())
+    assert float(out[4]) / 64 < fast.SPARSE_DENSITY * 2 / (1 + torch.get_num_threads())
     assert seen == [False, True]
 
 
@@ -154,7 +145,7 @@ def test_batch_topk_candidates_equal_reference_on_random_inputs(seed):
 @pytest.mark.parametrize("case", ["random", "dominating", "few_positive", "ties", "nan"])
 def test_batch_topk_above_equals_reference(case):
     """One threshold for the batch (numba) gives exactly the batch top-(k·n) of the reference, as dense codes."""
-    from saekit.dictionaries.sae import batch_topk_above
+    from saekit.dictionaries.fast import batch_topk_above
 
     g = torch.Generator().manual_seed(3)
     pre = torch.randn(200, 96, generator=g)
@@ -221,9 +212,9 @@ def test_batch_topk_candidates_with_ties_and_few_positives():
 def test_batchtopk_training_forward_candidates_match_full_path(dominating, step, monkeypatch):
     """Same loss, terms, fired, L0, θ and gradients from the candidate path (or its fallback) as from the reference,
     with the candidates' encoder fused (`TopKEncode` with BatchTopK's selection and AuxK's codes) or through autograd."""
-    from saekit.dictionaries import sae
+    from saekit.dictionaries import fast
 
-    monkeypatch.setattr(sae, "_TOPK_STEP", step)
+    monkeypatch.setattr(fast, "_TOPK_STEP", step)
 
     g = torch.Generator().manual_seed(8)
     cfg = DictConfig(kind="batchtopk", d_in=8, d_dict=256, k=2)
@@ -234,7 +225,7 @@ def test_batchtopk_training_forward_candidates_match_full_path(dominating, step,
     dead[:5] = True
     outs = {}
     for mode in ("full", "candidates"):
-        monkeypatch.setattr(sae, "_BATCHTOPK", mode)
+        monkeypatch.setattr(fast, "_BATCHTOPK", mode)
         d = BatchTopKSAE(cfg).double()
         d.reset_parameters(torch.Generator().manual_seed(0))
         out = d.training_forward(xn, dead=dead, aux_k=4)
@@ -259,13 +250,13 @@ def test_batchtopk_training_forward_candidates_match_full_path(dominating, step,
 @pytest.mark.parametrize("width,k,ties", [(512, 16, False), (512, 16, True), (64, 3, True), (96, 5, False), (40, 7, False)])
 def test_row_topk_equals_torch_topk(width, k, ties, mode, monkeypatch):
     """Same values per row (as multisets) as torch.topk, indices that point at them, gradient of a gather."""
-    monkeypatch.setattr(sae, "_TOPK", mode)
+    monkeypatch.setattr(fast, "_TOPK", mode)
     g = torch.Generator().manual_seed(width + k)
     x = torch.randint(-3, 4, (257, width), generator=g).double() if ties else torch.randn(257, width, generator=g, dtype=torch.float64)
     x[0, :] = -torch.inf
     x[0, 5] = 1.0  # a row with one finite value
     x.requires_grad_()
-    assert sae._topk_group(width, k) in (1, 4, 8)
+    assert fast._topk_group(width, k) in (1, 4, 8)
     values, indices = row_topk(x, k)
     ref_values, _ = x.topk(k, dim=-1)
     torch.testing.assert_close(values.sort(-1).values, ref_values.sort(-1).values)
@@ -279,11 +270,11 @@ def test_row_topk_equals_torch_topk(width, k, ties, mode, monkeypatch):
 
 def test_row_topk_modes_select_the_same(monkeypatch):
     """numba (the default, and importable here), grouped and plain torch.topk pick the same entries."""
-    assert sae._TOPK == "numba" and sae._kernels() is not None
+    assert fast._TOPK == "numba" and fast._kernels() is not None
     x = torch.randn(300, 512, generator=torch.Generator().manual_seed(1))
     picks = []
     for mode in ("numba", "grouped", "plain"):
-        monkeypatch.setattr(sae, "_TOPK", mode)
+        monkeypatch.setattr(fast, "_TOPK", mode)
         v, i = row_topk(x, 16)
         picks.append((v.sort(-1).values, i.sort(-1).values))
     for v, i in picks[1:]:
@@ -324,7 +315,7 @@ def test_topk_training_forward_fused_equals_autograd(monkeypatch, n_dead):
         dead[torch.randperm(128, generator=torch.Generator().manual_seed(5))[:n_dead]] = True
     grads = {}
     for mode in ("fused", "autograd"):
-        monkeypatch.setattr(sae, "_TOPK_STEP", mode)
+        monkeypatch.setattr(fast, "_TOPK_STEP", mode)
         out = d.training_forward(xn, dead=dead)
         assert (out.terms["auxk"] > 0) == bool(n_dead)
         grads[mode] = (out.loss.detach(), out.fired, out.l0, *torch.autograd.grad(out.loss, list(d.parameters())))

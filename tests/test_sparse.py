@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from saekit.dictionaries.sae import sparse_decode_bag, sparse_decode_csr, sparse_decode_dense
+from saekit.dictionaries.fast import sparse_decode_bag, sparse_decode_csr, sparse_decode_dense
 from saekit.dictionaries.kernels import SparseDecode, code_rows, csr_t_matmul, sampled_dots
 
 

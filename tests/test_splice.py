@@ -16,7 +16,8 @@ import torch.nn.functional as F
 from saekit.dictionaries.base import DictConfig, Dictionary, Provenance
 from saekit.errors import SaekitError
 from saekit.models import load_model, resolve_hooks
-from saekit.splice import PAD, Runner, SpliceConfig, Target, evaluate, format_table, frontier_points, splice_eval
+from saekit.tokens import PAD
+from saekit.splice import Runner, SpliceConfig, Target, evaluate, format_table, frontier_points, splice_eval
 
 
 # --- test-local dictionaries --------------------------------------------------------------------
@@ -410,7 +411,7 @@ def eval_store(tiny_model_dir, tiny_text_file, tmp_path_factory):
 
 
 def test_store_eval_split_and_store_means(model, saved, eval_store):
-    from saekit.dictionaries import load
+    from saekit.interop import load
     from saekit.splice import Target
     from saekit.store import ActivationStore
 
@@ -450,13 +451,13 @@ def test_store_errors(tiny_model_dir, saved, eval_store, tmp_path, capsys, monke
 @pytest.fixture(scope="module")
 def finetuned(tiny_model_dir, tiny_text_file, tmp_path_factory):
     """A tiny finetune run (two codebooks, baseline on): its report.json is the reference."""
-    from saekit import finetune as ft
+    from saekit.inmodel.finetune import FinetuneConfig, finetune
 
     out = tmp_path_factory.mktemp("ft") / "run"
-    cfg = ft.FinetuneConfig(model=tiny_model_dir, data=tiny_text_file, out=str(out),
+    cfg = FinetuneConfig(model=tiny_model_dir, data=tiny_text_file, out=str(out),
                             codebooks="attn[0]:k=1,groups=heads,codes=8;mlp[1]:k=2,codes=16", steps=4, batch_size=4,
                             seq_len=16, eval_sequences=8, init_rows=256, checkpoint_every=0, lr=1e-2, codebook_lr=1e-2)
-    ft.finetune(cfg, progress=False)
+    finetune(cfg, progress=False)
     return out
 
 
@@ -483,13 +484,14 @@ def test_finetuned_table_matches_the_finetune_report(tiny_model_dir, finetuned, 
 
 
 def test_finetuned_freeze_model_and_errors(tiny_model_dir, tiny_text_file, finetuned, tmp_path, capsys, monkeypatch):
-    from saekit import finetune as ft
+    from saekit.inmodel.finetune import FinetuneConfig, finetune
+    from saekit.inmodel.report import finetuned_eval
 
     frozen = tmp_path / "frozen"
-    ft.finetune(ft.FinetuneConfig(model=tiny_model_dir, data=tiny_text_file, out=str(frozen), codebooks="mlp[1]:k=2,codes=16",
+    finetune(FinetuneConfig(model=tiny_model_dir, data=tiny_text_file, out=str(frozen), codebooks="mlp[1]:k=2,codes=16",
                                   steps=2, batch_size=4, seq_len=16, eval_sequences=8, init_rows=256, checkpoint_every=0,
                                   freeze_model=True), progress=False)
-    res = splice_eval(SpliceConfig(finetuned=str(frozen)))
+    res = finetuned_eval(SpliceConfig(finetuned=str(frozen)))
     report = json.loads((frozen / "report.json").read_text())
     assert [r["model"] for r in res["finetuned"]["table"]] == ["original", "codebook model"]
     for r, ref in zip(res["finetuned"]["table"], report["table"]):

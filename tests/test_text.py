@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 
 from saekit.errors import SaekitError
-from saekit.text import PAD, data_files, iter_documents, pack_concat, pack_doc, sequences
+from saekit.tokens import PAD
+from saekit.text import data_files, iter_documents, pack_concat, pack_doc, sequences
 
 
 def test_pack_concat_cuts_stream_and_prepends_bos():

@@ -11,9 +11,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from saekit.dictionaries import Provenance, load
+from saekit.dictionaries import Provenance
+from saekit.interop import load
 from saekit.errors import SaekitError
-from saekit.train import HookSource, TrainConfig, Trainer, run_name, run_paths, tensor_batches
+from saekit.runs import run_name, run_paths
+from saekit.train import HookSource, TrainConfig, Trainer, tensor_batches
 
 D_IN, N_ATOMS, K_TRUE = 16, 24, 2
 
@@ -259,3 +261,47 @@ def test_cli_train_and_errors(store_dir, tmp_path):
     cfg.write_text(f'store = "{store_dir}"\nbatchsize = 3\n')
     r = subprocess.run(exe + ["train", "--config", str(cfg)], capture_output=True, text=True)
     assert r.returncode == 2 and "did you mean batch_size" in r.stderr
+
+
+def test_config_json_records_the_values_used(tmp_path):
+    """Automatic settings (lr 0, d_dict 0, aux_k 0) are saved resolved; knobs of other kinds are None."""
+    x, _ = planted(1000)
+    t = trainer(tmp_path, {"h": x}, tokens=2 * 128, batch_size=128, init_rows=128, lr=0.0, d_dict=0, expansion=2, aux_k=0)
+    t.fit()
+    d = load(t.save()[0])
+    used = d.train_config
+    assert used["d_dict"] == 2 * D_IN == d.cfg.d_dict
+    assert used["lr"] == pytest.approx(2e-4 / (2 * D_IN / 2**14) ** 0.5)
+    assert used["aux_k"] == D_IN // 2
+    assert used["l1"] is None and used["k"] == [K_TRUE]
+    relu = trainer(tmp_path, {"h": x}, name="relu", kind="relu", tokens=2 * 128, batch_size=128, init_rows=128)
+    relu.fit()
+    used = load(relu.save()[0]).train_config
+    assert used["l1"] == [1.0] and used["k"] is None and used["aux_k"] is None
+
+
+def test_resume_skips_a_damaged_checkpoint(tmp_path):
+    """The newest checkpoint fails its checksum: a warning names it and the run resumes from the one before."""
+    from saekit import runs
+
+    x, _ = planted(3000)
+    kw = dict(tokens=30 * 128, batch_size=128, checkpoint_every=10 * 128, log_every=5, init_rows=256)
+    full = trainer(tmp_path, {"h": x}, name="full", **kw)
+    full.fit()
+    t1 = trainer(tmp_path, {"h": x}, name="cut", **kw)
+    t1.batches = killing(t1.batches, 23)
+    with pytest.raises(Killed):
+        t1.fit()
+    paths = t1.runs[0].paths
+    f = paths.checkpoint(20) / runs.STATE_TENSORS
+    data = bytearray(f.read_bytes())
+    data[-1] ^= 0xFF
+    f.write_bytes(bytes(data))
+    t2 = trainer(tmp_path, {"h": x}, name="cut", resume=True, **kw)
+    with pytest.warns(UserWarning, match="step-00000020 is damaged"):
+        t2.fit()
+    assert t2.step == 30
+    for (k, va), (_, vb) in zip(full.runs[0].dictionary.state_dict().items(), t2.runs[0].dictionary.state_dict().items()):
+        assert torch.equal(va, vb), k
+    steps = [json.loads(ln)["step"] for ln in paths.metrics.read_text().splitlines()]
+    assert steps == [5, 10, 15, 20, 25, 30]

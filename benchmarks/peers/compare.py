@@ -118,7 +118,7 @@ def peer_available(python: str, peer: str) -> str | None:
 
 def evaluate_all(store, hook: str, runs: list[dict], eval_tokens: int, batch_size: int) -> None:
     """Splice every trained dictionary into the model on the store's eval split; adds an "eval" dict to each run."""
-    from saekit.dictionaries import load
+    from saekit.interop import load
     from saekit.models import load_model
     from saekit.splice import evaluate, resolve_target, store_tokens
 

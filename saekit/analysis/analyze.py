@@ -31,9 +31,11 @@ from safetensors.torch import load_file, save_file
 
 from saekit.analysis.explain import ExplainPass, share_explained
 from saekit.analysis.ids import feature_ids
-from saekit.analysis.stats import PAD, FeatureStats, StatsResult, decoder_neighbours, logit_effects
+from saekit.analysis.stats import FeatureStats, StatsResult, decoder_neighbours, logit_effects
+from saekit.tokens import PAD
 from saekit.errors import SaekitError
-from saekit.models import ModelInfo, hook_layer
+from saekit.runs import atomic
+from saekit.models import check_model, hook_layer
 
 FORMAT = "saekit-analysis"
 VERSION = 1
@@ -107,12 +109,8 @@ def check_match(d, store) -> str:
     width = store.hook_width(hook)
     if width != d.cfg.d_in:
         raise SaekitError(f"the dictionary expects width {d.cfg.d_in} at {hook}, the store has {width}; they come from different models")
-    if d.prov.model:
-        dm, sm = ModelInfo.from_dict(d.prov.model), store.model
-        if dm.fingerprint != sm.fingerprint or dm.d_model != sm.d_model:
-            raise SaekitError(f"the dictionary was trained on model {dm.name!r} ({dm.fingerprint}), the store comes from {sm.name!r} ({sm.fingerprint}); use a store of the dictionary's model")
-        if bool(dm.compat) != bool(sm.compat):
-            raise SaekitError("the dictionary and the store disagree on compatibility mode (TransformerLens weight processing); harvest with the same --compat setting")
+    check_model("the dictionary", d.prov.model, store.model, against=f"store {store.path}'s model",
+                fix="use a store harvested from the dictionary's model with the same --compat setting")
     return hook
 
 
@@ -171,9 +169,8 @@ def _r(x: float) -> float:
 
 
 def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
+    with atomic(path) as tmp:
+        tmp.write_bytes(data)
 
 
 def run_pass(d, store, hook: str, cfg: AnalyzeConfig, progress: Callable[[int, int], None] | None = None,
@@ -259,7 +256,7 @@ def fsm_states(counts) -> tuple[list[int], list[float], list[float], list[float]
 
 def analyze(cfg: AnalyzeConfig, progress: Callable[[int, int], None] | None = None) -> Path:
     """Run the pass, compute logit effects, write all outputs; returns the output folder."""
-    from saekit.dictionaries import load as load_dict
+    from saekit.interop import load as load_dict
     from saekit.store import ActivationStore
 
     if not cfg.dict or not cfg.store or not cfg.out:
@@ -305,9 +302,8 @@ def analyze(cfg: AnalyzeConfig, progress: Callable[[int, int], None] | None = No
     tensors = _stats_to_tensors(res)
     if logit is not None:
         tensors |= dict(zip(("promote_ids", "promote_vals", "suppress_ids", "suppress_vals"), logit))
-    tmp = out / "stats.safetensors.tmp"
-    save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp))
-    os.replace(tmp, out / "stats.safetensors")
+    with atomic(out / "stats.safetensors") as tmp:
+        save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp))
     _atomic_write_bytes(out / "features.json", json.dumps(meta).encode())
     from saekit.analysis.dashboard import density_plot, render_dashboard
 

@@ -15,6 +15,8 @@ import os
 from importlib import resources
 from pathlib import Path
 
+from saekit.runs import atomic
+
 
 def render_dashboard(meta: dict) -> str:
     """The dashboard HTML for an analysis's features.json content."""
@@ -45,10 +47,9 @@ def density_plot(meta: dict, path: str | os.PathLike) -> Path:
     ax.legend(fontsize=8)
     fig.tight_layout()
     out = Path(path)
-    tmp = out.with_name(out.name + ".tmp.png")
-    fig.savefig(tmp)
+    with atomic(out) as tmp:
+        fig.savefig(tmp)
     plt.close(fig)
-    os.replace(tmp, out)
     return out
 
 

@@ -25,8 +25,6 @@ and the clean B run (the ceiling).
 
 from __future__ import annotations
 
-import json
-import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -35,6 +33,7 @@ import torch
 
 from saekit.errors import SaekitError
 from saekit.metrics import js_per_token
+from saekit.runs import write_json
 from saekit.models import capture, hook_layer
 
 
@@ -235,7 +234,7 @@ def intervene(model, dicts, fsm, layers: list[int] | None = None, *, n_pairs: in
 
 def run_intervention(cfg: InterveneConfig) -> InterventionResult:
     """Load the toy model, its FSM and the dictionaries, patch, and optionally write JSON."""
-    from saekit.dictionaries import load as load_dict
+    from saekit.interop import load as load_dict
     from saekit.models import load_model
     from saekit.toy.fsm import load_fsm
 
@@ -247,8 +246,5 @@ def run_intervention(cfg: InterveneConfig) -> InterventionResult:
     res = intervene(lm, dicts, fsm, cfg.layers or None, n_pairs=cfg.pairs, n_states=cfg.states, error=cfg.error, seed=cfg.seed)
     if cfg.out:
         p = Path(cfg.out)
-        p.parent.mkdir(parents=True, exist_ok=True)
-        tmp = p.with_name(p.name + ".tmp")
-        tmp.write_text(json.dumps(res.to_dict(), indent=2))
-        os.replace(tmp, p)
+        write_json(p, res.to_dict())
     return res

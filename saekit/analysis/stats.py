@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-PAD = -1
+from saekit.tokens import PAD
 
 
 @dataclass

@@ -159,7 +159,7 @@ def steer(cfg: SteerConfig, *, model=None, dictionary=None) -> SteerResult:
 
     `model` (a LoadedModel) and `dictionary` may be passed to reuse loaded objects.
     """
-    from saekit.dictionaries import load as load_dict
+    from saekit.interop import load as load_dict
     from saekit.models import load_model
 
     d = dictionary if dictionary is not None else load_dict(cfg.dict, device=cfg.device)
@@ -260,13 +260,11 @@ def _toy_fsm(model):
 
 
 def check_model(d, model) -> None:
-    """Refuse a model the dictionary was not trained on (different weights, width or hook)."""
-    from saekit.models import ModelInfo, check_hook_names
+    """Refuse a model the dictionary was not trained on (different weights, weight processing or hook)."""
+    from saekit.models import check_hook_names
+    from saekit.models import check_model as check_fit
 
     if not d.prov.hook:
         raise SaekitError("the dictionary records no hook; retrain or re-export it with saekit")
     check_hook_names(model.bridge, [d.prov.hook])
-    if d.prov.model:
-        dm = ModelInfo.from_dict(d.prov.model)
-        if dm.fingerprint != model.info.fingerprint:
-            raise SaekitError(f"the dictionary was trained on model {dm.name!r} ({dm.fingerprint}), not {model.info.name!r} ({model.info.fingerprint}); pass --model {dm.name}")
+    check_fit("the dictionary", d.prov.model, model.info)

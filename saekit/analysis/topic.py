@@ -157,7 +157,7 @@ def topic_steer(cfg: SteerConfig, *, model=None, dictionary=None, store=None) ->
 
     if not cfg.store and store is None:
         raise SaekitError("topic steering needs --store: a store at the dictionary's hook to find the topic's features in")
-    from saekit.dictionaries import load as load_dict
+    from saekit.interop import load as load_dict
     from saekit.models import load_model
     from saekit.store import ActivationStore
 

@@ -1,29 +1,65 @@
-"""Dictionary kinds (relu, topk, batchtopk SAEs; k-sparse codebooks) behind one interface."""
+"""Dictionary kinds behind one interface: relu, topk, batchtopk SAEs (`sae`), k-sparse codebooks
+(`codebook`), loaded-only jumprelu (`jumprelu`); `base` declares the interface and the kind
+protocol the training engine calls, `fast` the CPU fast paths, `kernels` their numba kernels.
 
-from saekit.dictionaries.base import KINDS, DictConfig, Dictionary, ForwardOutput, Provenance, build, load_saekit
+Folders of other tools are read by `saekit.interop.load` (which imports this package, never
+the reverse).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+from saekit.dictionaries.base import FORMAT, KINDS, LOADED_KINDS, DictConfig, Dictionary, ForwardOutput, Provenance, TrainOutput
+from saekit.dictionaries.codebook import Codebook
+from saekit.dictionaries.jumprelu import JumpReLUSAE
+from saekit.dictionaries.sae import BatchTopKSAE, ReluSAE, TopKSAE
+from saekit.errors import SaekitError
+
+REGISTRY: dict[str, type[Dictionary]] = {"relu": ReluSAE, "topk": TopKSAE, "batchtopk": BatchTopKSAE, "codebook": Codebook,
+                                         "jumprelu": JumpReLUSAE}
+"""kind name → class (a dict literal, not an import-time registry); KINDS are trained, LOADED_KINDS only read."""
 
 
-def load(path, device="cpu") -> Dictionary:
-    """Load a dictionary folder in any supported format (saekit; SAELens and sparsify via interop)."""
-    from pathlib import Path
+def build(cfg: DictConfig, prov: Provenance | None = None) -> Dictionary:
+    return REGISTRY[cfg.kind](cfg, prov)
 
-    from saekit.models import resolve_device
 
-    from saekit import hub
-
-    device = str(resolve_device(str(device)))  # `auto` → cuda when available
-    p = hub.fetch(path) if hub.is_hub(path) else Path(path)  # hf://ORG/REPO/PATH: the Hub's cache folder
-    if (p / "config.json").is_file() and (p / "weights.safetensors").is_file():
-        return load_saekit(p, device)
+def load_saekit(path: str | os.PathLike, device: str | torch.device = "cpu") -> Dictionary:
+    """Load a saekit dictionary folder, strictly: missing or unexpected tensors are an error."""
+    p = Path(path)
+    cfg_file, w_file = p / "config.json", p / "weights.safetensors"
+    if not cfg_file.is_file() or not w_file.is_file():
+        raise SaekitError(f"{p} is not a saekit dictionary (expected config.json and weights.safetensors)")
+    raw = json.loads(cfg_file.read_text())
+    if raw.get("format") != FORMAT:
+        raise SaekitError(f"{cfg_file} has format {raw.get('format')!r}, expected {FORMAT!r}")
     try:
-        from saekit.interop import detect_and_load
-    except ImportError:
-        detect_and_load = None
-    if detect_and_load is not None:
-        return detect_and_load(p, device)
-    from saekit.errors import SaekitError
+        cfg = DictConfig(**raw["arch"])
+    except (TypeError, ValueError) as e:
+        raise SaekitError(f"{cfg_file}: bad architecture: {e}") from None
+    prov_fields = {f.name for f in dataclasses.fields(Provenance)}
+    prov = Provenance(**{k: v for k, v in raw.get("provenance", {}).items() if k in prov_fields})
+    d = build(cfg, prov)
+    state = load_file(str(w_file), device=str(device))
+    missing = set(d.state_dict()) - set(state)
+    unexpected = set(state) - set(d.state_dict())
+    if missing or unexpected:
+        raise SaekitError(f"{w_file}: missing tensors {sorted(missing)}, unexpected {sorted(unexpected)}")
+    for k, v in d.state_dict().items():
+        if v.shape != state[k].shape:
+            raise SaekitError(f"{w_file}: tensor {k} has shape {tuple(state[k].shape)}, config says {tuple(v.shape)}")
+    d.load_state_dict(state)
+    d.summary = raw.get("summary", {})
+    d.train_config = raw.get("train", {})
+    return d.to(device).eval()
 
-    raise SaekitError(f"{p} is not a dictionary folder (expected config.json + weights.safetensors)")
 
-
-__all__ = ["KINDS", "DictConfig", "Dictionary", "ForwardOutput", "Provenance", "build", "load", "load_saekit"]
+__all__ = ["KINDS", "LOADED_KINDS", "REGISTRY", "DictConfig", "Dictionary", "ForwardOutput", "Provenance", "TrainOutput",
+           "build", "load_saekit"]

@@ -14,17 +14,17 @@ unpickles.
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar, NamedTuple
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from saekit.errors import SaekitError
+from saekit.runs import atomic, write_json
 
 FORMAT = "saekit-dictionary"
 VERSION = 1
@@ -91,8 +91,28 @@ class ForwardOutput(NamedTuple):
     """Dense codes, (n_tok, d_dict): non-zero where a latent (or code) fired."""
 
 
+class TrainOutput(NamedTuple):
+    """What one training step of a kind returns (all tensors: the trainer syncs with the device only to log)."""
+
+    loss: Tensor
+    """Scalar the optimiser minimises (sum of the terms)."""
+    terms: dict[str, Tensor]
+    """Named loss terms (scalars, detached copies are logged)."""
+    fired: Tensor
+    """(d_dict,) bool: which latents fired on this batch (for dead-latent tracking)."""
+    l0: Tensor
+    """Scalar: mean number of active latents per token on this batch."""
+
+
 class Dictionary(nn.Module):
-    """Base class: subclasses implement `encode_n`, `decode_n` and `loss_terms` on normalised inputs."""
+    """Base class: subclasses implement `encode_n`, `decode_n` and `loss_terms` on normalised inputs.
+
+    The kind protocol (what the training engine calls; every kind gets these defaults):
+    `training_forward(xn, **state) -> TrainOutput` (required to train), `reset_parameters(generator)`,
+    `init_from_data(xn)`, `before_step()` / `after_step()` around the optimiser step (e.g. the
+    decoder projection), `resample_dead(dead, xn, generator) -> {param name: rows whose Adam
+    moments to reset}` and `param_groups(lr)`.
+    """
 
     kind: ClassVar[str] = ""
 
@@ -119,6 +139,27 @@ class Dictionary(nn.Module):
     def W_dec(self) -> Tensor:
         """Decoder directions (d_dict, d_in) in normalised space."""
         raise NotImplementedError
+
+    # --- training protocol (the engine calls these; defaults do nothing) --------------------
+    def training_forward(self, xn: Tensor, **state) -> TrainOutput:
+        """One training step's loss on a normalised batch; `state` holds the run's dead mask, λ schedule, AuxK settings."""
+        raise SaekitError(f"dictionaries of kind {self.cfg.kind!r} cannot be trained; train one of {', '.join(KINDS)}")
+
+    def reset_parameters(self, generator: torch.Generator) -> None:
+        """Random initial weights from `generator`."""
+
+    def init_from_data(self, xn: Tensor) -> None:
+        """Data-dependent initialisation from a sample of normalised rows (b_dec, k-means codes)."""
+
+    def before_step(self) -> None:
+        """After backward, before the optimiser step (e.g. remove the gradient along unit decoder rows)."""
+
+    def after_step(self) -> None:
+        """After the optimiser step (e.g. renormalise decoder rows)."""
+
+    def resample_dead(self, dead: Tensor, xn: Tensor, generator: torch.Generator) -> dict[str, Tensor]:
+        """Replace dead latents; returns {parameter name: bool rows} whose Adam moments are reset ({}: none)."""
+        return {}
 
     weight_lr_scale: ClassVar[float] = 1.0
     """The matrices' (2-D parameters') Adam learning rate is this × the run's lr; vectors take the lr itself."""
@@ -164,52 +205,7 @@ class Dictionary(nn.Module):
         out = Path(path)
         out.mkdir(parents=True, exist_ok=True)
         tensors = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
-        save_file(tensors, out / "weights.safetensors.tmp")
-        (out / "config.json.tmp").write_text(json.dumps(self.config_dict(), indent=2))
-        os.replace(out / "weights.safetensors.tmp", out / "weights.safetensors")
-        os.replace(out / "config.json.tmp", out / "config.json")
+        with atomic(out / "weights.safetensors") as tmp:
+            save_file(tensors, tmp)
+        write_json(out / "config.json", self.config_dict())
         return out
-
-
-def registry() -> dict[str, type[Dictionary]]:
-    """kind name → class (a dict literal, not an import-time registry)."""
-    from saekit.dictionaries.codebook import Codebook
-    from saekit.dictionaries.sae import BatchTopKSAE, ReluSAE, TopKSAE
-
-    from saekit.interop.jumprelu import JumpReLUSAE
-
-    return {"relu": ReluSAE, "topk": TopKSAE, "batchtopk": BatchTopKSAE, "codebook": Codebook, "jumprelu": JumpReLUSAE}
-
-
-def build(cfg: DictConfig, prov: Provenance | None = None) -> Dictionary:
-    return registry()[cfg.kind](cfg, prov)
-
-
-def load_saekit(path: str | os.PathLike, device: str | torch.device = "cpu") -> Dictionary:
-    """Load a saekit dictionary folder, strictly: missing or unexpected tensors are an error."""
-    p = Path(path)
-    cfg_file, w_file = p / "config.json", p / "weights.safetensors"
-    if not cfg_file.is_file() or not w_file.is_file():
-        raise SaekitError(f"{p} is not a saekit dictionary (expected config.json and weights.safetensors)")
-    raw = json.loads(cfg_file.read_text())
-    if raw.get("format") != FORMAT:
-        raise SaekitError(f"{cfg_file} has format {raw.get('format')!r}, expected {FORMAT!r}")
-    try:
-        cfg = DictConfig(**raw["arch"])
-    except (TypeError, ValueError) as e:
-        raise SaekitError(f"{cfg_file}: bad architecture: {e}") from None
-    prov_fields = {f.name for f in dataclasses.fields(Provenance)}
-    prov = Provenance(**{k: v for k, v in raw.get("provenance", {}).items() if k in prov_fields})
-    d = build(cfg, prov)
-    state = load_file(str(w_file), device=str(device))
-    missing = set(d.state_dict()) - set(state)
-    unexpected = set(state) - set(d.state_dict())
-    if missing or unexpected:
-        raise SaekitError(f"{w_file}: missing tensors {sorted(missing)}, unexpected {sorted(unexpected)}")
-    for k, v in d.state_dict().items():
-        if v.shape != state[k].shape:
-            raise SaekitError(f"{w_file}: tensor {k} has shape {tuple(state[k].shape)}, config says {tuple(v.shape)}")
-    d.load_state_dict(state)
-    d.summary = raw.get("summary", {})
-    d.train_config = raw.get("train", {})
-    return d.to(device).eval()

@@ -12,7 +12,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from saekit.dictionaries.base import DictConfig, Dictionary, Provenance
-from saekit.dictionaries.sae import TrainOutput, row_topk
+from saekit.dictionaries.base import TrainOutput
+from saekit.dictionaries.fast import row_topk
 
 
 def code_similarity(xg: Tensor, codebook: Tensor, similarity: str) -> Tensor:

@@ -3,7 +3,7 @@
 Codebook Features (Tamkin et al. 2023, §3): at a hook the activation x is replaced by the sum of
 the k codes most similar to it (per group); the forward value is the codebook's, the backward
 pass is the identity (straight-through), and a commitment term pulls the chosen codes towards
-their inputs.  `saekit.finetune` states the whole objective.
+their inputs.  `saekit.inmodel.finetune` states the whole objective.
 """
 
 from __future__ import annotations
@@ -218,15 +218,13 @@ def build_codebook(spec: CodebookSpec, shape: list[int], init: Dictionary | None
 
 def find_init(root: str, hooks: list[str]) -> dict[str, Dictionary]:
     """Dictionaries under `root` (one folder or a tree, e.g. `saekit train --out`), by hook; one per hook."""
-    from saekit.dictionaries import load
-    from saekit.interop import find_dictionary_folders
+    from saekit.interop import find_dictionary_folders, load
 
     p = Path(root)
     if not p.exists():
         raise SaekitError(f"--init {root} does not exist; pass a dictionary folder or a folder of them")
-    folders = find_dictionary_folders(p, ("saekit",))
     found: dict[str, Dictionary] = {}
-    for f in folders:
+    for f in find_dictionary_folders(p, ("saekit",)):
         d = load(f)
         h = d.prov.hook
         if h in hooks and d.cfg.kind == "codebook":

@@ -11,7 +11,6 @@ from typing import NamedTuple
 import numpy as np
 
 from saekit.errors import SaekitError
-from saekit.models import resolve_device  # noqa: F401  (re-exported for finetune)
 
 
 class TokenData(NamedTuple):
@@ -32,7 +31,7 @@ def load_tokens(data: str, store: str, tokenizer, bos_id: int, seq_len: int, n_t
     steps asked, a shorter one is cycled through in epochs.
     """
     if store:
-        from saekit.train import open_store
+        from saekit.store import open_store
 
         st = open_store(store)
         tr, ev = st.split("train"), st.split("eval")

@@ -7,7 +7,6 @@ activations that set each new codebook's scale and k-means initialisation.
 from __future__ import annotations
 
 import dataclasses
-import os
 import shutil
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -20,7 +19,8 @@ from saekit import metrics
 from saekit.inmodel.codebooks import InModelCodebook
 from saekit.inmodel.data import TokenData
 from saekit.inmodel.sites import Site, Splicer, hook_site
-from saekit.splice import model_input, scored_mask, splice_mask
+from saekit.runs import atomic
+from saekit.tokens import model_input, scored_mask, row_mask
 
 
 class InModel(NamedTuple):
@@ -59,17 +59,14 @@ WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".msgpack", ".h5", ".i
 
 def save_hf_model(hf: nn.Module, tokenizer, source: str, dest: Path) -> Path:
     """Write a normal HF model directory atomically; extra files of the source (e.g. the toy's fsm.json) are copied."""
-    tmp = dest.with_name(dest.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    hf.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    src = Path(source)
-    if src.is_dir():
-        for f in src.iterdir():
-            if f.is_file() and not (tmp / f.name).exists() and not f.name.endswith(WEIGHT_SUFFIXES):
-                shutil.copy2(f, tmp / f.name)
-    shutil.rmtree(dest, ignore_errors=True)
-    os.replace(tmp, dest)
+    with atomic(dest) as tmp:
+        hf.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        src = Path(source)
+        if src.is_dir():
+            for f in src.iterdir():
+                if f.is_file() and not (tmp / f.name).exists() and not f.name.endswith(WEIGHT_SUFFIXES):
+                    shutil.copy2(f, tmp / f.name)
     return dest
 
 
@@ -110,11 +107,11 @@ def lm_score(hf: nn.Module, tokens: np.ndarray, bos_id: int, batch_size: int = 8
 
 def spliced_logits(hf, t: Tensor, bos_id: int, splicer: Splicer | None, layers: dict[str, InModelCodebook] | None,
                    skip_bos: bool) -> Tensor:
-    """Logits of token batch t (B, T, PAD = -1), with the codebooks in `layers` active at splice_mask positions when given."""
+    """Logits of token batch t (B, T, PAD = -1), with the codebooks in `layers` active at row_mask positions when given."""
     inp = model_input(t, bos_id)
     if not layers:
         return hf(input_ids=inp).logits
-    mask = splice_mask(t, skip_bos)
+    mask = row_mask(t, skip_bos)
     for layer in layers.values():
         layer.mask = mask
     with splicer.active({h: layer for h, layer in layers.items()}):
@@ -132,7 +129,7 @@ def sample_rows(hf: nn.Module, splicer: Splicer, hooks: list[str], data: TokenDa
         if n >= rows:
             break
         t = torch.as_tensor(data.train[i:i + batch_size], dtype=torch.long, device=dev)
-        mask = splice_mask(t, skip_bos)
+        mask = row_mask(t, skip_bos)
 
         def saver(h):
             def fn(x):

@@ -1,7 +1,7 @@
 """Other tools' dictionary formats: SAELens and sparsify folders in, SAELens folders out.
 
-`saekit.dictionaries.load` hands every folder that is not a saekit dictionary to
-`detect_and_load`, so `saekit.load(dir)` and every `--dict` option read these too.  The
+`load` reads a dictionary folder in any of these formats (saekit's own included), so
+`saekit.load(dir)` and every `--dict` option read them all.  The
 format is told from the file names alone (each tool has its own weights file name):
 
     SAELens:  cfg.json + sae_weights.safetensors     (saekit.interop.saelens)
@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from saekit.dictionaries import load_saekit
 from saekit.errors import SaekitError
 
 LAYOUTS = {
@@ -56,17 +57,23 @@ def _expected() -> str:
     return "; ".join(f"{name}: {' + '.join(files)}" for name, files in LAYOUTS.items())
 
 
-def detect_and_load(path: str | os.PathLike, device: str | torch.device = "cpu"):
-    """Load a SAELens or sparsify folder (told apart by file names) as a saekit Dictionary."""
-    folder = Path(path)
+def load(path: str | os.PathLike, device: str | torch.device = "cpu"):
+    """Load a dictionary folder in any supported format (told apart by file names) as a saekit Dictionary.
+
+    `path` may be `hf://ORG/REPO/PATH[@REV]` (fetched into the Hub's cache, `saekit.hub`) and
+    `device` may be `auto` (cuda when available).
+    """
+    from saekit import hub
+    from saekit.models import resolve_device
+
+    device = str(resolve_device(str(device)))
+    folder = hub.fetch(path) if hub.is_hub(path) else Path(path)
     if not folder.exists():
         raise SaekitError(f"dictionary folder {folder} does not exist; check the path")
     if not folder.is_dir():
         raise SaekitError(f"{folder} is a file; pass the folder that holds the dictionary's files ({_expected()})")
     fmt = detect_format(folder)
     if fmt == "saekit":
-        from saekit.dictionaries.base import load_saekit
-
         return load_saekit(folder, device)
     if fmt == "SAELens":
         from saekit.interop.saelens import load_saelens
@@ -117,11 +124,10 @@ class ExportConfig:
 
 def export(cfg: ExportConfig) -> Path:
     """Load `cfg.dict` and write it in `cfg.format` under `cfg.out`; returns the folder written."""
-    from saekit.dictionaries import load
     from saekit.interop.saelens import export_saelens
 
     d = load(cfg.dict)
     return export_saelens(d, cfg.out)
 
 
-__all__ = ["EXPORT_FORMATS", "LAYOUTS", "ExportConfig", "detect_and_load", "detect_format", "export", "find_dictionary_folders"]
+__all__ = ["EXPORT_FORMATS", "LAYOUTS", "ExportConfig", "detect_format", "export", "find_dictionary_folders", "load"]

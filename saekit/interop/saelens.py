@@ -44,8 +44,10 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
-from saekit.dictionaries.base import DictConfig, Dictionary, Provenance, build
+from saekit.dictionaries import build
+from saekit.dictionaries.base import DictConfig, Dictionary, Provenance
 from saekit.errors import SaekitError
+from saekit.runs import atomic, write_text
 
 CFG_FILE = "cfg.json"
 WEIGHTS_FILE = "sae_weights.safetensors"
@@ -346,10 +348,9 @@ def export_saelens(d: Dictionary, out: str | os.PathLike, *, check: bool = True)
         if not max_err <= 1e-4 * max(ref_norm, 1.0):
             raise RuntimeError(f"SAELens export of a {d.cfg.kind} dictionary disagrees with saekit by {max_err:.3g} (bug)")
     folder.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.contiguous() for k, v in tensors.items()}, str(folder / (WEIGHTS_FILE + ".tmp")))
-    (folder / (CFG_FILE + ".tmp")).write_text(json.dumps(cfg, indent=2, default=_json_default))
-    os.replace(folder / (WEIGHTS_FILE + ".tmp"), folder / WEIGHTS_FILE)
-    os.replace(folder / (CFG_FILE + ".tmp"), folder / CFG_FILE)
+    with atomic(folder / WEIGHTS_FILE) as tmp:
+        save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp))
+    write_text(folder / CFG_FILE, json.dumps(cfg, indent=2, default=_json_default))
     return folder
 
 

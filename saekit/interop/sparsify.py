@@ -31,7 +31,8 @@ from pathlib import Path
 
 import torch
 
-from saekit.dictionaries.base import DictConfig, Dictionary, Provenance, build
+from saekit.dictionaries import build
+from saekit.dictionaries.base import DictConfig, Dictionary, Provenance
 from saekit.errors import SaekitError
 from saekit.interop.saelens import _read_json, _read_tensors
 

@@ -44,12 +44,13 @@ from saekit.store.format import (
     to_stored,
     write_json_atomic,
 )
+from saekit.store.access import open_store, resolve_store_hooks, store_eval_batches
 from saekit.store.reader import ActivationStore, BatchStream, summary, verify
 from saekit.store.writer import StoreWriter
 
 __all__ = [
     "CHUNK_BYTES", "DTYPES", "FORMAT", "MANIFEST", "PROGRESS_PREFIX", "STAT_KEYS", "TMP_SUFFIX", "VERSION",
     "ActivationStore", "BatchStream", "RunningStats", "StoreWriter",
-    "check_existing", "consolidate", "finished_shards", "from_stored", "gaps", "progress_name", "read_manifest",
+    "check_existing", "consolidate", "open_store", "resolve_store_hooks", "store_eval_batches", "finished_shards", "from_stored", "gaps", "progress_name", "read_manifest",
     "row_mask", "sha256_file", "shard_index", "shard_name", "summary", "to_stored", "verify", "write_json_atomic",
 ]

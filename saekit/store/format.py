@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from saekit.errors import SaekitError
-from saekit.text import PAD
+from saekit.tokens import PAD, row_mask  # noqa: F401  (row_mask: part of saekit.store's names)
 
 FORMAT = "saekit-activations"
 VERSION = 1
@@ -94,15 +94,6 @@ def from_stored(arr: np.ndarray, dtype: str) -> np.ndarray:
         bits = torch.from_numpy(np.ascontiguousarray(arr).view(np.int16))
         return bits.view(torch.bfloat16).float().numpy()
     return arr.astype(np.float32, copy=False)
-
-
-def row_mask(tokens: np.ndarray, exclude_bos: bool = True) -> np.ndarray:
-    """bool [n, ctx]: the positions that count as rows (not padding; not position 0 when BOS is excluded)."""
-    mask = tokens != PAD
-    if exclude_bos:
-        mask = mask.copy()
-        mask[:, 0] = False
-    return mask
 
 
 class RunningStats:

@@ -40,7 +40,7 @@ from saekit.store.format import (
     to_stored,
     write_json_atomic,
 )
-from saekit.text import PAD
+from saekit.tokens import PAD
 
 
 class StoreWriter:

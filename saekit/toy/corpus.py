@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from saekit.errors import SaekitError
+from saekit.runs import atomic
 from saekit.toy.fsm import generate, load_fsm, save_labels, to_text
 
 
@@ -68,8 +69,7 @@ def write_corpus(cfg: ToyDataConfig) -> tuple[Path, Path, int]:
     out = Path(cfg.out)
     if out.parent and not out.parent.exists():
         out.parent.mkdir(parents=True)
-    tmp = out.with_name(out.name + ".tmp")
-    tmp.write_text("\n".join(to_text(tokens)) + "\n")
-    lab = save_labels(labels_path(out), tokens, labels, fsm)
-    os.replace(tmp, out)
+    with atomic(out) as tmp:  # the labels are written first, so the text never exists without them
+        tmp.write_text("\n".join(to_text(tokens)) + "\n")
+        lab = save_labels(labels_path(out), tokens, labels, fsm)
     return out, lab, seq_len

@@ -16,7 +16,6 @@ the model's own basis (the test of Codebook Features §4, Tamkin et al. 2023).
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable
@@ -305,10 +304,8 @@ def state_recovery(
 
 
 def write_json(result: RecoveryResult, path: str) -> Path:
-    import os
+    from saekit.runs import write_json
 
     p = Path(path)
-    tmp = p.with_name(p.name + ".tmp")
-    tmp.write_text(json.dumps(result.to_dict(), indent=2))
-    os.replace(tmp, p)
+    write_json(p, result.to_dict())
     return p

@@ -29,6 +29,7 @@ from typing import NamedTuple
 import numpy as np
 
 from saekit.errors import SaekitError
+from saekit.runs import atomic, write_text
 
 N_DIGITS = 10
 BOS_ID = 10
@@ -122,9 +123,7 @@ class FSM:
 
     def save(self, path: str | os.PathLike) -> Path:
         p = Path(path)
-        tmp = p.with_name(p.name + ".tmp")
-        tmp.write_text(json.dumps(self.to_dict()))
-        os.replace(tmp, p)
+        write_text(p, json.dumps(self.to_dict()))
         return p
 
 
@@ -288,7 +287,6 @@ def save_labels(path: str | os.PathLike, tokens: np.ndarray, labels: Labels, fsm
     from safetensors.torch import save_file
 
     p = Path(path)
-    tmp = p.with_name(p.name + ".tmp")
     tensors = {
         "tokens": torch.from_numpy(np.ascontiguousarray(tokens, dtype=np.int64)),
         "state": torch.from_numpy(np.ascontiguousarray(labels.state)),
@@ -296,8 +294,8 @@ def save_labels(path: str | os.PathLike, tokens: np.ndarray, labels: Labels, fsm
         "complete": torch.from_numpy(np.ascontiguousarray(labels.complete)),
         "next_states": torch.from_numpy(np.ascontiguousarray(labels.next_states)),
     }
-    save_file(tensors, str(tmp), metadata={"format": "saekit-toy-labels", "version": "1", "fsm": json.dumps(fsm.to_dict())})
-    os.replace(tmp, p)
+    with atomic(p) as tmp:
+        save_file(tensors, str(tmp), metadata={"format": "saekit-toy-labels", "version": "1", "fsm": json.dumps(fsm.to_dict())})
     return p
 
 

@@ -16,17 +16,15 @@ offline: the k·n largest pre-activations over the n spliced rows of the step ar
 and its threshold θ follows them (`training_reconstruction`), so the saved dictionary
 encodes with θ alone, independent of the batch.
 
-Reached as `saekit train --objective e2e` (TrainConfig fields mapped by
-`from_train_config`) or `train_e2e(E2EConfig)`.  Checkpoints and resume as in
-`saekit.finetune` (safetensors + JSON, batches a pure function of (seed, step)).
+Reached as `saekit train --objective e2e` (the CLI maps the TrainConfig with
+`from_train_config`) or `train_e2e(E2EConfig)`.  The loop is `saekit.engine`'s; checkpoints
+and resume are `saekit.runs`' (safetensors + JSON, batches a pure function of (seed, step)).
 """
 
 from __future__ import annotations
 
-import json
 import math
 import shutil
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NamedTuple
@@ -35,14 +33,18 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from saekit import finetune as ft
-from saekit import metrics
+from saekit import metrics, runs
 from saekit.config import check_signs, to_dict
-from saekit.dictionaries.base import DictConfig, Dictionary, Provenance, build
+from saekit.dictionaries import build
+from saekit.dictionaries.base import KINDS, DictConfig, Dictionary, Provenance
+from saekit.engine import Engine, Objective
 from saekit.errors import SaekitError
-from saekit.splice import PAD, masked_mean, model_input, scored_mask, splice_mask
-
-E2E_KINDS = ("relu", "topk", "batchtopk", "codebook")
+from saekit.inmodel.codebooks import norm_scale
+from saekit.inmodel.data import TokenData, batch_at, load_tokens
+from saekit.inmodel.model import InModel, load_in_model, sample_rows
+from saekit.inmodel.sites import Splicer
+from saekit.models import resolve_device
+from saekit.tokens import PAD, masked_mean, model_input, row_mask, scored_mask
 
 
 @dataclass
@@ -107,8 +109,8 @@ class E2EConfig:
     def __post_init__(self):
         if self.data and self.store:
             raise ValueError("give either data or store, not both")
-        if self.kind not in E2E_KINDS:
-            raise ValueError(f"kind {self.kind!r} cannot be trained end-to-end from scratch; use one of {', '.join(E2E_KINDS)} (or --init)")
+        if self.kind not in KINDS:
+            raise ValueError(f"kind {self.kind!r} cannot be trained end-to-end from scratch; use one of {', '.join(KINDS)} (or --init)")
         check_signs(self, positive=("steps", "batch_size", "eval_sequences", "log_every", "k", "expansion", "groups", "init_rows"),
                     non_negative=("lr", "l1", "mse_coef", "checkpoint_every"))
 
@@ -123,9 +125,13 @@ def from_train_config(tc) -> E2EConfig:
     `batch_size` and `tokens` count activation rows there; here a step is a batch of whole
     sequences, so steps = tokens / batch_size rows with batch_size // context sequences each.
     """
+    from saekit import distributed
+
+    if distributed.env().distributed:
+        raise SaekitError("objective e2e does not run under torchrun yet; start it as a single process")
     ctx = 0
     if tc.store:
-        from saekit.train import open_store
+        from saekit.store import open_store
 
         ctx = open_store(tc.store).context_size
     seq_len = ctx  # 0: chosen from the model's context in train_e2e
@@ -165,7 +171,7 @@ def training_reconstruction(d: Dictionary, rows: Tensor) -> tuple[Tensor, Tensor
     offline trainer does, and moves θ towards the smallest kept value.
     """
     if d.cfg.kind == "batchtopk":
-        from saekit.dictionaries.sae import batch_topk_mask
+        from saekit.dictionaries.fast import batch_topk_mask
 
         codes = batch_topk_mask(d.pre_acts(rows.to(d.scale.dtype) * d.scale), d.cfg.k)
         d._update_threshold(codes.detach())
@@ -175,36 +181,15 @@ def training_reconstruction(d: Dictionary, rows: Tensor) -> tuple[Tensor, Tensor
 
 # --- one run ------------------------------------------------------------------------------------------
 
-class E2EPaths(NamedTuple):
-    dir: Path
-
-    @property
-    def checkpoints(self) -> Path:
-        return self.dir / "checkpoints"
-
-    def checkpoint(self, step: int) -> Path:
-        return self.checkpoints / f"step-{step:08d}"
-
-    def checkpoint_steps(self) -> list[int]:
-        if not self.checkpoints.is_dir():
-            return []
-        return sorted(int(p.name[5:]) for p in self.checkpoints.iterdir() if p.name.startswith("step-") and p.name[5:].isdigit())
-
-    @property
-    def metrics(self) -> Path:
-        return self.dir / "metrics.jsonl"
-
-
-def run_dir(cfg: E2EConfig, hook: str, d: Dictionary) -> Path:
-    from saekit.train import run_name
-
+def run_paths(cfg: E2EConfig, hook: str, d: Dictionary) -> runs.RunPaths:
+    """The offline layout (`saekit.runs`) with an `-e2e` suffix: <out>/<hook>/<kind>-k32-e2e/."""
     c = d.cfg
-    return Path(cfg.out) / hook / (run_name(c.kind, c.k, c.l1, c.groups) + "-e2e")
+    return runs.run_paths(cfg.out, hook, runs.run_name(c.kind, c.k, c.l1, c.groups) + "-e2e")
 
 
 class E2EModel(NamedTuple):
-    im: ft.InModel
-    splicer: ft.Splicer
+    im: InModel
+    splicer: Splicer
 
 
 @torch.no_grad()
@@ -218,7 +203,7 @@ def e2e_eval(em: E2EModel, d: Dictionary, hook: str, tokens: np.ndarray, batch_s
     l0_sum = rows_n = 0.0
     for i in range(0, tokens.shape[0], batch_size):
         t = torch.as_tensor(tokens[i:i + batch_size], dtype=torch.long, device=dev)
-        inp, mask, sm = model_input(t, bos), splice_mask(t, skip_bos), scored_mask(t)
+        inp, mask, sm = model_input(t, bos), row_mask(t, skip_bos), scored_mask(t)
         clean = hf(input_ids=inp).logits
         caught = {}
 
@@ -251,23 +236,94 @@ def e2e_eval(em: E2EModel, d: Dictionary, hook: str, tokens: np.ndarray, batch_s
 
 
 def _state(d: Dictionary, opt: torch.optim.Optimizer, step: int) -> tuple[dict[str, Tensor], dict]:
-    t, groups = ft.optimizer_tensors(opt)
+    t, groups = runs.optimizer_tensors(opt)
     t |= {f"dict.{k}": v for k, v in d.state_dict().items()}
     return {k: v.detach().contiguous().cpu() for k, v in t.items()}, {"param_groups": groups, "step": step}
 
 
 def _load_state(d: Dictionary, opt: torch.optim.Optimizer, t: dict[str, Tensor], meta: dict) -> int:
     d.load_state_dict({k[5:]: v for k, v in t.items() if k.startswith("dict.")})
-    ft.load_optimizer(opt, t, meta["param_groups"])
+    runs.load_optimizer(opt, t, meta["param_groups"])
     return int(meta["step"])
 
 
-def train_one(cfg: E2EConfig, em: E2EModel, d: Dictionary, hook: str, data: ft.TokenData, progress: bool) -> Path:
+class E2EObjective(Objective):
+    """KL(clean ‖ spliced) (+ mse_coef · normalised MSE, + λ · L1 for relu) of one dictionary at one hook, per step."""
+
+    unit = "steps"
+    nan_advice = "lower --lr"
+
+    def __init__(self, cfg: E2EConfig, em: E2EModel, d: Dictionary, hook: str, data: TokenData, opt: torch.optim.Optimizer,
+                 paths: runs.RunPaths, ident: str, start: int):
+        self.cfg, self.em, self.d, self.hook, self.data, self.opt = cfg, em, d, hook, data, opt
+        self.paths, self.ident, self.cfg_dict, self.start = paths, ident, to_dict(cfg), start
+        self.labels = [f"e2e {hook}"]
+        self.acc: dict[str, float] = {}
+        self.n_acc = 0
+
+    def take_step(self, step: int) -> None:
+        cfg, d, hf, bos = self.cfg, self.d, self.em.im.hf, self.em.im.bos_id
+        dev = next(hf.parameters()).device
+        t = torch.as_tensor(batch_at(self.data.train, step, cfg.batch_size, cfg.seed), dtype=torch.long, device=dev)
+        inp, mask = model_input(t, bos), row_mask(t, cfg.skip_bos)
+        with torch.no_grad():
+            clean = hf(input_ids=inp).logits
+        terms: dict[str, Tensor] = {}
+
+        def fn(x):
+            rows = x[mask]
+            x_hat, codes = training_reconstruction(d, rows)
+            terms["mse"] = ((x_hat - rows) * d.scale).pow(2).sum(-1).mean() / rows.shape[-1]
+            if d.cfg.kind == "relu":
+                terms["l1"] = (codes @ d.W_dec.norm(dim=-1)).mean() / rows.shape[-1]
+            out = x.clone()
+            out[mask] = x_hat.to(x.dtype)
+            return out
+
+        with self.em.splicer.active({self.hook: fn}):
+            spliced = hf(input_ids=inp).logits
+        terms["kl"] = e2e_loss(clean, spliced, t != PAD)
+        loss = terms["kl"] + cfg.mse_coef * terms["mse"] + cfg.l1 * terms.get("l1", 0.0)
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        d.before_step()
+        self.opt.step()
+        d.after_step()
+        for k, v in terms.items():
+            self.acc[k] = self.acc.get(k, 0.0) + float(v.detach())
+        self.n_acc += 1
+        self.step_now = step + 1
+
+    def bad_steps(self) -> list[int | None]:
+        ok = all(math.isfinite(v / self.n_acc) for v in self.acc.values())
+        return [None if ok else self.step_now]
+
+    def log_rows(self, step: int, seconds: float) -> list[dict]:
+        row = {"step": step} | {k: v / self.n_acc for k, v in self.acc.items()}
+        row["steps_per_s"] = (step - self.start) / seconds
+        self.acc, self.n_acc = {}, 0
+        return [row]
+
+    def progress_info(self, row: dict) -> str:
+        return f"kl={row['kl']:.4f} mse={row['mse']:.4f}"
+
+    def metrics_logs(self) -> list[runs.MetricsLog | None]:
+        return [runs.MetricsLog(self.paths.metrics)]
+
+    def checkpoint_roots(self) -> list[Path]:
+        return [self.paths.checkpoints]
+
+    def save_checkpoint(self, step: int) -> None:
+        tensors, meta = _state(self.d, self.opt, step)
+        runs.save_checkpoint(self.paths.checkpoints, step, tensors, meta | {"identity": self.ident, "config": self.cfg_dict})
+
+
+def train_one(cfg: E2EConfig, em: E2EModel, d: Dictionary, hook: str, data: TokenData, progress: bool) -> Path:
     """Train dictionary `d` at `hook` end-to-end; returns its saved folder (summary: before/after KL and CE)."""
-    hf, bos = em.im.hf, em.im.bos_id
+    hf = em.im.hf
     dev = next(hf.parameters()).device
     d.to(dev).train()
-    paths = E2EPaths(run_dir(cfg, hook, d))
+    paths = run_paths(cfg, hook, d)
     if (paths.dir / "config.json").is_file() and not cfg.resume:
         raise SaekitError(f"{paths.dir} already holds a dictionary; choose another --out (or --resume)")
     if paths.checkpoints.exists() and not cfg.resume:
@@ -278,66 +334,17 @@ def train_one(cfg: E2EConfig, em: E2EModel, d: Dictionary, hook: str, data: ft.T
     before = e2e_eval(em, d.eval(), hook, data.eval, cfg.batch_size, cfg.skip_bos)
     d.train()
     opt = torch.optim.Adam(d.param_groups(cfg.lr))  # the dictionary's own lr multiples, as offline training
-    ident = ft.identity_hash(cfg, E2E_IDENTITY) + hook
     cfg_dict, step = to_dict(cfg), 0
-    done = paths.checkpoint_steps()
-    if done and cfg.resume:
-        tensors, meta = ft.open_checkpoint(paths.checkpoint(done[-1]), ident, E2E_IDENTITY, cfg_dict, device=str(dev), unnamed="hook")
+    ident = runs.identity_hash(cfg_dict, E2E_IDENTITY) + hook
+    found = runs.latest_checkpoint(paths.checkpoints, device=str(dev)) if cfg.resume else None
+    if found is not None:
+        ckpt_step, tensors, meta = found
+        runs.check_identity(runs.checkpoint_dir(paths.checkpoints, ckpt_step), meta, ident, cfg_dict, E2E_IDENTITY, unnamed="hook")
         step = _load_state(d, opt, tensors, meta)
     else:
-        paths.metrics.write_text("")
-    bar = ft._Bar(progress, f"e2e {hook}", cfg.steps, step)
-    acc: dict[str, float] = {}
-    n_acc, t0, s0 = 0, time.perf_counter(), step
-    try:
-        while step < cfg.steps:
-            t = torch.as_tensor(ft.batch_at(data.train, step, cfg.batch_size, cfg.seed), dtype=torch.long, device=dev)
-            inp, mask = model_input(t, bos), splice_mask(t, cfg.skip_bos)
-            with torch.no_grad():
-                clean = hf(input_ids=inp).logits
-            terms: dict[str, Tensor] = {}
-
-            def fn(x):
-                rows = x[mask]
-                x_hat, codes = training_reconstruction(d, rows)
-                terms["mse"] = ((x_hat - rows) * d.scale).pow(2).sum(-1).mean() / rows.shape[-1]
-                if d.cfg.kind == "relu":
-                    terms["l1"] = (codes @ d.W_dec.norm(dim=-1)).mean() / rows.shape[-1]
-                out = x.clone()
-                out[mask] = x_hat.to(x.dtype)
-                return out
-
-            with em.splicer.active({hook: fn}):
-                spliced = hf(input_ids=inp).logits
-            terms["kl"] = e2e_loss(clean, spliced, t != PAD)
-            loss = terms["kl"] + cfg.mse_coef * terms["mse"] + cfg.l1 * terms.get("l1", 0.0)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            if hasattr(d, "before_step"):
-                d.before_step()
-            opt.step()
-            if hasattr(d, "after_step"):
-                d.after_step()
-            step += 1
-            for k, v in terms.items():
-                acc[k] = acc.get(k, 0.0) + float(v.detach())
-            n_acc += 1
-            last = step == cfg.steps
-            if step % cfg.log_every == 0 or last:
-                row = {"step": step} | {k: v / n_acc for k, v in acc.items()}
-                if not all(math.isfinite(v) for v in row.values()):
-                    raise SaekitError(f"{hook}: e2e loss became NaN/inf at step {step}; lower --lr and rerun with --resume")
-                row["steps_per_s"] = (step - s0) / (time.perf_counter() - t0)
-                with paths.metrics.open("a") as fh:
-                    fh.write(json.dumps(row) + "\n")
-                bar.update(step, f"kl={row['kl']:.4f} mse={row['mse']:.4f}")
-                acc, n_acc = {}, 0
-            if last or (cfg.checkpoint_every and step % cfg.checkpoint_every == 0):
-                tensors, meta = _state(d, opt, step)
-                keep = [paths.checkpoint(s) for s in sorted(set(paths.checkpoint_steps()) | {step})]
-                ft.save_checkpoint(paths.checkpoint(step), tensors, meta | {"identity": ident, "config": cfg_dict}, keep)
-    finally:
-        bar.stop()
+        runs.MetricsLog(paths.metrics).start()
+    obj = E2EObjective(cfg, em, d, hook, data, opt, paths, ident, step)
+    step = Engine(obj, cfg.steps, cfg.log_every, cfg.checkpoint_every, progress).run(step)
     after = e2e_eval(em, d.eval(), hook, data.eval, cfg.batch_size, cfg.skip_bos)
     d.summary = after | {"objective": "e2e", "train_steps": step, "kl_before": before["kl"], "ce_spliced_before": before["ce_spliced"]}
     d.train_config = cfg_dict | {"objective": "e2e", "hook": hook}
@@ -347,19 +354,14 @@ def train_one(cfg: E2EConfig, em: E2EModel, d: Dictionary, hook: str, data: ft.T
 
 
 def _find_inits(root: str, hooks: list[str]) -> dict[str, Dictionary]:
-    from saekit.dictionaries import load
-    from saekit.interop import find_dictionary_folders
+    from saekit.interop import find_dictionary_folders, load
 
     p = Path(root)
     if not p.exists():
         raise SaekitError(f"--init {root} does not exist; pass a dictionary folder or a folder of them")
-    folders = find_dictionary_folders(p)
     found = {}
-    for f in folders:
-        try:
-            d = load(f)
-        except SaekitError:
-            continue
+    for f in find_dictionary_folders(p):
+        d = load(f)
         if d.prov.hook in hooks and d.prov.hook not in found:
             found[d.prov.hook] = d
     missing = [h for h in hooks if h not in found]
@@ -376,21 +378,21 @@ def train_e2e(cfg: E2EConfig, progress: bool = True) -> list[Path]:
     if not model:
         if not cfg.store:
             raise SaekitError("no model given; pass --model (or --store, whose model is used)")
-        from saekit.train import open_store
+        from saekit.store import open_store
 
         model = open_store(cfg.store).model.name
-    dev = ft.resolve_device(cfg.device)
-    im = ft.load_in_model(model, cfg.hooks, dev)
+    dev = resolve_device(cfg.device)
+    im = load_in_model(model, cfg.hooks, dev)
     for p in im.hf.parameters():
         p.requires_grad_(False)
-    em = E2EModel(im, ft.Splicer(im.hf, list(im.sites.values())))
+    em = E2EModel(im, Splicer(im.hf, list(im.sites.values())))
     seq_len = cfg.seq_len or min(128, im.info.n_ctx)
-    data = ft.load_tokens(cfg.data, cfg.store, im.tokenizer, im.bos_id, seq_len, cfg.steps * cfg.batch_size,
+    data = load_tokens(cfg.data, cfg.store, im.tokenizer, im.bos_id, seq_len, cfg.steps * cfg.batch_size,
                           cfg.eval_sequences, cfg.text_field, n_ctx=im.info.n_ctx)
     inits = _find_inits(cfg.init, cfg.hooks) if cfg.init else {}
     torch.manual_seed(cfg.seed)
     fresh = [h for h in cfg.hooks if h not in inits]
-    sample = ft.sample_rows(im.hf, em.splicer, fresh, data, im.bos_id, cfg.init_rows, cfg.batch_size, cfg.skip_bos) if fresh else {}
+    sample = sample_rows(im.hf, em.splicer, fresh, data, im.bos_id, cfg.init_rows, cfg.batch_size, cfg.skip_bos) if fresh else {}
     out = []
     for h in cfg.hooks:
         shape = im.shapes[h]
@@ -406,12 +408,10 @@ def train_e2e(cfg: E2EConfig, progress: bool = True) -> list[Path]:
                 dc = DictConfig(kind=cfg.kind, d_in=width, d_dict=d_dict, k=cfg.k, l1=cfg.l1, groups=cfg.groups, similarity=cfg.similarity)
             except ValueError as e:
                 raise SaekitError(f"{h}: {e}") from None
-            scale = ft.norm_scale(sample[h])
+            scale = norm_scale(sample[h])
             d = build(dc, Provenance(hook=h, model=im.info.to_dict(), hook_shape=shape, scale=scale, store=cfg.store or None))
             g = torch.Generator().manual_seed(cfg.seed)
-            if hasattr(d, "reset_parameters"):
-                d.reset_parameters(g)
-            if hasattr(d, "init_from_data"):
-                d.init_from_data(sample[h] * scale)
+            d.reset_parameters(g)
+            d.init_from_data(sample[h] * scale)
         out.append(train_one(cfg, em, d, h, data, progress))
     return out

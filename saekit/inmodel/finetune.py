@@ -37,10 +37,7 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import shutil
-import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NamedTuple
@@ -48,19 +45,17 @@ from typing import NamedTuple
 import torch
 from torch import Tensor, nn
 
-from saekit import metrics
+from saekit import metrics, runs
 from saekit.config import check_signs, to_dict
 from saekit.dictionaries.base import Provenance
+from saekit.engine import Engine, Objective
 from saekit.errors import SaekitError
-from saekit.inmodel.checkpoint import identity_hash, load_optimizer, open_checkpoint, optimizer_tensors, save_checkpoint
-from saekit.inmodel.codebooks import (SHORTHANDS, SPEC_HELP, CodebookSpec, InModelCodebook, build_codebook, commitment,  # noqa: F401
-                                      find_init, norm_scale, parse_spec, straight_through)
-from saekit.inmodel.data import TokenData, batch_at, load_tokens, resolve_device
-from saekit.inmodel.model import (WEIGHT_SUFFIXES, InModel, LMScore, lm_score, load_in_model, model_info_of,  # noqa: F401
-                                  sample_rows, save_hf_model)
-from saekit.inmodel.model import spliced_logits as _forward
-from saekit.inmodel.sites import HOOK_SITES, Site, Splicer, hook_site  # noqa: F401
-from saekit.splice import PAD, masked_mean, model_input, scored_mask, splice_mask  # noqa: F401  (PAD: part of the token-array contract)
+from saekit.inmodel.codebooks import InModelCodebook, build_codebook, find_init, norm_scale, parse_spec
+from saekit.inmodel.data import TokenData, batch_at, load_tokens
+from saekit.inmodel.model import lm_score, load_in_model, model_info_of, sample_rows, save_hf_model, spliced_logits
+from saekit.inmodel.sites import Splicer
+from saekit.models import resolve_device
+from saekit.tokens import masked_mean, model_input, row_mask, scored_mask
 
 
 # --- configuration -----------------------------------------------------------------------------
@@ -166,14 +161,8 @@ class FinetunePaths(NamedTuple):
     def checkpoints(self, phase: str) -> Path:
         return self.out / "checkpoints" / phase
 
-    def checkpoint(self, phase: str, step: int) -> Path:
-        return self.checkpoints(phase) / f"step-{step:08d}"
-
     def checkpoint_steps(self, phase: str) -> list[int]:
-        d = self.checkpoints(phase)
-        if not d.is_dir():
-            return []
-        return sorted(int(p.name[5:]) for p in d.iterdir() if p.name.startswith("step-") and p.name[5:].isdigit())
+        return runs.checkpoint_steps(self.checkpoints(phase))
 
 # --- training loop ---------------------------------------------------------------------------
 
@@ -211,7 +200,7 @@ def make_phase(name: str, hf: nn.Module, layers: dict[str, InModelCodebook], cfg
 
 def train_step(ph: Phase, t: Tensor, bos_id: int, splicer: Splicer | None, cfg) -> dict[str, Tensor]:
     """One optimiser step on token batch t (B, T): CE (+ β Σ commitment); returns the detached terms."""
-    logits = _forward(ph.hf, t, bos_id, splicer, ph.layers, cfg.skip_bos)
+    logits = spliced_logits(ph.hf, t, bos_id, splicer, ph.layers, cfg.skip_bos)
     inp = model_input(t, bos_id)
     m = scored_mask(t)
     ce = masked_mean(metrics.ce_per_token(logits, inp), m)
@@ -224,7 +213,7 @@ def train_step(ph: Phase, t: Tensor, bos_id: int, splicer: Splicer | None, cfg) 
     loss.backward()
     ph.opt.step()
     with torch.no_grad():
-        n_rows = splice_mask(t, cfg.skip_bos).sum()
+        n_rows = row_mask(t, cfg.skip_bos).sum()
         for h, layer in ph.layers.items():
             ph.since_fired[h] = torch.where(layer.last_fired > 0, torch.zeros_like(ph.since_fired[h]), ph.since_fired[h] + n_rows)
     ph.step += 1
@@ -258,7 +247,7 @@ def phase_state(ph: Phase) -> tuple[dict[str, Tensor], dict]:
     for h, layer in ph.layers.items():
         t[f"codebook.{h}"] = layer.d.codebook
         t[f"since.{h}"] = ph.since_fired[h]
-    opt_t, groups = optimizer_tensors(ph.opt)
+    opt_t, groups = runs.optimizer_tensors(ph.opt)
     t |= opt_t
     t["generator"] = ph.generator.get_state()
     return {k: v.detach().contiguous().cpu() for k, v in t.items()}, {"param_groups": groups, "step": ph.step}
@@ -274,81 +263,73 @@ def load_phase_state(ph: Phase, t: dict[str, Tensor], meta: dict) -> None:
                 ph.layers[k[9:]].d.codebook.copy_(v)
             elif k.startswith("since."):
                 ph.since_fired[k[6:]] = v.to(ph.since_fired[k[6:]].device)
-    load_optimizer(ph.opt, t, meta["param_groups"])
+    runs.load_optimizer(ph.opt, t, meta["param_groups"])
     ph.generator.set_state(t["generator"])
     ph.step = int(meta["step"])
 
 
-def write_checkpoint(folder: Path, ph: Phase, ident: str, cfg_dict: dict, keep: list[Path]) -> None:
-    tensors, meta = phase_state(ph)
-    save_checkpoint(folder, tensors, meta | {"identity": ident, "config": cfg_dict}, keep)
+class PhaseObjective(Objective):
+    """A phase as the engine's objective: a batch of whole sequences per step, CE (+ commitment)."""
+
+    unit = "steps"
+    nan_advice = "lower --lr / --codebook-lr"
+
+    def __init__(self, ph: Phase, data: TokenData, bos_id: int, splicer: Splicer | None, cfg, root: Path, ident: str,
+                 metrics_file: Path):
+        self.ph, self.data, self.bos_id, self.splicer, self.cfg = ph, data, bos_id, splicer, cfg
+        self.root, self.ident, self.cfg_dict = root, ident, to_dict(cfg)
+        self.labels = [ph.name]
+        self.log = runs.MetricsLog(metrics_file)
+        self.acc: dict[str, Tensor] = {}
+        self.n_acc = 0
+        self.start = ph.step
+
+    def take_step(self, step: int) -> None:
+        dev = next(self.ph.hf.parameters()).device
+        t = torch.as_tensor(batch_at(self.data.train, step, self.cfg.batch_size, self.cfg.seed), dtype=torch.long, device=dev)
+        # the module's `train_step` (looked up at each call, so a test can wrap it)
+        for k, v in train_step(self.ph, t, self.bos_id, self.splicer, self.cfg).items():
+            self.acc[k] = self.acc.get(k, 0.0) + v
+        self.n_acc += 1
+
+    def bad_steps(self) -> list[int | None]:
+        ok = all(math.isfinite(float(v) / self.n_acc) for v in self.acc.values())
+        return [None if ok else self.ph.step]
+
+    def log_rows(self, step: int, seconds: float) -> list[dict]:
+        row = {"phase": self.ph.name, "step": step} | {k: float(v) / self.n_acc for k, v in self.acc.items()}
+        row["steps_per_s"] = (step - self.start) / seconds
+        self.ph.last = row
+        self.acc, self.n_acc = {}, 0
+        return [row]
+
+    def progress_info(self, row: dict) -> str:
+        commit = [v for k, v in row.items() if k.startswith("commit/")]
+        return f"ce={row['ce']:.4f}" + (f" commit={sum(commit) / len(commit):.4f}" if commit else "")
+
+    def metrics_logs(self) -> list[runs.MetricsLog | None]:
+        return [self.log]
+
+    def checkpoint_roots(self) -> list[Path]:
+        return [self.root]
+
+    def save_checkpoint(self, step: int) -> None:
+        tensors, meta = phase_state(self.ph)
+        runs.save_checkpoint(self.root, step, tensors, meta | {"identity": self.ident, "config": self.cfg_dict})
 
 
-def read_checkpoint(folder: Path, ph: Phase, ident: str, identity_fields: tuple[str, ...], cfg_dict: dict) -> None:
-    tensors, meta = open_checkpoint(folder, ident, identity_fields, cfg_dict)
-    load_phase_state(ph, tensors, meta)
+def run_phase(ph: Phase, data: TokenData, bos_id: int, splicer: Splicer | None, cfg, root: Path, ident: str,
+              identity_fields: tuple[str, ...], metrics_file: Path, progress: bool) -> None:
+    """Train `ph` to cfg.steps through the engine, resuming from its last good checkpoint under `root` when cfg.resume."""
+    if cfg.resume:
+        found = runs.latest_checkpoint(root)
+        if found is not None:
+            step, tensors, meta = found
+            runs.check_identity(runs.checkpoint_dir(root, step), meta, ident, to_dict(cfg), identity_fields)
+            load_phase_state(ph, tensors, meta)
+    Engine(PhaseObjective(ph, data, bos_id, splicer, cfg, root, ident, metrics_file), cfg.steps, cfg.log_every,
+           cfg.checkpoint_every, progress).run(ph.step)
 
-class _Bar:
-    """Rich progress bar for a phase (no-op when progress is off)."""
-
-    def __init__(self, enabled: bool, label: str, total: int, done: int):
-        self.p = None
-        if enabled:
-            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-            self.p = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                              TextColumn("{task.fields[info]}"), TimeRemainingColumn())
-            self.task = self.p.add_task(label, total=total, completed=done, info="")
-            self.p.start()
-
-    def update(self, step: int, info: str) -> None:
-        if self.p:
-            self.p.update(self.task, completed=step, info=info)
-
-    def stop(self) -> None:
-        if self.p:
-            self.p.stop()
-
-
-def run_phase(ph: Phase, data: TokenData, bos_id: int, splicer: Splicer | None, cfg, paths_ckpt: Callable[[int], Path],
-              done_steps: Callable[[], list[int]], ident: str, identity_fields: tuple[str, ...], metrics_file: Path,
-              progress: bool) -> None:
-    """Train `ph` to cfg.steps, resuming from its last checkpoint when cfg.resume; checkpoints and metrics.jsonl lines."""
-    cfg_dict = to_dict(cfg)
-    done = done_steps()
-    if done and cfg.resume:
-        read_checkpoint(paths_ckpt(done[-1]), ph, ident, identity_fields, cfg_dict)
-    if ph.step >= cfg.steps:
-        return
-    dev = next(ph.hf.parameters()).device
-    bar = _Bar(progress, ph.name, cfg.steps, ph.step)
-    acc: dict[str, float] = {}
-    n_acc, t0, s0 = 0, time.perf_counter(), ph.step
-    try:
-        while ph.step < cfg.steps:
-            t = torch.as_tensor(batch_at(data.train, ph.step, cfg.batch_size, cfg.seed), dtype=torch.long, device=dev)
-            terms = train_step(ph, t, bos_id, splicer, cfg)
-            for k, v in terms.items():
-                acc[k] = acc.get(k, 0.0) + v
-            n_acc += 1
-            last = ph.step == cfg.steps
-            if ph.step % cfg.log_every == 0 or last:
-                row = {"phase": ph.name, "step": ph.step} | {k: float(v) / n_acc for k, v in acc.items()}
-                if not all(math.isfinite(v) for k, v in row.items() if k not in ("phase", "step")):
-                    raise SaekitError(f"{ph.name}: loss became NaN/inf at step {ph.step}; lower --lr / --codebook-lr and rerun "
-                                      "with --resume (the last good checkpoint is kept)")
-                row["steps_per_s"] = (ph.step - s0) / (time.perf_counter() - t0)
-                with metrics_file.open("a") as fh:
-                    fh.write(json.dumps(row) + "\n")
-                ph.last = row
-                commit = [v for k, v in row.items() if k.startswith("commit/")]
-                info = f"ce={row['ce']:.4f}" + (f" commit={sum(commit) / len(commit):.4f}" if commit else "")
-                bar.update(ph.step, info)
-                acc, n_acc = {}, 0
-            if last or (cfg.checkpoint_every and ph.step % cfg.checkpoint_every == 0):
-                write_checkpoint(paths_ckpt(ph.step), ph, ident, cfg_dict, [paths_ckpt(s) for s in done_steps() + [ph.step]])
-    finally:
-        bar.stop()
 
 # --- the job --------------------------------------------------------------------------------------
 
@@ -376,8 +357,6 @@ def finetune(cfg: FinetuneConfig, progress: bool = True) -> FinetuneResult:
     if (paths.out / "checkpoints").exists() and not cfg.resume:
         raise SaekitError(f"{cfg.out} holds an unfinished finetune; pass --resume to continue it or choose another --out")
     dev = resolve_device(cfg.device)
-    from saekit.models import load_model  # noqa: F401  (import check before the slow part)
-
     # Hooks: parse against the model's depth (n_layers from the bridge inside load_in_model).
     from saekit.models import resolve_model_path
 
@@ -391,9 +370,9 @@ def finetune(cfg: FinetuneConfig, progress: bool = True) -> FinetuneResult:
                        n_ctx=im.info.n_ctx, packing=cfg.packing)
     inits = find_init(cfg.init, hooks) if cfg.init else {}
     paths.out.mkdir(parents=True, exist_ok=True)
-    (paths.out / "config.json").write_text(json.dumps(to_dict(cfg), indent=2))
+    runs.write_json(paths.out / "config.json", to_dict(cfg))
     if not cfg.resume:
-        paths.metrics.write_text("")
+        runs.MetricsLog(paths.metrics).start()
     torch.manual_seed(cfg.seed)
 
     # Codebooks: shape from the spec / --init; scale and k-means from a sample of the original model's activations.
@@ -411,10 +390,9 @@ def finetune(cfg: FinetuneConfig, progress: bool = True) -> FinetuneResult:
             d.init_from_data(sample[s.hook] * scale, seed=cfg.seed)
         layers[s.hook] = InModelCodebook(d.to(dev))
 
-    ident = identity_hash(cfg, FINETUNE_IDENTITY)
+    ident = runs.identity_hash(to_dict(cfg), FINETUNE_IDENTITY)
     joint = make_phase("codebook model", im.hf, layers, cfg)
-    run_phase(joint, data, im.bos_id, splicer, cfg, lambda s: paths.checkpoint("joint", s),
-              lambda: paths.checkpoint_steps("joint"), ident, FINETUNE_IDENTITY, paths.metrics, progress)
+    run_phase(joint, data, im.bos_id, splicer, cfg, paths.checkpoints("joint"), ident, FINETUNE_IDENTITY, paths.metrics, progress)
     with_codes = lm_score(im.hf, data.eval, im.bos_id, cfg.batch_size, splicer, layers, cfg.skip_bos)
     without_codes = lm_score(im.hf, data.eval, im.bos_id, cfg.batch_size)
 
@@ -441,8 +419,7 @@ def finetune(cfg: FinetuneConfig, progress: bool = True) -> FinetuneResult:
     if cfg.baseline and not cfg.freeze_model:
         base = load_in_model(cfg.model, hooks, dev)
         bph = make_phase("fine-tuned (no codebooks)", base.hf, {}, cfg)
-        run_phase(bph, data, base.bos_id, None, cfg, lambda s: paths.checkpoint("baseline", s),
-                  lambda: paths.checkpoint_steps("baseline"), ident, FINETUNE_IDENTITY, paths.metrics, progress)
+        run_phase(bph, data, base.bos_id, None, cfg, paths.checkpoints("baseline"), ident, FINETUNE_IDENTITY, paths.metrics, progress)
         table.append({"model": "fine-tuned, no codebooks", **lm_score(base.hf, data.eval, base.bos_id, cfg.batch_size)._asdict()})
         save_hf_model(base.hf, base.tokenizer, base.path, paths.baseline)
     table.append({"model": "codebook model", **with_codes._asdict()})
@@ -450,9 +427,7 @@ def finetune(cfg: FinetuneConfig, progress: bool = True) -> FinetuneResult:
         table.append({"model": "codebook model, codebooks removed", **without_codes._asdict()})
     report = {"table": table, "model": str(model_dir), "codebooks": [str(p) for p in saved], "eval_sequences": int(data.eval.shape[0]),
               "data": data.source, "steps": cfg.steps, "config": to_dict(cfg)}
-    tmp = paths.report.with_name("report.json.tmp")
-    tmp.write_text(json.dumps(report, indent=2))
-    os.replace(tmp, paths.report)
+    runs.write_json(paths.report, report)
     shutil.rmtree(paths.out / "checkpoints", ignore_errors=True)  # the result is complete; its checkpoints are not needed
     return FinetuneResult(paths.out, model_dir, saved, table)
 
