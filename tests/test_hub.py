@@ -32,7 +32,7 @@ def _hub_cache(tmp_path, folder, path_in_repo, repo=REPO):
 
 @pytest.fixture
 def saelens_folder(tmp_path):
-    from saekit.dictionaries.base import DictConfig, Provenance, build
+    from saekit.dictionaries import DictConfig, Provenance, build
     from saekit.interop.saelens import export_saelens
 
     torch.manual_seed(0)

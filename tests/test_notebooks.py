@@ -17,7 +17,8 @@ NOTEBOOKS = sorted(NB_DIR.glob("*.ipynb"))
 def test_notebooks_are_present_and_cleared():
     import nbformat
 
-    assert [p.name for p in NOTEBOOKS] == ["01_quickstart.ipynb", "02_reading_features.ipynb", "03_fsm_codebooks.ipynb", "04_steering.ipynb"]
+    assert [p.name for p in NOTEBOOKS] == ["01_quickstart.ipynb", "02_reading_features.ipynb", "03_fsm_codebooks.ipynb", "04_steering.ipynb",
+                                              "05_text_features.ipynb"]
     for p in NOTEBOOKS:
         nb = nbformat.read(p, as_version=4)
         nbformat.validate(nb)

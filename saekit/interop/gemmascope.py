@@ -41,7 +41,7 @@ def hook_and_model(folder: Path) -> tuple[str | None, str | None]:
 
 
 def load_gemmascope(path: str | os.PathLike, device: str | torch.device = "cpu"):
-    from saekit.dictionaries.base import DictConfig, Provenance, build
+    from saekit.dictionaries import DictConfig, Provenance, build
 
     folder = Path(path)
     try:
