@@ -48,6 +48,20 @@ class ModelInfo:
         return cls(**{k: d[k] for k in cls.__dataclass_fields__ if k in d})
 
 
+def model_mismatch(recorded: dict | None, info: ModelInfo) -> str | None:
+    """Why a model a file records (possibly partial: an imported dictionary may hold only a name) is not `info`; None if it may be."""
+    if not recorded:
+        return None
+    fp = recorded.get("fingerprint")
+    if fp and (fp != info.fingerprint or recorded.get("d_model", info.d_model) != info.d_model):
+        return f"it was made from model {recorded.get('name')!r} ({fp}), not {info.name!r} ({info.fingerprint})"
+    if not fp and recorded.get("name") and recorded["name"] != info.name:
+        return f"it was made from model {recorded['name']!r}, not {info.name!r}"
+    if "compat" in recorded and bool(recorded["compat"]) != bool(info.compat):
+        return f"it was made with compat={bool(recorded['compat'])} (TransformerLens weight processing), the other side with compat={bool(info.compat)}"
+    return None
+
+
 @dataclass
 class HookSpec:
     """A resolved hook: its name, layer, per-position shape and flattened width."""
@@ -88,6 +102,28 @@ def resolve_model_path(name: str) -> str:
     return name
 
 
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+
+
+def allow_pickle() -> bool:
+    """`saekit --allow-pickle` (or SAEKIT_ALLOW_PICKLE=1): the user accepts loading pickle weights they trust."""
+    return os.environ.get("SAEKIT_ALLOW_PICKLE", "") not in ("", "0")
+
+
+def check_no_pickle(path: str) -> None:
+    """Refuse a local model folder whose weights exist only as pickle files (loading one can run any code in it)."""
+    p = Path(path)
+    if not p.is_dir() or any(p.glob("*.safetensors")):
+        return
+    pickled = sorted(f.name for f in p.iterdir() if f.suffix in PICKLE_SUFFIXES)
+    if pickled and not allow_pickle():
+        raise SaekitError(
+            f"model folder {p} holds only pickle weights ({', '.join(pickled[:3])}), and unpickling can run code hidden in the file; "
+            f"convert it once with `AutoModelForCausalLM.from_pretrained(DIR).save_pretrained(DIR, safe_serialization=True)`, "
+            "or, for files you trust, run `saekit --allow-pickle ...`"
+        )
+
+
 def fingerprint(path: str) -> str:
     """A cheap identity for a model directory: config + the names, sizes and ends of weight files."""
     p = Path(path)
@@ -112,6 +148,7 @@ def fingerprint(path: str) -> str:
 def load_model(name: str, *, compat: bool = False, device: str = "cpu", dtype: torch.dtype = torch.float32) -> LoadedModel:
     """Boot `name` (Hub name, local HF directory or `toy`) as a TransformerBridge, eval mode, no grads."""
     path = resolve_model_path(name)
+    check_no_pickle(path)
     from transformer_lens.model_bridge import TransformerBridge
 
     for logger in ("transformers", "transformer_lens"):

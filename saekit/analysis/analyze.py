@@ -26,7 +26,7 @@ from safetensors.torch import load_file, save_file
 from saekit.analysis.ids import feature_ids
 from saekit.analysis.stats import PAD, FeatureStats, StatsResult, logit_effects
 from saekit.errors import SaekitError
-from saekit.models import ModelInfo, hook_layer
+from saekit.models import hook_layer, model_mismatch
 
 FORMAT = "saekit-analysis"
 VERSION = 1
@@ -88,12 +88,9 @@ def check_match(d, store) -> str:
     width = store.hook_width(hook)
     if width != d.cfg.d_in:
         raise SaekitError(f"the dictionary expects width {d.cfg.d_in} at {hook}, the store has {width}; they come from different models")
-    if d.prov.model:
-        dm, sm = ModelInfo.from_dict(d.prov.model), store.model
-        if dm.fingerprint != sm.fingerprint or dm.d_model != sm.d_model:
-            raise SaekitError(f"the dictionary was trained on model {dm.name!r} ({dm.fingerprint}), the store comes from {sm.name!r} ({sm.fingerprint}); use a store of the dictionary's model")
-        if bool(dm.compat) != bool(sm.compat):
-            raise SaekitError("the dictionary and the store disagree on compatibility mode (TransformerLens weight processing); harvest with the same --compat setting")
+    why = model_mismatch(d.prov.model, store.model)  # imported dictionaries may record only a model name
+    if why:
+        raise SaekitError(f"the dictionary comes from a different model than the store: {why}; use a store of the dictionary's model (same --compat)")
     return hook
 
 

@@ -187,12 +187,11 @@ def steer(cfg: SteerConfig, *, model=None, dictionary=None) -> SteerResult:
 
 def check_model(d, model) -> None:
     """Refuse a model the dictionary was not trained on (different weights, width or hook)."""
-    from saekit.models import ModelInfo, check_hook_names
+    from saekit.models import check_hook_names, model_mismatch
 
     if not d.prov.hook:
         raise SaekitError("the dictionary records no hook; retrain or re-export it with saekit")
     check_hook_names(model.bridge, [d.prov.hook])
-    if d.prov.model:
-        dm = ModelInfo.from_dict(d.prov.model)
-        if dm.fingerprint != model.info.fingerprint:
-            raise SaekitError(f"the dictionary was trained on model {dm.name!r} ({dm.fingerprint}), not {model.info.name!r} ({model.info.fingerprint}); pass --model {dm.name}")
+    why = model_mismatch(d.prov.model, model.info)  # imported dictionaries may record only a model name
+    if why:
+        raise SaekitError(f"the dictionary does not match the model: {why}; pass --model {(d.prov.model or {}).get('name')}")
