@@ -23,7 +23,7 @@ import torch
 
 from saekit.errors import SaekitError, did_you_mean
 from saekit.models import ModelInfo
-from saekit.store.format import MANIFEST, from_stored, gaps, read_manifest, row_mask, sha256_file
+from saekit.store.format import MANIFEST, check_shard, from_stored, shard_shape_problem, gaps, read_manifest, row_mask, sha256_file
 
 
 class ActivationStore:
@@ -107,9 +107,15 @@ class ActivationStore:
         if f is None:
             p = self.path / self.manifest["shards"][i]["file"]
             try:
-                f = self._files[i] = h5py.File(p, "r")
+                f = h5py.File(p, "r")
             except (FileNotFoundError, OSError) as e:
                 raise SaekitError(f"cannot read shard {p} ({e}); run `saekit info {self.path} --verify`") from None
+            try:
+                check_shard(self.path, self.manifest["shards"][i], self.manifest, f)  # once per shard per run
+            except BaseException:
+                f.close()
+                raise
+            self._files[i] = f
         return f
 
     def _pieces(self, start: int, stop: int) -> Iterator[tuple[int, int, int]]:
@@ -315,4 +321,12 @@ def verify(path: str | Path) -> list[str]:
             problems.append(f"{s['file']}: missing")
         elif sha256_file(f) != s["sha256"]:
             problems.append(f"{s['file']}: checksum mismatch (damaged)")
+        else:
+            try:
+                with h5py.File(f, "r") as h5:
+                    why = shard_shape_problem(s, m, h5)
+            except OSError as e:
+                why = f"not a readable HDF5 file ({e})"
+            if why:
+                problems.append(f"{s['file']}: {why}")
     return problems
