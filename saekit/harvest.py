@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 from saekit import distributed, models, text
-from saekit.config import to_dict
+from saekit.config import check_fields, to_dict
 from saekit.errors import SaekitError
 from saekit.prefetch import can_overlap, prefetch
 from saekit.store import DTYPES, StoreWriter, check_existing, consolidate, progress_name, shard_index
@@ -76,6 +76,7 @@ class HarvestConfig:
     """Fraction of sequences (the last ones) the store's readers treat as the eval split."""
 
     def __post_init__(self):
+        check_fields(self)
         if self.packing not in text.PACKINGS:
             raise ValueError(f"packing {self.packing!r} is not one of {', '.join(text.PACKINGS)}")
         if self.dtype not in DTYPES:
