@@ -22,7 +22,7 @@ def register(app) -> None:
         from saekit.analysis.analyze import analyze, load_analysis
 
         with Progress(TextColumn("[bold]analyzing"), BarColumn(), MofNCompleteColumn(), TextColumn("sequences"), TimeElapsedColumn(),
-                      console=console, transient=True) as bar:
+                      console=console, transient=True, disable=not console.is_terminal) as bar:  # no stray newline off a TTY
             task = bar.add_task("analyze", total=None)
             out = analyze(cfg, progress=lambda done, total: bar.update(task, completed=done, total=total))
         meta = load_analysis(out).meta

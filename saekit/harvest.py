@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from saekit import distributed, models, text
+from saekit import distributed, models, outdir, text
 from saekit.config import check_fields, to_dict
 from saekit.errors import SaekitError
 from saekit.prefetch import can_overlap, prefetch
@@ -157,7 +157,7 @@ def harvest(cfg: HarvestConfig, progress: bool = True, model: models.LoadedModel
     dist_env = distributed.env()
     # Under torchrun `cuda` means this rank's GPU (cuda:LOCAL_RANK); alone, the device is used as given.
     device = str(distributed.device(cfg.device, dist_env)) if dist_env.distributed else cfg.device
-    with distributed.session(device) as dist_env:
+    with distributed.session(device) as dist_env, outdir.claim(cfg.out, "harvest", rank=dist_env.rank):
         return _harvest(cfg, progress, model, dist_env, device)
 
 

@@ -42,7 +42,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
-from saekit import distributed, metrics
+from saekit import distributed, metrics, outdir
 from saekit.models import resolve_device
 from saekit.config import to_dict
 from saekit.dictionaries.base import KINDS, DictConfig, Dictionary, Provenance, build
@@ -715,15 +715,16 @@ def train(cfg: TrainConfig, progress: bool = True) -> list[Path]:
     every rank returns every folder once they are all written.
     """
     env = distributed.env()
-    if cfg.objective == "e2e":
-        if env.distributed:
-            raise SaekitError("objective e2e does not run under torchrun yet; start it as a single process")
-        from saekit.e2e import from_train_config, train_e2e
+    with outdir.claim(cfg.out, "train", rank=env.rank):  # a folder, writable, and no other writer
+        if cfg.objective == "e2e":
+            if env.distributed:
+                raise SaekitError("objective e2e does not run under torchrun yet; start it as a single process")
+            from saekit.e2e import from_train_config, train_e2e
 
-        return train_e2e(from_train_config(cfg), progress=progress)
-    device = distributed.device(cfg.device, env) if env.distributed else resolve_device(cfg.device)
-    with distributed.session(device) as env:
-        return _train_store(cfg, progress, env)
+            return train_e2e(from_train_config(cfg), progress=progress)
+        device = distributed.device(cfg.device, env) if env.distributed else resolve_device(cfg.device)
+        with distributed.session(device) as env:
+            return _train_store(cfg, progress, env)
 
 
 def _train_store(cfg: TrainConfig, progress: bool, env: distributed.DistEnv) -> list[Path]:

@@ -25,6 +25,7 @@ from safetensors.torch import load_file, save_file
 
 from saekit.analysis.ids import feature_ids
 from saekit.analysis.stats import PAD, FeatureStats, StatsResult, logit_effects
+from saekit import outdir
 from saekit.errors import SaekitError
 from saekit.models import hook_layer, model_mismatch
 
@@ -194,13 +195,18 @@ def run_pass(d, store, hook: str, cfg: AnalyzeConfig, progress: Callable[[int, i
 
 def analyze(cfg: AnalyzeConfig, progress: Callable[[int, int], None] | None = None) -> Path:
     """Run the pass, compute logit effects, write all outputs; returns the output folder."""
-    from saekit.dictionaries import load as load_dict
-    from saekit.store import ActivationStore
-
     if not cfg.dict or not cfg.store or not cfg.out:
         raise SaekitError("analyze needs --dict DIR --store DIR --out DIR")
     if not Path(cfg.store).is_dir():
         raise SaekitError(f"store {cfg.store} does not exist; run `saekit harvest` first or fix --store")
+    with outdir.claim(cfg.out, "analyze"):
+        return _analyze(cfg, progress)
+
+
+def _analyze(cfg: AnalyzeConfig, progress: Callable[[int, int], None] | None) -> Path:
+    from saekit.dictionaries import load as load_dict
+    from saekit.store import ActivationStore
+
     d = load_dict(cfg.dict, device=cfg.device)
     store = ActivationStore(cfg.store)
     hook = check_match(d, store)

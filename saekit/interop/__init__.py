@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from saekit import outdir
 from saekit.errors import SaekitError
 
 LAYOUTS = {
@@ -97,7 +98,8 @@ def export(cfg: ExportConfig) -> Path:
     from saekit.interop.saelens import export_saelens
 
     d = load(cfg.dict)
-    return export_saelens(d, cfg.out)
+    with outdir.claim(cfg.out, "export"):
+        return export_saelens(d, cfg.out)
 
 
 __all__ = ["EXPORT_FORMATS", "LAYOUTS", "ExportConfig", "detect_and_load", "detect_format", "export"]

@@ -23,7 +23,7 @@ import h5py
 import numpy as np
 import torch
 
-from saekit import schema
+from saekit import outdir, schema
 from saekit.errors import SaekitError
 from saekit.text import PAD
 
@@ -291,7 +291,7 @@ def check_existing(path: str | Path, config: dict, config_hash: str) -> dict | N
     if p.exists() and not p.is_dir():
         raise SaekitError(f"--out {p} is a file; choose a directory")
     if not (p / MANIFEST).is_file():
-        if p.is_dir() and any(not f.name.endswith(TMP_SUFFIX) for f in p.iterdir()):
+        if p.is_dir() and any(not (f.name.endswith(TMP_SUFFIX) or outdir.is_lock(f.name)) for f in p.iterdir()):
             raise SaekitError(f"--out {p} exists and is not an activation store; choose a new or empty directory")
         return None
     manifest = read_manifest(p)
