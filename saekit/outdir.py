@@ -26,11 +26,11 @@ from saekit.errors import SaekitError
 
 LOCK = ".saekit-lock"
 DISK_ERRORS = {
-    errno.ENOSPC: "the disk is full",
-    errno.EDQUOT: "the disk quota is exceeded",
+    errno.ENOSPC: "disk full",
+    errno.EDQUOT: "disk quota exceeded",
     errno.EACCES: "permission denied",
     errno.EPERM: "permission denied",
-    errno.EROFS: "the file system is read-only",
+    errno.EROFS: "read-only file system",
 }
 _held: dict[Path, int] = {}  # folders this process holds, with a nesting count
 
