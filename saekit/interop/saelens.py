@@ -74,6 +74,9 @@ CFG_SCHEMA = {
 }
 META_SCHEMA = {key: CFG_SCHEMA[key] for key in ("hook_name", "model_name", "model_from_pretrained_kwargs")} | {
     "hook_head_index": schema.Int(min=0, required=False, null=True), "saekit": schema.Field("dict", required=False, null=True)}
+SAEKIT_EXTRA = {"kind": schema.Str(required=False, null=True), "k": schema.Int(min=1, required=False, null=True),
+                "provenance": schema.Field("dict", required=False, null=True), "summary": schema.Field("dict", required=False, null=True)}
+"""What saekit's own export adds under metadata.saekit, read back on load."""
 
 
 def _read_json(path: Path) -> dict:
@@ -92,6 +95,7 @@ def _read_cfg(raw: dict, where: Path) -> dict:
     """SAELens cfg.json (v6 nested or pre-v6 flat) → the fields saekit needs, with SAELens's defaults."""
     schema.check(raw, CFG_SCHEMA, str(where))
     schema.check(raw.get("metadata") or {}, META_SCHEMA, str(where), prefix="metadata.")
+    schema.check((raw.get("metadata") or {}).get("saekit") or {}, SAEKIT_EXTRA, str(where), prefix="metadata.saekit.")
     kwargs = raw.get("activation_fn_kwargs") or {}
     schema.check(kwargs, {"k": schema.Int(min=1, required=False, null=True)}, str(where), prefix="activation_fn_kwargs.")
     meta = dict(raw.get("metadata") or {})
