@@ -65,7 +65,7 @@ def main() -> None:
         if e.code == 130 and _interrupted(e):
             fail(resume, 130)
         raise
-    except OSError as e:
+    except Exception as e:  # disk full, permission denied, read-only: one line; anything else is a bug and keeps its traceback
         err = disk_error(e)
         if err is None:
             raise

@@ -18,6 +18,7 @@ import datetime
 import errno
 import json
 import os
+import re
 import socket
 from pathlib import Path
 from typing import Iterator
@@ -61,14 +62,23 @@ def describe(holder: dict) -> str:
     return f"PID {holder.get('pid')} on {holder.get('host')} ({holder.get('command')}, since {holder.get('started')})"
 
 
-def disk_error(e: OSError, what: str = "") -> SaekitError | None:
-    """One line for an OSError a user can fix by choosing another place or freeing space; None for other errors."""
-    why = DISK_ERRORS.get(e.errno)
+def _errno(e: BaseException) -> int | None:
+    """The OS error number behind `e`: an OSError's own, or the one libraries put in their messages
+    (safetensors: "(os error 28)", HDF5: "errno = 28")."""
+    if isinstance(e, OSError) and e.errno is not None:
+        return e.errno
+    m = re.search(r"os error (\d+)|errno = (\d+)", str(e))
+    return int(m.group(1) or m.group(2)) if m else None
+
+
+def disk_error(e: BaseException, what: str = "") -> SaekitError | None:
+    """One line for an error a user can fix by choosing another place or freeing space; None for other errors."""
+    why = DISK_ERRORS.get(_errno(e))
     if why is None:
         return None
-    target = e.filename or what
-    fix = "free some space" if e.errno in (errno.ENOSPC, errno.EDQUOT) else "choose a writable --out"
-    return SaekitError(f"cannot write {target}: {why}; {fix} and rerun the same command (finished work is kept)")
+    target = getattr(e, "filename", None) or what
+    fix = "free some space" if _errno(e) in (errno.ENOSPC, errno.EDQUOT) else "choose a writable --out"
+    return SaekitError(f"cannot write {target}: {why}; {fix} and rerun the command (train and finetune: with --resume); finished work is kept")
 
 
 def prepare(path: str | os.PathLike) -> Path:
@@ -132,13 +142,16 @@ def claim(path: str | os.PathLike, command: str, *, rank: int = 0) -> Iterator[P
         try:
             yield p
             ok = True
-        except OSError as e:
-            err = disk_error(e)
+        except Exception as e:  # noqa: BLE001 - only disk errors are turned into a line; the rest re-raised as they are
+            err = disk_error(e, str(p))
             if err is None:
                 raise
             raise err from None
     except OSError as e:
-        raise disk_error(e, str(p)) or e from None
+        err = disk_error(e, str(p))
+        if err is None:
+            raise
+        raise err from None
     finally:
         if rank == 0 and key in _held:
             _held[key] -= 1
