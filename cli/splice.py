@@ -37,7 +37,8 @@ def register(app) -> None:
         if not console.is_terminal:  # piped to a file: do not squeeze the table into 80 columns
             console = Console(width=220)
         columns = (TextColumn("splicing"), BarColumn(), MofNCompleteColumn(), TextColumn("tokens"), TimeRemainingColumn())
-        with Progress(*columns, console=Console(stderr=True), transient=True) as bar:
+        bar_console = Console(stderr=True)
+        with Progress(*columns, console=bar_console, transient=True, disable=not bar_console.is_terminal) as bar:  # no stray newline off a TTY
             task = bar.add_task("splice", total=None)
 
             def progress(done: int, total: int) -> None:

@@ -81,19 +81,32 @@ def disk_error(e: BaseException, what: str = "") -> SaekitError | None:
     return SaekitError(f"cannot write {target}: {why}; {fix} and rerun the command (train and finetune: with --resume); finished work is kept")
 
 
-def prepare(path: str | os.PathLike) -> Path:
+def prepare(path: str | os.PathLike, flag: str = "--out") -> Path:
     """Make `path` a folder (parents too), refusing a file, an unwritable place or a missing parent that cannot be made."""
     p = Path(path)
     if p.exists() and not p.is_dir():
-        raise SaekitError(f"--out {p} is a file; choose a folder (a new or existing directory)")
+        raise SaekitError(f"{flag} {p} is a file; choose a folder (a new or existing directory)")
     try:
         p.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise disk_error(e, str(p)) or SaekitError(
-            f"cannot create --out {p} ({e.strerror or e}); choose a folder under a directory you can write") from None
+            f"cannot create {flag} {p} ({e.strerror or e}); choose a folder under a directory you can write") from None
     if not os.access(p, os.W_OK | os.X_OK):
-        raise SaekitError(f"cannot write in --out {p}: permission denied; choose a writable folder")
+        raise SaekitError(f"cannot write in {flag} {p}: permission denied; choose a writable folder")
     return p
+
+
+def check_file_out(path: str | os.PathLike | None, flag: str) -> None:
+    """Before a long run that ends by writing the file `path` (e.g. `--json`): not a folder, its folder made and writable."""
+    if not path:
+        return
+    p = Path(path)
+    if p.is_dir():
+        raise SaekitError(f"{flag} {p} is a folder; name a file")
+    parent = p.parent
+    if parent.exists() and not parent.is_dir():
+        raise SaekitError(f"{flag} {p}: {parent} is a file, not a folder; choose another path")
+    prepare(parent, f"the folder of {flag}")
 
 
 def _lock(p: Path, command: str) -> None:

@@ -35,7 +35,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from saekit import metrics
+from saekit import metrics, outdir
 from saekit.errors import SaekitError
 from saekit.models import HookSpec, LoadedModel, check_hook_names, hook_layer, load_model, resolve_hooks, unflatten
 
@@ -576,6 +576,7 @@ def splice_eval(cfg: SpliceConfig, progress: Callable[[int, int], None] | None =
     """
     from saekit.dictionaries import load as load_dictionary
 
+    outdir.check_file_out(cfg.json_out, "--json")  # before the evaluation, not after it
     if cfg.finetuned:
         return finetuned_eval(cfg, progress)
     paths = [Path(p) for p in cfg.dicts]

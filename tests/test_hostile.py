@@ -659,3 +659,30 @@ def test_ctrl_c_prints_the_command_to_resume(tmp_path, monkeypatch, capsys):
     code, text = run(monkeypatch, capsys, "export", "--dict", "some dir", "--out", tmp_path / "o")
     assert code == 130
     assert text.strip().splitlines() == [f"error: interrupted; rerun `saekit export --dict 'some dir' --out {tmp_path / 'o'}` to resume"]
+
+
+@pytest.mark.parametrize("target", ["under /proc", "under a file", "a folder"])
+def test_splice_json_target_checked_before_the_evaluation(target, tmp_path, monkeypatch, capsys):
+    (tmp_path / "file").write_text("keep me")
+    path = {"under /proc": "/proc/saekit-x/r.json", "under a file": tmp_path / "file" / "r.json", "a folder": tmp_path}[target]
+    code, text = run(monkeypatch, capsys, "splice-eval", "--dict", tmp_path / "no-such-dict", "--json", path)
+    assert_one_line(code, text, "--json")  # refused before the (missing) dictionary is even looked at
+
+
+def test_claim_turns_library_disk_errors_into_one_line(tmp_path):
+    """safetensors and HDF5 name the errno only in their messages; a failed write in a claimed folder is still one line."""
+    from safetensors import SafetensorError
+
+    from saekit.errors import SaekitError
+    from saekit.outdir import LOCK, claim
+
+    for exc, needle in [(SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)"), "disk full"),
+                        (RuntimeError("Can't write data (file write failed: errno = 30, error message = 'Read-only file system')"), "read-only"),
+                        (PermissionError(13, "Permission denied", str(tmp_path / "x")), "permission denied")]:
+        with pytest.raises(SaekitError, match=needle):
+            with claim(tmp_path / "o", "train"):
+                raise exc
+        assert not (tmp_path / "o").exists() or not (tmp_path / "o" / LOCK).exists()
+    with pytest.raises(ValueError):  # not a disk error: a bug, passed through untouched
+        with claim(tmp_path / "o", "train"):
+            raise ValueError("bug")
