@@ -52,9 +52,22 @@ def _interrupted(e: BaseException) -> bool:
     return False
 
 
+def resume_command(argv: list[str]) -> str:
+    """The command line that continues an interrupted one: the same, plus --resume where the command needs it (train, finetune)."""
+    args = list(argv)
+    name = next((a for a in args if not a.startswith("-")), None)
+    try:
+        cmd = typer.main.get_command(app).commands.get(name)  # type: ignore[attr-defined]
+    except Exception:  # noqa: BLE001 - the plain command is still right for every stage that resumes by itself
+        cmd = None
+    if cmd is not None and "--resume" not in args and any("--resume" in p.opts for p in cmd.params):
+        args.append("--resume")
+    return shlex.join(["saekit", *args])
+
+
 def main() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    resume = f"interrupted; rerun `{shlex.join(['saekit', *sys.argv[1:]])}` to resume"
+    resume = f"interrupted; rerun `{resume_command(sys.argv[1:])}` to resume"
     try:
         app()
     except SaekitError as e:

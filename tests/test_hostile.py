@@ -686,3 +686,12 @@ def test_claim_turns_library_disk_errors_into_one_line(tmp_path):
     with pytest.raises(ValueError):  # not a disk error: a bug, passed through untouched
         with claim(tmp_path / "o", "train"):
             raise ValueError("bug")
+
+
+def test_resume_command_adds_resume_where_the_command_needs_it():
+    from saekit_cli.main import resume_command
+
+    assert resume_command(["train", "--store", "s", "--out", "o"]) == "saekit train --store s --out o --resume"
+    assert resume_command(["--allow-pickle", "finetune", "--model", "m m"]) == "saekit --allow-pickle finetune --model 'm m' --resume"
+    assert resume_command(["train", "--resume", "--out", "o"]) == "saekit train --resume --out o"
+    assert resume_command(["harvest", "--out", "o"]) == "saekit harvest --out o"  # harvest resumes by itself
