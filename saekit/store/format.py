@@ -329,6 +329,7 @@ def finished_shards(path: str | Path, manifest: dict) -> list[dict]:
             part = json.loads(f.read_text())
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise SaekitError(f"{f} is damaged ({e}); delete it (its rank's shards will be harvested again) and rerun") from None
+        check_manifest(part, f)  # the same shape as the manifest, and as little to be trusted
         if part.get("config_hash") != manifest.get("config_hash"):
             raise SaekitError(f"{f} belongs to a harvest with another config than {path}/{MANIFEST}; delete it and rerun")
         for s in part.get("shards", []):
