@@ -83,6 +83,8 @@ def disk_error(e: BaseException, what: str = "") -> SaekitError | None:
 
 def prepare(path: str | os.PathLike, flag: str = "--out") -> Path:
     """Make `path` a folder (parents too), refusing a file, an unwritable place or a missing parent that cannot be made."""
+    if not str(path).strip():
+        raise SaekitError(f"no output folder given; pass {flag} DIR")
     p = Path(path)
     if p.exists() and not p.is_dir():
         raise SaekitError(f"{flag} {p} is a file; choose a folder (a new or existing directory)")

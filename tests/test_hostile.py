@@ -695,3 +695,12 @@ def test_resume_command_adds_resume_where_the_command_needs_it():
     assert resume_command(["--allow-pickle", "finetune", "--model", "m m"]) == "saekit --allow-pickle finetune --model 'm m' --resume"
     assert resume_command(["train", "--resume", "--out", "o"]) == "saekit train --resume --out o"
     assert resume_command(["harvest", "--out", "o"]) == "saekit harvest --out o"  # harvest resumes by itself
+
+
+@pytest.mark.parametrize("cmd", ["train", "analyze", "export"])
+def test_empty_out_is_refused_not_taken_as_the_current_folder(cmd, store_dir, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    args = ["" if str(a) == "OUT" else a for a in _commands(store_dir, make_saekit(tmp_path / "dict"), Path("OUT"))[cmd]]
+    code, text = run(monkeypatch, capsys, *args)
+    assert_one_line(code, text, "--out")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["dict"]
