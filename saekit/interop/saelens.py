@@ -114,6 +114,8 @@ def _read_cfg(raw: dict, where: Path) -> dict:
             "(convert it with SAELens to one of those, or use SAELens for it)"
         )
     norm = raw.get("normalize_activations", "none")
+    if not isinstance(norm, (str, bool, type(None))):  # a string (v6) or a bool (older); nothing else means anything
+        raise SaekitError(f"{where}: field normalize_activations is {json.dumps(norm)[:40]}, expected a string; the file is damaged")
     if isinstance(norm, bool):
         norm = "expected_average_only_in" if norm else "none"
     norm = norm or "none"
