@@ -95,7 +95,9 @@ def _read_cfg(raw: dict, where: Path) -> dict:
     """SAELens cfg.json (v6 nested or pre-v6 flat) → the fields saekit needs, with SAELens's defaults."""
     schema.check(raw, CFG_SCHEMA, str(where))
     schema.check(raw.get("metadata") or {}, META_SCHEMA, str(where), prefix="metadata.")
-    schema.check((raw.get("metadata") or {}).get("saekit") or {}, SAEKIT_EXTRA, str(where), prefix="metadata.saekit.")
+    extra = (raw.get("metadata") or {}).get("saekit") or {}
+    schema.check(extra, SAEKIT_EXTRA, str(where), prefix="metadata.saekit.")
+    schema.check(extra.get("provenance") or {}, schema.PROVENANCE, str(where), prefix="metadata.saekit.provenance.")
     kwargs = raw.get("activation_fn_kwargs") or {}
     schema.check(kwargs, {"k": schema.Int(min=1, required=False, null=True)}, str(where), prefix="activation_fn_kwargs.")
     meta = dict(raw.get("metadata") or {})
