@@ -716,15 +716,19 @@ def train(cfg: TrainConfig, progress: bool = True) -> list[Path]:
     """
     env = distributed.env()
     with outdir.claim(cfg.out, "train", rank=env.rank):  # a folder, writable, and no other writer
-        if cfg.objective == "e2e":
-            if env.distributed:
-                raise SaekitError("objective e2e does not run under torchrun yet; start it as a single process")
-            from saekit.e2e import from_train_config, train_e2e
+        return _train(cfg, progress, env)
 
-            return train_e2e(from_train_config(cfg), progress=progress)
-        device = distributed.device(cfg.device, env) if env.distributed else resolve_device(cfg.device)
-        with distributed.session(device) as env:
-            return _train_store(cfg, progress, env)
+
+def _train(cfg: TrainConfig, progress: bool, env: distributed.DistEnv) -> list[Path]:
+    if cfg.objective == "e2e":
+        if env.distributed:
+            raise SaekitError("objective e2e does not run under torchrun yet; start it as a single process")
+        from saekit.e2e import from_train_config, train_e2e
+
+        return train_e2e(from_train_config(cfg), progress=progress)
+    device = distributed.device(cfg.device, env) if env.distributed else resolve_device(cfg.device)
+    with distributed.session(device) as env:
+        return _train_store(cfg, progress, env)
 
 
 def _train_store(cfg: TrainConfig, progress: bool, env: distributed.DistEnv) -> list[Path]:

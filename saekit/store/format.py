@@ -252,12 +252,22 @@ def shard_shape_problem(entry: dict, manifest: dict, h5) -> str | None:
     return None
 
 
-def check_shard(store: Path, entry: dict, manifest: dict, h5) -> None:
+def check_shard(store: Path, entry: dict, manifest: dict, h5):
     """Before a shard is first read in this process: its checksum and its datasets' shapes against the manifest.
 
     Hashing costs one extra read of the file, once per shard per run (remembered by path,
     size and mtime), so a flipped byte stops the run naming the shard instead of training on it.
+    Returns the open file `h5`; closes it when the shard is refused.
     """
+    try:
+        _check_shard(store, entry, manifest, h5)
+    except BaseException:
+        h5.close()
+        raise
+    return h5
+
+
+def _check_shard(store: Path, entry: dict, manifest: dict, h5) -> None:
     p = store / entry["file"]
     st = p.stat()
     key = (str(p.resolve()), st.st_size, st.st_mtime_ns, entry["sha256"])

@@ -110,12 +110,7 @@ class ActivationStore:
                 f = h5py.File(p, "r")
             except (FileNotFoundError, OSError) as e:
                 raise SaekitError(f"cannot read shard {p} ({e}); run `saekit info {self.path} --verify`") from None
-            try:
-                check_shard(self.path, self.manifest["shards"][i], self.manifest, f)  # once per shard per run
-            except BaseException:
-                f.close()
-                raise
-            self._files[i] = f
+            self._files[i] = check_shard(self.path, self.manifest["shards"][i], self.manifest, f)  # once per shard per run
         return f
 
     def _pieces(self, start: int, stop: int) -> Iterator[tuple[int, int, int]]:
