@@ -149,7 +149,8 @@ RANGES = {
     "unit": (lambda v: 0 <= v <= 1, "must be in [0, 1]"),
     "any": (lambda v: True, ""),
 }
-"""A field's `metadata={"range": NAME}` picks one of these; a NaN or infinite value is refused whatever the range."""
+"""A field's `metadata={"range": NAME}` picks one of these; a NaN or infinite value is refused whatever the range.
+List fields must not repeat a value unless their metadata says `"repeats": True`."""
 
 DEFAULT_RANGES = {
     **dict.fromkeys(("batch_size", "expansion", "groups", "k", "samples", "max_new_tokens", "bins", "top_n", "n_logits",
@@ -172,7 +173,7 @@ def check_fields(cfg) -> None:
         if isinstance(value, (list, tuple)):
             items = list(value)
             repeated = sorted({str(v) for v in items if items.count(v) > 1})
-            if repeated:
+            if repeated and not f.metadata.get("repeats"):  # metadata={"repeats": True} for a list whose values may repeat
                 raise ValueError(f"{flag} lists {', '.join(repeated)} more than once; give each value once")
         else:
             items = [value]
