@@ -501,26 +501,27 @@ def test_odd_train_options(name, store_dir, tmp_path, monkeypatch, capsys):
     assert not out.exists()
 
 
-OTHER_OPTIONS = {
-    "harvest hooks repeated": ["harvest", "--model", "toy", "--hooks", f"{HOOK},{HOOK}", "--data", "x.txt"],
-    "harvest holdout 1.5": ["harvest", "--model", "toy", "--hooks", HOOK, "--data", "x.txt", "--holdout", "1.5"],
-    "harvest context-size -1": ["harvest", "--model", "toy", "--hooks", HOOK, "--data", "x.txt", "--context-size", "-1"],
-    "steer strength nan": ["steer", "--dict", "d", "--feature", "1.3", "--strength", "nan"],
-    "steer samples 0": ["steer", "--dict", "d", "--feature", "1.3", "--samples", "0"],
-    "steer feature repeated": ["steer", "--dict", "d", "--feature", "1.3,1.3"],
-    "analyze top-n 0": ["analyze", "--dict", "d", "--store", "s", "--top-n", "0"],
-    "analyze dense-threshold inf": ["analyze", "--dict", "d", "--store", "s", "--dense-threshold", "inf"],
-    "splice max-tokens -5": ["splice-eval", "--dict", "d", "--max-tokens", "-5"],
-    "finetune lr -1": ["finetune", "--model", "toy", "--lr", "-1"],
+OTHER_OPTIONS = {  # (args, what the line must name: the option, so another early error cannot pass for it)
+    "harvest hooks repeated": (["harvest", "--model", "toy", "--hooks", f"{HOOK},{HOOK}", "--data", "x.txt"], "--hooks"),
+    "harvest holdout 1.5": (["harvest", "--model", "toy", "--hooks", HOOK, "--data", "x.txt", "--holdout", "1.5"], "holdout"),
+    "harvest context-size -1": (["harvest", "--model", "toy", "--hooks", HOOK, "--data", "x.txt", "--context-size", "-1"], "context"),
+    "steer strength nan": (["steer", "--dict", "d", "--feature", "1.3", "--strength", "nan"], "--strength"),
+    "steer samples 0": (["steer", "--dict", "d", "--feature", "1.3", "--samples", "0"], "samples"),
+    "steer feature repeated": (["steer", "--dict", "d", "--feature", "1.3,1.3"], "--feature"),
+    "analyze top-n 0": (["analyze", "--dict", "d", "--store", "s", "--top-n", "0"], "top"),
+    "analyze dense-threshold inf": (["analyze", "--dict", "d", "--store", "s", "--dense-threshold", "inf"], "threshold"),
+    "splice max-tokens -5": (["splice-eval", "--dict", "d", "--max-tokens", "-5"], "max_tokens"),
+    "finetune lr -1": (["finetune", "--model", "toy", "--lr", "-1"], "lr"),
 }
 
 
 @pytest.mark.parametrize("name", list(OTHER_OPTIONS))
 def test_odd_options_other_commands(name, tmp_path, monkeypatch, capsys):
     out = tmp_path / "o"
-    args = OTHER_OPTIONS[name] + (["--out", out] if OTHER_OPTIONS[name][0] in ("harvest", "analyze", "finetune") else [])
+    args, needle = OTHER_OPTIONS[name]
+    args = args + (["--out", out] if args[0] in ("harvest", "analyze", "finetune") else [])
     code, text = run(monkeypatch, capsys, *args)
-    assert_one_line(code, text)
+    assert_one_line(code, text, needle)
     assert not out.exists()
 
 
@@ -574,7 +575,9 @@ def test_bad_output_folders(cmd, problem, store_dir, tmp_path, monkeypatch, caps
         if holder:
             holder.kill()
             holder.wait()
-    assert_one_line(code, text, {"locked": f"PID {holder.pid}" if holder else "", "locked elsewhere": "elsewhere"}.get(problem))
+    needle = {"a file": "is a file", "under /proc": "saekit-x", "under a file": "not a directory",
+              "locked": f"PID {holder.pid}" if holder else "", "locked elsewhere": "elsewhere"}[problem]
+    assert_one_line(code, text, needle)
     assert snapshot(out) == before and (tmp_path / "file").read_text() == "keep me"
 
 
