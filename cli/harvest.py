@@ -62,11 +62,11 @@ def register(app: typer.Typer) -> None:
         from saekit.store import verify as verify_store
 
         console = make_console()
+        problems = verify_store(store) if verify else []  # before the summary: a damaged store gets its one line only
+        if problems:
+            raise SaekitError(f"damaged store {store}: {'; '.join(problems)}; re-harvest into a new --out")
         _print_summary(describe(store), console)
         if verify:
-            problems = verify_store(store)
-            if problems:
-                raise SaekitError(f"damaged store {store}: {'; '.join(problems)}; re-harvest into a new --out")
             console.print("checksums: all shards ok")
 
     @app.command("hooks")

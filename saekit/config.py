@@ -12,6 +12,7 @@ import ast
 import dataclasses
 import functools
 import inspect
+import math
 import sys
 import textwrap
 import typing
@@ -97,9 +98,11 @@ def from_dict(cls: type[T], data: dict, *, where: str = "config") -> T:
     hints = type_hints(cls)
     kwargs = {k: _coerce(v, hints[k], k) for k, v in data.items()}
     try:
-        return cls(**kwargs)
+        cfg = cls(**kwargs)
+        check_fields(cfg)
     except ValueError as e:
         raise SaekitError(str(e)) from None
+    return cfg
 
 
 def load_toml(path: str | Path) -> dict:
@@ -135,3 +138,51 @@ def check_signs(cfg, positive: tuple[str, ...] = (), non_negative: tuple[str, ..
     for name in non_negative:
         if getattr(cfg, name) < 0:
             raise ValueError(f"{name} must not be negative, got {getattr(cfg, name)}")
+
+
+# --- ranges of numeric fields -------------------------------------------------------------------
+
+RANGES = {
+    "positive": (lambda v: v > 0, "must be positive"),
+    "non_negative": (lambda v: v >= 0, "must not be negative"),
+    "fraction": (lambda v: 0 <= v < 1, "must be in [0, 1)"),
+    "unit": (lambda v: 0 <= v <= 1, "must be in [0, 1]"),
+    "any": (lambda v: True, ""),
+}
+"""A field's `metadata={"range": NAME}` picks one of these; a NaN or infinite value is refused whatever the range.
+List fields must not repeat a value unless their metadata says `"repeats": True`."""
+
+DEFAULT_RANGES = {
+    **dict.fromkeys(("batch_size", "expansion", "groups", "k", "samples", "max_new_tokens", "bins", "top_n", "n_logits",
+                     "pairs", "states", "steps", "log_every", "shard_tokens", "eval_sequences", "init_rows", "n_seq",
+                     "codes", "codebook_k", "train_tokens", "n_states", "n_layer", "d_model", "n_head", "d_mlp", "ctx",
+                     "eval_seqs", "eval_every", "out_degree", "digits"), "positive"),
+    **dict.fromkeys(("holdout",), "fraction"),
+    **dict.fromkeys(("l1_warmup", "dense_threshold"), "unit"),
+    "strength": "any",
+}
+"""Ranges by field name, where a field gives none in its metadata; every other number must not be negative."""
+
+
+def check_fields(cfg) -> None:
+    """For `__post_init__` (and run by `from_dict`): ValueError naming the first numeric field out of its range
+    (NaN and infinities always are) or list field that repeats a value (`--k 8,8` would train one dictionary twice)."""
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        flag = "--" + f.name.replace("_", "-")
+        if isinstance(value, (list, tuple)):
+            items = list(value)
+            repeated = sorted({str(v) for v in items if items.count(v) > 1})
+            if repeated and not f.metadata.get("repeats"):  # metadata={"repeats": True} for a list whose values may repeat
+                raise ValueError(f"{flag} lists {', '.join(repeated)} more than once; give each value once")
+        else:
+            items = [value]
+        rule = f.metadata.get("range", DEFAULT_RANGES.get(f.name, "non_negative"))
+        ok, what = RANGES[rule]
+        for v in items:
+            if isinstance(v, bool) or not isinstance(v, (int, float)):
+                continue
+            if isinstance(v, float) and not math.isfinite(v):
+                raise ValueError(f"{flag} is {v}; give a finite number")
+            if not ok(v):
+                raise ValueError(f"{flag} {what}, got {v}")

@@ -29,8 +29,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from saekit import distributed, models, text
-from saekit.config import to_dict
+from saekit import distributed, models, outdir, text
+from saekit.config import check_fields, to_dict
 from saekit.errors import SaekitError
 from saekit.prefetch import can_overlap, prefetch
 from saekit.progress import Progress
@@ -80,6 +80,7 @@ class HarvestConfig:
     """Fraction of sequences (the last ones) the store's readers treat as the eval split."""
 
     def __post_init__(self):
+        check_fields(self)
         if self.packing not in text.PACKINGS:
             raise ValueError(f"packing {self.packing!r} is not one of {', '.join(text.PACKINGS)}")
         if self.dtype not in DTYPES:
@@ -155,7 +156,7 @@ def harvest(cfg: HarvestConfig, progress: bool = True, model: models.LoadedModel
     dist_env = distributed.env()
     # Under torchrun `cuda` means this rank's GPU (cuda:LOCAL_RANK); alone, the device is used as given.
     device = str(distributed.device(cfg.device, dist_env)) if dist_env.distributed else str(models.resolve_device(cfg.device))
-    with distributed.session(device) as dist_env:
+    with distributed.session(device) as dist_env, outdir.claim(cfg.out, "harvest", rank=dist_env.rank):
         return _harvest(cfg, progress, model, dist_env, device)
 
 

@@ -124,6 +124,28 @@ def forward_dtype(path: str, device: torch.device | str, choice: str = "auto") -
     return getattr(torch, own) if own in ("bfloat16", "float16") else torch.float32
 
 
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+
+
+def allow_pickle() -> bool:
+    """`saekit --allow-pickle` (or SAEKIT_ALLOW_PICKLE=1): the user accepts loading pickle weights they trust."""
+    return os.environ.get("SAEKIT_ALLOW_PICKLE", "") not in ("", "0")
+
+
+def check_no_pickle(path: str) -> None:
+    """Refuse a local model folder whose weights exist only as pickle files (loading one can run any code in it)."""
+    p = Path(path)
+    if not p.is_dir() or any(p.glob("*.safetensors")):
+        return
+    pickled = sorted(f.name for f in p.iterdir() if f.suffix in PICKLE_SUFFIXES)
+    if pickled and not allow_pickle():
+        raise SaekitError(
+            f"model folder {p} holds only pickle weights ({', '.join(pickled[:3])}), and unpickling can run code hidden in the file; "
+            f"convert it once with `AutoModelForCausalLM.from_pretrained(DIR).save_pretrained(DIR, safe_serialization=True)`, "
+            "or, for files you trust, run `saekit --allow-pickle ...`"
+        )
+
+
 def fingerprint(path: str) -> str:
     """A cheap identity for a model directory: config + the names, sizes and ends of weight files."""
     p = Path(path)
@@ -148,6 +170,7 @@ def fingerprint(path: str) -> str:
 def load_model(name: str, *, compat: bool = False, device: str = "cpu", dtype: torch.dtype = torch.float32) -> LoadedModel:
     """Boot `name` (Hub name, local HF directory or `toy`) as a TransformerBridge, eval mode, no grads."""
     path = resolve_model_path(name)
+    check_no_pickle(path)
     device = str(resolve_device(device))  # `auto` → cuda when available
     from transformer_lens.model_bridge import TransformerBridge
 
@@ -290,7 +313,8 @@ def check_model(what: str, recorded: dict | None, info: ModelInfo, against: str 
         return  # imported dictionaries may not say; nothing to check against
     here = info.to_dict()
     fp = recorded.get("fingerprint")
-    if (fp and fp != here["fingerprint"]) or (not fp and recorded.get("name") and recorded["name"] != here["name"]):
+    other_weights = fp and (fp != here["fingerprint"] or recorded.get("d_model", here["d_model"]) != here["d_model"])
+    if other_weights or (not fp and recorded.get("name") and recorded["name"] != here["name"]):
         raise SaekitError(f"{what} was made from model {_model_label(recorded)} but {against} is {_model_label(here)} "
                           "(different models); "
                           + (fix or f"pass --model {recorded.get('name', '...')} (the same files) or use dictionaries trained on this model"))

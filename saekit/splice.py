@@ -35,7 +35,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from saekit import metrics, runs
+from saekit import metrics, outdir, runs
 from saekit.errors import SaekitError
 from saekit.tokens import PAD, model_input, row_mask, scored_mask
 from saekit.models import HookSpec, LoadedModel, check_hook_names, check_model, hook_layer, load_model, resolve_hooks, unflatten
@@ -515,6 +515,7 @@ def splice_eval(cfg: SpliceConfig, progress: Callable[[int, int], None] | None =
     """
     from saekit.interop import load as load_dictionary
 
+    outdir.check_file_out(cfg.json_out, "--json")  # before the evaluation, not after it
     if cfg.finetuned:
         raise SaekitError("--finetuned folders are evaluated by saekit.inmodel.report.finetuned_eval (the CLI dispatches it)")
     paths = [Path(p) for p in cfg.dicts]

@@ -36,7 +36,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from saekit import distributed, metrics, precision, runs
+from saekit import distributed, metrics, outdir, precision, runs
 from saekit.runs import RunPaths, run_name, run_paths
 from saekit.models import resolve_device
 from saekit.config import to_dict
@@ -643,6 +643,11 @@ def train(cfg: TrainConfig, progress: bool = True) -> list[Path]:
     if cfg.objective == "e2e":  # stage 2 does not import saekit.inmodel
         raise SaekitError("objective e2e trains through the model: call saekit.inmodel.e2e.train_e2e(from_train_config(cfg)) "
                           "(`saekit train --objective e2e` does)")
+    with outdir.claim(cfg.out, "train", rank=env.rank):  # a folder, writable, and no other writer
+        return _train(cfg, progress, env)
+
+
+def _train(cfg: TrainConfig, progress: bool, env: distributed.DistEnv) -> list[Path]:
     device = distributed.device(cfg.device, env) if env.distributed else resolve_device(cfg.device)
     with distributed.session(device) as env:
         return _train_store(cfg, progress, env)

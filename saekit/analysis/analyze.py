@@ -31,11 +31,12 @@ from safetensors.torch import load_file, save_file
 
 from saekit.analysis.explain import ExplainPass, share_explained
 from saekit.analysis.ids import feature_ids
+from saekit import outdir
 from saekit.analysis.stats import FeatureStats, StatsResult, decoder_neighbours, logit_effects
-from saekit.tokens import PAD
 from saekit.errors import SaekitError
-from saekit.runs import atomic
 from saekit.models import check_model, hook_layer
+from saekit.runs import atomic
+from saekit.tokens import PAD
 
 FORMAT = "saekit-analysis"
 VERSION = 1
@@ -256,13 +257,18 @@ def fsm_states(counts) -> tuple[list[int], list[float], list[float], list[float]
 
 def analyze(cfg: AnalyzeConfig, progress: Callable[[int, int], None] | None = None) -> Path:
     """Run the pass, compute logit effects, write all outputs; returns the output folder."""
-    from saekit.interop import load as load_dict
-    from saekit.store import ActivationStore
-
     if not cfg.dict or not cfg.store or not cfg.out:
         raise SaekitError("analyze needs --dict DIR --store DIR --out DIR")
     if not Path(cfg.store).is_dir():
         raise SaekitError(f"store {cfg.store} does not exist; run `saekit harvest` first or fix --store")
+    with outdir.claim(cfg.out, "analyze"):
+        return _analyze(cfg, progress)
+
+
+def _analyze(cfg: AnalyzeConfig, progress: Callable[[int, int], None] | None) -> Path:
+    from saekit.interop import load as load_dict
+    from saekit.store import ActivationStore
+
     d = load_dict(cfg.dict, device=cfg.device)
     store = ActivationStore(cfg.store)
     hook = check_match(d, store)

@@ -8,8 +8,13 @@ shape.  A codebook's latents are laid out group-major (group g owns columns
 
 from __future__ import annotations
 
+import re
+
 from saekit.errors import SaekitError
 from saekit.models import hook_layer
+
+# ASCII digits separated by single dots: int() alone would take `1_0`, ` 5` and other scripts' digits (`٣`).
+_ID = re.compile(r"[0-9]+(?:\.[0-9]+)*")
 
 
 def _layout(d) -> tuple[int, int, int, bool]:
@@ -40,11 +45,9 @@ def parse_feature_id(d, text: str) -> int:
     """
     layer, d_dict, groups, cb = _layout(d)
     s = str(text).strip()
-    parts = s.split(".")
-    try:
-        nums = [int(p) for p in parts]
-    except ValueError:
-        raise SaekitError(f"feature id {s!r} is not numbers separated by dots; use {feature_id(d, 0)} ({_form(cb)})") from None
+    if not _ID.fullmatch(s):
+        raise SaekitError(f"feature id {s!r} is not numbers separated by dots; use {feature_id(d, 0)} ({_form(cb)})")
+    nums = [int(p) for p in s.split(".")]
     if len(nums) == 1:
         idx = nums[0]
     else:

@@ -9,7 +9,6 @@ the reverse).
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 from pathlib import Path
 
@@ -20,6 +19,7 @@ from saekit.dictionaries.base import FORMAT, KINDS, LOADED_KINDS, DictConfig, Di
 from saekit.dictionaries.codebook import Codebook
 from saekit.dictionaries.jumprelu import JumpReLUSAE
 from saekit.dictionaries.sae import BatchTopKSAE, ReluSAE, TopKSAE
+from saekit import schema
 from saekit.errors import SaekitError
 
 REGISTRY: dict[str, type[Dictionary]] = {"relu": ReluSAE, "topk": TopKSAE, "batchtopk": BatchTopKSAE, "codebook": Codebook,
@@ -37,7 +37,7 @@ def load_saekit(path: str | os.PathLike, device: str | torch.device = "cpu") -> 
     cfg_file, w_file = p / "config.json", p / "weights.safetensors"
     if not cfg_file.is_file() or not w_file.is_file():
         raise SaekitError(f"{p} is not a saekit dictionary (expected config.json and weights.safetensors)")
-    raw = json.loads(cfg_file.read_text())
+    raw = schema.check_dictionary_config(schema.read_json(cfg_file, "dictionary folder"), cfg_file)
     if raw.get("format") != FORMAT:
         raise SaekitError(f"{cfg_file} has format {raw.get('format')!r}, expected {FORMAT!r}")
     try:
@@ -46,16 +46,11 @@ def load_saekit(path: str | os.PathLike, device: str | torch.device = "cpu") -> 
         raise SaekitError(f"{cfg_file}: bad architecture: {e}") from None
     prov_fields = {f.name for f in dataclasses.fields(Provenance)}
     prov = Provenance(**{k: v for k, v in raw.get("provenance", {}).items() if k in prov_fields})
+    with torch.device("meta"):  # the shapes the config implies, checked against the file's header before allocating
+        want = {k: tuple(v.shape) for k, v in build(cfg, prov).state_dict().items()}
+    schema.check_tensors(w_file, want, config=str(cfg_file))
     d = build(cfg, prov)
-    state = load_file(str(w_file), device=str(device))
-    missing = set(d.state_dict()) - set(state)
-    unexpected = set(state) - set(d.state_dict())
-    if missing or unexpected:
-        raise SaekitError(f"{w_file}: missing tensors {sorted(missing)}, unexpected {sorted(unexpected)}")
-    for k, v in d.state_dict().items():
-        if v.shape != state[k].shape:
-            raise SaekitError(f"{w_file}: tensor {k} has shape {tuple(state[k].shape)}, config says {tuple(v.shape)}")
-    d.load_state_dict(state)
+    d.load_state_dict(load_file(str(w_file), device=str(device)))
     d.summary = raw.get("summary", {})
     d.train_config = raw.get("train", {})
     return d.to(device).eval()

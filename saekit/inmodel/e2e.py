@@ -372,6 +372,13 @@ def _find_inits(root: str, hooks: list[str]) -> dict[str, Dictionary]:
 
 def train_e2e(cfg: E2EConfig, progress: bool = True) -> list[Path]:
     """Train one dictionary per hook end-to-end through the frozen model; returns their folders."""
+    from saekit import outdir
+
+    with outdir.claim(cfg.out, "train"):  # a folder, writable, and no other writer
+        return _train_e2e(cfg, progress)
+
+
+def _train_e2e(cfg: E2EConfig, progress: bool) -> list[Path]:
     if not cfg.hooks:
         raise SaekitError("no hooks given; pass --hooks blocks.L.hook_... (one dictionary each)")
     model = cfg.model

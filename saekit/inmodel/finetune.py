@@ -45,7 +45,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor, nn
 
-from saekit import metrics, runs
+from saekit import metrics, outdir, runs
 from saekit.config import check_signs, to_dict
 from saekit.dictionaries.base import Provenance
 from saekit.engine import Engine, Objective
@@ -348,6 +348,11 @@ def finetune(cfg: FinetuneConfig, progress: bool = True) -> FinetuneResult:
         raise SaekitError("no model given; pass --model (a Hub name, a local HF directory or 'toy')")
     if not cfg.out:
         raise SaekitError("no output folder given; pass --out DIR")
+    with outdir.claim(cfg.out, "finetune"):
+        return _finetune(cfg, progress)
+
+
+def _finetune(cfg: FinetuneConfig, progress: bool) -> FinetuneResult:
     paths = FinetunePaths(Path(cfg.out))
     if paths.report.exists():
         if not cfg.resume:

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from saekit import outdir
 from saekit.dictionaries import load_saekit
 from saekit.errors import SaekitError
 
@@ -127,7 +128,8 @@ def export(cfg: ExportConfig) -> Path:
     from saekit.interop.saelens import export_saelens
 
     d = load(cfg.dict)
-    return export_saelens(d, cfg.out)
+    with outdir.claim(cfg.out, "export"):
+        return export_saelens(d, cfg.out)
 
 
 __all__ = ["EXPORT_FORMATS", "LAYOUTS", "ExportConfig", "detect_format", "export", "find_dictionary_folders", "load"]

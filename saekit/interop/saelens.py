@@ -44,6 +44,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
+from saekit import schema
 from saekit.dictionaries import build
 from saekit.dictionaries.base import DictConfig, Dictionary, Provenance
 from saekit.errors import SaekitError
@@ -63,17 +64,29 @@ PER_TOKEN_NORMS = ("constant_norm_rescale", "layer_norm", "covariance_whitening"
 
 # --- reading -----------------------------------------------------------------------------
 
+# cfg.json fields saekit reads, checked before use (SAELens writes more; those pass unchecked).
+CFG_SCHEMA = {
+    "architecture": schema.Str(required=False, null=True), "d_in": schema.Int(min=1), "d_sae": schema.Int(min=1),
+    "k": schema.Int(min=1, required=False, null=True), "metadata": schema.Field("dict", required=False, null=True),
+    "apply_b_dec_to_input": schema.Field("bool", required=False), "rescale_acts_by_decoder_norm": schema.Field("bool", required=False),
+    "activation_fn": schema.Str(required=False, null=True), "activation_fn_str": schema.Str(required=False, null=True),
+    "activation_fn_kwargs": schema.Field("dict", required=False, null=True), "hook_name": schema.Str(required=False, null=True),
+    "hook_point": schema.Str(required=False, null=True), "model_name": schema.Str(required=False, null=True),
+    "model_from_pretrained_kwargs": schema.Field("dict", required=False, null=True),
+}
+META_SCHEMA = {key: CFG_SCHEMA[key] for key in ("hook_name", "model_name", "model_from_pretrained_kwargs")} | {
+    "hook_head_index": schema.Int(min=0, required=False, null=True), "saekit": schema.Field("dict", required=False, null=True)}
+SAEKIT_EXTRA = {"kind": schema.Str(required=False, null=True), "k": schema.Int(min=1, required=False, null=True),
+                "provenance": schema.Field("dict", required=False, null=True), "summary": schema.Field("dict", required=False, null=True)}
+"""What saekit's own export adds under metadata.saekit, read back on load."""
+
+
 def _read_json(path: Path) -> dict:
-    try:
-        raw = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise SaekitError(f"{path} is not valid JSON ({e}); the folder is damaged, download or export it again") from None
-    if not isinstance(raw, dict):
-        raise SaekitError(f"{path} holds a {type(raw).__name__}, expected a JSON object; the folder is damaged")
-    return raw
+    return schema.read_json(path, "dictionary folder")
 
 
 def _read_tensors(path: Path) -> dict[str, Tensor]:
+    """Every tensor as float32; call only after `schema.check_tensors` has checked the header."""
     try:
         return {k: v.float() for k, v in load_file(str(path)).items()}
     except (SafetensorError, OSError) as e:
@@ -82,6 +95,13 @@ def _read_tensors(path: Path) -> dict[str, Tensor]:
 
 def _read_cfg(raw: dict, where: Path) -> dict:
     """SAELens cfg.json (v6 nested or pre-v6 flat) → the fields saekit needs, with SAELens's defaults."""
+    schema.check(raw, CFG_SCHEMA, str(where))
+    schema.check(raw.get("metadata") or {}, META_SCHEMA, str(where), prefix="metadata.")
+    extra = (raw.get("metadata") or {}).get("saekit") or {}
+    schema.check(extra, SAEKIT_EXTRA, str(where), prefix="metadata.saekit.")
+    schema.check(extra.get("provenance") or {}, schema.PROVENANCE, str(where), prefix="metadata.saekit.provenance.")
+    kwargs = raw.get("activation_fn_kwargs") or {}
+    schema.check(kwargs, {"k": schema.Int(min=1, required=False, null=True)}, str(where), prefix="activation_fn_kwargs.")
     meta = dict(raw.get("metadata") or {})
     get = lambda key, default=None: meta.get(key, raw.get(key, default))  # noqa: E731
     act_fn = raw.get("activation_fn", raw.get("activation_fn_str"))
@@ -98,6 +118,8 @@ def _read_cfg(raw: dict, where: Path) -> dict:
             "(convert it with SAELens to one of those, or use SAELens for it)"
         )
     norm = raw.get("normalize_activations", "none")
+    if not isinstance(norm, (str, bool, type(None))):  # a string (v6) or a bool (older); nothing else means anything
+        raise SaekitError(f"{where}: field normalize_activations is {json.dumps(norm)[:40]}, expected a string; the file is damaged")
     if isinstance(norm, bool):
         norm = "expected_average_only_in" if norm else "none"
     norm = norm or "none"
@@ -123,25 +145,14 @@ def _read_cfg(raw: dict, where: Path) -> dict:
     }
 
 
-def _check_tensors(tensors: dict[str, Tensor], cfg: dict, w_file: Path) -> None:
+def _check_tensors(cfg: dict, w_file: Path) -> None:
+    """The weights file's header against cfg.json, before any tensor is read."""
     d_in, d_sae = cfg["d_in"], cfg["d_sae"]
     want = {"W_enc": (d_in, d_sae), "b_enc": (d_sae,), "W_dec": (d_sae, d_in), "b_dec": (d_in,)}
     if cfg["architecture"] == "jumprelu":
         want["threshold"] = (d_sae,)
     optional = {"scaling_factor": (d_sae,), "finetuning_scaling_factor": (d_sae,)}
-    missing = sorted(set(want) - set(tensors))
-    unexpected = sorted(set(tensors) - set(want) - set(optional))
-    if missing or unexpected:
-        raise SaekitError(
-            f"{w_file}: a SAELens {cfg['architecture']} SAE needs tensors {sorted(want)}; "
-            f"missing {missing}, unexpected {unexpected}"
-        )
-    for name, shape in {**want, **optional}.items():
-        if name in tensors and tuple(tensors[name].shape) != shape:
-            raise SaekitError(
-                f"{w_file}: tensor {name} has shape {tuple(tensors[name].shape)} but cfg.json "
-                f"(d_in={d_in}, d_sae={d_sae}) says {shape}; the weights and cfg.json do not belong together"
-            )
+    schema.check_tensors(w_file, want, optional=optional, config=f"cfg.json (d_in={d_in}, d_sae={d_sae})")
 
 
 def _scale_beside(folder: Path, cfg: dict) -> tuple[float, str | None]:
@@ -150,9 +161,9 @@ def _scale_beside(folder: Path, cfg: dict) -> tuple[float, str | None]:
         return 1.0, None
     scaler = folder / "activation_scaler.json"
     if scaler.is_file():
-        s = _read_json(scaler).get("scaling_factor")
-        if isinstance(s, (int, float)) and s > 0:
-            return float(s), f"input scale {s} from {scaler.name} (normalize_activations=expected_average_only_in)"
+        # a scale of 0, Infinity or a string would turn every metric into NaN: refuse it here
+        s = schema.check(_read_json(scaler), {"scaling_factor": schema.Num(above=0)}, str(scaler))["scaling_factor"]
+        return float(s), f"input scale {s} from {scaler.name} (normalize_activations=expected_average_only_in)"
     # SAELens's load_from_disk applies no scaling here either; only from_pretrained folds a
     # factor it keeps in its registry, which is not in the folder.
     return 1.0, (
@@ -171,8 +182,8 @@ def load_saelens(path: str | os.PathLike, device: str | torch.device = "cpu") ->
     folder = Path(path)
     cfg = _read_cfg(_read_json(folder / CFG_FILE), folder / CFG_FILE)
     w_file = folder / WEIGHTS_FILE
+    _check_tensors(cfg, w_file)
     t = _read_tensors(w_file)
-    _check_tensors(t, cfg, w_file)
     if cfg["normalize_activations"] in PER_TOKEN_NORMS:
         raise SaekitError(
             f"{folder}: normalize_activations={cfg['normalize_activations']!r} rescales every token by its own "

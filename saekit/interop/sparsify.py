@@ -31,6 +31,7 @@ from pathlib import Path
 
 import torch
 
+from saekit import schema
 from saekit.dictionaries import build
 from saekit.dictionaries.base import DictConfig, Dictionary, Provenance
 from saekit.errors import SaekitError
@@ -38,6 +39,14 @@ from saekit.interop.saelens import _read_json, _read_tensors
 
 CFG_FILE = "cfg.json"
 WEIGHTS_FILE = "sae.safetensors"
+
+# cfg.json fields saekit reads (SparseCoderConfig + d_in), checked before use.
+CFG_SCHEMA = {
+    "d_in": schema.Int(min=1), "k": schema.Int(min=1, required=False), "num_latents": schema.Int(min=0, required=False),
+    "expansion_factor": schema.Int(min=1, required=False), "transcode": schema.Field("bool", required=False),
+    "skip_connection": schema.Field("bool", required=False), "activation": schema.Str(required=False),
+    "normalize_decoder": schema.Field("bool", required=False),
+}
 
 _LAYER = re.compile(r"^(?:.*\.)?(?:layers|h|blocks|layer)\.(\d+)(?:\.(.+))?$")
 _SUBMODULES = {
@@ -64,9 +73,8 @@ def load_sparsify(path: str | os.PathLike, device: str | torch.device = "cpu") -
     folder = Path(path)
     raw = _read_json(folder / CFG_FILE)
     where = folder / CFG_FILE
-    d_in = raw.get("d_in")
-    if not isinstance(d_in, int) or d_in <= 0:
-        raise SaekitError(f"{where}: d_in is {d_in!r}, expected a positive integer; the config is damaged")
+    schema.check(raw, CFG_SCHEMA, str(where))
+    d_in = raw["d_in"]
     if raw.get("transcode"):
         raise SaekitError(
             f"{folder} is a sparsify transcoder (cfg.json transcode=true): it predicts a module's output from its "
@@ -77,23 +85,15 @@ def load_sparsify(path: str | os.PathLike, device: str | torch.device = "cpu") -
     activation = raw.get("activation", "topk")
     if activation != "topk":
         raise SaekitError(f"{where}: sparsify activation {activation!r} is not supported; saekit reads activation 'topk'")
-    n = raw.get("num_latents") or d_in * int(raw.get("expansion_factor", 32))
+    n = raw.get("num_latents") or d_in * raw.get("expansion_factor", 32)
     k = raw.get("k", 32)
-    if not isinstance(k, int) or not 0 < k < n:
-        raise SaekitError(f"{where}: k={k!r} must be a positive integer below the number of latents ({n})")
+    if not k < n:
+        raise SaekitError(f"{where}: k={k!r} must be below the number of latents ({n})")
 
     w_file = folder / WEIGHTS_FILE
-    t = _read_tensors(w_file)
     want = {"encoder.weight": (n, d_in), "encoder.bias": (n,), "W_dec": (n, d_in), "b_dec": (d_in,)}
-    missing, unexpected = sorted(set(want) - set(t)), sorted(set(t) - set(want))
-    if missing or unexpected:
-        raise SaekitError(f"{w_file}: a sparsify SAE needs tensors {sorted(want)}; missing {missing}, unexpected {unexpected}")
-    for name, shape in want.items():
-        if tuple(t[name].shape) != shape:
-            raise SaekitError(
-                f"{w_file}: tensor {name} has shape {tuple(t[name].shape)} but cfg.json (d_in={d_in}, "
-                f"{n} latents) says {shape}; the weights and cfg.json do not belong together"
-            )
+    schema.check_tensors(w_file, want, config=f"cfg.json (d_in={d_in}, {n} latents)")
+    t = _read_tensors(w_file)
 
     hookpoint = folder.resolve().name
     hook = hook_from_hookpoint(hookpoint)

@@ -23,6 +23,7 @@ import h5py
 import numpy as np
 import torch
 
+from saekit import outdir, schema
 from saekit.errors import SaekitError
 from saekit.tokens import PAD, row_mask  # noqa: F401  (row_mask: part of saekit.store's names)
 
@@ -184,11 +185,95 @@ def read_manifest(path: str | Path) -> dict:
         manifest = json.loads(mp.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise SaekitError(f"{mp} is damaged ({e}); re-harvest into a new --out") from None
-    if manifest.get("format") != FORMAT:
-        raise SaekitError(f"{mp} is not a {FORMAT} manifest (format={manifest.get('format')!r})")
-    if manifest.get("version", 0) > VERSION:
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        raise SaekitError(f"{mp} is not a {FORMAT} manifest (format={manifest.get('format') if isinstance(manifest, dict) else None!r})")
+    if isinstance(manifest.get("version"), int) and manifest["version"] > VERSION:
         raise SaekitError(f"{p} is store version {manifest['version']}; this saekit reads up to {VERSION}: upgrade saekit")
-    return manifest
+    return check_manifest(manifest, mp)
+
+
+_MANIFEST = {
+    "version": schema.Int(min=1), "model": schema.Field("dict"), "hooks": schema.Field("dict"), "dtype": schema.Str(choices=DTYPES),
+    "context_size": schema.Int(min=1), "bos_id": schema.Int(min=0, required=False, null=True), "rows": schema.Field("dict", required=False),
+    "holdout": schema.Field("dict", required=False), "stats": schema.Field("dict", required=False), "shards": schema.Field("list"),
+    "shard_seqs": schema.Int(min=1, required=False), "complete": schema.Field("bool", required=False),
+    "config_hash": schema.Str(required=False), "config": schema.Field("dict", required=False),
+}
+_MODEL = {"name": schema.Str(), "fingerprint": schema.Str(), "d_model": schema.Int(min=1), "n_layers": schema.Int(min=1),
+          "n_ctx": schema.Int(min=1), "d_vocab": schema.Int(min=1), "compat": schema.Field("bool", required=False)}
+_HOOK = {"width": schema.Int(min=1), "shape": schema.Field("list"), "layer": schema.Int(min=-1)}
+_STATS = {"count": schema.Int(min=0), "mean": schema.Field("list"), "mean_norm": schema.Num(min=0), "mean_sq_norm": schema.Num(min=0),
+          "total_var": schema.Num(min=0, required=False), "scale": schema.Num(above=0)}
+_SHARD = {"file": schema.Str(), "n_seq": schema.Int(min=0), "n_tokens": schema.Int(min=0), "n_rows": schema.Int(min=0), "sha256": schema.Str()}
+
+
+def check_manifest(m: dict, where: Path) -> dict:
+    """A manifest's fields against the format (types, ranges, widths, shard names confined to the store's folder)."""
+    w = str(where)
+    schema.check(m, _MANIFEST, w)
+    schema.check(m["model"], _MODEL, w, prefix="model.")
+    schema.check(m.get("rows", {}), {"exclude_bos": schema.Field("bool", required=False)}, w, prefix="rows.")
+    schema.check(m.get("holdout", {}), {"fraction": schema.Num(min=0, max=0.99, required=False)}, w, prefix="holdout.")
+    for name, h in m["hooks"].items():
+        schema.check(h, _HOOK, w, prefix=f"hooks.{name}.")
+        if not all(type(d) is int and d > 0 for d in h["shape"]) or math.prod(h["shape"]) != h["width"]:
+            raise SaekitError(f"{w}: hook {name} has shape {h['shape']} but width {h['width']}; the manifest is damaged")
+    for name, st in m.get("stats", {}).items():
+        if name not in m["hooks"]:
+            raise SaekitError(f"{w}: statistics for {name!r}, which is not one of the store's hooks; the manifest is damaged")
+        schema.check(st, _STATS, w, prefix=f"stats.{name}.")
+        if len(st["mean"]) != m["hooks"][name]["width"]:
+            raise SaekitError(f"{w}: stats.{name}.mean has {len(st['mean'])} entries, the hook's width is {m['hooks'][name]['width']}; the manifest is damaged")
+    for i, sh in enumerate(m["shards"]):
+        schema.check(sh, _SHARD, w, prefix=f"shards[{i}].")
+        f = sh["file"]
+        if Path(f).name != f or f in (".", "..") or "\\" in f:
+            raise SaekitError(f"{w}: shard path {f!r} is not a file name inside the store; a manifest may only name its own shards")
+    return m
+
+
+def shard_shape_problem(entry: dict, manifest: dict, h5) -> str | None:
+    """Why an open shard's datasets do not have the shapes its manifest entry and the hooks' widths say (None if they do)."""
+    n, ctx = entry["n_seq"], manifest["context_size"]
+    want = {"tokens": (n, ctx)} | {f"acts/{h}": (n, ctx, v["width"]) for h, v in manifest["hooks"].items()}
+    for name, shape in want.items():
+        got = tuple(h5[name].shape) if name in h5 else None
+        if got != shape:
+            return f"dataset {name} has shape {got}, the manifest says {shape}"
+    return None
+
+
+def check_shard(store: Path, entry: dict, manifest: dict, h5):
+    """Before a shard is first read in this process: its checksum and its datasets' shapes against the manifest.
+
+    Hashing costs one extra read of the file, once per shard per run (remembered by path,
+    size and mtime), so a flipped byte stops the run naming the shard instead of training on it.
+    Returns the open file `h5`; closes it when the shard is refused.
+    """
+    try:
+        _check_shard(store, entry, manifest, h5)
+    except BaseException:
+        h5.close()
+        raise
+    return h5
+
+
+def _check_shard(store: Path, entry: dict, manifest: dict, h5) -> None:
+    p = store / entry["file"]
+    st = p.stat()
+    key = (str(p.resolve()), st.st_size, st.st_mtime_ns, entry["sha256"])
+    if key in _VERIFIED:
+        return
+    fix = f"run `saekit info {store} --verify`, then re-harvest into a new --out"
+    if sha256_file(p) != entry["sha256"]:
+        raise SaekitError(f"shard {p} is damaged (checksum mismatch: it differs from the manifest); {fix}")
+    why = shard_shape_problem(entry, manifest, h5)
+    if why:
+        raise SaekitError(f"shard {p}: {why}; the manifest was edited or the store is damaged; {fix}")
+    _VERIFIED.add(key)
+
+
+_VERIFIED: set[tuple] = set()
 
 
 def _config_diff(old: dict, new: dict) -> list[str]:
@@ -207,7 +292,7 @@ def check_existing(path: str | Path, config: dict, config_hash: str) -> dict | N
     if p.exists() and not p.is_dir():
         raise SaekitError(f"--out {p} is a file; choose a directory")
     if not (p / MANIFEST).is_file():
-        if p.is_dir() and any(not f.name.endswith(TMP_SUFFIX) for f in p.iterdir()):
+        if p.is_dir() and any(not (f.name.endswith(TMP_SUFFIX) or outdir.is_lock(f.name)) for f in p.iterdir()):
             raise SaekitError(f"--out {p} exists and is not an activation store; choose a new or empty directory")
         return None
     manifest = read_manifest(p)
@@ -245,6 +330,7 @@ def finished_shards(path: str | Path, manifest: dict) -> list[dict]:
             part = json.loads(f.read_text())
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise SaekitError(f"{f} is damaged ({e}); delete it (its rank's shards will be harvested again) and rerun") from None
+        check_manifest(part, f)  # the same shape as the manifest, and as little to be trusted
         if part.get("config_hash") != manifest.get("config_hash"):
             raise SaekitError(f"{f} belongs to a harvest with another config than {path}/{MANIFEST}; delete it and rerun")
         for s in part.get("shards", []):

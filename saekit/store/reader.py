@@ -26,9 +26,9 @@ import torch
 
 from saekit.errors import SaekitError, did_you_mean
 from saekit.models import ModelInfo
-from saekit.store.staging import PinnedRing
 from saekit.store.chunks import ChunkMap, chunk_map, read_h5py, read_raw, read_rows
-from saekit.store.format import MANIFEST, from_stored, gaps, read_manifest, row_mask, sha256_file
+from saekit.store.format import MANIFEST, check_shard, from_stored, gaps, read_manifest, row_mask, sha256_file, shard_shape_problem
+from saekit.store.staging import PinnedRing
 
 STORED_NP = {"float16": np.float16, "bfloat16": np.uint16, "float32": np.float32}
 """numpy dtype of each stored dtype (bfloat16 as its raw bits)."""
@@ -130,9 +130,10 @@ class ActivationStore:
         if f is None:
             p = self.path / self.manifest["shards"][i]["file"]
             try:
-                f = self._files[i] = h5py.File(p, "r")
+                f = h5py.File(p, "r")
             except (FileNotFoundError, OSError) as e:
                 raise SaekitError(f"cannot read shard {p} ({e}); run `saekit info {self.path} --verify`") from None
+            self._files[i] = check_shard(self.path, self.manifest["shards"][i], self.manifest, f)  # once per shard per run
         return f
 
     def _fd(self, i: int) -> int:
@@ -613,4 +614,12 @@ def verify(path: str | Path) -> list[str]:
             problems.append(f"{s['file']}: missing")
         elif sha256_file(f) != s["sha256"]:
             problems.append(f"{s['file']}: checksum mismatch (damaged)")
+        else:
+            try:
+                with h5py.File(f, "r") as h5:
+                    why = shard_shape_problem(s, m, h5)
+            except OSError as e:
+                why = f"not a readable HDF5 file ({e})"
+            if why:
+                problems.append(f"{s['file']}: {why}")
     return problems

@@ -8,6 +8,7 @@ resumed harvest rebuilds the manifest's totals without rereading activations.
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import os
 import queue
@@ -41,6 +42,59 @@ from saekit.store.format import (
     write_json_atomic,
 )
 from saekit.tokens import PAD
+
+
+def _reserve(path: Path, data_bytes: int) -> None:
+    """Allocate a shard's disk space before HDF5 writes it, so a full disk fails here, cleanly, with ENOSPC.
+
+    Once HDF5 holds unwritten chunks, a failed write surfaces only when a handle is freed
+    (printed, not raised) and leaves the library in a state that crashes at exit.  The
+    file's size is kept (FALLOC_FL_KEEP_SIZE), so HDF5 sees the empty file it created; it
+    releases what it does not use when it closes.  Skipped where fallocate is missing.
+    """
+    size = int(data_bytes * 1.02) + (64 << 10)  # + chunk index, statistics and attributes
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        fallocate = libc.fallocate
+    except (OSError, AttributeError):
+        return
+    fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+    fd = os.open(path, os.O_WRONLY)
+    try:
+        if fallocate(fd, 1, 0, size) != 0:  # 1 = FALLOC_FL_KEEP_SIZE
+            err = ctypes.get_errno()
+            if err in (errno.ENOSPC, errno.EDQUOT):
+                raise OSError(err, os.strerror(err), str(path))
+    finally:
+        os.close(fd)
+
+
+def _silence(path: Path) -> None:
+    """Point the descriptors HDF5 holds on a file being thrown away at /dev/null, so closing it cannot fail.
+
+    After a failed write (disk full) HDF5 still holds dirty chunks and metadata; closing
+    would write them again, fail, leave the file half-open, print a traceback for every
+    handle freed later and crash the library at exit (asking HDF5 for its descriptor then
+    crashes too, so it is found in /proc).  The temporary file is deleted right after.
+    """
+    target = str(path.resolve())
+    try:
+        names = os.listdir("/proc/self/fd")
+    except OSError:
+        return  # no /proc (not Linux): the close below may then print HDF5's complaints
+    fds = []
+    for fd in names:
+        try:
+            if os.readlink(f"/proc/self/fd/{fd}") == target:
+                fds.append(int(fd))
+        except OSError:
+            continue  # closed meanwhile (listdir's own descriptor)
+    for fd in fds:
+        null = os.open(os.devnull, os.O_RDWR)
+        try:
+            os.dup2(null, fd)
+        finally:
+            os.close(null)
 
 
 class StoreWriter:
@@ -112,6 +166,7 @@ class StoreWriter:
         self._write_manifest()  # first write: an unwritable --out fails here, before any forward pass
         self._next = self.n_done  # caller side: where a write without `start` goes
         self._cur: h5py.File | None = None
+        self._ds: dict = {}  # the open shard's datasets: "tokens" and each hook
         self._cur_tmp: Path | None = None
         self._cur_index = 0
         self._filled = 0
@@ -256,6 +311,9 @@ class StoreWriter:
 
     def _discard_tmp(self) -> None:
         if self._cur is not None:
+            if self._cur_tmp is not None:
+                _silence(self._cur_tmp)
+            self._ds = {}
             try:
                 self._cur.close()
             except Exception:  # noqa: BLE001 - the file is being thrown away
@@ -274,11 +332,19 @@ class StoreWriter:
             raise self._os_error(e) from e
         self._cur = f
         n, ctx, c = self.shard_seqs, self.ctx, self.chunk_seqs
+        itemsize = 4 if self.dtype == "float32" else 2
+        try:
+            _reserve(self._cur_tmp, -(-n // c) * c * ctx * (4 + itemsize * sum(h.width for h in self.hooks)))  # whole chunks
+        except OSError as e:
+            raise self._os_error(e) from e
         f.attrs.update({"format": FORMAT, "index": index, "first_seq": index * self.shard_seqs, "chunk_seqs": c})
-        f.create_dataset("tokens", shape=(n, ctx), maxshape=(None, ctx), dtype=np.int32, chunks=(c, ctx), track_times=False)
+        # Handles kept for the shard's life: a temporary one would flush its chunks when freed, where a
+        # failed write (disk full) is only printed, never raised.
+        self._ds = {"tokens": f.create_dataset("tokens", shape=(n, ctx), maxshape=(None, ctx), dtype=np.int32, chunks=(c, ctx), track_times=False)}
         store_dt = {"float16": np.float16, "bfloat16": np.uint16, "float32": np.float32}[self.dtype]
         for h in self.hooks:
             ds = f.create_dataset(f"acts/{h.name}", shape=(n, ctx, h.width), maxshape=(None, ctx, h.width), dtype=store_dt, chunks=(c, ctx, h.width), track_times=False)
+            self._ds[h.name] = ds
             ds.attrs["dtype"] = self.dtype
             ds.attrs["shape"] = list(h.shape)
         self._filled = 0
@@ -319,9 +385,9 @@ class StoreWriter:
             stored[h.name] = arr
             self._shard_stats[h.name].update(back[mask])
         try:
-            self._cur["tokens"][a:b] = tokens
+            self._ds["tokens"][a:b] = tokens
             for name, arr in stored.items():
-                self._cur[f"acts/{name}"][a:b] = arr
+                self._ds[name][a:b] = arr
         except OSError as e:
             raise self._os_error(e) from e
         self._filled = b
@@ -331,14 +397,14 @@ class StoreWriter:
         n = self._filled
         try:
             if n < self.shard_seqs:
-                f["tokens"].resize(n, axis=0)
-                for h in self.hooks:
-                    f[f"acts/{h.name}"].resize(n, axis=0)
+                for ds in self._ds.values():
+                    ds.resize(n, axis=0)
             f.attrs["n_seq"] = n
             for name, st in self._shard_stats.items():
                 for k, v in st.arrays().items():
                     f.create_dataset(f"stats/{name}/{k}", data=v, track_times=False)
-            tokens = f["tokens"][:]
+            tokens = self._ds["tokens"][:]
+            self._ds = {}
             f.close()
             self._cur = None
             with open(tmp, "rb+") as fh:
