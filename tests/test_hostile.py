@@ -655,12 +655,12 @@ def test_pickle_only_model_folder_is_refused(tiny_model_dir, tmp_path, monkeypat
 
 
 def test_ctrl_c_prints_the_command_to_resume(tmp_path, monkeypatch, capsys):
-    import saekit_cli.export as cli_export
+    import saekit.interop
 
     def interrupted(cfg):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(cli_export, "export_dictionary", interrupted)
+    monkeypatch.setattr(saekit.interop, "export", interrupted)  # the CLI imports it when the command runs
     code, text = run(monkeypatch, capsys, "export", "--dict", "some dir", "--out", tmp_path / "o")
     assert code == 130
     assert text.strip().splitlines() == [f"error: interrupted; rerun `saekit export --dict 'some dir' --out {tmp_path / 'o'}` to resume"]
