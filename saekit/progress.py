@@ -41,9 +41,9 @@ class _Task:
         rate = self.rate()
         if self.total:
             eta = (self.total - self.done) / rate if rate > 0 else float("nan")
-            head = f"{self.done:,}/{self.total:,} {unit} ({self.done / self.total:.0%}) {rate:,.0f} {unit}/s ETA {_clock(eta)}"
+            head = f"{self.done:,}/{self.total:,} {unit} ({self.done / self.total:.0%}) {_rate(rate)} {unit}/s ETA {_clock(eta)}"
         else:
-            head = f"{self.done:,} {unit} {rate:,.0f} {unit}/s"
+            head = f"{self.done:,} {unit} {_rate(rate)} {unit}/s"
         return f"{self.label}: {head}" + (f" {self.info}" if self.info else "")
 
 
@@ -88,7 +88,7 @@ class Progress:
         if self._rich is not None:
             rate = t.rate()
             self._rich.update(self._ids[task], completed=t.done, total=t.total, info=t.info,
-                              rate=f"{rate:,.0f} {self.unit}/s" if rate == rate else "")
+                              rate=f"{_rate(rate)} {self.unit}/s" if rate == rate else "")
         elif time.perf_counter() - self._last >= self.interval:
             self._print()
 
@@ -117,3 +117,8 @@ class Progress:
 def callback(bar: Progress, task: int = 0):
     """A `progress(done, total)` function (the form splice_eval and analyze take) that drives `bar`'s task."""
     return lambda done, total: bar.update(task, done=done, total=total)
+
+
+def _rate(rate: float) -> str:
+    """Thousands separated; two significant digits below 10 (a slow step rate must not print as 0/s)."""
+    return f"{rate:,.0f}" if rate >= 10 else f"{rate:.2g}"
