@@ -19,8 +19,9 @@ app = typer.Typer(
 
 # One module per stage; each adds its commands to `app`.
 from saekit_cli import analyze, export, finetune, harvest, pipeline, splice, toy, train  # noqa: E402
+from saekit_cli import store, synth, truth  # noqa: E402  (issue 24: ground truth)
 
-for _module in (pipeline, harvest, toy, train, splice, analyze, export, finetune):
+for _module in (pipeline, harvest, toy, train, splice, analyze, export, finetune, store, synth, truth):
     _module.register(app)
 
 

@@ -198,7 +198,7 @@ def run_pass(d, store, hook: str, cfg: AnalyzeConfig, progress: Callable[[int, i
 def analyze(cfg: AnalyzeConfig, progress: Callable[[int, int], None] | None = None) -> Path:
     """Run the pass, compute logit effects, write all outputs; returns the output folder."""
     from saekit.dictionaries import load as load_dict
-    from saekit.store import ActivationStore
+    from saekit.store import ActivationStore, require_tokens
 
     if not cfg.dict or not cfg.store or not cfg.out:
         raise SaekitError("analyze needs --dict DIR --store DIR --out DIR")
@@ -206,6 +206,7 @@ def analyze(cfg: AnalyzeConfig, progress: Callable[[int, int], None] | None = No
         raise SaekitError(f"store {cfg.store} does not exist; run `saekit harvest` first or fix --store")
     d = load_dict(cfg.dict, device=cfg.device)
     store = ActivationStore(cfg.store)
+    require_tokens(store.manifest, cfg.store, "analyze (top contexts, logit effects)")
     hook = check_match(d, store)
     res = run_pass(d, store, hook, cfg, progress)
 
