@@ -8,7 +8,7 @@ features.  On the store's eval split (rows never trained on), for each dictionar
   over features that fire in the scored rows), the share with F1 ≥ 0.9, uniqueness;
 - absorption (hierarchical worlds): how often a parent's latent misses a parent firing that
   one of its children's latents catches;
-- shrinkage ‖x̂‖/‖x‖, L0 (and the world's true L0), FVU, dead and dense fractions.
+- shrinkage: mean ‖x̂‖/‖x‖ over rows with x ≠ 0, L0 (and the world's true L0), FVU, dead and dense fractions.
 
 The definitions are in `saekit.metrics`; this module streams rows and counts.
 """
@@ -87,6 +87,7 @@ def score_dictionary(d, store, truth, hook: str, rows: range, cfg: TruthConfig) 
     true_count = torch.zeros(n_feat, device=dev, dtype=torch.float64)
     fvu = metrics.FVUAccumulator()
     l0_sum = true_l0_sum = shrink_sum = 0.0
+    shrink_n = 0
     kept = []  # (true firing, codes≠0) of each batch, for the absorption pass (rows ≤ max_rows)
     for r, x in _batches(store, hook, rows, cfg.batch_size):
         x = x.to(dev)
@@ -99,7 +100,10 @@ def score_dictionary(d, store, truth, hook: str, rows: range, cfg: TruthConfig) 
         fvu.update(x, out.x_hat)
         l0_sum += Fd.sum().item()
         true_l0_sum += T.sum().item()
-        shrink_sum += (out.x_hat.norm(dim=1) / x.norm(dim=1).clamp_min(1e-12)).sum().item()
+        xn = x.norm(dim=1)
+        some = xn > 0  # rows where nothing fired (and no noise) have no length to keep
+        shrink_sum += (out.x_hat.norm(dim=1)[some] / xn[some]).sum().item()
+        shrink_n += int(some.sum())
         kept.append((T.cpu(), Fd.cpu()))
     n = len(rows)
     precision, recall, f1 = metrics.firing_f1(tp, fired, true_count)
@@ -131,7 +135,7 @@ def score_dictionary(d, store, truth, hook: str, rows: range, cfg: TruthConfig) 
         "share_f1_ge_0.9": (best_f1[live] >= 0.9).float().mean().item(),
         "uniqueness": metrics.uniqueness(best[live]),
         "absorption": absorbed,
-        "shrinkage": shrink_sum / max(n, 1),
+        "shrinkage": shrink_sum / max(shrink_n, 1),
         "l0": l0_sum / max(n, 1),
         "true_l0": true_l0_sum / max(n, 1),
         "fvu": fvu.value(),
