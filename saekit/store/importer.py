@@ -209,7 +209,9 @@ def write_rows_store(
     if tmp.exists():
         shutil.rmtree(tmp)  # a killed earlier import: nothing in it was ever final
     first = next(iter(widths.values()))
-    info = ModelInfo(name=f"none ({origin.get('kind', 'import')})", fingerprint="", d_model=first, n_layers=0,
+    made_by = "saekit synth" if origin.get("kind") == "synth" else "saekit store import"
+    # A placeholder: a command that loads "the store's model" then names the reason it cannot.
+    info = ModelInfo(name=f"none: activations from `{made_by}` have no model; pass --model", fingerprint="", d_model=first, n_layers=0,
                      n_ctx=context_size, d_vocab=0)
     header = {
         "model": info.to_dict(),
