@@ -14,8 +14,8 @@ from a chosen distribution.  Options make the world harder the way real models a
 
 Output: a normal token-less store (`saekit.store.importer.write_rows_store`) under hook
 `cfg.hook`, and beside the shards `truth/features.safetensors` (directions, p, parent)
-and `truth/acts-NNNNN.safetensors` (each row's true activations, CSR, one file per
-generated chunk).  Row r of the generator is sequence r // ctx, position r % ctx.
+and `truth/acts-NNNNN.safetensors` (each row's true activations, CSR, ~1M rows per
+file).  Row r of the generator is sequence r // ctx, position r % ctx.
 Everything is a function of `seed`.
 """
 
@@ -34,6 +34,10 @@ from saekit.errors import SaekitError
 
 TRUTH_DIR = "truth"
 MAGNITUDES = ("uniform", "constant", "normal", "exponential")
+CHUNK_VALUES = 1 << 24
+"""Rows are generated in chunks of about this many (row, feature) draws (64 MB of float32)."""
+TRUTH_FILE_ROWS = 1 << 20
+"""Rows of true activations per `truth/acts-NNNNN.safetensors` (at least; whole generated chunks)."""
 
 
 @dataclass
@@ -211,7 +215,9 @@ def synth(cfg: SynthConfig, progress=None) -> Path:
     device = torch.device(cfg.device)
     # Chunks bounded so the dense (m, N) firing draw stays ~64 MB; whole pseudo-sequences per chunk.
     ctx = cfg.context_size
-    m = max(ctx, (1 << 24) // cfg.n_features // ctx * ctx)
+    m = max(ctx, CHUNK_VALUES // cfg.n_features // ctx * ctx)
+
+    file_rows = m * -(-TRUTH_FILE_ROWS // m)  # true activations per truth file: whole chunks, ~1M rows
 
     def chunks(folder: Path):
         tdir = folder / TRUTH_DIR
@@ -219,17 +225,29 @@ def synth(cfg: SynthConfig, progress=None) -> Path:
         save_file({"directions": world.directions.contiguous(), "p": world.p.contiguous(), "parent": world.parent.contiguous()},
                   str(tdir / "features.safetensors"), metadata={"settings": json.dumps(asdict(cfg))})
         g = torch.Generator(device=device).manual_seed(cfg.seed + 1)
-        for i, a in enumerate(range(0, cfg.rows, m)):
+        held: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
+
+        def flush(upto: int) -> None:
+            start = upto - sum(len(h[0]) - 1 for h in held)
+            ptr = [held[0][0]]
+            for ip, _, _ in held[1:]:
+                ptr.append(ip[1:] + ptr[-1][-1])
+            save_file({"indptr": torch.cat(ptr), "indices": torch.cat([h[1] for h in held]), "values": torch.cat([h[2] for h in held])},
+                      str(tdir / f"acts-{start // file_rows:05d}.safetensors"), metadata={"row_start": str(start), "row_stop": str(upto)})
+            held.clear()
+
+        for a in range(0, cfg.rows, m):
             b = min(cfg.rows, a + m)
-            x, (indptr, idx, val) = sample_rows(cfg, world, b - a, g, device)
-            save_file({"indptr": indptr, "indices": idx, "values": val}, str(tdir / f"acts-{i:05d}.safetensors"),
-                      metadata={"row_start": str(a), "row_stop": str(b)})
+            x, csr = sample_rows(cfg, world, b - a, g, device)
+            held.append(csr)
+            if b % file_rows == 0 or b == cfg.rows:
+                flush(b)
             if progress:
                 progress(b, cfg.rows)
             yield {cfg.hook: x.cpu()}
 
     expected_l0 = float(world.p.sum())
-    origin = {"kind": "synth", "settings": asdict(cfg), "truth": TRUTH_DIR, "expected_l0": expected_l0, "chunk_rows": m}
+    origin = {"kind": "synth", "settings": asdict(cfg), "truth": TRUTH_DIR, "expected_l0": expected_l0, "chunk_rows": file_rows}
     return write_rows_store(cfg.out, {cfg.hook: cfg.d}, chunks, context_size=ctx, dtype=cfg.dtype, holdout=cfg.holdout,
                             shard_tokens=max(cfg.shard_tokens, ctx), origin=origin)
 

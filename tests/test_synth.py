@@ -18,10 +18,13 @@ def store_rows(path, hook="synth"):
     return torch.from_numpy(acts[s.row_mask(s.read_tokens(0, s.n_sequences))])
 
 
-def test_rows_are_true_acts_times_directions(tmp_path):
+def test_rows_are_true_acts_times_directions(tmp_path, monkeypatch):
+    monkeypatch.setattr("saekit.synth.CHUNK_VALUES", 40 * 100)  # chunks of 100 rows,
+    monkeypatch.setattr("saekit.synth.TRUTH_FILE_ROWS", 250)  # truth files of 300 rows: 10 files
     cfg = SynthConfig(out=str(tmp_path / "w"), n_features=40, d=16, rows=3000, l0=4, context_size=50, shard_tokens=1000)
     synth(cfg)
     t = load_truth(cfg.out)
+    assert len(list(t.folder.glob("acts-*.safetensors"))) == 10
     A = t.acts(0, cfg.rows)
     x = store_rows(cfg.out)
     assert x.shape == (3000, 16)
