@@ -1,8 +1,12 @@
 """Ground truth: saekit's kinds judged by whether they find a synthetic world's features.
 
     python benchmarks/truth.py                       # CPU: two small worlds, ~10 minutes on 2 busy cores
-    python benchmarks/truth.py --features 16384 --d 768 --l0 25 --rows 20000000 --tokens 200000000 \\
+    python benchmarks/truth.py --features 16384 --d 768 --l0 25 --rows 1000000 --stream --tokens 200000000 \\
         --d-dict 16384 --k 25 --batch-size 4096 --device cuda --worlds plain   # the published synthetic benchmark's scale
+
+With --stream, training reads fresh rows from the world's generator (`synth.stream_batches`,
+on the device, never on disk: 200M rows of d = 768 would be 300 GB even in float16) and the
+store holds only the held-out rows that are scored (--rows of them, all in its eval split).
 
 Two worlds, the same rows, the same L0 (k = the world's mean L0 unless --k) and tokens for
 every kind:
@@ -25,8 +29,10 @@ import tempfile
 import time
 from pathlib import Path
 
-from saekit.synth import SynthConfig, synth
-from saekit.train import TrainConfig, train
+from saekit.dictionaries.base import Provenance
+from saekit.store import ActivationStore
+from saekit.synth import SynthConfig, stream_batches, synth
+from saekit.train import HookSource, TrainConfig, Trainer, store_eval_batches, train
 from saekit.truth import TruthConfig, score_truth
 
 KINDS = ("batchtopk", "topk", "jumprelu", "matryoshka")
@@ -43,6 +49,18 @@ def worlds(a) -> dict[str, dict]:
     }
 
 
+def train_streamed(cfg: TrainConfig, world: SynthConfig) -> Path:
+    """Train one dictionary on fresh generated rows; scale and final metrics from the world's (eval) store."""
+    store = ActivationStore(cfg.store)
+    prov = Provenance(hook=world.hook, model=store.model.to_dict(), hook_shape=[world.d],
+                      scale=float(store.stats(world.hook)["scale"]), store=cfg.store)
+    device = "cuda" if cfg.device in ("auto", "cuda") else cfg.device
+    trainer = Trainer(cfg, {world.hook: HookSource(world.d, prov)}, stream_batches(world, cfg.batch_size, device), progress=False)
+    trainer.fit()
+    [path] = trainer.save(trainer.evaluate(store_eval_batches(store, [world.hook]), cfg.eval_tokens))
+    return path
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--features", type=int, default=256)
@@ -57,6 +75,7 @@ def main() -> None:
     p.add_argument("--worlds", default="plain,hierarchy")
     p.add_argument("--eval-rows", type=int, default=8192)
     p.add_argument("--device", default="cpu")
+    p.add_argument("--stream", action="store_true", help="train on fresh generated rows; the store holds only scored rows")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", default=str(Path(__file__).with_name("truth.json")))
     p.add_argument("--work", default="", help="folder for the stores and dictionaries (default: a temp dir, removed)")
@@ -70,17 +89,19 @@ def main() -> None:
             if name not in a.worlds.split(","):
                 continue
             store = work / f"world-{name}"
+            world = SynthConfig(out=str(store), **(wcfg | ({"holdout": 0.999} if a.stream else {})))
             if not store.exists():
                 t = time.perf_counter()
-                synth(SynthConfig(out=str(store), **wcfg))
+                synth(world)
                 print(f"[{name}] generated {a.rows} rows in {time.perf_counter() - t:.1f}s")
             rows = {}
             for kind in kinds:
                 out = work / f"dicts-{name}"
                 t = time.perf_counter()
-                [path] = train(TrainConfig(store=str(store), hooks=["synth"], kind=kind, k=[k], d_dict=a.d_dict,
-                                           tokens=a.tokens, batch_size=a.batch_size, out=str(out), device=a.device,
-                                           seed=a.seed, eval_tokens=4096, checkpoint_every=0), progress=False)
+                tcfg = TrainConfig(store=str(store), hooks=["synth"], kind=kind, k=[k], d_dict=a.d_dict, tokens=a.tokens,
+                                   batch_size=a.batch_size, out=str(out), device=a.device, seed=a.seed, eval_tokens=4096,
+                                   checkpoint_every=0)
+                path = train_streamed(tcfg, world) if a.stream else train(tcfg, progress=False)[0]
                 seconds = time.perf_counter() - t
                 r = score_truth(TruthConfig(dicts=[str(path)], truth=str(store), max_rows=a.eval_rows,
                                             device="cuda" if a.device.startswith("cuda") else "cpu"))["dictionaries"][0]

@@ -252,6 +252,27 @@ def synth(cfg: SynthConfig, progress=None) -> Path:
                             shard_tokens=max(cfg.shard_tokens, ctx), origin=origin)
 
 
+def stream_batches(cfg: SynthConfig, batch_size: int, device: str | torch.device = "cpu"):
+    """A training batch source of fresh rows from the world, never stored (the published benchmark's 200M samples).
+
+    `source(start_batch)` yields {hook: (batch_size, d)}; batch i is drawn from its own seed,
+    so a resumed run sees exactly the batches it would have, and no batch repeats the
+    store's rows (those use generator seed `seed + 1`, these ≥ 2^40).
+    """
+    world = make_world(cfg)
+    dev = torch.device(device)
+
+    def source(start_batch: int = 0):
+        i = start_batch
+        while True:
+            g = torch.Generator(device=dev).manual_seed((1 << 40) + cfg.seed * 1_000_003 + i)
+            x, _ = sample_rows(cfg, world, batch_size, g, dev)
+            yield {cfg.hook: x}
+            i += 1
+
+    return source
+
+
 # --------------------------------------------------------------------------- reading the truth back
 
 

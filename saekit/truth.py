@@ -15,7 +15,6 @@ The definitions are in `saekit.metrics`; this module streams rows and counts.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -88,7 +87,6 @@ def score_dictionary(d, store, truth, hook: str, rows: range, cfg: TruthConfig) 
     fvu = metrics.FVUAccumulator()
     l0_sum = true_l0_sum = shrink_sum = 0.0
     shrink_n = 0
-    kept = []  # (true firing, codes≠0) of each batch, for the absorption pass (rows ≤ max_rows)
     for r, x in _batches(store, hook, rows, cfg.batch_size):
         x = x.to(dev)
         T = truth.acts(r.start, r.stop).to(dev) > 0
@@ -104,7 +102,6 @@ def score_dictionary(d, store, truth, hook: str, rows: range, cfg: TruthConfig) 
         some = xn > 0  # rows where nothing fired (and no noise) have no length to keep
         shrink_sum += (out.x_hat.norm(dim=1)[some] / xn[some]).sum().item()
         shrink_n += int(some.sum())
-        kept.append((T.cpu(), Fd.cpu()))
     n = len(rows)
     precision, recall, f1 = metrics.firing_f1(tp, fired, true_count)
     best = metrics.best_latents(f1)
@@ -113,17 +110,7 @@ def score_dictionary(d, store, truth, hook: str, rows: range, cfg: TruthConfig) 
     best_f1, best_p, best_r = f1[best, idx], precision[best, idx], recall[best, idx]
     rate = fired / max(n, 1)
     children = truth.world.children_of
-    absorbed = None
-    if children:
-        T_all = torch.cat([k[0] for k in kept])
-        F_all = torch.cat([k[1] for k in kept])
-        best_c = best.cpu()
-        vals = []
-        for par, kids in children.items():
-            a = metrics.absorption(T_all[:, par], F_all[:, best_c[par]], F_all[:, best_c[kids]].any(1))
-            if not math.isnan(a):
-                vals.append(a)
-        absorbed = sum(vals) / len(vals) if vals else None
+    absorbed = _absorption(d, store, truth, hook, rows, cfg, best, children) if children else None
     _, _, cos = metrics.match_directions(d.directions().float(), truth.world.directions.to(dev))
     return {
         "kind": d.cfg.kind,
@@ -145,6 +132,24 @@ def score_dictionary(d, store, truth, hook: str, rows: range, cfg: TruthConfig) 
         "per_feature": {"best_latent": best.tolist(), "f1": best_f1.tolist(), "precision": best_p.tolist(),
                         "recall": best_r.tolist(), "true_count": true_count.long().tolist()},
     }
+
+
+@torch.no_grad()
+def _absorption(d, store, truth, hook: str, rows: range, cfg: TruthConfig, best, children: dict[int, list[int]]) -> float | None:
+    """Mean over parents of `metrics.absorption`, from a second pass now that each feature's best latent is known."""
+    dev = torch.device(cfg.device)
+    absorbed = {par: 0.0 for par in children}
+    fires = {par: 0 for par in children}
+    for r, x in _batches(store, hook, rows, cfg.batch_size):
+        T = truth.acts(r.start, r.stop).to(dev) > 0
+        Fd = d.encode(x.to(dev)) != 0
+        for par, kids in children.items():
+            n = int(T[:, par].sum())
+            if n:
+                fires[par] += n
+                absorbed[par] += n * metrics.absorption(T[:, par], Fd[:, best[par]], Fd[:, best[kids]].any(1))
+    vals = [absorbed[p] / fires[p] for p in children if fires[p]]
+    return sum(vals) / len(vals) if vals else None
 
 
 def score_truth(cfg: TruthConfig, progress=None) -> dict:

@@ -48,7 +48,8 @@ def test_true_directions_score_one_random_low_permutation_same(world, tmp_path):
     true, perm, rand = res["dictionaries"]
     assert res["rows"] == 12000 - 70 * 128  # the last ceil(0.25 · 94) of 94 sequences of 128 rows (the last one 96 rows)
     assert true["mcc"] > 0.999 and true["mean_f1"] > 0.99 and true["uniqueness"] == 1.0 and true["dead_frac"] == 0
-    assert abs(true["l0"] - true["true_l0"]) < 0.05 and abs(true["shrinkage"] - 1) < 0.02 and true["absorption"] < 0.01
+    # codes = the true activations plus interference from the other directions: L0 and length a little over
+    assert abs(true["l0"] - true["true_l0"]) < 0.05 and abs(true["shrinkage"] - 1) < 0.05 and true["absorption"] < 0.01
     for k in ("mcc", "mean_f1", "uniqueness", "absorption", "l0", "fvu", "shrinkage"):
         assert perm[k] == pytest.approx(true[k], abs=1e-6), k
     assert rand["mcc"] < 0.4 and rand["mean_f1"] < 0.5
