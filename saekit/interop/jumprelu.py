@@ -116,6 +116,8 @@ class JumpReLUSAE(Dictionary):
     """η: how fast λ follows the target L0 (log-λ moves by η·(L0/k − 1) a step)."""
     weight_lr_scale = 3.0
     """Unit-norm decoder rows turn slowly at the run's lr (see TopKSAE.weight_lr_scale)."""
+    threshold_lr_scale = 1.0
+    """θ's Adam lr is this × the run's lr: Adam moves θ by about that much a step, whatever its gradient."""
 
     def reset_parameters(self, generator: torch.Generator) -> None:
         """Random unit decoder rows, encoder = their transpose, zero biases; θ set from data in `init_from_data`."""
@@ -142,8 +144,9 @@ class JumpReLUSAE(Dictionary):
 
     def param_groups(self, lr: float) -> list[dict]:
         mats = [p for p in self.parameters() if p.dim() >= 2]
-        vecs = [p for p in self.parameters() if p.dim() < 2]
-        return [{"params": mats, "lr": lr * self.weight_lr_scale}, {"params": vecs, "lr": lr}]
+        vecs = [p for p in self.parameters() if p.dim() < 2 and p is not self.threshold]
+        return [{"params": mats, "lr": lr * self.weight_lr_scale}, {"params": vecs, "lr": lr},
+                {"params": [self.threshold], "lr": lr * self.threshold_lr_scale}]
 
     def training_forward(self, xn: Tensor, **_) -> TrainOutput:
         pre = self.pre_acts(xn)  # (n, d_dict)
