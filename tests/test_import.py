@@ -118,3 +118,18 @@ def test_cli_one_line_error(tmp_path):
                        capture_output=True, text=True)
     assert r.returncode == 2 and r.stderr.startswith("error: ") and len(r.stderr.strip().splitlines()) == 1, r.stderr
     assert not (tmp_path / "s").exists()
+
+
+def test_splice_eval_and_analyze_refuse_a_tokenless_store(tmp_path, x):
+    from saekit.analysis.analyze import AnalyzeConfig, analyze
+    from saekit.dictionaries.base import DictConfig, Provenance, build
+    from saekit.splice import SpliceConfig, splice_eval
+
+    np.save(tmp_path / "a.npy", x)
+    store = import_store(ImportConfig(acts=str(tmp_path / "a.npy"), out=str(tmp_path / "s"), context_size=10))
+    d = build(DictConfig(kind="topk", d_in=12, d_dict=24, k=2), Provenance(hook="acts")).save(tmp_path / "d")
+    with pytest.raises(SaekitError, match="without tokens or a model .*splice-eval needs a harvested store"):
+        splice_eval(SpliceConfig(store=str(store), dicts=[str(d)]))
+    with pytest.raises(SaekitError, match="without tokens or a model .*analyze"):
+        analyze(AnalyzeConfig(dict=str(d), store=str(store), out=str(tmp_path / "an")))
+    assert not (tmp_path / "an").exists()
