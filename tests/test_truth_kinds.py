@@ -54,8 +54,16 @@ def test_jumprelu_pseudo_derivatives():
     torch.testing.assert_close(theta.grad, torch.tensor([-1 / eps, -1 / eps, 0.0]))
 
 
-def test_matryoshka_prefixes_nest():
+def test_matryoshka_loss_is_the_mean_of_its_prefix_losses():
+    from saekit.dictionaries.sae import batch_topk_mask
+
     assert prefixes(64) == [4, 8, 16, 32, 64] and prefixes(3) == [1, 3]
     d = build(DictConfig(kind="matryoshka", d_in=8, d_dict=32, k=2))
-    out = d.training_forward(torch.randn(40, 8))
-    assert out.terms["prefix_mse"] >= out.terms["mse"]  # the smallest prefix alone reconstructs worse than all latents
+    x = torch.randn(40, 8, generator=torch.Generator().manual_seed(0))
+    out = d.training_forward(x)
+    with torch.no_grad():
+        f = batch_topk_mask(d.pre_acts(x), 2)
+        want = [((f[:, :m] @ d.W_dec[:m] + d.b_dec - x) ** 2).mean() for m in prefixes(32)]
+    torch.testing.assert_close(out.loss.detach(), sum(want) / len(want))  # no dead latents: AuxK is 0
+    torch.testing.assert_close(out.terms["prefix_mse"].detach(), want[0])
+    torch.testing.assert_close(out.terms["mse"].detach(), want[-1])
