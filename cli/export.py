@@ -12,7 +12,7 @@ def register(app) -> None:
     def export(cfg) -> None:
         """Write a dictionary as a SAELens folder (cfg.json + sae_weights.safetensors) that SAE.load_from_disk reads.
 
-        relu → standard, topk → topk, batchtopk → jumprelu (its threshold on every latent); saekit's input scale is folded into the weights, so SAELens reconstructs the hook's original activations. Codebooks have no SAELens equivalent.
+        relu → standard, topk → topk, batchtopk and matryoshka → jumprelu (their threshold on every latent), jumprelu → jumprelu; saekit's input scale is folded into the weights, so SAELens reconstructs the hook's original activations. Codebooks have no SAELens equivalent.
         """
         from saekit.interop import export as export_dictionary
 

@@ -71,6 +71,9 @@ REQUIRED: dict[str, tuple[str, ...]] = {
     "PyDataConfig": ("out",),
     "ExportConfig": ("dict", "out"),
     "InterveneConfig": ("dicts",),
+    "ImportConfig": ("acts", "out"),
+    "SynthConfig": ("out",),
+    "TruthConfig": ("truth",),
 }
 TARGETS: list[str] = []  # every config a command was built from (tests compare the source reading with the class)
 _PANEL_OF = {name: panel for panel, names in PANELS.items() for name in names}

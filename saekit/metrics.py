@@ -85,3 +85,69 @@ def js_per_token(p_logits: Tensor, q_logits: Tensor) -> Tensor:
     lq = F.log_softmax(q_logits.float(), dim=-1)
     lm = torch.logsumexp(torch.stack([lp, lq]), dim=0) - torch.log(torch.tensor(2.0))
     return 0.5 * ((lp.exp() * (lp - lm)).sum(-1) + (lq.exp() * (lq - lm)).sum(-1))
+
+
+# --------------------------------------------------------------------------- ground truth (DESIGN.md: Ground truth)
+# A dictionary is judged by whether its latents are the true features: decoder rows against
+# true directions (MCC), and firing against true firing (precision / recall / F1 per feature).
+
+
+def match_directions(dec: Tensor, true: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Optimal one-to-one matching of latents to true features by |cosine| (Hungarian).
+
+    dec: (d_dict, d), true: (N, d).  Returns (latent ids, feature ids, |cos| of each pair),
+    min(d_dict, N) pairs maximising the summed |cosine|.
+    """
+    from scipy.optimize import linear_sum_assignment
+
+    cos = (F.normalize(dec.double(), dim=1) @ F.normalize(true.double(), dim=1).T).abs()
+    rows, cols = linear_sum_assignment(cos.cpu().numpy(), maximize=True)
+    rows, cols = torch.as_tensor(rows), torch.as_tensor(cols)
+    return rows, cols, cos[rows, cols].float().cpu()
+
+
+def mcc(dec: Tensor, true: Tensor) -> float:
+    """Mean |cosine| between decoder rows and true directions under the optimal one-to-one matching.
+
+    Averaged over the N true features (a feature left unmatched because d_dict < N scores 0),
+    so 1 means every true direction has its own latent.
+    """
+    _, _, c = match_directions(dec, true)
+    return c.sum().item() / true.shape[0]
+
+
+def firing_f1(tp: Tensor, fired: Tensor, true_count: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Precision, recall, F1 of every latent l as a detector of every feature j: (d_dict, N) each.
+
+    tp[l, j]: rows where both fire; fired[l]: rows where latent l fires; true_count[j]: rows
+    where feature j fires.  0/0 counts as 0.
+    """
+    tp = tp.double()
+    fired, true_count = fired.double()[:, None], true_count.double()[None, :]
+    precision = tp / fired.clamp_min(1)
+    recall = tp / true_count.clamp_min(1)
+    f1 = 2 * tp / (fired + true_count).clamp_min(1)
+    return precision, recall, f1
+
+
+def best_latents(f1: Tensor) -> Tensor:
+    """(N,) the latent with the highest F1 for each true feature (lowest id on ties)."""
+    return f1.argmax(0)
+
+
+def uniqueness(best: Tensor) -> float:
+    """Share of true features whose best latent is no other feature's best (1: no latent serves two features)."""
+    counts = torch.bincount(best)
+    return (counts[best] == 1).float().mean().item()
+
+
+def absorption(parent_fires: Tensor, parent_latent_fires: Tensor, child_latents_fire: Tensor) -> float:
+    """Share of a parent's firings its own latent misses while one of its children's latents fires.
+
+    Booleans over the rows of one parent feature: its true firing, its best latent's firing,
+    and whether any of its children's best latents fires.  0 = no absorption.
+    """
+    n = parent_fires.sum().item()
+    if n == 0:
+        return float("nan")
+    return (parent_fires & ~parent_latent_fires & child_latents_fire).sum().item() / n

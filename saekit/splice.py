@@ -532,9 +532,10 @@ def splice_eval(cfg: SpliceConfig, progress: Callable[[int, int], None] | None =
 
     store = None
     if cfg.store:
-        from saekit.store import ActivationStore
+        from saekit.store import ActivationStore, require_tokens
 
         store = ActivationStore(cfg.store)
+        require_tokens(store.manifest, cfg.store, "splice-eval")
     model_name = cfg.model
     if not model_name:
         recorded = store.model.to_dict() if store is not None else (dictionaries[0].prov.model or {})

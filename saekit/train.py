@@ -63,7 +63,7 @@ class TrainConfig:
     out: str = "dictionaries"
     """Output directory; each dictionary goes to <out>/<hook>/<kind>-<hyperparameters>/."""
     kind: str = "topk"
-    """Dictionary kind: relu | topk | batchtopk | codebook."""
+    """Dictionary kind: relu | topk | batchtopk | codebook | jumprelu (k = target L0) | matryoshka (BatchTopK, nested prefixes)."""
     d_dict: int = 0
     """Number of latents (codebook: codes over all groups); 0 means expansion × the hook's width."""
     expansion: int = 8

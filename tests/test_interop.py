@@ -201,11 +201,11 @@ def test_sparsify_transcoder_refused(tmp_path):
 def random_dictionary(kind: str, g, scale=0.37) -> Dictionary:
     prov = Provenance(hook="blocks.1.hook_resid_post", hook_shape=[D_IN], scale=scale,
                       model={"name": "toy", "fingerprint": "abc", "compat": False}, store="runs/store")
-    d = build(DictConfig(kind=kind, d_in=D_IN, d_dict=D_SAE, k=5 if kind in ("topk", "batchtopk") else None), prov)
+    d = build(DictConfig(kind=kind, d_in=D_IN, d_dict=D_SAE, k=5 if kind in ("topk", "batchtopk", "matryoshka") else None), prov)
     with torch.no_grad():
         for p in d.parameters():
             p.add_(rand(*p.shape, g=g))
-        if kind == "batchtopk":
+        if kind in ("batchtopk", "matryoshka"):
             d.threshold.fill_(0.3)
         if kind == "jumprelu":
             d.threshold.copy_(torch.rand(D_SAE, generator=g) * 0.3)
@@ -213,7 +213,8 @@ def random_dictionary(kind: str, g, scale=0.37) -> Dictionary:
     return d.eval()
 
 
-@pytest.mark.parametrize("kind,arch", [("relu", "standard"), ("topk", "topk"), ("batchtopk", "jumprelu"), ("jumprelu", "jumprelu")])
+@pytest.mark.parametrize("kind,arch", [("relu", "standard"), ("topk", "topk"), ("batchtopk", "jumprelu"), ("jumprelu", "jumprelu"),
+                                       ("matryoshka", "jumprelu")])
 def test_roundtrip_through_saelens(tmp_path, kind, arch):
     g = torch.Generator().manual_seed(9)
     d = random_dictionary(kind, g)

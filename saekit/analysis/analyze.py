@@ -267,10 +267,11 @@ def analyze(cfg: AnalyzeConfig, progress: Callable[[int, int], None] | None = No
 
 def _analyze(cfg: AnalyzeConfig, progress: Callable[[int, int], None] | None) -> Path:
     from saekit.interop import load as load_dict
-    from saekit.store import ActivationStore
+    from saekit.store import ActivationStore, require_tokens
 
     d = load_dict(cfg.dict, device=cfg.device)
     store = ActivationStore(cfg.store)
+    require_tokens(store.manifest, cfg.store, "analyze (top contexts, logit effects)")
     hook = check_match(d, store)
     fsm = store_fsm_or_none(store)
     eval_rng = store.split("eval")

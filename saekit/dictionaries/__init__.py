@@ -18,12 +18,13 @@ from safetensors.torch import load_file
 from saekit.dictionaries.base import FORMAT, KINDS, LOADED_KINDS, DictConfig, Dictionary, ForwardOutput, Provenance, TrainOutput
 from saekit.dictionaries.codebook import Codebook
 from saekit.dictionaries.jumprelu import JumpReLUSAE
+from saekit.dictionaries.matryoshka import MatryoshkaSAE
 from saekit.dictionaries.sae import BatchTopKSAE, ReluSAE, TopKSAE
 from saekit import schema
 from saekit.errors import SaekitError
 
 REGISTRY: dict[str, type[Dictionary]] = {"relu": ReluSAE, "topk": TopKSAE, "batchtopk": BatchTopKSAE, "codebook": Codebook,
-                                         "jumprelu": JumpReLUSAE}
+                                         "jumprelu": JumpReLUSAE, "matryoshka": MatryoshkaSAE}
 """kind name → class (a dict literal, not an import-time registry); KINDS are trained, LOADED_KINDS only read."""
 
 

@@ -28,8 +28,8 @@ from saekit.runs import atomic, write_json
 
 FORMAT = "saekit-dictionary"
 VERSION = 1
-KINDS = ("relu", "topk", "batchtopk", "codebook")
-LOADED_KINDS = ("jumprelu",)  # read from other formats (saekit.interop), spliced and analysed, not trained
+KINDS = ("relu", "topk", "batchtopk", "codebook", "jumprelu", "matryoshka")
+LOADED_KINDS: tuple[str, ...] = ()  # kinds read from other formats but not trained (none since jumprelu trains)
 
 
 @dataclass
@@ -37,13 +37,13 @@ class DictConfig:
     """Architecture of one dictionary (saved in config.json, nested in the training config)."""
 
     kind: str = "topk"
-    """relu | topk | batchtopk | codebook."""
+    """relu | topk | batchtopk | codebook | jumprelu | matryoshka."""
     d_in: int = 0
     """Width of the hook's activation vector (heads flattened)."""
     d_dict: int = 0
     """Number of latents (codebook: codes in all groups together)."""
     k: int | None = None
-    """Active latents per token (topk, batchtopk) or codes chosen per group (codebook)."""
+    """Active latents per token (topk, batchtopk, matryoshka; jumprelu: the target L0) or codes chosen per group (codebook)."""
     l1: float = 0.0
     """L1 coefficient λ (relu)."""
     groups: int = 1
@@ -54,7 +54,7 @@ class DictConfig:
     def __post_init__(self):
         if self.kind not in KINDS + LOADED_KINDS:
             raise ValueError(f"kind {self.kind!r} is not one of {', '.join(KINDS)}")
-        if self.kind in ("topk", "batchtopk", "codebook") and self.k is not None and self.d_dict:
+        if self.kind in ("topk", "batchtopk", "codebook", "matryoshka") and self.k is not None and self.d_dict:
             per = self.d_dict // max(self.groups, 1)
             if self.k >= per:
                 raise ValueError(f"k={self.k} must be smaller than the number of latents ({per}{' per group' if self.groups > 1 else ''})")

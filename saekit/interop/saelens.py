@@ -220,15 +220,16 @@ def load_saelens(path: str | os.PathLike, device: str | torch.device = "cpu") ->
     state = {"W_enc": W_enc, "b_enc": b_enc, "W_dec": W_dec, "b_dec": b_dec}
     k = cfg["k"] if arch == "topk" else None
     extra = cfg["saekit"] if isinstance(cfg["saekit"], dict) else {}
-    if arch == "jumprelu" and extra.get("kind") == "batchtopk":
+    if arch == "jumprelu" and extra.get("kind") in ("batchtopk", "matryoshka"):
         thr = t["threshold"]
         if apply_b_dec and torch.all(thr == thr[0]) and isinstance(extra.get("k"), int):
             # saekit's own batchtopk, exported as jumprelu with one threshold: restore it as it was
-            kind, k = "batchtopk", extra["k"]
+            kind, k = extra["kind"], extra["k"]
             state["threshold"] = thr[0].clone()
     if kind == "jumprelu":
         state["threshold"] = t["threshold"]
         state["apply_b_dec_to_input"] = torch.tensor(1.0 if apply_b_dec else 0.0)
+        state["l0_coef"] = torch.tensor(1.0)  # saekit's training state (λ), not part of SAELens's format
     if kind == "topk" and k >= cfg["d_sae"]:
         raise SaekitError(f"{folder}: k={k} must be smaller than d_sae={cfg['d_sae']}")
 
@@ -288,9 +289,9 @@ def saelens_tensors(d: Dictionary) -> tuple[dict, dict[str, Tensor]]:
             "codebook dictionaries have no SAELens equivalent (SAELens has no k-sparse codebook architecture); "
             "share the saekit folder instead"
         )
-    arch = {"relu": "standard", "topk": "topk", "batchtopk": "jumprelu", "jumprelu": "jumprelu"}.get(kind)
+    arch = {"relu": "standard", "topk": "topk", "batchtopk": "jumprelu", "matryoshka": "jumprelu", "jumprelu": "jumprelu"}.get(kind)
     if arch is None:
-        raise SaekitError(f"dictionary kind {kind!r} has no SAELens export; exportable kinds: relu, topk, batchtopk, jumprelu")
+        raise SaekitError(f"dictionary kind {kind!r} has no SAELens export; exportable kinds: relu, topk, batchtopk, matryoshka, jumprelu")
     sd = {name: v.detach().float().cpu() for name, v in d.state_dict().items()}
     s = float(d.scale)
     # x_n = s·x:  (x_n − b_dec) W_enc = (x − b_dec/s)(s·W_enc),  (f W_dec + b_dec)/s = f (W_dec/s) + b_dec/s
@@ -301,7 +302,7 @@ def saelens_tensors(d: Dictionary) -> tuple[dict, dict[str, Tensor]]:
         "b_dec": sd["b_dec"] / s,
     }
     apply_b_dec = True
-    if kind == "batchtopk":
+    if kind in ("batchtopk", "matryoshka"):
         # saekit's inference rule ReLU(pre)·[pre > max(θ, 0)] is a JumpReLU with θ on every latent
         theta = max(float(sd["threshold"]), 0.0)
         tensors["threshold"] = torch.full((d.cfg.d_dict,), theta)

@@ -35,8 +35,10 @@ from saekit.store.format import (
     finished_shards,
     from_stored,
     gaps,
+    has_tokens,
     progress_name,
     read_manifest,
+    require_tokens,
     row_mask,
     sha256_file,
     shard_index,
@@ -51,6 +53,7 @@ from saekit.store.writer import StoreWriter
 __all__ = [
     "CHUNK_BYTES", "DTYPES", "FORMAT", "MANIFEST", "PROGRESS_PREFIX", "STAT_KEYS", "TMP_SUFFIX", "VERSION",
     "ActivationStore", "BatchStream", "RunningStats", "StoreWriter",
-    "check_existing", "consolidate", "open_store", "resolve_store_hooks", "store_eval_batches", "finished_shards", "from_stored", "gaps", "progress_name", "read_manifest",
+    "check_existing", "consolidate", "finished_shards", "from_stored", "gaps", "has_tokens", "open_store", "progress_name", "read_manifest",
+    "require_tokens", "resolve_store_hooks", "store_eval_batches",
     "row_mask", "sha256_file", "shard_index", "shard_name", "summary", "to_stored", "verify", "write_json_atomic",
 ]

@@ -364,3 +364,16 @@ def consolidate(path: str | Path, *, complete: bool) -> dict:
     for f in _progress_files(p):
         f.unlink()
     return manifest
+
+
+def has_tokens(manifest: dict) -> bool:
+    """False for a store made from bare activations (`saekit store import`, `saekit synth`): no text, no model."""
+    return manifest.get("origin", {}).get("tokens", True) is not False
+
+
+def require_tokens(manifest: dict, path, command: str) -> None:
+    """Refuse, in one line, a token-less store where `command` needs the text and the model it came from."""
+    if not has_tokens(manifest):
+        kind = manifest.get("origin", {}).get("kind", "import")
+        raise SaekitError(f"store {path} holds activations without tokens or a model (made by `saekit {'synth' if kind == 'synth' else 'store import'}`); "
+                          f"{command} needs a harvested store (`saekit harvest`)")

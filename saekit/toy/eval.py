@@ -23,6 +23,7 @@ from typing import Callable, Iterable
 import numpy as np
 import torch
 
+from saekit import metrics
 from saekit.errors import SaekitError
 from saekit.toy.fsm import FSM, labels_from_tokens, load_fsm, load_labels
 
@@ -96,13 +97,11 @@ def best_f1(tp: torch.Tensor, fired: torch.Tensor, pos: torch.Tensor) -> StateSc
     tp (n_feat, n_states), fired (n_feat,), pos (n_states,).  A feature that never fires
     has F1 0 for every state.
     """
-    tp, fired, pos = tp.double(), fired.double(), pos.double()
-    denom = fired[:, None] + pos[None, :]
-    f1 = torch.where(denom > 0, 2 * tp / denom.clamp_min(1e-300), torch.zeros_like(tp))
-    best_f1_val, best = f1.max(0)
-    tp_best = tp[best, torch.arange(tp.shape[1])]
-    prec = torch.where(fired[best] > 0, tp_best / fired[best].clamp_min(1e-300), torch.zeros_like(tp_best))
-    rec = torch.where(pos > 0, tp_best / pos.clamp_min(1e-300), torch.zeros_like(tp_best))
+    precision, recall, f1 = metrics.firing_f1(tp, fired, pos)  # the definitions `saekit eval truth` uses
+    best = metrics.best_latents(f1)
+    idx = torch.arange(tp.shape[1])
+    best_f1_val, prec, rec = f1[best, idx], precision[best, idx], recall[best, idx]
+    pos = pos.double()
     return StateScores(best.numpy(), best_f1_val.numpy(), prec.numpy(), rec.numpy(), pos.numpy())
 
 
