@@ -87,8 +87,8 @@ class SynthConfig:
     """Rows per shard file."""
     seed: int = 0
     """Seed of everything random: directions, probabilities, rows."""
-    device: str = "cpu"
-    """Where rows are generated (cpu or cuda)."""
+    generate_on: str = "cpu"
+    """Where rows are generated: cpu or cuda (each has its own random stream: the same seed gives other rows on the other)."""
 
     def __post_init__(self):
         if self.n_features < 1 or self.d < 1:
@@ -211,7 +211,7 @@ def synth(cfg: SynthConfig, progress=None) -> Path:
     from saekit.store.importer import write_rows_store
 
     world = make_world(cfg)
-    device = torch.device(cfg.device)
+    device = torch.device(cfg.generate_on)
     # Chunks bounded so the dense (m, N) firing draw stays ~64 MB; whole pseudo-sequences per chunk.
     ctx = cfg.context_size
     m = max(ctx, CHUNK_VALUES // cfg.n_features // ctx * ctx)

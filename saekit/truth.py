@@ -22,6 +22,7 @@ import torch
 
 from saekit import metrics
 from saekit.errors import SaekitError
+from saekit.models import resolve_device
 
 
 @dataclass
@@ -40,8 +41,8 @@ class TruthConfig:
     """Rows encoded at a time."""
     dense_threshold: float = 0.1
     """A latent firing on more than this share of rows counts as dense."""
-    device: str = "cpu"
-    """Device to encode on (cpu or cuda)."""
+    device: str = "auto"
+    """Device to encode on: cpu, cuda, cuda:1, ... or auto (cuda when available)."""
 
     def __post_init__(self):
         if not self.truth:
@@ -77,7 +78,7 @@ def _batches(store, hook: str, rows: range, batch_size: int):
 @torch.no_grad()
 def score_dictionary(d, store, truth, hook: str, rows: range, cfg: TruthConfig) -> dict:
     """One dictionary's scores on `rows` of the synthetic store (see the module docstring)."""
-    dev = torch.device(cfg.device)
+    dev = resolve_device(cfg.device)
     d = d.to(dev).eval()
     n_feat = truth.world.p.shape[0]
     d_dict = d.cfg.d_dict
@@ -137,7 +138,7 @@ def score_dictionary(d, store, truth, hook: str, rows: range, cfg: TruthConfig) 
 @torch.no_grad()
 def _absorption(d, store, truth, hook: str, rows: range, cfg: TruthConfig, best, children: dict[int, list[int]]) -> float | None:
     """Mean over parents of `metrics.absorption`, from a second pass now that each feature's best latent is known."""
-    dev = torch.device(cfg.device)
+    dev = resolve_device(cfg.device)
     absorbed = {par: 0.0 for par in children}
     fires = {par: 0 for par in children}
     for r, x in _batches(store, hook, rows, cfg.batch_size):

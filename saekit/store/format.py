@@ -199,8 +199,9 @@ _MANIFEST = {
     "shard_seqs": schema.Int(min=1, required=False), "complete": schema.Field("bool", required=False),
     "config_hash": schema.Str(required=False), "config": schema.Field("dict", required=False),
 }
-_MODEL = {"name": schema.Str(), "fingerprint": schema.Str(), "d_model": schema.Int(min=1), "n_layers": schema.Int(min=1),
-          "n_ctx": schema.Int(min=1), "d_vocab": schema.Int(min=1), "compat": schema.Field("bool", required=False)}
+# n_layers and d_vocab are 0 in the placeholder model of a store made without one (store import, synth).
+_MODEL = {"name": schema.Str(), "fingerprint": schema.Str(), "d_model": schema.Int(min=1), "n_layers": schema.Int(min=0),
+          "n_ctx": schema.Int(min=1), "d_vocab": schema.Int(min=0), "compat": schema.Field("bool", required=False)}
 _HOOK = {"width": schema.Int(min=1), "shape": schema.Field("list"), "layer": schema.Int(min=-1)}
 _STATS = {"count": schema.Int(min=0), "mean": schema.Field("list"), "mean_norm": schema.Num(min=0), "mean_sq_norm": schema.Num(min=0),
           "total_var": schema.Num(min=0, required=False), "scale": schema.Num(above=0)}
