@@ -96,7 +96,7 @@ def test_codebook_e2e_from_init_and_errors(tiny_model_dir, tiny_text_file, tmp_p
     with pytest.raises(SaekitError, match="no dictionary for"):
         e2e.train_e2e(e2e.E2EConfig(out=str(tmp_path / "c"), init=str(p0), **(base | {"hooks": ["blocks.1.hook_mlp_out"]})), progress=False)
     with pytest.raises(ValueError, match="end-to-end"):
-        e2e.E2EConfig(kind="jumprelu")  # a loaded kind: only from --init
+        e2e.E2EConfig(kind="nonsense")  # not a kind saekit trains
 
 
 def test_batchtopk_training_reconstruction_keeps_k_per_row_on_average_and_learns_theta():

@@ -61,7 +61,8 @@ def load_gemmascope(path: str | os.PathLike, device: str | torch.device = "cpu")
     hook, model = hook_and_model(folder)
     prov = Provenance(hook=hook, model={"name": model, "compat": False} if model else None, scale=1.0)
     d = build(DictConfig(kind="jumprelu", d_in=d_in, d_dict=d_sae), prov)
-    state = {**t, "apply_b_dec_to_input": torch.tensor(0.0), "scale": torch.tensor(1.0)}
+    state = {**t, "apply_b_dec_to_input": torch.tensor(0.0), "scale": torch.tensor(1.0),
+             "l0_coef": torch.tensor(1.0)}  # saekit's training state (λ), not part of Gemma Scope's files
     own = d.state_dict()
     d.load_state_dict({name: state[name].to(own[name].dtype).reshape(own[name].shape) for name in own})
     d.summary = {"source": {"format": "gemmascope", "path": str(folder),
