@@ -28,7 +28,7 @@ import torch
 from torch import Tensor, nn
 
 from saekit.dictionaries.base import DictConfig, Dictionary, Provenance, TrainOutput
-from saekit.dictionaries.sae import geometric_median
+from saekit.dictionaries.sae import geometric_median, tied_unit_init
 
 
 def rectangle(u: Tensor) -> Tensor:
@@ -129,13 +129,8 @@ class JumpReLUSAE(Dictionary):
 
     def reset_parameters(self, generator: torch.Generator) -> None:
         """Random unit decoder rows, encoder = their transpose, zero biases; θ set from data in `init_from_data`."""
+        tied_unit_init(self, generator)
         with torch.no_grad():
-            W = torch.randn(self.cfg.d_dict, self.cfg.d_in, generator=generator)
-            W /= W.norm(dim=-1, keepdim=True)
-            self.W_dec.copy_(W)
-            self.W_enc.copy_(W.t())
-            self.b_enc.zero_()
-            self.b_dec.zero_()
             self.threshold.fill_(self.bandwidth)
             self.apply_b_dec_to_input.fill_(1.0)
             self.l0_coef.fill_(self.cfg.l1 or self.initial_l0_coef)

@@ -28,6 +28,17 @@ from saekit.dictionaries.fast import (TopKEncode, _centred_sq, _dead_codes, _ker
 
 # --- pure maths ---------------------------------------------------------------------------------
 
+@torch.no_grad()
+def tied_unit_init(d: nn.Module, generator: torch.Generator) -> None:
+    """Random unit decoder rows, the encoder their transpose, zero biases: every SAE kind's starting point."""
+    W = torch.randn(d.cfg.d_dict, d.cfg.d_in, generator=generator)
+    W /= W.norm(dim=-1, keepdim=True)
+    d.W_dec.copy_(W)
+    d.W_enc.copy_(W.t())
+    d.b_enc.zero_()
+    d.b_dec.zero_()
+
+
 def geometric_median(x: Tensor, iters: int = 100, eps: float = 1e-6) -> Tensor:
     """Weiszfeld's algorithm: the point minimising Σ‖x_i − m‖ (robust to outlier rows, unlike the mean).
 
@@ -75,13 +86,7 @@ class _SAE(Dictionary):
 
     def reset_parameters(self, generator: torch.Generator) -> None:
         """Fresh random init (the trainer seeds it, so each run is reproducible)."""
-        with torch.no_grad():
-            W = torch.randn(self.cfg.d_dict, self.cfg.d_in, generator=generator)
-            W /= W.norm(dim=-1, keepdim=True)
-            self.W_dec.copy_(W)
-            self.W_enc.copy_(W.t())
-            self.b_enc.zero_()
-            self.b_dec.zero_()
+        tied_unit_init(self, generator)
 
     def init_from_data(self, xn: Tensor) -> None:
         """b_dec ← geometric median of a sample, so the encoder sees centred inputs from step 0."""
