@@ -54,6 +54,7 @@ def atomic(path: str | os.PathLike) -> Iterator[Path]:
     tmp = path.with_name(f".{path.stem}.{uuid.uuid4().hex[:8]}.tmp{path.suffix}")  # suffix kept: savefig reads it
     try:
         yield tmp
+        _user_permissions(tmp)
         if tmp.is_dir() and path.is_dir():
             shutil.rmtree(path)  # os.replace cannot replace a non-empty folder
         os.replace(tmp, path)
@@ -62,6 +63,23 @@ def atomic(path: str | os.PathLike) -> Iterator[Path]:
             shutil.rmtree(tmp, ignore_errors=True)
         elif tmp.exists():
             tmp.unlink()
+
+
+def _read_umask() -> int:
+    mask = os.umask(0o022)  # read at import, before any thread runs: os.umask can only be read by setting it
+    os.umask(mask)
+    return mask
+
+
+FILE_MODE = 0o666 & ~_read_umask()
+"""What a file the user creates gets: some writers (safetensors) make theirs owner-only (0600)."""
+
+
+def _user_permissions(tmp: Path) -> None:
+    """Give every file written at `tmp` the user's normal permissions (as the JSON beside it has)."""
+    for f in ([tmp] if tmp.is_file() else tmp.rglob("*") if tmp.is_dir() else []):
+        if f.is_file() and not f.is_symlink():
+            os.chmod(f, FILE_MODE)
 
 
 def write_text(path: str | os.PathLike, text: str) -> Path:

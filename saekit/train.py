@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import shutil
 import math
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
@@ -83,8 +84,10 @@ class TrainConfig:
     topk and batchtopk train their matrices at 3× it (their unit decoder rows turn slowly; TopKSAE.weight_lr_scale)."""
     batch_size: int = 4096
     """Activation rows (tokens) per optimiser step."""
-    tokens: int = 10_000_000
-    """Training tokens per dictionary (steps = tokens / batch_size, rounded up)."""
+    tokens: int | None = None
+    """Training tokens per dictionary (steps = tokens / batch_size, rounded up); default: --passes over the store's train split, at most 10M tokens."""
+    passes: float = 10.0
+    """Without --tokens: passes over the store's train split (capped at 10M tokens, at least one pass); a warning names runs of more than 50 passes."""
     seed: int = 0
     """Seed for the initialisation, the data order and dead-code replacement."""
     l1_warmup: float = 0.05
@@ -112,7 +115,9 @@ class TrainConfig:
     device: str = "auto"
     """cpu, cuda, cuda:1, ... or auto (cuda when available)."""
     resume: bool = False
-    """Continue from the last checkpoint in --out (same batches, same final weights as an uninterrupted run)."""
+    """Continue from the last checkpoint in --out (same batches, same final weights as an uninterrupted run); rerunning the same command also resumes."""
+    keep_checkpoints: bool = False
+    """Keep the last checkpoints beside the finished dictionary (default: removed once it is written)."""
     objective: str = "offline"
     """offline (reconstruct stored activations) or e2e (splice into the frozen model, minimise KL(clean ‖ spliced); saekit.inmodel.e2e, dispatched by the CLI)."""
     model: str = ""
@@ -129,9 +134,11 @@ class TrainConfig:
             raise ValueError(f"kind {self.kind!r} is not one of {', '.join(KINDS)}")
         if self.similarity not in ("cosine", "inner"):
             raise ValueError(f"similarity {self.similarity!r} is not cosine or inner")
-        for name in ("batch_size", "tokens", "expansion", "groups", "log_every", "replace_every"):
+        for name in ("batch_size", "expansion", "groups", "log_every", "replace_every", "passes"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.tokens is not None and self.tokens <= 0:
+            raise ValueError(f"tokens must be positive, got {self.tokens}")
         if self.grad_clip < 0:
             raise ValueError(f"grad_clip must be >= 0 (0 turns clipping off), got {self.grad_clip}")
         if not self.k or any(k <= 0 for k in self.k):
@@ -151,6 +158,22 @@ class TrainConfig:
 
 
 PLACEMENTS = ("data", "hooks")
+DEFAULT_TOKENS = 10_000_000
+"""The cap of the default budget (and the budget where no store says how big the data is)."""
+WARN_PASSES = 50
+
+
+def resolve_tokens(cfg: TrainConfig, train_rows: int) -> TrainConfig:
+    """The run's token budget, written back so config.json records it; warns when a run repeats its data many times."""
+    import warnings
+
+    if cfg.tokens is None:
+        tokens = max(min(int(cfg.passes * train_rows), DEFAULT_TOKENS), train_rows, cfg.batch_size)
+        return dataclasses.replace(cfg, tokens=tokens)
+    if train_rows and cfg.tokens > WARN_PASSES * train_rows:
+        warnings.warn(f"--tokens {cfg.tokens:,} is {cfg.tokens / train_rows:.0f} passes over the store's {train_rows:,} training rows; "
+                      "the dictionary will see the same rows many times (harvest more, or lower --tokens)", stacklevel=2)
+    return cfg
 
 
 # Fields that decide what a run computes; a checkpoint written under other values is refused.
@@ -276,7 +299,7 @@ class Trainer(Objective):
         self.writes = self.dist.is_main or not self.ddp
         """Whether this rank writes metrics, checkpoints and dictionaries (all but rank 0 of a DDP run)."""
         self.device = distributed.device(cfg.device, self.dist) if self.dist.distributed else resolve_device(cfg.device)
-        self.n_steps = math.ceil(cfg.tokens / cfg.batch_size)
+        self.n_steps = math.ceil((cfg.tokens or DEFAULT_TOKENS) / cfg.batch_size)
         self.step = 0
         self.ident = runs.identity_hash(to_dict(cfg), IDENTITY_FIELDS, hooks=list(run_hooks or hooks))
         self.runs = [self._make_run(h, src, k, l1) for h, src in hooks.items() for k, l1 in self._sweep()]
@@ -317,7 +340,8 @@ class Trainer(Objective):
         """Resume from the last common checkpoint, or initialise from a data sample (refusing to overwrite a run)."""
         steps = [set(r.paths.checkpoint_steps()) for r in self.runs]
         common = sorted(set.intersection(*steps)) if steps else []
-        last = common[-1] if self.cfg.resume and common else None
+        # A rerun of the same command resumes too (the checkpoints' identity check still refuses other settings).
+        last = common[-1] if common else None
         if self.ddp:  # rank 0's checkpoints decide; every rank must see them (the --out folder must be shared)
             last = distributed.broadcast_object(last)
             distributed.agree(None if last is None or last in common else
@@ -329,8 +353,8 @@ class Trainer(Objective):
             return
         err = None
         for r in self.runs:
-            if not self.cfg.resume and (r.paths.checkpoints.exists() or (r.paths.dir / "config.json").exists()):
-                err = f"{r.paths.dir} already holds a run; pass --resume to continue it, or choose another --out"
+            if (r.paths.dir / "config.json").exists():
+                err = f"{r.paths.dir} already holds a finished dictionary; choose another --out, or delete that folder to train it again"
                 break
         if self.dist.distributed:
             distributed.agree(err)  # every rank has looked before any rank creates a folder
@@ -598,6 +622,8 @@ class Trainer(Objective):
             d.summary = {"train_steps": self.step, "train_tokens": self.step * self.cfg.batch_size,
                          "tokens_per_s": self.tokens_per_s, **(summaries or {}).get(r.label, {})}
             paths.append(d.save(r.paths.dir))
+            if not self.cfg.keep_checkpoints:
+                shutil.rmtree(r.paths.checkpoints, ignore_errors=True)  # the dictionary is final; --keep-checkpoints keeps them
         return paths
 
 
@@ -655,6 +681,8 @@ def _train(cfg: TrainConfig, progress: bool, env: distributed.DistEnv) -> list[P
 
 def _train_store(cfg: TrainConfig, progress: bool, env: distributed.DistEnv) -> list[Path]:
     store = open_store(cfg.store)
+    n_seq = max(store.n_sequences, 1)
+    cfg = resolve_tokens(cfg, round(store.n_rows * len(store.split("train")) / n_seq))  # config.json records the budget used
     hooks = resolve_store_hooks(store, cfg.hooks)
     mine, batch_size, rank, world = hooks, cfg.batch_size, 0, 1
     ddp = env.distributed and cfg.placement == "data"

@@ -317,7 +317,7 @@ def _store_worker(rank, tmp, store):
     base = STORE_TRAIN | {"store": store, "checkpoint_every": 128 * 15}
     with distributed.session("cpu"):
         paths = train(TrainConfig(**base, out=f"{tmp}/data"), progress=False)
-        train(TrainConfig(**(base | {"tokens": 128 * 15}), out=f"{tmp}/resumed"), progress=False)
+        train(TrainConfig(**(base | {"tokens": 128 * 15, "keep_checkpoints": True}), out=f"{tmp}/resumed"), progress=False)
         train(TrainConfig(**base, out=f"{tmp}/resumed", resume=True), progress=False)
         hooks = train(TrainConfig(**base, out=f"{tmp}/hooks", placement="hooks"), progress=False)
     (Path(tmp) / f"paths-rank{rank}.json").write_text(json.dumps([[str(p) for p in paths], [str(p) for p in hooks]]))

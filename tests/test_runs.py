@@ -73,3 +73,21 @@ def test_row_mask_positions_numpy_and_torch():
     assert (tokens.row_mask(t, skip_bos=True) == want).all()
     assert torch.equal(tokens.row_mask(torch.as_tensor(t), skip_bos=False), torch.as_tensor(t != tokens.PAD))
     assert (tokens.model_input(torch.as_tensor(t), 10) >= 0).all()
+
+
+def test_atomic_files_get_the_users_normal_permissions(tmp_path):
+    """safetensors writes owner-only files; what saekit writes gets the mode the user's umask gives (like the JSON beside it)."""
+    import os
+
+    import torch
+    from safetensors.torch import save_file
+
+    from saekit import runs
+
+    with runs.atomic(tmp_path / "w.safetensors") as tmp:
+        save_file({"a": torch.zeros(2)}, str(tmp))
+    runs.write_text(tmp_path / "c.json", "{}")
+    plain = tmp_path / "plain.txt"
+    plain.write_text("x")
+    mode = lambda p: os.stat(p).st_mode & 0o777  # noqa: E731
+    assert mode(tmp_path / "w.safetensors") == mode(tmp_path / "c.json") == mode(plain) == runs.FILE_MODE

@@ -121,11 +121,31 @@ def test_resume_equals_uninterrupted(kind, tmp_path):
 def test_resume_refuses_changed_settings_and_overwrite(tmp_path):
     x, _ = planted(2000)
     kw = dict(tokens=10 * 128, batch_size=128, checkpoint_every=5 * 128, init_rows=128)
-    trainer(tmp_path, {"h": x}, **kw).fit()
-    with pytest.raises(SaekitError, match="already holds a run; pass --resume"):
+    done = trainer(tmp_path, {"h": x}, **kw)
+    done.fit()
+    done.save()
+    assert not done.runs[0].paths.checkpoints.exists()  # removed once the dictionary is written
+    with pytest.raises(SaekitError, match="already holds a finished dictionary"):
         trainer(tmp_path, {"h": x}, **kw).fit()
+    # With its checkpoints kept, a rerun resumes, and refuses other settings, naming them.
+    kept = trainer(tmp_path, {"h": x}, name="kept", keep_checkpoints=True, **kw)
+    kept.fit()
+    kept.save()
+    assert kept.runs[0].paths.checkpoint_steps() == [5, 10]
     with pytest.raises(SaekitError, match="seed"):
-        trainer(tmp_path, {"h": x}, resume=True, **(kw | {"seed": 1})).fit()
+        trainer(tmp_path, {"h": x}, name="kept", **(kw | {"seed": 1})).fit()
+
+
+def test_default_budget_is_passes_over_the_train_split():
+    from saekit.train import DEFAULT_TOKENS, resolve_tokens
+
+    cfg = TrainConfig(out="o", batch_size=256)
+    assert resolve_tokens(cfg, 30_000).tokens == 300_000  # 10 passes
+    assert resolve_tokens(cfg, 20_000_000).tokens == 20_000_000  # capped at 10M tokens, but at least one pass
+    assert resolve_tokens(cfg, 2_000_000).tokens == DEFAULT_TOKENS
+    assert resolve_tokens(TrainConfig(out="o", passes=2.5), 40_000).tokens == 100_000
+    with pytest.warns(UserWarning, match="passes over the store's 1,000 training rows"):
+        assert resolve_tokens(TrainConfig(out="o", tokens=100_000), 1_000).tokens == 100_000
 
 
 def test_nan_loss_stops_with_step_and_keeps_checkpoint(tmp_path):
@@ -222,7 +242,7 @@ def test_store_end_to_end_and_resume(store_dir, tmp_path):
         x = torch.from_numpy(st.read_acts(hook, st.split("eval").start, st.split("eval").start + 2)).reshape(-1, d.cfg.d_in)
         assert d(x).x_hat.shape == x.shape
     # a run stopped at 6 steps and resumed to 10 reads the batches 6..9 the uninterrupted run read
-    train(TrainConfig(**common, tokens=256 * 6, out=str(tmp_path / "cut")), progress=False)
+    train(TrainConfig(**common, tokens=256 * 6, out=str(tmp_path / "cut"), keep_checkpoints=True), progress=False)  # kept: to train on
     resumed = train(TrainConfig(**common, tokens=256 * 10, out=str(tmp_path / "cut"), resume=True), progress=False)
     for a, b in zip(paths, resumed):
         sa, sb = load(a).state_dict(), load(b).state_dict()

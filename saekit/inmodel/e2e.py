@@ -137,7 +137,9 @@ def from_train_config(tc) -> E2EConfig:
     seq_len = ctx  # 0: chosen from the model's context in train_e2e
     per_seq = ctx or 128
     seqs = max(1, tc.batch_size // per_seq)
-    steps = max(1, math.ceil(tc.tokens / (seqs * per_seq)))
+    from saekit.train import DEFAULT_TOKENS
+
+    steps = max(1, math.ceil((tc.tokens or DEFAULT_TOKENS) / (seqs * per_seq)))  # no store to count passes over
     hooks = [] if [h.lower() for h in tc.hooks] == ["all"] else list(tc.hooks)
     if not hooks:
         raise SaekitError("--objective e2e needs explicit --hooks (one forward per hook and step; 'all' is for offline training)")
