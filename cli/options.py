@@ -51,7 +51,7 @@ PANELS: dict[str, tuple[str, ...]] = {
     "Output": ("out", "resume", "checkpoint_every", "log_every", "eval_tokens", "json_out", "overwrite", "sweep",
                "finetuned", "baseline"),
     "Device and distributed": ("device", "model_dtype", "generate_on", "placement", "buffer_rows", "threads"),
-    "Topic steering": ("topic", "n_features", "n_prompts", "prompt_tokens"),
+    "Topic steering": ("topic", "n_features", "n_prompts", "prompt_tokens", "topic_lead"),
     "Explanations": ("explain", "explain_terms"),
 }
 PANEL_EXCEPTIONS: dict[str, dict[str, str]] = {

@@ -19,6 +19,15 @@ def test_topic_positions_cover_every_token_overlapping_a_match():
     assert not topic_positions(pieces, re.compile(r"nothing")).any()
 
 
+def test_topic_ahead_marks_the_tokens_before_a_match():
+    from saekit.analysis.topic import ahead
+
+    on = np.array([0, 0, 0, 1, 0, 0, 1], bool)
+    assert ahead(on, 0).tolist() == on.tolist()
+    assert ahead(on, 1).tolist() == [0, 0, 1, 0, 0, 1, 0]
+    assert ahead(on, 2).tolist() == [0, 1, 1, 0, 1, 1, 0]
+
+
 def test_detection_scores_match_their_definitions():
     fired = np.array([[1, 0, 1], [1, 1, 0], [0, 1, 0], [0, 0, 0]], bool)
     target = np.array([1, 1, 0, 0], bool)

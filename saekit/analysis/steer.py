@@ -68,6 +68,8 @@ class SteerConfig:
     """Topic steering: tokens of each prompt."""
     max_tokens: int = 200_000
     """Topic steering: store tokens read to score the features."""
+    topic_lead: int = 0
+    """Topic steering: score features against the topic appearing within the next N tokens (0: on its own tokens); features that predict a word can steer towards it where features of the word itself continue after it."""
 
     def __post_init__(self):
         if self.samples < 1 or self.max_new_tokens < 1:

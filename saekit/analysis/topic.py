@@ -103,8 +103,23 @@ def _pieces(tok, ids) -> list[str]:
     return out
 
 
-def find_topic_features(d, store, tok, pattern: re.Pattern, n: int, max_tokens: int) -> list[TopicFeature]:
-    """The n features whose firing best detects the topic's positions on the store's train split (by F1)."""
+def ahead(on: np.ndarray, lead: int) -> np.ndarray:
+    """(T,) bool: the topic appears within the next `lead` tokens (lead 0: on the token itself)."""
+    if lead == 0:
+        return on
+    out = np.zeros_like(on)
+    for j in range(1, lead + 1):
+        out[:-j] |= on[j:]
+    return out
+
+
+def find_topic_features(d, store, tok, pattern: re.Pattern, n: int, max_tokens: int, lead: int = 0) -> list[TopicFeature]:
+    """The n features whose firing best detects the topic's positions on the store's train split (by F1).
+
+    With `lead` > 0 the target is "the topic appears within the next `lead` tokens": a feature that
+    fires *on* a topic word says the word was just read (forcing it on makes the model continue as
+    after the word), while one that fires before it predicts the word.
+    """
     hook = d.prov.hook
     fired_parts, target_parts = [], []
     seen = 0
@@ -114,7 +129,7 @@ def find_topic_features(d, store, tok, pattern: re.Pattern, n: int, max_tokens: 
             valid = toks[s] >= 0
             on = np.zeros(toks.shape[1], bool)
             on[valid] = topic_positions(_pieces(tok, toks[s][valid]), pattern)
-            target_parts.append(on[mask[s]])
+            target_parts.append(ahead(on, lead)[mask[s]])
         x = torch.as_tensor(acts[hook]).float()[torch.as_tensor(mask)]
         with torch.no_grad():
             fired_parts.append((d.encode(x.to(next(d.parameters()).device)) != 0).cpu().numpy())
@@ -169,7 +184,7 @@ def topic_steer(cfg: SteerConfig, *, model=None, dictionary=None, store=None) ->
         model = load_model(name, compat=bool(store.model.compat), device=cfg.device)
     check_model(d, model)
     tok = model.tokenizer
-    feats = find_topic_features(d, store, tok, pattern, cfg.n_features, cfg.max_tokens)
+    feats = find_topic_features(d, store, tok, pattern, cfg.n_features, cfg.max_tokens, cfg.topic_lead)
     prompts = off_topic_prompts(store, tok, pattern, cfg.n_prompts, cfg.prompt_tokens, cfg.max_new_tokens, cfg.seed)
     device = next(model.bridge.parameters()).device
     delta = steering_delta(d.to(device), [f.index for f in feats], cfg.strength)
