@@ -132,15 +132,35 @@ def allow_pickle() -> bool:
     return os.environ.get("SAEKIT_ALLOW_PICKLE", "") not in ("", "0")
 
 
+def _hub_files(name: str) -> list[str] | None:
+    """The file names of Hub repo `name` (its cached snapshot when offline), or None when they cannot be listed."""
+    try:
+        from huggingface_hub import HfApi, snapshot_download
+
+        if os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0"):
+            snap = Path(snapshot_download(name, local_files_only=True, cache_dir=os.environ.get("HF_HUB_CACHE")))
+            return [f.name for f in snap.rglob("*") if f.is_file()]
+        return [Path(f).name for f in HfApi().list_repo_files(name)]
+    except Exception:  # not cached, not reachable, not a repo: the model loader reports that itself
+        return None
+
+
 def check_no_pickle(path: str) -> None:
-    """Refuse a local model folder whose weights exist only as pickle files (loading one can run any code in it)."""
+    """Refuse a model (local folder or Hub repo) whose weights exist only as pickle files (loading one can run any code in it)."""
     p = Path(path)
-    if not p.is_dir() or any(p.glob("*.safetensors")):
+    if p.is_dir():
+        names = [f.name for f in p.iterdir()]
+        where = f"model folder {p}"
+    elif allow_pickle() or p.exists() or (names := _hub_files(path)) is None:
         return
-    pickled = sorted(f.name for f in p.iterdir() if f.suffix in PICKLE_SUFFIXES)
+    else:
+        where = f"Hub model {path}"
+    if any(n.endswith(".safetensors") for n in names):
+        return
+    pickled = sorted(n for n in names if n.endswith(PICKLE_SUFFIXES))
     if pickled and not allow_pickle():
         raise SaekitError(
-            f"model folder {p} holds only pickle weights ({', '.join(pickled[:3])}), and unpickling can run code hidden in the file; "
+            f"{where} holds only pickle weights ({', '.join(pickled[:3])}), and unpickling can run code hidden in the file; "
             f"convert it once with `AutoModelForCausalLM.from_pretrained(DIR).save_pretrained(DIR, safe_serialization=True)`, "
             "or, for files you trust, run `saekit --allow-pickle ...`"
         )

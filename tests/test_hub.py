@@ -135,3 +135,18 @@ def test_gemma_scope_params_npz_from_the_cache_by_release_name(tmp_path, monkeyp
     np.savez(local / "params.npz", W_enc=p["W_enc"])
     with pytest.raises(SaekitError, match="lacks W_dec"):
         saekit.load(local)
+
+
+def test_hub_model_with_only_pickle_weights_is_refused_before_loading(tmp_path, monkeypatch):
+    """A Hub repo (here its cached snapshot, offline) holding only pytorch_model.bin is refused like a local folder."""
+    from saekit.models import load_model
+
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    (repo / "config.json").write_text('{"model_type": "gpt2"}')
+    (repo / "pytorch_model.bin").write_bytes(b"not loaded: refused before any unpickling")
+    cache = _hub_cache(tmp_path, repo, "", repo="acme/pickled-lm")
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(SaekitError, match="Hub model acme/pickled-lm holds only pickle weights.*--allow-pickle"):
+        load_model("acme/pickled-lm")
