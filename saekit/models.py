@@ -133,15 +133,17 @@ def allow_pickle() -> bool:
 
 
 def _hub_files(name: str) -> list[str] | None:
-    """The file names of Hub repo `name` (its cached snapshot when offline), or None when they cannot be listed."""
-    try:
-        from huggingface_hub import HfApi, snapshot_download
+    """The file names of Hub repo `name` in the local Hugging Face cache, or None when it is not cached.
 
-        if os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0"):
-            snap = Path(snapshot_download(name, local_files_only=True, cache_dir=os.environ.get("HF_HUB_CACHE")))
-            return [f.name for f in snap.rglob("*") if f.is_file()]
-        return [Path(f).name for f in HfApi().list_repo_files(name)]
-    except Exception:  # not cached, not reachable, not a repo: the model loader reports that itself
+    Only the cache is read (no network: an unreachable Hub would cost retries on every load), so a
+    repo downloaded before is checked; a first download is left to the loader.
+    """
+    try:
+        from huggingface_hub import snapshot_download
+
+        snap = Path(snapshot_download(name, local_files_only=True, cache_dir=os.environ.get("HF_HUB_CACHE")))
+        return [f.name for f in snap.rglob("*") if f.is_file()]
+    except Exception:  # not cached or not a repo id: the model loader reports that itself
         return None
 
 
