@@ -148,5 +148,6 @@ def test_hub_model_with_only_pickle_weights_is_refused_before_loading(tmp_path, 
     cache = _hub_cache(tmp_path, repo, "", repo="acme/pickled-lm")
     monkeypatch.setenv("HF_HUB_CACHE", str(cache))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("SAEKIT_ALLOW_PICKLE", "0")
     with pytest.raises(SaekitError, match="Hub model acme/pickled-lm holds only pickle weights.*--allow-pickle"):
         load_model("acme/pickled-lm")
