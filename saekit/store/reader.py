@@ -154,15 +154,19 @@ class ActivationStore:
                 raise SaekitError(f"cannot read shard {p} ({e}); run `saekit info {self.path} --verify`") from None
         return fd
 
-    def _read_into(self, name: str, start: int, stop: int, out: np.ndarray) -> None:
-        """Dataset `name` (tokens or acts/<hook>) of global sequences [start, stop) of one shard into `out`, as stored."""
-        (i, a, b), = self._pieces(start, stop)
+    def _chunk_map(self, i: int, name: str) -> ChunkMap | None:
+        """Where dataset `name`'s chunks lie in shard i's file (None: read it through h5py); looked up once per run."""
         key = (i, name)
         if key not in self._maps:
             with self._lock:
                 if key not in self._maps:
                     self._maps[key] = chunk_map(self._file(i)[name])
-        cmap = self._maps[key]
+        return self._maps[key]
+
+    def _read_into(self, name: str, start: int, stop: int, out: np.ndarray) -> None:
+        """Dataset `name` (tokens or acts/<hook>) of global sequences [start, stop) of one shard into `out`, as stored."""
+        (i, a, b), = self._pieces(start, stop)
+        cmap = self._chunk_map(i, name)
         if cmap is None:
             read_h5py(self._file(i)[name], a, b, out)
         else:
@@ -171,12 +175,7 @@ class ActivationStore:
     def _read_rows(self, name: str, start: int, stop: int, keep: np.ndarray, out: np.ndarray, junk: np.ndarray) -> bool:
         """Only the kept rows of [start, stop) into `out`, in one scattered read; False where that cannot be done."""
         (i, a, b), = self._pieces(start, stop)
-        key = (i, name)
-        if key not in self._maps:
-            with self._lock:
-                if key not in self._maps:
-                    self._maps[key] = chunk_map(self._file(i)[name])
-        cmap = self._maps[key]
+        cmap = self._chunk_map(i, name)
         return cmap is not None and read_rows(self._fd(i), cmap, a, b, keep, out, junk)
 
     def _pieces(self, start: int, stop: int) -> Iterator[tuple[int, int, int]]:
