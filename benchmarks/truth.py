@@ -16,8 +16,11 @@ every kind:
 Each kind (topk, batchtopk, jumprelu, matryoshka) is trained by `saekit.train` on the store
 and scored by `saekit.truth` on held-out rows: MCC, mean best-latent F1, absorption, dead
 fraction, L0, FVU, training tokens/s.  Ratios are printed against saekit's batchtopk in the
-same run.  Peers (SAELens, dictionary_learning) are not run here yet: they need their own
-venvs (benchmarks/peers/setup_saelens.sh).  Results: --json (default benchmarks/truth.json).
+same run.  `--peers saelens,dictionary_learning,sparsify` also trains the peers' own TopK /
+BatchTopK on the same training rows (benchmarks/peers/trainers.py in the peer venv that
+benchmarks/peers/setup_peers.sh makes; same d_dict, k, batch size, tokens, seed and lr — saekit's
+resolved lr unless --lr) and scores their folders, loaded through saekit's interop, by the same
+`saekit.truth`.  Results: --json (default benchmarks/truth.json).
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -33,8 +37,11 @@ from saekit.dictionaries.base import Provenance
 from saekit.store import ActivationStore
 from saekit.synth import SynthConfig, stream_batches, synth
 from saekit.store import store_eval_batches
-from saekit.train import HookSource, TrainConfig, Trainer, train
+from saekit.train import HookSource, TrainConfig, Trainer, default_lr, train
 from saekit.truth import TruthConfig, score_truth
+
+sys.path.insert(0, str(Path(__file__).parent / "peers"))
+from compare import DEFAULT_PEER_PYTHON, PEER_KINDS, peer_available, run_trainer, train_rows, write_acts  # noqa: E402
 
 KINDS = ("batchtopk", "topk", "jumprelu", "matryoshka")
 BASELINE = "batchtopk"
@@ -42,7 +49,7 @@ BASELINE = "batchtopk"
 
 def worlds(a) -> dict[str, dict]:
     base = dict(n_features=a.features, d=a.d, rows=a.rows, l0=a.l0, power=0.5, holdout=0.02, seed=a.seed,
-                device=a.device if a.device != "auto" else "cpu")
+                generate_on=a.device if a.device != "auto" else "cpu")
     return {
         "plain": base,
         "hierarchy": base | dict(n_parents=max(1, a.features // 32), children=4, child_prob=0.5, exclusive=True,
@@ -80,6 +87,10 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", default=str(Path(__file__).with_name("truth.json")))
     p.add_argument("--work", default="", help="folder for the stores and dictionaries (default: a temp dir, removed)")
+    p.add_argument("--peers", default="", help="comma-separated: saelens, dictionary_learning, sparsify (their topk/batchtopk)")
+    p.add_argument("--peer-python", default=DEFAULT_PEER_PYTHON, help="python of the peer venv (setup_peers.sh)")
+    p.add_argument("--lr", type=float, default=0.0, help="lr of every trainer (0: saekit's automatic lr, given to the peers too)")
+    p.add_argument("--threads", type=int, default=0, help="torch threads of the peer processes (0: torch's default)")
     a = p.parse_args()
     k = a.k or max(1, round(a.l0))
     kinds = [s for s in a.kinds.split(",") if s]
@@ -101,18 +112,19 @@ def main() -> None:
                 t = time.perf_counter()
                 tcfg = TrainConfig(store=str(store), hooks=["synth"], kind=kind, k=[k], d_dict=a.d_dict, tokens=a.tokens,
                                    batch_size=a.batch_size, out=str(out), device=a.device, seed=a.seed, eval_tokens=4096,
-                                   checkpoint_every=0)
+                                   checkpoint_every=0, lr=a.lr)
                 path = train_streamed(tcfg, world) if a.stream else train(tcfg, progress=False)[0]
                 seconds = time.perf_counter() - t
                 r = score_truth(TruthConfig(dicts=[str(path)], truth=str(store), max_rows=a.eval_rows,
                                             device="cuda" if a.device.startswith("cuda") else "cpu"))["dictionaries"][0]
                 r.pop("per_feature")
                 r["train_seconds"] = seconds
-                r["tokens_per_s"] = a.tokens / seconds
+                # the training loop's own rate (as the peers report theirs), not the wall time with setup and eval
+                r["tokens_per_s"] = json.loads((Path(path) / "config.json").read_text())["summary"].get("tokens_per_s")
                 rows[kind] = r
-                print(f"[{name}] {kind:<10} MCC {r['mcc']:.3f}  F1 {r['mean_f1']:.3f}  absorption "
-                      f"{'–' if r['absorption'] is None else format(r['absorption'], '.3f')}  dead {r['dead_frac']:.3f}  "
-                      f"L0 {r['l0']:.2f} (true {r['true_l0']:.2f})  FVU {r['fvu']:.4f}  {r['tokens_per_s']:,.0f} tok/s")
+                report(name, kind, r)
+            if a.peers and not a.stream:
+                rows |= peer_rows(a, name, store, work, k)
             results["worlds"][name] = rows
     finally:
         if not a.work:
@@ -122,15 +134,56 @@ def main() -> None:
     print(f"results: {a.json}")
 
 
+def report(world: str, name: str, r: dict) -> None:
+    print(f"[{world}] {name:<10} MCC {r['mcc']:.3f}  F1 {r['mean_f1']:.3f}  absorption "
+          f"{'–' if r['absorption'] is None else format(r['absorption'], '.3f')}  dead {r['dead_frac']:.3f}  "
+          f"L0 {r['l0']:.2f} (true {r['true_l0']:.2f})  FVU {r['fvu']:.4f}  {r['tokens_per_s']:,.0f} tok/s")
+
+
+def peer_rows(a, world: str, store_path: Path, work: Path, k: int) -> dict[str, dict]:
+    """Each peer's topk / batchtopk trained on the store's training rows by its own trainer, scored like saekit's."""
+    store = ActivationStore(str(store_path))
+    hook = store.hooks[0]
+    acts_dir = work / f"peer-acts-{world}"
+    acts_dir.mkdir(exist_ok=True)
+    acts = write_acts(acts_dir, store, hook, train_rows(store, hook, a.tokens))
+    meta = json.loads((acts_dir / "meta.json").read_text())
+    meta["hook"] = "blocks.0.hook_resid_post"  # sparsify names its folder after a layer; the truth scorer ignores the hook
+    (acts_dir / "meta.json").write_text(json.dumps(meta))
+    lr = a.lr or default_lr("batchtopk", a.d_dict)  # saekit's automatic lr (the same for topk and batchtopk)
+    run_args = argparse.Namespace(k=k, l1=0.0, batch_size=a.batch_size, tokens=a.tokens, seed=a.seed, threads=a.threads)
+    rows = {}
+    for peer in [s for s in a.peers.split(",") if s]:
+        why = peer_available(a.peer_python, peer)
+        if why:
+            print(f"[{world}] {peer}: skipped ({why})")
+            continue
+        for kind in ("topk", "batchtopk"):
+            if kind not in PEER_KINDS[peer]:
+                continue
+            res = run_trainer(a.peer_python, peer, kind, acts, work / f"peer-{world}-{peer}-{kind}", run_args, a.d_dict, lr)
+            if "error" in res:
+                print(f"[{world}] {peer} {kind}: failed ({res['error']})")
+                continue
+            r = score_truth(TruthConfig(dicts=[res["folder"]], truth=str(store_path), max_rows=a.eval_rows))["dictionaries"][0]
+            r.pop("per_feature")
+            r["train_seconds"] = res["train_seconds"]
+            r["tokens_per_s"] = res["tokens_per_s"]
+            r["lr"] = lr
+            rows[f"{peer}-{kind}"] = r
+            report(world, f"{peer}-{kind}", r)
+    return rows
+
+
 def print_table(results: dict) -> None:
     cols = ("mcc", "mean_f1", "absorption", "dead_frac", "l0", "fvu", "tokens_per_s")
-    print(f"\n{'world':<10} {'kind':<11}" + "".join(f"{c:>13}" for c in cols) + "   ratios vs " + BASELINE + " (MCC, F1)")
+    print(f"\n{'world':<10} {'kind':<26}" + "".join(f"{c:>13}" for c in cols) + "   ratios vs " + BASELINE + " (MCC, F1)")
     for world, rows in results["worlds"].items():
         base = rows.get(BASELINE)
         for kind, r in rows.items():
             vals = "".join(f"{'–':>13}" if r[c] is None else f"{r[c]:>13.4g}" for c in cols)
             ratio = f"   {r['mcc'] / base['mcc']:.3f}x, {r['mean_f1'] / base['mean_f1']:.3f}x" if base else ""
-            print(f"{world:<10} {kind:<11}{vals}{ratio}")
+            print(f"{world:<10} {kind:<26}{vals}{ratio}")
 
 
 if __name__ == "__main__":
