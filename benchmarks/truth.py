@@ -90,9 +90,13 @@ def main() -> None:
     p.add_argument("--peers", default="", help="comma-separated: saelens, dictionary_learning, sparsify (their topk/batchtopk)")
     p.add_argument("--peer-python", default=DEFAULT_PEER_PYTHON, help="python of the peer venv (setup_peers.sh)")
     p.add_argument("--lr", type=float, default=0.0, help="lr of every trainer (0: saekit's automatic lr, given to the peers too)")
-    p.add_argument("--threads", type=int, default=0, help="torch threads of the peer processes (0: torch's default)")
+    p.add_argument("--threads", type=int, default=0, help="torch threads of saekit and of the peer processes (0: torch's default)")
     a = p.parse_args()
     k = a.k or max(1, round(a.l0))
+    if a.threads:
+        import torch
+
+        torch.set_num_threads(a.threads)
     kinds = [s for s in a.kinds.split(",") if s]
     work = Path(a.work or tempfile.mkdtemp(prefix="saekit-truth-"))
     results = {"settings": vars(a) | {"k": k}, "worlds": {}}
