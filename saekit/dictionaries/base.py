@@ -31,7 +31,7 @@ VERSION = 1
 SAE_KINDS = ("relu", "topk", "batchtopk", "codebook", "jumprelu", "matryoshka")
 CODER_KINDS = ("transcoder", "skip-transcoder", "crosscoder", "clt")
 """Kinds that read input hooks and predict target hooks (saekit.dictionaries.coders)."""
-KINDS = SAE_KINDS  # + CODER_KINDS once saekit.dictionaries.coders registers them
+KINDS = SAE_KINDS + CODER_KINDS
 ACTIVATIONS = ("relu", "topk", "batchtopk", "jumprelu")
 """How the coder kinds pick their codes (the SAE kinds of the same names)."""
 LOADED_KINDS: tuple[str, ...] = ()  # kinds read from other formats but not trained (none since jumprelu trains)
@@ -65,7 +65,7 @@ class DictConfig:
     """Coder kinds: width of each target hook, in order (empty for the SAE kinds: [d_in])."""
 
     def __post_init__(self):
-        if self.kind not in KINDS + LOADED_KINDS + CODER_KINDS:
+        if self.kind not in KINDS + LOADED_KINDS:
             raise ValueError(f"kind {self.kind!r} is not one of {', '.join(KINDS)}")
         if self.kind in ("topk", "batchtopk", "codebook", "matryoshka") and self.k is not None and self.d_dict:
             per = self.d_dict // max(self.groups, 1)
