@@ -5,6 +5,7 @@ mistakes refused with one line."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -243,7 +244,8 @@ def mlp_store(tmp_path_factory):
 
 
 def cli(*args):
-    return subprocess.run([sys.executable, "-m", "saekit", *map(str, args)], capture_output=True, text=True, timeout=600)
+    env = os.environ | {"OMP_NUM_THREADS": "1"}  # tiny matrices: threads only contend
+    return subprocess.run([sys.executable, "-m", "saekit", *map(str, args)], capture_output=True, text=True, timeout=600, env=env)
 
 
 def test_cli_trains_a_clt_and_a_transcoder_sweep_from_one_store(mlp_store, tmp_path):
