@@ -297,3 +297,104 @@ def test_library_refuses_the_same(mlp_store, tmp_path):
         train(TrainConfig(store=str(store), kind="skip-transcoder", hooks=[IN0], target=[IN1], out=str(tmp_path / "o")), progress=False)
     with pytest.raises(ValueError, match="needs --target"):
         TrainConfig(kind="transcoder", hooks=[IN0])
+
+
+# --- formats -------------------------------------------------------------------------------------------------
+
+def _random_coder(kind, act, scales=(2.0, 0.5)):
+    d, ins, outs = _coder(kind, act)
+    with torch.no_grad():
+        d.W_dec.copy_(torch.randn(d.W_dec.shape, generator=torch.Generator().manual_seed(3)) * (d.dec_mask if d.dec_mask is not None else 1))
+        if act == "batchtopk":
+            d.threshold.fill_(0.4)
+        if act == "jumprelu":
+            d.threshold.uniform_(0.0, 0.5, generator=torch.Generator().manual_seed(4))
+    return d, ins, outs
+
+
+@pytest.mark.parametrize("kind,act", [("transcoder", "relu"), ("transcoder", "jumprelu"), ("transcoder", "batchtopk"), ("skip-transcoder", "relu")])
+def test_saelens_transcoder_export_and_load(kind, act, tmp_path):
+    from safetensors.torch import load_file
+
+    from saekit.interop.saelens import export_saelens
+
+    d, ins, outs = _random_coder(kind, act)
+    export_saelens(d, tmp_path / "sl")
+    cfg = json.loads((tmp_path / "sl" / "cfg.json").read_text())
+    assert cfg["architecture"] == {"relu": "skip_transcoder" if kind == "skip-transcoder" else "transcoder"}.get(act, "jumprelu_transcoder")
+    assert cfg["metadata"]["hook_name"] == IN0 and cfg["hook_name_out"] == OUT0 and cfg["d_out"] == D
+    t = load_file(str(tmp_path / "sl" / "sae_weights.safetensors"))
+    x = torch.randn(64, D, generator=torch.Generator().manual_seed(5))
+    # SAELens's transcoder formula, written out here from its layout (no input bias, W_skip (d_out, d_in))
+    pre = x @ t["W_enc"] + t["b_enc"]
+    f = pre.relu() * ((pre > t["threshold"]).float() if "threshold" in t else 1)
+    y = f @ t["W_dec"] + t["b_dec"] + (x @ t["W_skip"].T if "W_skip" in t else 0)
+    want = d.predict({IN0: x})[OUT0]
+    assert torch.allclose(y, want, atol=1e-4)
+    back = load(tmp_path / "sl")
+    assert back.cfg.kind == kind and back.in_hooks == [IN0] and back.out_hooks == [OUT0]
+    assert torch.allclose(back.predict({IN0: x})[OUT0], want, atol=1e-4)
+
+
+def test_saelens_refuses_what_it_cannot_hold(tmp_path):
+    from saekit.interop.saelens import export_saelens
+
+    for kind, act, needle in [("transcoder", "topk", "no TopK transcoder"), ("skip-transcoder", "jumprelu", "ReLU only"),
+                              ("clt", "relu", "circuit-tracer")]:
+        with pytest.raises(SaekitError, match=needle):
+            export_saelens(_coder(kind, act)[0], tmp_path / kind)
+        assert not (tmp_path / kind).exists()
+
+
+@pytest.mark.parametrize("skip", [False, True])
+def test_sparsify_transcoder_folder_loads(skip, tmp_path):
+    from safetensors.torch import save_file
+
+    n, k = 40, 4
+    g = torch.Generator().manual_seed(6)
+    t = {"encoder.weight": torch.randn(n, D, generator=g), "encoder.bias": torch.randn(n, generator=g) * 0.1,
+         "W_dec": torch.randn(n, D, generator=g), "b_dec": torch.randn(D, generator=g)}
+    if skip:
+        t["W_skip"] = torch.randn(D, D, generator=g)
+    folder = tmp_path / "layers.1.mlp"
+    folder.mkdir()
+    save_file(t, str(folder / "sae.safetensors"))
+    (folder / "cfg.json").write_text(json.dumps({"d_in": D, "k": k, "num_latents": n, "activation": "topk", "transcode": True,
+                                                 "skip_connection": skip, "normalize_decoder": True}))
+    d = load(folder)
+    assert d.cfg.kind == ("skip-transcoder" if skip else "transcoder")
+    assert d.in_hooks == ["blocks.1.mlp.hook_in"] and d.out_hooks == ["blocks.1.hook_mlp_out"]
+    x = torch.randn(32, D, generator=g)
+    # sparsify's transcoder: no b_dec subtraction, TopK of ReLU(pre), + x W_skipᵀ
+    pre = (x @ t["encoder.weight"].T + t["encoder.bias"]).relu()
+    vals, idx = pre.topk(k, dim=-1)
+    y = torch.zeros(32, n).scatter(1, idx, vals) @ t["W_dec"] + t["b_dec"] + (x @ t["W_skip"].T if skip else 0)
+    assert torch.allclose(d.predict({"blocks.1.mlp.hook_in": x})["blocks.1.hook_mlp_out"], y, atol=1e-4)
+
+
+@pytest.mark.parametrize("act", ["relu", "batchtopk", "jumprelu"])
+def test_clt_circuit_tracer_layout_round_trip(act, tmp_path):
+    from safetensors.torch import load_file
+
+    from saekit.interop.coders import export_circuit_tracer
+
+    d, ins, outs = _random_coder("clt", act)
+    export_circuit_tracer(d, tmp_path / "ct")
+    x = {h: torch.randn(20, D, generator=torch.Generator().manual_seed(7 + i)) for i, h in enumerate(ins)}
+    want = d.predict(x)
+    # circuit-tracer's formula on its files: f_i = act(x_i W_enc_iᵀ + b_enc_i); ŷ_j = Σ_{i≤j} f_i W_dec_i[:, j−i] + b_dec_j
+    enc = [load_file(str(tmp_path / "ct" / f"W_enc_{i}.safetensors")) for i in range(2)]
+    dec = [load_file(str(tmp_path / "ct" / f"W_dec_{i}.safetensors"))[f"W_dec_{i}"] for i in range(2)]
+    f = []
+    for i, h in enumerate(ins):
+        pre = x[h] @ enc[i][f"W_enc_{i}"].T + enc[i][f"b_enc_{i}"]
+        f.append(pre * (pre > enc[i][f"threshold_{i}"]) if f"threshold_{i}" in enc[i] else pre.relu())
+    for j, h in enumerate(outs):
+        y = sum(f[i] @ dec[i][:, j - i] for i in range(j + 1)) + enc[j][f"b_dec_{j}"]
+        assert torch.allclose(y, want[h], atol=1e-4), h
+    back = load(tmp_path / "ct")
+    assert back.cfg.kind == "clt" and back.out_hooks == [f"blocks.{i}.hook_mlp_out" for i in range(2)]
+    assert back.in_hooks == [f"blocks.{i}.hook_resid_mid" for i in range(2)]  # circuit-tracer's default input, noted
+    got = back.predict({b: x[a] for a, b in zip(ins, back.in_hooks)})
+    for a, b in zip(outs, back.out_hooks):
+        assert torch.allclose(got[b], want[a], atol=1e-4)
