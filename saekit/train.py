@@ -802,8 +802,9 @@ def _cat(xs: dict[str, Tensor], names) -> Tensor:
 
 
 def _running_buffers(d: Dictionary) -> list[Tensor]:
-    """Buffers training changes (BatchTopK's threshold); `scale` is fixed by the store."""
-    return [b for name, b in d.named_buffers() if name != "scale"]
+    """Buffers training changes (BatchTopK's threshold); `scale` is fixed by the store, non-persistent ones (a CLT's masks) by the config."""
+    fixed = getattr(d, "_non_persistent_buffers_set", set())
+    return [b for name, b in d.named_buffers() if name != "scale" and name not in fixed]
 
 
 def _run_state(r: Run) -> tuple[dict[str, Tensor], dict]:

@@ -393,8 +393,11 @@ def test_clt_circuit_tracer_layout_round_trip(act, tmp_path):
         y = sum(f[i] @ dec[i][:, j - i] for i in range(j + 1)) + enc[j][f"b_dec_{j}"]
         assert torch.allclose(y, want[h], atol=1e-4), h
     back = load(tmp_path / "ct")
-    assert back.cfg.kind == "clt" and back.out_hooks == [f"blocks.{i}.hook_mlp_out" for i in range(2)]
-    assert back.in_hooks == [f"blocks.{i}.hook_resid_mid" for i in range(2)]  # circuit-tracer's default input, noted
-    got = back.predict({b: x[a] for a, b in zip(ins, back.in_hooks)})
-    for a, b in zip(outs, back.out_hooks):
-        assert torch.allclose(got[b], want[a], atol=1e-4)
+    assert back.cfg.kind == "clt" and back.in_hooks == ins and back.out_hooks == outs  # from saekit.json beside the files
+    got = back.predict(x)
+    for h in outs:
+        assert torch.allclose(got[h], want[h], atol=1e-4)
+    (tmp_path / "ct" / "saekit.json").unlink()  # a folder circuit-tracer wrote: its default hooks, noted
+    bare = load(tmp_path / "ct")
+    assert bare.in_hooks == [f"blocks.{i}.hook_resid_mid" for i in range(2)] and bare.out_hooks == [f"blocks.{i}.hook_mlp_out" for i in range(2)]
+    assert "hook_resid_mid" in bare.summary["source"]["notes"][0]

@@ -268,11 +268,17 @@ def load_circuit_tracer(path: str | os.PathLike, device: str | torch.device = "c
         act = "jumprelu"
     ins = [f"blocks.{i}.{input_hook}" for i in range(L)]
     outs = [f"blocks.{i}.{output_hook}" for i in range(L)]
+    note = (f"circuit-tracer folders name no hooks: inputs taken as blocks.L.{input_hook}, outputs as blocks.L.{output_hook} "
+            "(circuit-tracer's defaults)")
+    mine = folder / "saekit.json"  # written by export_circuit_tracer: the hooks it was trained on
+    if mine.is_file():
+        got = schema.check(schema.read_json(mine, "circuit-tracer folder"), {"in_hooks": schema.Field("list", required=False),
+                                                                           "out_hooks": schema.Field("list", required=False)}, str(mine))
+        if len(got.get("in_hooks") or []) == L and len(got.get("out_hooks") or []) == L:
+            ins, outs, note = [str(h) for h in got["in_hooks"]], [str(h) for h in got["out_hooks"]], f"hooks from {mine.name}"
     prov = Provenance(hook=ins[0], in_hooks=ins, out_hooks=outs)
     d = _coder("clt", act, L * d_model, L * d_model, L * d_tc, prov, state, in_widths=[d_model] * L, out_widths=[d_model] * L)
-    d.summary = {"source": {"format": "circuit-tracer", "path": str(folder), "notes": [
-        f"circuit-tracer folders name no hooks: inputs taken as blocks.L.{input_hook}, outputs as blocks.L.{output_hook} "
-        "(circuit-tracer's defaults)"]}}
+    d.summary = {"source": {"format": "circuit-tracer", "path": str(folder), "notes": [note]}}
     return d.to(device).eval()
 
 
