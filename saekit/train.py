@@ -210,7 +210,7 @@ def resolve_tokens(cfg: TrainConfig, train_rows: int) -> TrainConfig:
 
 # Fields that decide what a run computes; a checkpoint written under other values is refused.
 # (lr, tokens, device, logging and checkpoint cadence may change across a resume.)
-IDENTITY_FIELDS = ("store", "hooks", "target", "activation", "kind", "d_dict", "expansion", "k", "l1", "groups", "similarity",
+IDENTITY_FIELDS = ("store", "hooks", "kind", "d_dict", "expansion", "k", "l1", "groups", "similarity",
                    "batch_size", "seed", "buffer_rows", "l1_warmup", "aux_k", "aux_coef", "dead_tokens",
                    "replace_every", "init_rows")
 
@@ -426,10 +426,12 @@ class Trainer(Objective):
         self.device = distributed.device(cfg.device, self.dist) if self.dist.distributed else resolve_device(cfg.device)
         self.n_steps = math.ceil((cfg.tokens or DEFAULT_TOKENS) / cfg.batch_size)
         self.step = 0
-        self.ident = runs.identity_hash(to_dict(cfg), IDENTITY_FIELDS, hooks=list(run_hooks or hooks))
         if specs is None:
             explicit = [h.lower() for h in cfg.hooks] != ["all"] and cfg.kind in CODER_KINDS
             specs = run_specs(cfg, [h for h in (cfg.hooks if explicit else hooks) if h in hooks and h not in cfg.target], list(hooks))
+        # a coder's identity also holds what each dictionary reads and predicts (the SAE kinds' hash is unchanged)
+        coder_io = {"reads": [[sp.inputs, sp.targets] for sp in specs], "activation": cfg.activation} if cfg.kind in CODER_KINDS else {}
+        self.ident = runs.identity_hash(to_dict(cfg), IDENTITY_FIELDS, hooks=list(run_hooks or hooks), **coder_io)
         self.runs = [self._make_run(sp, k, l1) for sp in specs for k, l1 in self._sweep()]
         self.scales = {h: torch.tensor(float(src.prov.scale), device=self.device) for h, src in hooks.items()}
         self.tokens_per_s = float("nan")

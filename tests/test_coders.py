@@ -401,3 +401,15 @@ def test_clt_circuit_tracer_layout_round_trip(act, tmp_path):
     bare = load(tmp_path / "ct")
     assert bare.in_hooks == [f"blocks.{i}.hook_resid_mid" for i in range(2)] and bare.out_hooks == [f"blocks.{i}.hook_mlp_out" for i in range(2)]
     assert "hook_resid_mid" in bare.summary["source"]["notes"][0]
+
+
+def test_resume_refuses_other_hooks_and_keeps_activations_apart(tmp_path):
+    data, _ = planted_mlps(2000)
+    kw = dict(tokens=10 * 128, batch_size=128, checkpoint_every=5 * 128, init_rows=128, keep_checkpoints=True)
+    t = trainer(coder_cfg("crosscoder", tmp_path, name="o", **kw), data)
+    t.fit()
+    t.save()
+    other = trainer(coder_cfg("crosscoder", tmp_path, name="o", activation="batchtopk", **kw), data)
+    assert other.runs[0].paths.dir != t.runs[0].paths.dir  # another activation is another dictionary, in its own folder
+    with pytest.raises(SaekitError, match="hooks"):  # the same folder over other hooks: refused, not resumed
+        trainer(coder_cfg("crosscoder", tmp_path, name="o", hooks=[IN0, IN1], **kw), data).fit()
