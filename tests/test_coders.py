@@ -413,3 +413,13 @@ def test_resume_refuses_other_hooks_and_keeps_activations_apart(tmp_path):
     assert other.runs[0].paths.dir != t.runs[0].paths.dir  # another activation is another dictionary, in its own folder
     with pytest.raises(SaekitError, match="hooks"):  # the same folder over other hooks: refused, not resumed
         trainer(coder_cfg("crosscoder", tmp_path, name="o", hooks=[IN0, IN1], **kw), data).fit()
+
+
+def test_crosscoder_l1_weighs_codes_by_the_sum_of_per_hook_decoder_norms():
+    d, ins, outs = _random_coder("crosscoder", "relu")
+    xn = torch.randn(30, 2 * D, generator=torch.Generator().manual_seed(9))
+    out = d.training_forward(xn, l1_coef=0.7)
+    f = d.pre_acts(xn).relu()
+    w = d.W_dec[:, :D].norm(dim=-1) + d.W_dec[:, D:].norm(dim=-1)  # not the norm of the whole row
+    assert torch.allclose(out.terms["l1"], (f * w).sum(-1).mean() / (2 * D))
+    assert torch.allclose(out.loss, out.terms["mse"] + 0.7 * out.terms["l1"])

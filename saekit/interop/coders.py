@@ -77,7 +77,8 @@ def _coder(kind: str, act: str, d_in: int, d_out: int, d_dict: int, prov: Proven
 # --- SAELens ----------------------------------------------------------------------------------------
 
 def is_saelens_transcoder(raw: dict) -> bool:
-    return raw.get("architecture") in SAELENS_ARCHS
+    arch = raw.get("architecture")
+    return isinstance(arch, str) and arch in SAELENS_ARCHS
 
 
 def load_saelens_transcoder(folder: Path, raw: dict, tensors_file: Path, device: str | torch.device = "cpu") -> Dictionary:
@@ -88,6 +89,16 @@ def load_saelens_transcoder(folder: Path, raw: dict, tensors_file: Path, device:
     schema.check(raw, {"d_in": schema.Int(min=1), "d_sae": schema.Int(min=1), "d_out": schema.Int(min=1),
                        "hook_name_out": schema.Str(required=False, null=True), "metadata": schema.Field("dict", required=False, null=True)},
                  where)
+    from saekit.interop.saelens import META_SCHEMA, SAEKIT_EXTRA
+
+    meta_raw = raw.get("metadata") or {}
+    schema.check(meta_raw, META_SCHEMA | {"hook_name_out": schema.Str(required=False, null=True)}, where, prefix="metadata.")
+    extra = meta_raw.get("saekit") or {}
+    schema.check(extra, SAEKIT_EXTRA | {"activation": schema.Str(required=False, null=True)}, where, prefix="metadata.saekit.")
+    schema.check(extra.get("provenance") or {}, schema.PROVENANCE, where, prefix="metadata.saekit.provenance.")
+    for key in ("apply_b_dec_to_input",):
+        if key in raw and not isinstance(raw[key], bool):
+            raise SaekitError(f"{where}: field {key} is {json.dumps(raw[key])[:40]}, expected true or false; the file is damaged")
     arch = raw["architecture"]
     kind, act = SAELENS_ARCHS[arch]
     d_in, d_sae, d_out = raw["d_in"], raw["d_sae"], raw["d_out"]
@@ -107,14 +118,16 @@ def load_saelens_transcoder(folder: Path, raw: dict, tensors_file: Path, device:
         state["W_skip"] = t["W_skip"].t()
     if act == "jumprelu":
         state["threshold"] = t["threshold"]
-    hook_in = meta.get("hook_name", raw.get("hook_name"))
-    hook_out = raw.get("hook_name_out") or meta.get("hook_name_out")
+    text = lambda v: v if isinstance(v, str) and v else None  # noqa: E731  (a hostile cfg may put anything there)
+    hook_in = text(meta.get("hook_name", raw.get("hook_name")))
+    hook_out = text(raw.get("hook_name_out")) or text(meta.get("hook_name_out"))
     saekit_meta = meta.get("saekit") if isinstance(meta.get("saekit"), dict) else {}
-    model = (saekit_meta.get("provenance") or {}).get("model") or (
-        {"name": meta["model_name"], "compat": False} if meta.get("model_name") else None)
+    restored = saekit_meta.get("provenance") if isinstance(saekit_meta.get("provenance"), dict) else {}
+    model = restored.get("model") if isinstance(restored.get("model"), dict) else (
+        {"name": meta["model_name"], "compat": False} if text(meta.get("model_name")) else None)
     prov = Provenance(hook=hook_in, in_hooks=[hook_in] if hook_in else [], out_hooks=[hook_out] if hook_out else [], model=model)
     d = _coder(kind, act, d_in, d_out, d_sae, prov, state)
-    d.summary = dict(saekit_meta.get("summary") or {})
+    d.summary = dict(saekit_meta["summary"]) if isinstance(saekit_meta.get("summary"), dict) else {}
     d.summary["source"] = {"format": "saelens", "path": str(folder), "architecture": arch, "notes": []}
     return d.to(device).eval()
 
