@@ -8,6 +8,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -423,3 +424,64 @@ def test_crosscoder_l1_weighs_codes_by_the_sum_of_per_hook_decoder_norms():
     w = d.W_dec[:, :D].norm(dim=-1) + d.W_dec[:, D:].norm(dim=-1)  # not the norm of the whole row
     assert torch.allclose(out.terms["l1"], (f * w).sum(-1).mean() / (2 * D))
     assert torch.allclose(out.loss, out.terms["mse"] + 0.7 * out.terms["l1"])
+
+
+# --- data-parallel ----------------------------------------------------------------------------------------------
+
+DDP_CASES = [("skip-transcoder", "topk"), ("clt", "batchtopk"), ("crosscoder", "relu")]
+
+
+def _ddp_trainer(out, kind, act, rank=0, world=1):
+    """Rank `rank` of `world` reads its share of each global batch of 256 rows."""
+    from saekit import distributed
+
+    data, _ = planted_mlps(4096)
+    cfg = coder_cfg(kind, Path(out), name=f"{kind}-{world}", activation=act, tokens=256 * 20, batch_size=256, init_rows=512,
+                    log_every=10, eval_tokens=0)
+    glob = tensor_batches(data, 256, seed=0)
+    part = 256 // world
+
+    def source(start):
+        for b in glob(start):
+            yield {h: x[rank * part:(rank + 1) * part] for h, x in b.items()}
+
+    hooks = {h: HookSource(x.shape[1], Provenance(hook=h)) for h, x in data.items()}
+    return Trainer(cfg, hooks, source, progress=False, dist=distributed.current() if world > 1 else None, data_parallel=world > 1)
+
+
+def _ddp_worker(rank, tmp):
+    from safetensors.torch import save_file
+
+    from saekit import distributed
+
+    with distributed.session("cpu"):
+        for kind, act in DDP_CASES:
+            t = _ddp_trainer(tmp, kind, act, rank, 2)
+            t.fit()
+            save_file({k: v.contiguous() for k, v in t.runs[0].dictionary.state_dict().items()}, f"{tmp}/{kind}-rank{rank}.safetensors")
+
+
+@pytest.mark.slow
+def test_ddp_ranks_agree_and_match_one_process(tmp_path):
+    from safetensors.torch import load_file
+
+    from test_distributed import spawn
+
+    spawn(_ddp_worker, str(tmp_path))
+    for kind, act in DDP_CASES:
+        w0, w1 = (load_file(str(tmp_path / f"{kind}-rank{r}.safetensors")) for r in (0, 1))
+        assert w0.keys() == w1.keys() and all(torch.equal(w0[k], w1[k]) for k in w0), kind
+        one = _ddp_trainer(tmp_path, kind, act)
+        one.fit()
+        d = one.runs[0].dictionary
+        ref = {k: v.clone() for k, v in d.state_dict().items()}
+        data, _ = planted_mlps(4096)
+        x, y = {h: data[h] for h in d.in_hooks}, torch.cat([data[h] for h in d.out_hooks], 1)
+        with torch.no_grad():
+            err_one = (torch.cat(list(d.predict(x).values()), 1) - y).pow(2).mean()
+            d.load_state_dict(w0)
+            err_ddp = (torch.cat(list(d.predict(x).values()), 1) - y).pow(2).mean()
+        assert abs(err_ddp / err_one - 1) < 0.1, (kind, float(err_ddp), float(err_one))
+        if act != "batchtopk":  # the same maths up to summation order (BatchTopK keeps the top k·B of each rank's half batch)
+            for k, v in ref.items():
+                assert (w0[k] - v).norm() / v.norm().clamp_min(1e-12) < 1e-3, (kind, k)
