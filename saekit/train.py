@@ -468,7 +468,10 @@ class Trainer(Objective):
         except ValueError as e:
             raise SaekitError(f"{spec.folder}: {e}; change --k/--d-dict/--expansion/--groups") from None
         d = build(dcfg, prov).to(self.device)
-        lr = cfg.lr or default_lr(cfg.kind, d_dict)
+        # A CLT's lr follows its latents per layer, not their total: on a toy store (2 layers, 512 per layer,
+        # 100k tokens) the total's lr left its FVU 1.16-1.18x per-layer transcoders', the per-layer lr 0.82-0.87x
+        # (benchmarks/README.md, "Transcoders, skip transcoders, CLTs").
+        lr = cfg.lr or default_lr(cfg.kind, d_dict // len(spec.inputs) if cfg.kind == "clt" else d_dict)
         d.train_config = used_config(cfg, dcfg, lr)
         gen = torch.Generator().manual_seed(cfg.seed)
         d.reset_parameters(gen)
