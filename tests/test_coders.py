@@ -485,3 +485,11 @@ def test_ddp_ranks_agree_and_match_one_process(tmp_path):
         if act != "batchtopk":  # the same maths up to summation order (BatchTopK keeps the top k·B of each rank's half batch)
             for k, v in ref.items():
                 assert (w0[k] - v).norm() / v.norm().clamp_min(1e-12) < 1e-3, (kind, k)
+
+
+def test_clt_default_lr_follows_latents_per_layer(tmp_path):
+    from saekit.train import default_lr
+
+    data, _ = planted_mlps(500)
+    t = trainer(coder_cfg("clt", tmp_path, lr=0.0, d_dict=96), data)
+    assert t.runs[0].dictionary.train_config["lr"] == default_lr("clt", 48) > default_lr("clt", 96)
