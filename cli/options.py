@@ -41,9 +41,9 @@ from typer.core import TyperCommand, TyperGroup
 PANELS: dict[str, tuple[str, ...]] = {
     "Data": ("model", "store", "data", "hooks", "hook", "text_field", "context_size", "packing", "tokens", "split",
              "holdout", "dtype", "shard_tokens", "max_tokens", "n_seq", "harvest_tokens", "seq_len", "eval_sequences",
-             "compat", "splice_bos", "batch_seqs", "prompt"),
+             "compat", "splice_bos", "batch_seqs", "prompt", "target"),
     "Dictionary": ("dict", "dicts", "kind", "d_dict", "expansion", "k", "l1", "groups", "similarity", "codes", "codebook_k",
-                   "codebooks", "init", "feature", "format", "l1_warmup"),
+                   "codebooks", "init", "feature", "format", "l1_warmup", "activation"),
     "Optimiser": ("lr", "batch_size", "train_tokens", "seed", "grad_clip", "steps", "codebook_lr", "commit_coef",
                   "freeze_model", "warmup", "weight_decay"),
     "Dead latents": ("aux_k", "aux_coef", "dead_tokens", "replace_every", "init_rows"),

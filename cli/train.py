@@ -1,4 +1,4 @@
-"""`saekit train`: dictionaries (relu, topk, batchtopk SAEs; k-sparse codebooks) on an activation store."""
+"""`saekit train`: dictionaries (SAEs, k-sparse codebooks, transcoders, crosscoders, CLTs) on an activation store."""
 
 from __future__ import annotations
 
@@ -13,6 +13,8 @@ def register(app) -> None:
         """Train dictionaries on a harvested store: several hooks and a sweep over --k or --l1 share one read of the data.
 
         Example: saekit train --store acts --hook blocks.1.hook_resid_post --kind topk --k 16,32 --out dicts
+
+        Transcoder: --kind transcoder --hook blocks.1.mlp.hook_in --target blocks.1.hook_mlp_out; CLT: --kind clt --hook all.
         """
         from rich.table import Table
 

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import re
 import shutil
 import math
 from collections.abc import Callable, Iterable, Iterator
@@ -42,7 +43,7 @@ from saekit.runs import RunPaths, run_name, run_paths
 from saekit.models import resolve_device
 from saekit.config import to_dict
 from saekit.dictionaries import build
-from saekit.dictionaries.base import KINDS, DictConfig, Dictionary, Provenance
+from saekit.dictionaries.base import ACTIVATIONS, CODER_KINDS, KINDS, DictConfig, Dictionary, Provenance
 from saekit.dictionaries.fast import warm_kernels
 from saekit.errors import SaekitError
 from saekit.prefetch import can_overlap, prefetch
@@ -64,7 +65,13 @@ class TrainConfig:
     out: str = "dictionaries"
     """Output directory; each dictionary goes to <out>/<hook>/<kind>-<hyperparameters>/."""
     kind: str = "topk"
-    """Dictionary kind: relu | topk | batchtopk | codebook | jumprelu (k = target L0) | matryoshka (BatchTopK, nested prefixes)."""
+    """Dictionary kind: relu | topk | batchtopk | codebook | jumprelu (k = target L0) | matryoshka (BatchTopK, nested prefixes);
+    transcoder | skip-transcoder (--hook MLP inputs, --target MLP outputs, one per pair) | crosscoder (one over all --hook) |
+    clt (--hook MLP inputs, --target MLP outputs, every layer; --hook all finds them)."""
+    target: list[str] = field(default_factory=list)
+    """transcoder, skip-transcoder, clt: the hooks to predict (MLP outputs, e.g. blocks.0.hook_mlp_out), in --hook's order."""
+    activation: str = "topk"
+    """transcoder, skip-transcoder, crosscoder, clt: relu (L1, swept over --l1) | topk | batchtopk | jumprelu (swept over --k)."""
     d_dict: int = 0
     """Number of latents (codebook: codes over all groups); 0 means expansion × the hook's width."""
     expansion: int = 8
@@ -145,7 +152,11 @@ class TrainConfig:
             raise ValueError(f"k must be positive integers, got {self.k}")
         if not self.l1 or any(v < 0 for v in self.l1):
             raise ValueError(f"l1 must be non-negative, got {self.l1}")
-        if self.d_dict and self.kind != "relu" and max(self.k) >= self.d_dict // self.groups:
+        if self.kind in CODER_KINDS:
+            check_coder_config(self)
+        elif self.target:
+            raise ValueError(f"--target is for the kinds {', '.join(CODER_KINDS)}; a {self.kind} dictionary reconstructs its own --hook")
+        if self.d_dict and not uses_l1(self) and max(self.k) >= self.d_dict // self.groups:
             raise ValueError(f"k={max(self.k)} must be smaller than d_dict{'/groups' if self.groups > 1 else ''}={self.d_dict // self.groups}")
         if self.groups > 1 and self.kind != "codebook":
             raise ValueError("groups > 1 is only for kind=codebook")
@@ -155,6 +166,27 @@ class TrainConfig:
             raise ValueError(f"objective {self.objective!r} is not offline or e2e")
         if self.placement not in PLACEMENTS:
             raise ValueError(f"placement {self.placement!r} is not one of {', '.join(PLACEMENTS)}")
+
+
+def uses_l1(cfg: TrainConfig) -> bool:
+    """Whether the run sweeps λ (relu, or a coder kind with the relu activation) rather than k."""
+    return cfg.kind == "relu" or (cfg.kind in CODER_KINDS and cfg.activation == "relu")
+
+
+def check_coder_config(cfg: TrainConfig) -> None:
+    """`__post_init__`'s checks of the several-hook kinds (what needs no store)."""
+    if cfg.activation not in ACTIVATIONS:
+        raise ValueError(f"activation {cfg.activation!r} is not one of {', '.join(ACTIVATIONS)}")
+    if cfg.kind == "crosscoder" and cfg.target:
+        raise ValueError("a crosscoder predicts its own --hook list; drop --target")
+    if cfg.kind in ("transcoder", "skip-transcoder") and [h.lower() for h in cfg.hooks] == ["all"]:
+        raise ValueError(f"--kind {cfg.kind} needs --hook: the MLP input(s) it reads (e.g. blocks.0.mlp.hook_in), one per --target")
+    if cfg.kind in ("transcoder", "skip-transcoder") and not cfg.target:
+        raise ValueError(f"--kind {cfg.kind} needs --target: the MLP output it predicts (e.g. --hook blocks.0.mlp.hook_in --target blocks.0.hook_mlp_out)")
+    if cfg.kind in ("transcoder", "skip-transcoder") and len(cfg.target) != len(cfg.hooks):
+        raise ValueError(f"--kind {cfg.kind}: {len(cfg.hooks)} --hook but {len(cfg.target)} --target; give one input hook per target, in the same order")
+    if cfg.groups > 1:
+        raise ValueError("groups > 1 is only for kind=codebook")
 
 
 PLACEMENTS = ("data", "hooks")
@@ -218,12 +250,97 @@ class HookSource(NamedTuple):
     prov: Provenance
 
 
+# --- which hooks each dictionary reads and predicts -------------------------------------------------
+
+class RunSpec(NamedTuple):
+    """One dictionary's hooks (a sweep trains one per k or λ): it reads `inputs`, predicts `targets`."""
+
+    inputs: list[str]
+    targets: list[str]
+    folder: str
+    """Its folder under --out: the hook (SAE), the target (transcoders), the kind (crosscoder, clt)."""
+
+
+MLP_IN = (r"blocks\.(\d+)\.mlp\.hook_in", r"blocks\.(\d+)\.ln2\.hook_out", r"blocks\.(\d+)\.ln2\.hook_normalized")
+"""An MLP's input after its LayerNorm, per hook naming (TransformerLens 4's bridge first), as `--hook all` of a CLT finds them."""
+MLP_OUT = (r"blocks\.(\d+)\.hook_mlp_out", r"blocks\.(\d+)\.mlp\.hook_out")
+"""An MLP's output: what a transcoder or CLT may predict."""
+
+
+def _layer(hook: str, patterns: tuple[str, ...]) -> int | None:
+    for pat in patterns:
+        m = re.fullmatch(pat, hook)
+        if m:
+            return int(m.group(1))
+    return None
+
+
+def _layer_of(hook: str) -> int | None:
+    m = re.match(r"blocks\.(\d+)\.", hook)
+    return int(m.group(1)) if m else None
+
+
+def run_specs(cfg: TrainConfig, hooks: list[str], store_hooks: list[str] | None = None, n_layers: int = 0) -> list[RunSpec]:
+    """Each dictionary's input and target hooks; SaekitError (naming the fix) for a pairing that cannot work.
+
+    `hooks` are --hook resolved against the store (`all`: every hook); `store_hooks` lists
+    the store's hooks (for the messages and a CLT's `--hook all`); `n_layers` the model's
+    layer count (0: unknown, e.g. an imported store), which a CLT must cover.
+    """
+    store_hooks = list(store_hooks or hooks)
+    targets = list(cfg.target)
+    for t in targets:
+        if t not in store_hooks:
+            raise SaekitError(f"--target {t!r} is not in the store; hooks present: {', '.join(store_hooks)}")
+    if cfg.kind not in CODER_KINDS:
+        return [RunSpec([h], [h], h) for h in hooks]
+    if cfg.kind == "crosscoder":
+        return [RunSpec(list(hooks), list(hooks), "crosscoder")]
+    outs_in_store = [h for h in store_hooks if _layer(h, MLP_OUT) is not None]
+    for t in targets:
+        if _layer(t, MLP_OUT) is None:
+            raise SaekitError(f"--target {t!r} is not an MLP output; a {cfg.kind} predicts one of: {', '.join(outs_in_store) or 'none in this store'} "
+                              "(harvest blocks.L.hook_mlp_out)")
+    if cfg.kind in ("transcoder", "skip-transcoder"):
+        specs = []
+        for h, t in zip(hooks, targets):
+            if h == t:
+                raise SaekitError(f"--hook and --target are both {h!r}; a transcoder reads the MLP's input (e.g. blocks.L.mlp.hook_in)")
+            if _layer_of(h) is not None and _layer_of(h) != _layer_of(t):
+                raise SaekitError(f"--hook {h} (layer {_layer_of(h)}) and --target {t} (layer {_layer_of(t)}) are different layers; "
+                                  f"pair each MLP's input with its own output, e.g. blocks.{_layer_of(t)}.mlp.hook_in")
+            specs.append(RunSpec([h], [t], t))
+        return specs
+    # clt: one input and one output per layer, every layer of the model
+    if not targets:
+        ins = sorted((h for h in store_hooks if _layer(h, MLP_IN) is not None), key=lambda h: _layer(h, MLP_IN))
+        by_layer = {}
+        for h in ins:
+            by_layer.setdefault(_layer(h, MLP_IN), h)  # the first naming in MLP_IN's order wins
+        hooks = list(by_layer.values()) if [h.lower() for h in cfg.hooks] == ["all"] else hooks
+        targets = sorted(outs_in_store, key=lambda h: _layer(h, MLP_OUT))
+        targets = list({_layer(h, MLP_OUT): h for h in reversed(targets)}.values())[::-1]
+    in_layers = [_layer_of(h) for h in hooks]
+    out_layers = [_layer(t, MLP_OUT) for t in targets]
+    known = [l for l in in_layers + out_layers if l is not None]
+    want = list(range(n_layers or (max(known) + 1 if known else 0)))  # unknown layer count (imported store): 0 .. the last named
+    missing = [f"blocks.{l}.mlp.hook_in" for l in want if l not in in_layers] + [f"blocks.{l}.hook_mlp_out" for l in want if l not in out_layers]
+    if missing:
+        raise SaekitError(f"a clt needs every layer's MLP input and output in the store; missing: {', '.join(missing)} "
+                          f"(harvest them, or name them with --hook / --target)")
+    if in_layers != out_layers or in_layers != sorted(in_layers):
+        raise SaekitError(f"clt: --hook layers {in_layers} and --target layers {out_layers} differ; give one MLP input and one MLP output "
+                          "per layer, in layer order")
+    return [RunSpec(list(hooks), targets, "clt")]
+
+
 # --- one dictionary being trained ----------------------------------------------------------------
 
 @dataclass
 class Run:
     name: str
     hook: str
+    """Its first input hook (an SAE's only hook)."""
     dictionary: Dictionary
     opt: torch.optim.Optimizer
     paths: RunPaths
@@ -235,10 +352,12 @@ class Run:
     """-1, or the first step whose loss was not finite (kept on the device: no per-step sync)."""
     last: dict = field(default_factory=dict)
     """The last row written to metrics.jsonl (shown by the progress bar)."""
+    spec: RunSpec | None = None
+    """A coder kind's input and target hooks (None: an SAE of `hook`)."""
 
     @property
     def label(self) -> str:
-        return f"{self.hook}/{self.name}"
+        return f"{self.spec.folder if self.spec else self.hook}/{self.name}"
 
 
 def default_lr(kind: str, d_dict: int) -> float:
@@ -251,14 +370,17 @@ def default_lr(kind: str, d_dict: int) -> float:
 def used_config(cfg: TrainConfig, dcfg: DictConfig, lr: float) -> dict:
     """The run's config as one dictionary was trained: automatic values (0 = pick) resolved, other kinds' knobs None."""
     used = to_dict(cfg) | {"d_dict": dcfg.d_dict, "lr": lr}
-    if dcfg.kind in ("topk", "batchtopk"):
-        used["aux_k"] = min(cfg.aux_k or dcfg.d_in // 2, dcfg.d_dict)  # as TopKSAE._k_aux resolves it
+    coder = dcfg.kind in CODER_KINDS
+    if dcfg.kind in ("topk", "batchtopk") or coder and dcfg.activation in ("topk", "batchtopk"):
+        used["aux_k"] = min(cfg.aux_k or (dcfg.d_out if coder else dcfg.d_in) // 2, dcfg.d_dict)  # as TopKSAE._k_aux / Coder.aux_loss resolve it
     else:
         used["aux_k"] = used["aux_coef"] = None
-    if dcfg.kind != "relu":
+    if not uses_l1(cfg):
         used["l1"] = used["l1_warmup"] = None
     else:
         used["k"] = None
+    if not coder:
+        used["activation"] = None
     if dcfg.kind != "codebook":
         used["replace_every"] = None
     return used
@@ -284,11 +406,14 @@ class Trainer(Objective):
     nan_advice = "lower --lr (or fix the data)"
 
     def __init__(self, cfg: TrainConfig, hooks: dict[str, HookSource], batches: BatchSource, *, progress: bool = True,
-                 dist: distributed.DistEnv | None = None, data_parallel: bool = False, run_hooks: list[str] | None = None):
+                 dist: distributed.DistEnv | None = None, data_parallel: bool = False, run_hooks: list[str] | None = None,
+                 specs: list[RunSpec] | None = None):
         """`dist` + `data_parallel`: this is one rank of a DDP run (the batch source yields this rank's rows).
 
         `run_hooks`: every hook of the run when this rank trains only some (placement
         "hooks"), so checkpoints carry the same identity as a single-process run's.
+        `specs`: each dictionary's input and target hooks (default: `run_specs` of cfg over
+        `hooks`; an SAE per hook).  `hooks` holds every hook they read.
         """
         self.cfg = cfg
         self.hooks = hooks
@@ -301,8 +426,13 @@ class Trainer(Objective):
         self.device = distributed.device(cfg.device, self.dist) if self.dist.distributed else resolve_device(cfg.device)
         self.n_steps = math.ceil((cfg.tokens or DEFAULT_TOKENS) / cfg.batch_size)
         self.step = 0
-        self.ident = runs.identity_hash(to_dict(cfg), IDENTITY_FIELDS, hooks=list(run_hooks or hooks))
-        self.runs = [self._make_run(h, src, k, l1) for h, src in hooks.items() for k, l1 in self._sweep()]
+        if specs is None:
+            explicit = [h.lower() for h in cfg.hooks] != ["all"] and cfg.kind in CODER_KINDS
+            specs = run_specs(cfg, [h for h in (cfg.hooks if explicit else hooks) if h in hooks and h not in cfg.target], list(hooks))
+        # a coder's identity also holds what each dictionary reads and predicts (the SAE kinds' hash is unchanged)
+        coder_io = {"reads": [[sp.inputs, sp.targets] for sp in specs], "activation": cfg.activation} if cfg.kind in CODER_KINDS else {}
+        self.ident = runs.identity_hash(to_dict(cfg), IDENTITY_FIELDS, hooks=list(run_hooks or hooks), **coder_io)
+        self.runs = [self._make_run(sp, k, l1) for sp in specs for k, l1 in self._sweep()]
         self.scales = {h: torch.tensor(float(src.prov.scale), device=self.device) for h, src in hooks.items()}
         self.tokens_per_s = float("nan")
         self.precision = precision.precision_for(self.device)  # CUDA: bfloat16 autocast, float32 master weights, TF32
@@ -313,28 +443,47 @@ class Trainer(Objective):
 
     # --- construction ----------------------------------------------------------------------
     def _sweep(self) -> list[tuple[int | None, float | None]]:
-        if self.cfg.kind == "relu":
+        if uses_l1(self.cfg):
             return [(None, l1) for l1 in self.cfg.l1]
         return [(k, None) for k in self.cfg.k]
 
-    def _make_run(self, hook: str, src: HookSource, k: int | None, l1: float | None) -> Run:
+    def _make_run(self, spec: RunSpec, k: int | None, l1: float | None) -> Run:
         cfg = self.cfg
-        d_dict = cfg.d_dict or cfg.expansion * src.width
+        hook, src = spec.inputs[0], self.hooks[spec.inputs[0]]
+        coder = cfg.kind in CODER_KINDS
+        if coder:
+            in_w = [self.hooks[h].width for h in spec.inputs]
+            out_w = [self.hooks[h].width for h in spec.targets]
+            # a CLT's d_dict counts every layer's latents: expansion × one layer's input width per layer
+            d_dict = cfg.d_dict or cfg.expansion * (sum(in_w) if cfg.kind == "clt" else max(in_w))
+            arch = dict(d_in=sum(in_w), d_out=sum(out_w), in_widths=in_w, out_widths=out_w, activation=cfg.activation)
+            prov = dataclasses.replace(src.prov, in_hooks=list(spec.inputs), out_hooks=list(spec.targets),
+                                       in_scales=[float(self.hooks[h].prov.scale) for h in spec.inputs],
+                                       out_scales=[float(self.hooks[h].prov.scale) for h in spec.targets])
+        else:
+            d_dict = cfg.d_dict or cfg.expansion * src.width
+            arch, prov = dict(d_in=src.width), dataclasses.replace(src.prov)
         try:
-            dcfg = DictConfig(kind=cfg.kind, d_in=src.width, d_dict=d_dict, k=k, l1=l1 or 0.0,
-                              groups=cfg.groups, similarity=cfg.similarity)
+            dcfg = DictConfig(kind=cfg.kind, d_dict=d_dict, k=k, l1=l1 or 0.0, groups=cfg.groups, similarity=cfg.similarity, **arch)
         except ValueError as e:
-            raise SaekitError(f"hook {hook}: {e}; change --k/--d-dict/--expansion/--groups") from None
-        d = build(dcfg, dataclasses.replace(src.prov)).to(self.device)
-        lr = cfg.lr or default_lr(cfg.kind, d_dict)
+            raise SaekitError(f"{spec.folder}: {e}; change --k/--d-dict/--expansion/--groups") from None
+        d = build(dcfg, prov).to(self.device)
+        # A CLT's lr follows its latents per layer, not their total: on a toy store (2 layers, 512 per layer,
+        # 100k tokens) the total's lr left its FVU 1.16-1.18x per-layer transcoders', the per-layer lr 0.82-0.87x
+        # (benchmarks/README.md, "Transcoders, skip transcoders, CLTs").
+        lr = cfg.lr or default_lr(cfg.kind, d_dict // len(spec.inputs) if cfg.kind == "clt" else d_dict)
         d.train_config = used_config(cfg, dcfg, lr)
         gen = torch.Generator().manual_seed(cfg.seed)
         d.reset_parameters(gen)
         d.to(self.device)
         opt = _make_adam(d.param_groups(lr), self.device)
-        name = run_name(cfg.kind, k, l1, cfg.groups)
-        return Run(name, hook, d, opt, run_paths(cfg.out, hook, name), gen,
-                   torch.zeros(d_dict, device=self.device), nan_step=torch.tensor(-1, device=self.device))
+        if coder:
+            name = f"{cfg.kind}-" + (f"relu-l1_{l1:g}" if l1 is not None else f"{cfg.activation}-k{k}")
+        else:
+            name = run_name(cfg.kind, k, l1, cfg.groups)
+        return Run(name, hook, d, opt, run_paths(cfg.out, spec.folder, name), gen,
+                   torch.zeros(d_dict, device=self.device), nan_step=torch.tensor(-1, device=self.device),
+                   spec=spec if coder else None)
 
     def prepare(self) -> None:
         """Resume from the last common checkpoint, or initialise from a data sample (refusing to overwrite a run)."""
@@ -388,7 +537,10 @@ class Trainer(Objective):
         if self.ddp:
             xs = {h: distributed.all_gather_cat(x) for h, x in xs.items()}
         for r in self.runs:
-            r.dictionary.init_from_data(xs[r.hook])
+            if r.spec is None:
+                r.dictionary.init_from_data(xs[r.hook])
+            else:
+                r.dictionary.init_from_data(_cat(xs, r.spec.inputs), target=_cat(xs, r.spec.targets))
 
     # --- training ----------------------------------------------------------------------------
     def fit(self) -> list[Run]:
@@ -423,8 +575,15 @@ class Trainer(Objective):
 
     def take_step(self, step: int) -> None:
         xn = next(self._it) if self.device.type == "cpu" else self._scaled(next(self._it))
+        cats: dict[tuple[str, ...], Tensor] = {}  # a sweep's runs share their inputs' concatenation
         for r in self.runs:
-            self._step(r, xn[r.hook])
+            if r.spec is None:
+                self._step(r, xn[r.hook])
+            else:
+                ins, outs = tuple(r.spec.inputs), tuple(r.spec.targets)
+                x = cats[ins] if ins in cats else cats.setdefault(ins, _cat(xn, ins))
+                y = cats[outs] if outs in cats else cats.setdefault(outs, _cat(xn, outs))
+                self._step(r, x, y)
         self.step = step + 1
 
     def log_rows(self, step: int, seconds: float) -> list[dict]:
@@ -457,7 +616,7 @@ class Trainer(Objective):
         """A batch on the device, float32, in the dictionaries' units."""
         return {h: batch[h].to(self.device, torch.float32, non_blocking=True) * self.scales[h] for h in self.hooks}
 
-    def _step(self, r: Run, xn: Tensor) -> None:
+    def _step(self, r: Run, xn: Tensor, target: Tensor | None = None) -> None:
         cfg, d = self.cfg, r.dictionary
         # dead=None skips AuxK's top-k, decode and backward (its term would be exactly 0): always
         # while fewer than dead_tokens tokens have been seen (no latent can be dead yet; known
@@ -467,7 +626,9 @@ class Trainer(Objective):
         if dead is not None and dead.device.type == "cpu" and not bool(dead.any()):
             dead = None
         state = {"dead": dead, "aux_k": cfg.aux_k or None, "aux_coef": cfg.aux_coef}
-        if cfg.kind == "relu":
+        if target is not None:
+            state["target"] = target
+        if uses_l1(cfg):
             warm = max(1, round(cfg.l1_warmup * self.n_steps))
             state["l1_coef"] = d.cfg.l1 * min(1.0, (self.step + 1) / warm)
         with precision.autocast(self.precision):
@@ -583,21 +744,31 @@ class Trainer(Objective):
     def evaluate(self, eval_batches: Iterable[dict[str, Tensor]], max_tokens: int) -> dict[str, dict]:
         """MSE (normalised, per element), FVU, L0 and dead fraction of every run on held-out rows."""
         accs = {r.label: (metrics.FVUAccumulator(), torch.zeros(r.dictionary.cfg.d_dict, device=self.device), [0.0, 0.0]) for r in self.runs}
+        per_hook = {r.label: {h: metrics.FVUAccumulator() for h in r.spec.targets} for r in self.runs if r.spec is not None}
         seen = 0
         for batch in eval_batches:
             if seen >= max_tokens:
                 break
             take = min(max_tokens - seen, next(iter(batch.values())).shape[0])
             for r in self.runs:
-                x = batch[r.hook][:take].to(self.device, torch.float32)
                 d = r.dictionary.eval()
-                codes = d.encode(x)
-                x_hat = d.decode(codes)
                 fvu_acc, fires, l0_sum = accs[r.label]
+                if r.spec is None:
+                    x = batch[r.hook][:take].to(self.device, torch.float32)
+                    codes = d.encode(x)
+                    x_hat = d.decode(codes)
+                    l0_sum[1] += ((x - x_hat) * d.scale).pow(2).sum().item()
+                else:  # a coder: its prediction of every target hook from its inputs, per hook and all together
+                    codes = d.encode_hooks({h: batch[h][:take].to(self.device, torch.float32) for h in r.spec.inputs})
+                    pred = d.predict({h: batch[h][:take].to(self.device, torch.float32) for h in r.spec.inputs})
+                    for h in r.spec.targets:
+                        per_hook[r.label][h].update(batch[h][:take].to(self.device, torch.float32), pred[h])
+                    x = _cat({h: batch[h][:take].to(self.device, torch.float32) for h in r.spec.targets}, r.spec.targets)
+                    x_hat = _cat(pred, r.spec.targets)
+                    l0_sum[1] += ((x - x_hat) * d.out_scale).pow(2).sum().item()
                 fvu_acc.update(x, x_hat)
                 fires += (codes != 0).sum(0)
                 l0_sum[0] += metrics.l0(codes) * take
-                l0_sum[1] += ((x - x_hat) * d.scale).pow(2).sum().item()
                 d.train()
             seen += take
         out = {}
@@ -607,8 +778,11 @@ class Trainer(Objective):
                 out[r.label] = {"eval_tokens": 0}
                 continue
             f = fvu_acc.value()
-            out[r.label] = {"eval_tokens": seen, "mse": sq / (seen * r.dictionary.cfg.d_in), "fvu": f,
+            width = r.dictionary.cfg.d_out if r.spec is not None else r.dictionary.cfg.d_in
+            out[r.label] = {"eval_tokens": seen, "mse": sq / (seen * width), "fvu": f,
                             "explained_variance": 1 - f, "l0": l0_sum / seen, "dead_fraction": metrics.dead_fraction(fires)}
+            if r.spec is not None:
+                out[r.label]["fvu_per_hook"] = {h: a.value() for h, a in per_hook[r.label].items()}
         return out
 
     def save(self, summaries: dict[str, dict] | None = None) -> list[Path]:
@@ -627,9 +801,15 @@ class Trainer(Objective):
         return paths
 
 
+def _cat(xs: dict[str, Tensor], names) -> Tensor:
+    """The hooks' rows side by side, (n, Σ width): a coder's input or target."""
+    return xs[names[0]] if len(names) == 1 else torch.cat([xs[h] for h in names], dim=1)
+
+
 def _running_buffers(d: Dictionary) -> list[Tensor]:
-    """Buffers training changes (BatchTopK's threshold); `scale` is fixed by the store."""
-    return [b for name, b in d.named_buffers() if name != "scale"]
+    """Buffers training changes (BatchTopK's threshold); `scale` is fixed by the store, non-persistent ones (a CLT's masks) by the config."""
+    fixed = getattr(d, "_non_persistent_buffers_set", set())
+    return [b for name, b in d.named_buffers() if name != "scale" and name not in fixed]
 
 
 def _run_state(r: Run) -> tuple[dict[str, Tensor], dict]:
@@ -684,6 +864,11 @@ def _train_store(cfg: TrainConfig, progress: bool, env: distributed.DistEnv) -> 
     n_seq = max(store.n_sequences, 1)
     cfg = resolve_tokens(cfg, round(store.n_rows * len(store.split("train")) / n_seq))  # config.json records the budget used
     hooks = resolve_store_hooks(store, cfg.hooks)
+    specs = run_specs(cfg, hooks, list(store.hooks), int(getattr(store.model, "n_layers", 0) or 0))
+    if cfg.kind in CODER_KINDS:  # every hook a dictionary reads or predicts, in one read of the store
+        hooks = list(dict.fromkeys(h for sp in specs for h in sp.inputs + sp.targets))
+        if env.distributed and cfg.placement == "hooks":
+            raise SaekitError(f"--kind {cfg.kind} reads several hooks per dictionary: use --placement data under torchrun")
     mine, batch_size, rank, world = hooks, cfg.batch_size, 0, 1
     ddp = env.distributed and cfg.placement == "data"
     if env.distributed and cfg.placement == "hooks":
@@ -725,7 +910,8 @@ def _train_store(cfg: TrainConfig, progress: bool, env: distributed.DistEnv) -> 
             return it
         return stream(start)
 
-    trainer = Trainer(cfg, sources, batches, progress=progress, dist=env, data_parallel=ddp, run_hooks=hooks)
+    trainer = Trainer(cfg, sources, batches, progress=progress, dist=env, data_parallel=ddp, run_hooks=hooks,
+                      specs=specs if cfg.kind in CODER_KINDS else None)
     trainer.fit()
     summaries = {}
     if cfg.eval_tokens and trainer.writes:

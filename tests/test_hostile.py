@@ -100,10 +100,29 @@ def make_sparsify(folder: Path) -> Path:
     return folder
 
 
+def make_saelens_transcoder(folder: Path) -> Path:
+    from saekit.dictionaries import DictConfig, Provenance, build
+    from saekit.interop.saelens import export_saelens
+
+    d = build(DictConfig(kind="skip-transcoder", d_in=D_IN, d_out=D_IN, d_dict=D_DICT, activation="relu"),
+              Provenance(hook="blocks.0.mlp.hook_in", in_hooks=["blocks.0.mlp.hook_in"], out_hooks=["blocks.0.hook_mlp_out"]))
+    d.reset_parameters(torch.Generator().manual_seed(1))
+    return export_saelens(d, folder)
+
+
+def make_sparsify_transcoder(folder: Path) -> Path:
+    make_sparsify(folder)
+    cfg = json.loads((folder / "cfg.json").read_text())
+    (folder / "cfg.json").write_text(json.dumps(cfg | {"transcode": True}))
+    return folder
+
+
 FORMATS = {
     "saekit": (make_saekit, "config.json", "weights.safetensors"),
     "saelens": (make_saelens, "cfg.json", "sae_weights.safetensors"),
     "sparsify": (make_sparsify, "cfg.json", "sae.safetensors"),
+    "saelens-transcoder": (make_saelens_transcoder, "cfg.json", "sae_weights.safetensors"),
+    "sparsify-transcoder": (make_sparsify_transcoder, "cfg.json", "sae.safetensors"),
 }
 
 

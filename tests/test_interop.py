@@ -190,10 +190,11 @@ def test_sparsify_hookpoint_names(tmp_path, hookpoint, hook):
     assert bool(d.summary["source"]["notes"]) == (hook is None)
 
 
-def test_sparsify_transcoder_refused(tmp_path):
+def test_sparsify_transcoder_loads_as_a_transcoder(tmp_path):
+    """(Its formula is checked in tests/test_coders.py.)"""
     write_sparsify(tmp_path / "layers.2.mlp", torch.Generator().manual_seed(8), transcode=True)
-    with pytest.raises(SaekitError, match="transcoder"):
-        saekit.load(tmp_path / "layers.2.mlp")
+    d = saekit.load(tmp_path / "layers.2.mlp")
+    assert d.cfg.kind == "transcoder" and d.out_hooks == ["blocks.2.hook_mlp_out"]
 
 
 # --- saekit → SAELens → saekit ------------------------------------------------------------

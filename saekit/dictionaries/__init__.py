@@ -1,5 +1,6 @@
 """Dictionary kinds behind one interface: relu, topk, batchtopk SAEs (`sae`), k-sparse codebooks
-(`codebook`), loaded-only jumprelu (`jumprelu`); `base` declares the interface and the kind
+(`codebook`), jumprelu (`jumprelu`), and the several-hook kinds transcoder, skip-transcoder,
+crosscoder, clt (`coders`); `base` declares the interface and the kind
 protocol the training engine calls, `fast` the CPU fast paths, `kernels` their numba kernels.
 
 Folders of other tools are read by `saekit.interop.load` (which imports this package, never
@@ -17,6 +18,7 @@ from safetensors.torch import load_file
 
 from saekit.dictionaries.base import FORMAT, KINDS, LOADED_KINDS, DictConfig, Dictionary, ForwardOutput, Provenance, TrainOutput
 from saekit.dictionaries.codebook import Codebook
+from saekit.dictionaries.coders import Crosscoder, CrossLayerTranscoder, SkipTranscoder, Transcoder
 from saekit.dictionaries.jumprelu import JumpReLUSAE
 from saekit.dictionaries.matryoshka import MatryoshkaSAE
 from saekit.dictionaries.sae import BatchTopKSAE, ReluSAE, TopKSAE
@@ -24,7 +26,9 @@ from saekit import schema
 from saekit.errors import SaekitError
 
 REGISTRY: dict[str, type[Dictionary]] = {"relu": ReluSAE, "topk": TopKSAE, "batchtopk": BatchTopKSAE, "codebook": Codebook,
-                                         "jumprelu": JumpReLUSAE, "matryoshka": MatryoshkaSAE}
+                                         "jumprelu": JumpReLUSAE, "matryoshka": MatryoshkaSAE,
+                                         "transcoder": Transcoder, "skip-transcoder": SkipTranscoder, "crosscoder": Crosscoder,
+                                         "clt": CrossLayerTranscoder}
 """kind name → class (a dict literal, not an import-time registry); KINDS are trained, LOADED_KINDS only read."""
 
 

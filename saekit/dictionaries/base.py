@@ -28,7 +28,12 @@ from saekit.runs import atomic, write_json
 
 FORMAT = "saekit-dictionary"
 VERSION = 1
-KINDS = ("relu", "topk", "batchtopk", "codebook", "jumprelu", "matryoshka")
+SAE_KINDS = ("relu", "topk", "batchtopk", "codebook", "jumprelu", "matryoshka")
+CODER_KINDS = ("transcoder", "skip-transcoder", "crosscoder", "clt")
+"""Kinds that read input hooks and predict target hooks (saekit.dictionaries.coders)."""
+KINDS = SAE_KINDS + CODER_KINDS
+ACTIVATIONS = ("relu", "topk", "batchtopk", "jumprelu")
+"""How the coder kinds pick their codes (the SAE kinds of the same names)."""
 LOADED_KINDS: tuple[str, ...] = ()  # kinds read from other formats but not trained (none since jumprelu trains)
 
 
@@ -37,9 +42,9 @@ class DictConfig:
     """Architecture of one dictionary (saved in config.json, nested in the training config)."""
 
     kind: str = "topk"
-    """relu | topk | batchtopk | codebook | jumprelu | matryoshka."""
+    """relu | topk | batchtopk | codebook | jumprelu | matryoshka | transcoder | skip-transcoder | crosscoder | clt."""
     d_in: int = 0
-    """Width of the hook's activation vector (heads flattened)."""
+    """Width of the hook's activation vector (heads flattened); coder kinds: of all input hooks concatenated."""
     d_dict: int = 0
     """Number of latents (codebook: codes in all groups together)."""
     k: int | None = None
@@ -50,6 +55,14 @@ class DictConfig:
     """Codebook groups: the input is cut into this many equal slices, one codebook each."""
     similarity: str = "cosine"
     """Codebook code choice: cosine or inner (product)."""
+    activation: str = "topk"
+    """Coder kinds: relu (L1) | topk | batchtopk | jumprelu (k = target L0); ignored by the SAE kinds."""
+    d_out: int = 0
+    """Coder kinds: width of all target hooks concatenated (0 for the SAE kinds: = d_in)."""
+    in_widths: list[int] = field(default_factory=list)
+    """Coder kinds: width of each input hook, in order (empty for the SAE kinds: [d_in])."""
+    out_widths: list[int] = field(default_factory=list)
+    """Coder kinds: width of each target hook, in order (empty for the SAE kinds: [d_in])."""
 
     def __post_init__(self):
         if self.kind not in KINDS + LOADED_KINDS:
@@ -67,6 +80,17 @@ class DictConfig:
                 raise ValueError(f"d_dict={self.d_dict} is not divisible by groups={self.groups}")
         if self.similarity not in ("cosine", "inner"):
             raise ValueError(f"similarity {self.similarity!r} is not cosine or inner")
+        if self.activation not in ACTIVATIONS:
+            raise ValueError(f"activation {self.activation!r} is not one of {', '.join(ACTIVATIONS)}")
+        if self.kind in CODER_KINDS and self.d_dict:
+            if self.in_widths and sum(self.in_widths) != self.d_in or self.out_widths and sum(self.out_widths) != self.d_out:
+                raise ValueError(f"in_widths {self.in_widths} / out_widths {self.out_widths} do not add up to d_in={self.d_in} / d_out={self.d_out}")
+            if self.kind == "clt" and (len(self.in_widths) != len(self.out_widths) or self.d_dict % max(len(self.in_widths), 1)):
+                raise ValueError(f"clt: {len(self.in_widths)} input and {len(self.out_widths)} output layers, d_dict={self.d_dict}: "
+                                 "give one MLP input and one MLP output per layer, and a d_dict divisible by the layers")
+            per = self.d_dict // max(len(self.in_widths), 1) if self.kind == "clt" else self.d_dict
+            if self.activation != "relu" and self.k is not None and self.k >= per:
+                raise ValueError(f"k={self.k} must be smaller than the number of latents ({per}{' per layer' if self.kind == 'clt' else ''})")
 
 
 @dataclass
@@ -82,6 +106,14 @@ class Provenance:
     """Inputs are multiplied by this before encoding and outputs divided by it after decoding."""
     store: str | None = None
     """The store it was trained on (path as given)."""
+    in_hooks: list[str] = field(default_factory=list)
+    """Hooks the dictionary reads, in order (empty: [hook]); `hook` is in_hooks[0] for old readers."""
+    out_hooks: list[str] = field(default_factory=list)
+    """Hooks it predicts, in order (empty: [hook])."""
+    in_scales: list[float] = field(default_factory=list)
+    """The store's scale of each input hook (x_n = scale · x), in in_hooks order (empty: [scale])."""
+    out_scales: list[float] = field(default_factory=list)
+    """The store's scale of each output hook (outputs are divided by it), in out_hooks order (empty: [scale])."""
 
 
 class ForwardOutput(NamedTuple):
@@ -187,6 +219,32 @@ class Dictionary(nn.Module):
     def directions(self) -> Tensor:
         """Each latent's decoder vector in the hook's original scale, (d_dict, d_in)."""
         return self.W_dec / self.scale
+
+    # --- several hooks (issue 19: transcoders, crosscoders, CLTs); an SAE reads and writes prov.hook ----
+    @property
+    def in_hooks(self) -> list[str]:
+        """The hooks `encode_hooks` reads, in order."""
+        return list(self.prov.in_hooks) or [self.prov.hook]
+
+    @property
+    def out_hooks(self) -> list[str]:
+        """The hooks `decode_hooks` predicts, in order."""
+        return list(self.prov.out_hooks) or [self.prov.hook]
+
+    def encode_hooks(self, inputs: dict[str, Tensor]) -> Tensor:
+        """Codes (n, d_dict) from {hook: (n, width)} in the hooks' original units; a missing hook contributes nothing."""
+        hook = self.in_hooks[0]
+        if hook not in inputs:
+            raise SaekitError(f"encode_hooks: the {self.cfg.kind} dictionary reads hook {hook!r}, not given")
+        return self.encode(inputs[hook])
+
+    def decode_hooks(self, codes: Tensor) -> dict[str, Tensor]:
+        """{out hook: prediction (n, width)} in original units, from codes (n, d_dict)."""
+        return {self.out_hooks[0]: self.decode(codes)}
+
+    def predict(self, inputs: dict[str, Tensor]) -> dict[str, Tensor]:
+        """decode_hooks(encode_hooks(inputs)): what a splice writes into every out hook."""
+        return self.decode_hooks(self.encode_hooks(inputs))
 
     # --- files ----------------------------------------------------------------------------
     def config_dict(self) -> dict:

@@ -36,7 +36,7 @@ from torch import Tensor
 from saekit import metrics, runs
 from saekit.config import check_signs, to_dict
 from saekit.dictionaries import build
-from saekit.dictionaries.base import KINDS, DictConfig, Dictionary, Provenance
+from saekit.dictionaries.base import SAE_KINDS as KINDS, DictConfig, Dictionary, Provenance
 from saekit.engine import Engine, Objective
 from saekit.errors import SaekitError
 from saekit.inmodel.codebooks import norm_scale

@@ -7,6 +7,7 @@ format is told from the file names alone (each tool has its own weights file nam
     SAELens:  cfg.json + sae_weights.safetensors     (saekit.interop.saelens)
     sparsify: cfg.json + sae.safetensors             (saekit.interop.sparsify)
     Gemma Scope: params.npz                          (saekit.interop.gemmascope)
+    circuit-tracer CLT: W_enc_0 + W_dec_0 .safetensors (saekit.interop.coders, with the transcoder layouts)
 """
 
 from __future__ import annotations
@@ -26,8 +27,9 @@ LAYOUTS = {
     "SAELens": ("cfg.json", "sae_weights.safetensors"),
     "sparsify": ("cfg.json", "sae.safetensors"),
     "Gemma Scope": ("params.npz",),
+    "circuit-tracer": ("W_enc_0.safetensors", "W_dec_0.safetensors"),
 }
-EXPORT_FORMATS = ("saelens",)
+EXPORT_FORMATS = ("saelens", "circuit-tracer")
 
 
 def detect_format(folder: Path) -> str | None:
@@ -88,6 +90,10 @@ def load(path: str | os.PathLike, device: str | torch.device = "cpu"):
         from saekit.interop.gemmascope import load_gemmascope
 
         return load_gemmascope(folder, device)
+    if fmt == "circuit-tracer":
+        from saekit.interop.coders import load_circuit_tracer
+
+        return load_circuit_tracer(folder, device)
     below = find_dictionary_folders(folder)
     if below:
         subdirs = [str(p.relative_to(folder)) for p in below]
@@ -108,7 +114,8 @@ class ExportConfig:
     dict: str = ""
     """Dictionary folder to export (any format saekit reads)."""
     format: str = "saelens"
-    """Target format: saelens (cfg.json + sae_weights.safetensors, for SAELens's SAE.load_from_disk)."""
+    """Target format: saelens (cfg.json + sae_weights.safetensors, for SAELens's SAE.load_from_disk; transcoders too) or
+    circuit-tracer (a clt as W_enc_i / W_dec_i .safetensors per layer)."""
     out: str = ""
     """Folder to write; created if missing."""
 
@@ -125,11 +132,12 @@ class ExportConfig:
 
 def export(cfg: ExportConfig) -> Path:
     """Load `cfg.dict` and write it in `cfg.format` under `cfg.out`; returns the folder written."""
+    from saekit.interop.coders import export_circuit_tracer
     from saekit.interop.saelens import export_saelens
 
     d = load(cfg.dict)
     with outdir.claim(cfg.out, "export"):
-        return export_saelens(d, cfg.out)
+        return export_circuit_tracer(d, cfg.out) if cfg.format == "circuit-tracer" else export_saelens(d, cfg.out)
 
 
 __all__ = ["EXPORT_FORMATS", "LAYOUTS", "ExportConfig", "detect_format", "export", "find_dictionary_folders", "load"]

@@ -46,8 +46,9 @@ from torch import Tensor
 
 from saekit import schema
 from saekit.dictionaries import build
-from saekit.dictionaries.base import DictConfig, Dictionary, Provenance
+from saekit.dictionaries.base import CODER_KINDS, DictConfig, Dictionary, Provenance
 from saekit.errors import SaekitError
+from saekit.interop.coders import is_saelens_transcoder, load_saelens_transcoder, saelens_transcoder_forward, saelens_transcoder_tensors
 from saekit.runs import atomic, write_text
 
 CFG_FILE = "cfg.json"
@@ -180,7 +181,10 @@ def _compat(kwargs: dict) -> bool:
 def load_saelens(path: str | os.PathLike, device: str | torch.device = "cpu") -> Dictionary:
     """Load a SAELens SAE folder as a saekit dictionary that reproduces SAELens's encode and decode."""
     folder = Path(path)
-    cfg = _read_cfg(_read_json(folder / CFG_FILE), folder / CFG_FILE)
+    raw = _read_json(folder / CFG_FILE)
+    if is_saelens_transcoder(raw):  # transcoders and skip transcoders: saekit.interop.coders
+        return load_saelens_transcoder(folder, raw, folder / WEIGHTS_FILE, device)
+    cfg = _read_cfg(raw, folder / CFG_FILE)
     w_file = folder / WEIGHTS_FILE
     _check_tensors(cfg, w_file)
     t = _read_tensors(w_file)
@@ -284,6 +288,8 @@ def saelens_forward(cfg: dict, tensors: dict[str, Tensor], x: Tensor) -> Tensor:
 def saelens_tensors(d: Dictionary) -> tuple[dict, dict[str, Tensor]]:
     """The SAELens cfg.json dict and tensors for dictionary `d`, with its input scale folded in."""
     kind = d.cfg.kind
+    if kind in CODER_KINDS:
+        return saelens_transcoder_tensors(d)
     if kind == "codebook":
         raise SaekitError(
             "codebook dictionaries have no SAELens equivalent (SAELens has no k-sparse codebook architecture); "
@@ -378,6 +384,11 @@ def _json_default(o):
 def check_export(d: Dictionary, cfg: dict, tensors: dict[str, Tensor], n: int = 64) -> tuple[float, float]:
     """(max |x̂_saelens − x̂_saekit|, max |x̂_saekit|) on random inputs of the hook's scale."""
     g = torch.Generator().manual_seed(0)
+    if d.cfg.kind in CODER_KINDS:  # a transcoder: inputs around its input bias, SAELens's transcoder formula
+        xn = torch.randn(n, d.cfg.d_in, generator=g) + d.state_dict()["b_in"].float().cpu()
+        x = xn / d.in_scale.cpu()
+        ref = d(x.to(d.in_scale.device)).x_hat.float().cpu()
+        return float((saelens_transcoder_forward(cfg, tensors, x) - ref).abs().max()), float(ref.abs().max())
     dev = d.scale.device
     s = float(d.scale)
     # Inputs around the decoder bias with typical norm √d_in in normalised space, so that

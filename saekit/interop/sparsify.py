@@ -12,8 +12,9 @@ with n = num_latents or d_in · expansion_factor.  Its `encode` + `decode` are
     x̂   = f @ W_dec + b_dec                                     (+ x @ W_skipᵀ with a skip connection)
 
 which is saekit's `topk` kind with W_enc = encoder.weightᵀ (TopK of ReLU(pre) and ReLU of
-TopK(pre) give the same codes).  Transcoders (they predict another module's output),
-skip connections and the "groupmax" activation have no saekit kind and are refused.
+TopK(pre) give the same codes).  Transcoders (`transcode: true`, with or without W_skip)
+load as saekit transcoders (saekit.interop.coders); an SAE with a skip connection and the
+"groupmax" activation have no saekit kind and are refused.
 
 A sparsify run saves one folder per hookpoint, named after the Hugging Face module
 (`layers.6`, `h.6.mlp`, `gpt_neox.layers.3.attention`), beside the run's `config.json`
@@ -75,11 +76,10 @@ def load_sparsify(path: str | os.PathLike, device: str | torch.device = "cpu") -
     where = folder / CFG_FILE
     schema.check(raw, CFG_SCHEMA, str(where))
     d_in = raw["d_in"]
-    if raw.get("transcode"):
-        raise SaekitError(
-            f"{folder} is a sparsify transcoder (cfg.json transcode=true): it predicts a module's output from its "
-            "input, while a saekit dictionary reconstructs one hook; use sparsify for it"
-        )
+    if raw.get("transcode"):  # a (skip) transcoder: saekit.interop.coders
+        from saekit.interop.coders import load_sparsify_transcoder
+
+        return load_sparsify_transcoder(folder, raw, device)
     if raw.get("skip_connection"):
         raise SaekitError(f"{folder} has a skip connection (W_skip), which no saekit kind has; use sparsify for it")
     activation = raw.get("activation", "topk")
