@@ -82,6 +82,14 @@ class Provenance:
     """Inputs are multiplied by this before encoding and outputs divided by it after decoding."""
     store: str | None = None
     """The store it was trained on (path as given)."""
+    in_hooks: list[str] = field(default_factory=list)
+    """Hooks it reads (transcoder: the MLP input; crosscoder/CLT: several); empty = [hook]."""
+    out_hooks: list[str] = field(default_factory=list)
+    """Hooks it predicts (transcoder: the MLP output); empty = [hook]."""
+    in_scales: list[float] = field(default_factory=list)
+    """The store's scale of each in hook (same order as in_hooks); empty = [scale]."""
+    out_scales: list[float] = field(default_factory=list)
+    """The store's scale of each out hook (same order as out_hooks); empty = [scale]."""
 
 
 class ForwardOutput(NamedTuple):
@@ -183,6 +191,33 @@ class Dictionary(nn.Module):
         shape = x.shape
         f = self.encode(x.reshape(-1, shape[-1]))
         return ForwardOutput(self.decode(f).reshape(shape), f.reshape(*shape[:-1], -1))
+
+    # --- hooks: what a dictionary reads and writes (an SAE reads and writes prov.hook) ------------
+    @property
+    def in_hooks(self) -> list[str]:
+        """Hooks whose activations `encode_hooks` reads."""
+        return list(self.prov.in_hooks) or [self.prov.hook]
+
+    @property
+    def out_hooks(self) -> list[str]:
+        """Hooks `decode_hooks` predicts."""
+        return list(self.prov.out_hooks) or [self.prov.hook]
+
+    def encode_hooks(self, inputs: dict[str, Tensor]) -> Tensor:
+        """Codes (n, d_dict) from {in hook: (n, width) activations in original units}; a hook missing contributes nothing."""
+        (hook,) = self.in_hooks
+        if hook not in inputs:
+            raise SaekitError(f"dictionary of kind {self.cfg.kind!r} reads hook {hook!r}, which is not among the inputs given")
+        return self.encode(inputs[hook])
+
+    def decode_hooks(self, codes: Tensor) -> dict[str, Tensor]:
+        """{out hook: (n, width) prediction in original units} from codes (n, d_dict)."""
+        (hook,) = self.out_hooks
+        return {hook: self.decode(codes)}
+
+    def predict(self, inputs: dict[str, Tensor]) -> dict[str, Tensor]:
+        """decode_hooks(encode_hooks(inputs))."""
+        return self.decode_hooks(self.encode_hooks(inputs))
 
     def directions(self) -> Tensor:
         """Each latent's decoder vector in the hook's original scale, (d_dict, d_in)."""
