@@ -544,6 +544,36 @@ def reads_running(t: Target, acts: dict[str, Tensor], rows: Tensor, order: list[
     return True
 
 
+def _modes(targets: list[Target], mode: str, acts: dict[str, Tensor], rows: Tensor, order: list[str]) -> list[str]:
+    """Each target's input mode: `mode`, except clean for one that cannot read running inputs."""
+    return [mode if mode == "clean" or reads_running(t, acts, rows, order) else "clean" for t in targets]
+
+
+@torch.no_grad()
+def spliced_logits(model: LoadedModel, targets: list[Target], tokens: Tensor, *, mode: str = "running",
+                   splice_bos: bool = False) -> Tensor:
+    """Logits (B, T, vocab) of `model` with every target spliced in at once on `tokens` (B, T; PAD = -1).
+
+    The replacement `evaluate` measures, from one full forward (no restart): for notebooks and
+    for checks against other implementations of the same splice.
+    """
+    if mode not in MODES:
+        raise SaekitError(f"splice mode {mode!r} is not {' or '.join(MODES)}")
+    device = next(model.bridge.parameters()).device
+    tok = tokens.to(device)
+    inp = model_input(tok, model.bos_id)
+    mask = row_mask(tok, skip_bos=not splice_bos)
+    for t in targets:
+        t.dictionary.to(device).eval()
+    runner = Runner(model.bridge, set())
+    _, acts, _ = runner.clean(inp, list(dict.fromkeys(h.name for t in targets for h in t.reads + t.writes)))
+    order = list(acts)
+    modes = _modes(targets, mode, acts, row_mask(tok, skip_bos=False), order)
+    reps = [_Replacement(t, m, _Stats(int(t.dictionary.cfg.d_dict), [h.name for h in t.writes]), mask, acts, order)
+            for t, m in zip(targets, modes)]
+    return model.bridge.run_with_hooks(inp, fwd_hooks=_splice_hooks(reps, mask))
+
+
 @torch.no_grad()
 def evaluate(
     model: LoadedModel,
@@ -618,8 +648,7 @@ def evaluate(
         acc_clean += acc(logits)
         order = list(acts)  # the hooks in the order the forward pass reaches them
         if modes is None:
-            real = row_mask(tok, skip_bos=False)
-            modes = [mode if mode == "clean" or reads_running(t, acts, real, order) else "clean" for t in targets]
+            modes = _modes(targets, mode, acts, row_mask(tok, skip_bos=False), order)
 
         for g in groups:
             ce_zero[g] += ce(runner.run(inp, resid, _ablate(g, mask, None)))
@@ -858,10 +887,24 @@ def format_table(result: dict):
                 f"{_fmt(r['acc_clean'])}→{_fmt(r['acc_spliced'])}", _fmt(r["l0"], 1), _fmt(r["fvu"]), _fmt(r["dead_frac"])]
 
     for r, name in zip(result["dictionaries"], short_names([r["dict"] for r in result["dictionaries"]])):
-        t.add_row(name, r["hook"], *cells(r))
+        t.add_row(name, hooks_label(r), *cells(r))
     if result.get("all") is not None and len(result["dictionaries"]) > 1:
         t.add_section()
         t.add_row("all at once", "", *cells(result["all"]))
     elif len(result["dictionaries"]) > 1:
         t.caption = "all at once: not run, two dictionaries replace the same hook"
+    modes = {r.get("mode") for r in result["dictionaries"] if r.get("in_hooks", [r["hook"]]) != r.get("hooks", [r["hook"]])}
+    if modes:  # transcoders, crosscoders, CLTs: say where their inputs came from
+        note = "inputs from the " + " and ".join(f"{m} pass" for m in sorted(modes, key=str)) + " (--input; crosscoders: clean)"
+        t.caption = f"{t.caption}; {note}" if t.caption else note
     return t
+
+
+def hooks_label(r: dict) -> str:
+    """A row's hooks for tables: the hook (SAE), `IN → OUT` (transcoder), or first…last (n hooks)."""
+    ins, outs = r.get("in_hooks", [r["hook"]]), r.get("hooks", [r["hook"]])
+    if ins == outs:
+        return outs[0] if len(outs) == 1 else f"{outs[0]}…{outs[-1]} ({len(outs)} hooks)"
+    if len(ins) == 1 and len(outs) == 1:
+        return f"{ins[0]} → {outs[0]}"
+    return f"{ins[0]}…{ins[-1]} → {outs[0]}…{outs[-1]} ({len(outs)} out hooks)"

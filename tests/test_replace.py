@@ -1,0 +1,473 @@
+"""Dictionaries that replace a computation (transcoders, crosscoders, CLTs) spliced into a model.
+
+The model is a tiny GPT-2 whose MLP is `relu(x W_fc + b_fc) W_proj + b_proj`, so a transcoder
+with the MLP's own weights is exact.  Every splice is checked against a hand-written
+`transformers` forward hook doing the same replacement.  The dictionaries are small test-only
+classes implementing the shared hook interface (`in_hooks`, `out_hooks`, `encode_hooks`,
+`decode_hooks`) with given weights, so these tests do not depend on how a kind is trained.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from saekit.dictionaries.base import DictConfig, Dictionary, Provenance
+from saekit.errors import SaekitError
+from saekit.models import load_model
+from saekit.splice import evaluate, mean_activations, resolve_target, spliced_logits
+from saekit.tokens import PAD
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+N_LAYERS = 2
+
+
+def mlp_in(layer: int) -> str:
+    return f"blocks.{layer}.mlp.hook_in"
+
+
+def mlp_out(layer: int) -> str:
+    return f"blocks.{layer}.hook_mlp_out"
+
+
+# --- test-only dictionaries implementing the hook interface ----------------------------------------
+
+class Transcoder(Dictionary):
+    """f = ReLU(x W_enc + b_enc) from the IN hook, prediction f W_dec + b_dec at the OUT hook (original units)."""
+
+    def __init__(self, cfg, prov, W_enc, b_enc, W_dec, b_dec):
+        super().__init__(cfg, prov)
+        for name, v in dict(enc_w=W_enc, enc_b=b_enc, dec_w=W_dec, dec_b=b_dec).items():
+            self.register_buffer(name, v.detach().clone().float())
+
+    @property
+    def W_dec(self):
+        return self.dec_w
+
+    def encode_hooks(self, inputs):
+        return F.relu(inputs[self.in_hooks[0]] @ self.enc_w + self.enc_b)
+
+    def decode_hooks(self, codes):
+        return {self.out_hooks[0]: codes @ self.dec_w + self.dec_b}
+
+
+class CLT(Dictionary):
+    """Cross-layer transcoder: layer l's latents ReLU(x_l E_l + c_l) from MLP input l write to every MLP output l' >= l."""
+
+    def __init__(self, cfg, prov, enc, enc_b, dec, dec_b):
+        super().__init__(cfg, prov)
+        self.m = enc[0].shape[1]
+        self.enc = torch.nn.ParameterList([torch.nn.Parameter(e.float()) for e in enc])
+        self.enc_b = torch.nn.ParameterList([torch.nn.Parameter(b.float()) for b in enc_b])
+        self.dec = torch.nn.ParameterDict({f"{a}_{b}": torch.nn.Parameter(w.float()) for (a, b), w in dec.items()})
+        self.dec_b = torch.nn.ParameterList([torch.nn.Parameter(b.float()) for b in dec_b])
+
+    def encode_hooks(self, inputs):
+        n = next(iter(inputs.values())).shape[0]
+        parts = []
+        for layer, hook in enumerate(self.in_hooks):
+            x = inputs.get(hook)
+            parts.append(torch.zeros(n, self.m) if x is None else F.relu(x @ self.enc[layer] + self.enc_b[layer]))
+        return torch.cat(parts, 1)
+
+    def decode_hooks(self, codes):
+        per = codes.split(self.m, 1)
+        return {hook: sum(per[a] @ self.dec[f"{a}_{b}"] for a in range(b + 1)) + self.dec_b[b]
+                for b, hook in enumerate(self.out_hooks)}
+
+
+class Crosscoder(Dictionary):
+    """Acausal crosscoder: f = ReLU(Σ_h x_h E_h + c), prediction f D_h + d_h at every hook h."""
+
+    def __init__(self, cfg, prov, enc, b_enc, dec, dec_b):
+        super().__init__(cfg, prov)
+        self.enc = torch.nn.ParameterList([torch.nn.Parameter(e.float()) for e in enc])
+        self.b_enc = torch.nn.Parameter(b_enc.float())
+        self.dec = torch.nn.ParameterList([torch.nn.Parameter(d.float()) for d in dec])
+        self.dec_b = torch.nn.ParameterList([torch.nn.Parameter(b.float()) for b in dec_b])
+
+    def encode_hooks(self, inputs):
+        pre = sum(inputs[h] @ self.enc[i] for i, h in enumerate(self.in_hooks) if h in inputs)
+        return F.relu(pre + self.b_enc)
+
+    def decode_hooks(self, codes):
+        return {h: codes @ self.dec[i] + self.dec_b[i] for i, h in enumerate(self.out_hooks)}
+
+
+def prov_for(model, ins, outs):
+    return Provenance(hook=ins[0], model=model.info.to_dict(), in_hooks=list(ins), out_hooks=list(outs))
+
+
+def exact_transcoder(model, hf, layer, scale_dec=1.0):
+    """The MLP itself as a transcoder (scale_dec != 1: a lossy one)."""
+    mlp = hf.transformer.h[layer].mlp
+    cfg = DictConfig(kind="relu", d_in=mlp.c_fc.weight.shape[0], d_dict=mlp.c_fc.weight.shape[1])
+    return Transcoder(cfg, prov_for(model, [mlp_in(layer)], [mlp_out(layer)]), mlp.c_fc.weight, mlp.c_fc.bias,
+                      mlp.c_proj.weight * scale_dec, mlp.c_proj.bias)
+
+
+def random_clt(model, m=48, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    d = model.info.d_model
+    enc = [torch.randn(d, m, generator=g) / d**0.5 for _ in range(N_LAYERS)]
+    enc_b = [torch.randn(m, generator=g) * 0.1 for _ in range(N_LAYERS)]
+    dec = {(a, b): torch.randn(m, d, generator=g) / m**0.5 for b in range(N_LAYERS) for a in range(b + 1)}
+    dec_b = [torch.randn(d, generator=g) * 0.1 for _ in range(N_LAYERS)]
+    cfg = DictConfig(kind="relu", d_in=d, d_dict=m * N_LAYERS)
+    ins, outs = [mlp_in(i) for i in range(N_LAYERS)], [mlp_out(i) for i in range(N_LAYERS)]
+    return CLT(cfg, prov_for(model, ins, outs), enc, enc_b, dec, dec_b)
+
+
+def random_crosscoder(model, hooks, m=40, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    d = model.info.d_model
+    enc = [torch.randn(d, m, generator=g) / d**0.5 for _ in hooks]
+    dec = [torch.randn(m, d, generator=g) / m**0.5 for _ in hooks]
+    dec_b = [torch.randn(d, generator=g) * 0.1 for _ in hooks]
+    cfg = DictConfig(kind="relu", d_in=d, d_dict=m)
+    return Crosscoder(cfg, prov_for(model, hooks, hooks), enc, torch.randn(m, generator=g) * 0.1, dec, dec_b)
+
+
+# --- fixtures ------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def relu_dir(tmp_path_factory):
+    """The tiny GPT-2 with a ReLU MLP whose weights are scaled up (at init scale the MLPs barely change the loss)."""
+    from conftest import write_tiny_gpt2
+    from transformers import GPT2LMHeadModel
+
+    path = write_tiny_gpt2(tmp_path_factory.mktemp("relu-gpt2"), n_layer=N_LAYERS, seed=3)
+    m = GPT2LMHeadModel.from_pretrained(path)
+    m.config.activation_function = "relu"
+    with torch.no_grad():
+        for block in m.transformer.h:
+            block.mlp.c_fc.weight.mul_(6.0)
+            block.mlp.c_proj.weight.mul_(6.0)
+    m.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def model(relu_dir):
+    return load_model(relu_dir)
+
+
+@pytest.fixture(scope="module")
+def hf(relu_dir):
+    from transformers import GPT2LMHeadModel
+
+    m = GPT2LMHeadModel.from_pretrained(relu_dir).eval()
+    assert m.config.activation_function == "relu"
+    return m
+
+
+@pytest.fixture(scope="module")
+def tokens():
+    """6 sequences of 20 tokens starting with BOS, one right-padded."""
+    g = torch.Generator().manual_seed(5)
+    t = torch.randint(2, 41, (6, 20), generator=g)
+    t[:, 0] = 0
+    t[3, 12:] = PAD
+    return t
+
+
+def means_for(model, tokens, hooks):
+    return mean_activations(model, tokens, hooks, batch_size=3)
+
+
+# --- the hand-written reference: plain `transformers` forward hooks ---------------------------------------
+
+def block_of(hf, hook: str):
+    """The HF module whose output is `hook` (and, for an MLP hook, whose input is the MLP input)."""
+    layer = int(hook.split(".")[1])
+    return hf.transformer.h[layer].mlp if "mlp" in hook else hf.transformer.h[layer]
+
+
+@torch.no_grad()
+def hf_capture(hf, inp, hooks):
+    """Clean activations by HF module hooks: MLP inputs (post-LayerNorm), MLP outputs, block outputs."""
+    got = {}
+
+    def make(h):
+        def fn(mod, args, out):
+            got[h] = args[0] if h.endswith("mlp.hook_in") else (out[0] if isinstance(out, tuple) else out)
+        return fn
+
+    handles = [block_of(hf, h).register_forward_hook(make(h)) for h in hooks]
+    try:
+        hf(inp)
+    finally:
+        for x in handles:
+            x.remove()
+    return got
+
+
+@torch.no_grad()
+def hf_spliced(hf, tokens, d, mode="running"):
+    """Logits with `d`'s out hooks replaced (positions ≥ 1, real tokens) by its prediction, by hand.
+
+    running: the MLP's (or block's) own input in this forward feeds the encoder, codes of
+    inputs seen so far; clean: the inputs from a clean forward."""
+    inp = torch.where(tokens == PAD, torch.zeros_like(tokens), tokens)
+    keep = (tokens != PAD)
+    keep[:, 0] = False
+    clean = hf_capture(hf, inp, d.in_hooks) if mode == "clean" else None
+    seen = {}
+
+    def replace(hook, out):
+        new = out.clone()
+        ins = clean if clean is not None else seen
+        pred = d.decode_hooks(d.encode_hooks({h: x[keep] for h, x in ins.items()}))[hook]
+        new[keep] = pred
+        return new
+
+    def make(hook):
+        def fn(mod, args, out):
+            if hook in d.in_hooks and clean is None and hook.endswith("mlp.hook_in"):
+                seen[hook] = args[0]
+            return out
+        return fn
+
+    handles = []
+    for h in d.in_hooks:  # MLP inputs are read by a hook on the MLP, before its output is replaced
+        if h.endswith("mlp.hook_in"):
+            handles.append(block_of(hf, h).register_forward_hook(make(h)))
+    for h in d.out_hooks:
+        def write(mod, args, out, h=h):
+            if h in d.in_hooks and clean is None:
+                seen[h] = out[0] if isinstance(out, tuple) else out
+            if isinstance(out, tuple):
+                return (replace(h, out[0]), *out[1:])
+            return replace(h, out)
+        handles.append(block_of(hf, h).register_forward_hook(write))
+    try:
+        return hf(inp).logits
+    finally:
+        for x in handles:
+            x.remove()
+
+
+def hf_ce_kl(hf, tokens, logits):
+    """Mean next-token CE of `logits` and KL(clean ‖ logits) over real next tokens."""
+    inp = torch.where(tokens == PAD, torch.zeros_like(tokens), tokens)
+    target = tokens[:, 1:].clone()
+    target[(tokens[:, :-1] == PAD) | (tokens[:, 1:] == PAD)] = -100
+    with torch.no_grad():
+        clean = hf(inp).logits
+    ce = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), target.reshape(-1), ignore_index=-100).item()
+    lp, lq = clean[:, :-1].log_softmax(-1), logits[:, :-1].log_softmax(-1)
+    kl = (lp.exp() * (lp - lq)).sum(-1)[target != -100].mean().item()
+    return ce, kl
+
+
+def target_for(model, d, name="d"):
+    return resolve_target(name, d, model)
+
+
+# --- transcoders ------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("mode", ["running", "clean"])
+def test_exact_transcoder_recovers_everything(model, hf, tokens, mode):
+    t = target_for(model, exact_transcoder(model, hf, 1))
+    res = evaluate(model, [t], tokens, means_for(model, tokens, [mlp_out(1)]), batch_size=4, mode=mode)
+    r = res["dictionaries"][0]
+    assert r["hooks"] == [mlp_out(1)] and r["in_hooks"] == [mlp_in(1)] and r["mode"] == mode
+    # The baselines differ from clean, so a recovery of 1 is a measurement, not 0/0.
+    assert abs(r["ce_zero"] - r["ce_clean"]) > 1e-3 and abs(r["ce_mean"] - r["ce_clean"]) > 1e-4
+    assert r["loss_recovered_zero"] == pytest.approx(1.0, abs=1e-4)
+    assert r["loss_recovered_mean"] == pytest.approx(1.0, abs=1e-3)
+    assert r["kl"] == pytest.approx(0.0, abs=1e-6) and r["acc_spliced"] == r["acc_clean"]
+    assert r["fvu_per_hook"][mlp_out(1)] == pytest.approx(0.0, abs=1e-9) and r["fvu"] == r["fvu_per_hook"][mlp_out(1)]
+    assert r["l0"] > 0 and 0 <= r["dead_frac"] < 1
+    # The hand-written HF hook with the same weights leaves the model's loss as it was.
+    ref_ce, ref_kl = hf_ce_kl(hf, tokens, hf_spliced(hf, tokens, t.dictionary, mode))
+    assert r["ce_spliced"] == pytest.approx(ref_ce, abs=1e-5) and ref_kl == pytest.approx(0.0, abs=1e-6)
+
+
+@pytest.mark.parametrize("mode", ["running", "clean"])
+def test_lossy_transcoder_equals_handwritten_hook(model, hf, tokens, mode):
+    d = exact_transcoder(model, hf, 0, scale_dec=0.6)
+    t = target_for(model, d)
+    ref = hf_spliced(hf, tokens, d, mode)
+    ours = spliced_logits(model, [t], tokens, mode=mode)
+    real = tokens != PAD
+    assert torch.allclose(ours[real], ref[real], atol=1e-5)
+    res = evaluate(model, [t], tokens, means_for(model, tokens, [mlp_out(0)]), batch_size=4, mode=mode)["dictionaries"][0]
+    ref_ce, ref_kl = hf_ce_kl(hf, tokens, ref)
+    assert ref_kl > 1e-4  # the lossy transcoder changes the output, so agreement means something
+    assert res["ce_spliced"] == pytest.approx(ref_ce, abs=1e-5) and res["kl"] == pytest.approx(ref_kl, abs=1e-6)
+    assert 0 < res["fvu"] < 1
+
+
+def test_exact_transcoders_all_at_once(model, hf, tokens):
+    ts = [target_for(model, exact_transcoder(model, hf, layer), f"tc{layer}") for layer in range(N_LAYERS)]
+    means = means_for(model, tokens, [mlp_out(i) for i in range(N_LAYERS)])
+    for mode in ("running", "clean"):
+        a = evaluate(model, ts, tokens, means, batch_size=4, mode=mode)["all"]
+        assert a["hooks"] == [mlp_out(0), mlp_out(1)] and a["mode"] == mode
+        assert a["loss_recovered_zero"] == pytest.approx(1.0, abs=1e-4) and a["kl"] == pytest.approx(0.0, abs=1e-6)
+
+
+def test_running_and_clean_differ_when_errors_compound(model, hf, tokens):
+    """Two lossy transcoders at once: in running mode layer 1 reads the input layer 0's error made."""
+    ts = [target_for(model, exact_transcoder(model, hf, layer, 0.5), f"tc{layer}") for layer in range(N_LAYERS)]
+    run = spliced_logits(model, ts, tokens, mode="running")
+    clean = spliced_logits(model, ts, tokens, mode="clean")
+    real = tokens != PAD
+    assert (run[real] - clean[real]).abs().max() > 1e-3
+    # Clean mode by hand: each MLP output from the clean MLP input of its layer.
+    inp = torch.where(tokens == PAD, torch.zeros_like(tokens), tokens)
+    keep = real.clone()
+    keep[:, 0] = False
+    xs = hf_capture(hf, inp, [mlp_in(i) for i in range(N_LAYERS)])
+    handles = []
+    for layer, t in enumerate(ts):
+        pred = t.dictionary.predict({mlp_in(layer): xs[mlp_in(layer)][keep]})[mlp_out(layer)]
+
+        def fn(mod, args, out, pred=pred):
+            new = out.clone()
+            new[keep] = pred
+            return new
+        handles.append(hf.transformer.h[layer].mlp.register_forward_hook(fn))
+    try:
+        with torch.no_grad():
+            ref = hf(inp).logits
+    finally:
+        for h in handles:
+            h.remove()
+    assert torch.allclose(clean[real], ref[real], atol=1e-5)
+
+
+# --- CLT and crosscoder -------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("mode", ["running", "clean"])
+def test_clt_equals_handwritten_hooks(model, hf, tokens, mode):
+    d = random_clt(model)
+    t = target_for(model, d)
+    assert [h.name for h in t.writes] == [mlp_out(0), mlp_out(1)]
+    ref = hf_spliced(hf, tokens, d, mode)
+    ours = spliced_logits(model, [t], tokens, mode=mode)
+    real = tokens != PAD
+    assert torch.allclose(ours[real], ref[real], atol=1e-5)
+    res = evaluate(model, [t], tokens, means_for(model, tokens, t.dictionary.out_hooks), batch_size=4, mode=mode)
+    r = res["dictionaries"][0]
+    ref_ce, ref_kl = hf_ce_kl(hf, tokens, ref)
+    assert r["mode"] == mode  # a CLT's layer-l output needs no later input: it can read the running model
+    assert r["ce_spliced"] == pytest.approx(ref_ce, abs=1e-5) and r["kl"] == pytest.approx(ref_kl, abs=1e-6)
+    assert set(r["fvu_per_hook"]) == {mlp_out(0), mlp_out(1)}
+    assert r["fvu"] == pytest.approx(sum(r["fvu_per_hook"].values()) / 2)
+    # Both MLP outputs are ablated together for the baselines: more loss than ablating either alone.
+    one = evaluate(model, [target_for(model, exact_transcoder(model, hf, 1))], tokens,
+                   means_for(model, tokens, [mlp_out(1)]), batch_size=4)["dictionaries"][0]
+    assert r["ce_zero"] != pytest.approx(one["ce_zero"], abs=1e-4)
+
+
+def test_clt_running_differs_from_clean(model, tokens):
+    t = target_for(model, random_clt(model))
+    real = tokens != PAD
+    run = spliced_logits(model, [t], tokens, mode="running")
+    clean = spliced_logits(model, [t], tokens, mode="clean")
+    assert (run[real] - clean[real]).abs().max() > 1e-3
+
+
+def test_crosscoder_replaces_all_hooks_from_clean_inputs(model, hf, tokens):
+    hooks = ["blocks.0.hook_resid_post", "blocks.1.hook_resid_post"]
+    d = random_crosscoder(model, hooks)
+    t = target_for(model, d)
+    ref = hf_spliced(hf, tokens, d, "clean")
+    real = tokens != PAD
+    for mode in ("running", "clean"):  # acausal: block 0's prediction needs block 1's input, so always clean
+        ours = spliced_logits(model, [t], tokens, mode=mode)
+        assert torch.allclose(ours[real], ref[real], atol=1e-5)
+    r = evaluate(model, [t], tokens, means_for(model, tokens, hooks), batch_size=4, mode="running")["dictionaries"][0]
+    assert r["mode"] == "clean" and r["hooks"] == hooks
+    assert r["ce_spliced"] == pytest.approx(hf_ce_kl(hf, tokens, ref)[0], abs=1e-5)
+
+
+def test_mixed_all_at_once_row(model, hf, tokens):
+    """A crosscoder and a transcoder spliced together: each row keeps its own mode, the all row says mixed."""
+    d1 = random_crosscoder(model, ["blocks.0.hook_resid_post", "blocks.1.hook_resid_post"])
+    ts = [target_for(model, d1, "xc"), target_for(model, exact_transcoder(model, hf, 1), "tc")]
+    res = evaluate(model, ts, tokens, means_for(model, tokens, [*d1.out_hooks, mlp_out(1)]), batch_size=6)
+    assert [r["mode"] for r in res["dictionaries"]] == ["clean", "running"] and res["all"]["mode"] == "mixed"
+    assert res["all"]["hooks"] == [*d1.out_hooks, mlp_out(1)]
+    # Clean inputs: each dictionary sees the same activations alone and together, so the L0s add up.
+    clean = evaluate(model, ts, tokens, means_for(model, tokens, [*d1.out_hooks, mlp_out(1)]), batch_size=6, mode="clean")
+    assert clean["all"]["mode"] == "clean"
+    assert clean["all"]["l0"] == pytest.approx(sum(r["l0"] for r in clean["dictionaries"]))
+    # Running: the transcoder reads the MLP input computed from the crosscoder's block-0 replacement.
+    assert res["all"]["l0"] != pytest.approx(clean["all"]["l0"], abs=1e-3)
+
+
+# --- refusals -----------------------------------------------------------------------------------------
+
+def test_refusals(model, hf):
+    d = exact_transcoder(model, hf, 1)
+    d.prov.in_hooks = ["blocks.7.mlp.hook_in"]
+    with pytest.raises(SaekitError, match=r"has no hook 'blocks.7.mlp.hook_in'"):
+        resolve_target("tc", d, model)
+    wide = exact_transcoder(model, hf, 1)
+    wide.dec_w, wide.dec_b = wide.dec_w[:, :-1], wide.dec_b[:-1]
+    with pytest.raises(SaekitError, match=r"writes width 31 at blocks.1.hook_mlp_out .* has width 32"):
+        resolve_target("tc", wide, model)
+    narrow = exact_transcoder(model, hf, 1)
+    narrow.cfg.d_in, narrow.enc_w = 30, narrow.enc_w[:30]
+    with pytest.raises(SaekitError, match=r"reads width 30 at blocks.1.mlp.hook_in .* has width 32"):
+        resolve_target("tc", narrow, model)
+    other = exact_transcoder(model, hf, 1)
+    other.prov.model = {**model.info.to_dict(), "fingerprint": "0" * 16, "name": "other-model"}
+    with pytest.raises(SaekitError, match=r"different models"):
+        resolve_target("tc", other, model)
+
+
+# --- the command line -----------------------------------------------------------------------------------
+
+def run_cli(args, capsys, monkeypatch):
+    """Run `saekit ARGS` in-process; returns (exit code, stdout, stderr)."""
+    import sys
+
+    from saekit_cli.main import main
+
+    monkeypatch.setattr(sys, "argv", ["saekit", *args])
+    capsys.readouterr()
+    code = 0
+    try:
+        main()
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else 1
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def test_cli_transcoder(model, hf, relu_dir, tiny_text_file, tmp_path, capsys, monkeypatch):
+    """`saekit splice-eval --dict TC --input clean|running`: the JSON layout, and one-line refusals (exit 2).
+
+    The folder's loader is replaced by the test-only transcoder (the real kinds load from disk after
+    the merge with the training side)."""
+    import saekit.interop
+
+    folder = tmp_path / "tc"
+    folder.mkdir()
+    loaded = {"tc": exact_transcoder(model, hf, 1)}
+    monkeypatch.setattr(saekit.interop, "load", lambda path, device="cpu": loaded[Path(path).name])
+    base = ["splice-eval", "--model", relu_dir, "--dict", str(folder), "--data", tiny_text_file, "--max-tokens", "200",
+            "--context-size", "16"]
+    for mode in ("clean", "running"):
+        out = tmp_path / f"{mode}.json"
+        code, stdout, err = run_cli([*base, "--input", mode, "--json", str(out)], capsys, monkeypatch)
+        assert code == 0, err
+        assert "blocks.1.mlp.hook_in → blocks.1.hook_mlp_out" in stdout
+        res = json.loads(out.read_text())
+        r = res["dictionaries"][0]
+        assert (r["mode"], r["hooks"], r["in_hooks"], res["eval"]["input"]) == (mode, [mlp_out(1)], [mlp_in(1)], mode)
+        assert r["loss_recovered_zero"] == pytest.approx(1.0, abs=1e-4) and list(r["fvu_per_hook"]) == [mlp_out(1)]
+    code, _, err = run_cli([*base, "--input", "sideways"], capsys, monkeypatch)
+    assert code == 2 and err.startswith("error:") and "running or clean" in err and len(err.strip().splitlines()) == 1
+    loaded["tc"].prov.out_hooks = ["blocks.9.hook_mlp_out"]
+    code, _, err = run_cli(base, capsys, monkeypatch)
+    assert code == 2 and "has no hook 'blocks.9.hook_mlp_out'" in err and len(err.strip().splitlines()) == 1
