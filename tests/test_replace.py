@@ -471,3 +471,126 @@ def test_cli_transcoder(model, hf, relu_dir, tiny_text_file, tmp_path, capsys, m
     loaded["tc"].prov.out_hooks = ["blocks.9.hook_mlp_out"]
     code, _, err = run_cli(base, capsys, monkeypatch)
     assert code == 2 and "has no hook 'blocks.9.hook_mlp_out'" in err and len(err.strip().splitlines()) == 1
+
+
+# --- analyze and steer ------------------------------------------------------------------------------------
+
+STORE_HOOKS = [mlp_in(1), mlp_out(1), "blocks.0.hook_resid_post", "blocks.1.hook_resid_post"]
+
+
+@pytest.fixture(scope="module")
+def relu_store(relu_dir, tiny_text_file, tmp_path_factory):
+    from saekit.harvest import HarvestConfig, harvest
+
+    out = tmp_path_factory.mktemp("relu-store") / "s"
+    cfg = HarvestConfig(model=relu_dir, hooks=STORE_HOOKS, data=tiny_text_file, context_size=24, packing="doc",
+                        tokens=900, batch_size=16, out=str(out), holdout=0.1, dtype="float32")
+    return str(harvest(cfg, progress=False))
+
+
+def stored_rows(store_dir, hooks):
+    from saekit.store import ActivationStore
+
+    st = ActivationStore(store_dir)
+    toks = st.read_tokens(0, st.n_sequences)
+    mask = torch.from_numpy(st.row_mask(toks))
+    return {h: torch.from_numpy(st.read_acts(h, 0, st.n_sequences))[mask].float() for h in hooks}
+
+
+def analyze_with(d, store_dir, out, monkeypatch):
+    """`analyze` on a test-only dictionary (the folder's loader returns it)."""
+    import saekit.interop
+    from saekit.analysis.analyze import AnalyzeConfig, analyze, load_analysis
+
+    folder = out.parent / f"{out.name}-dict"
+    folder.mkdir()
+    monkeypatch.setattr(saekit.interop, "load", lambda path, device="cpu": d)
+    analyze(AnalyzeConfig(dict=str(folder), store=store_dir, out=str(out), top_n=3, window=2, explain=False))
+    return load_analysis(out)
+
+
+def unembed_ref(lm, dirs):
+    """A residual-stream direction's logit effect as `analyze` defines it: centred, times ln_f's weight, @ W_U."""
+    gamma = dict(lm.bridge.ln_final.named_parameters())["_original_component.weight"]
+    return ((dirs - dirs.mean(-1, keepdim=True)) * gamma) @ lm.bridge.W_U
+
+
+def test_analyze_transcoder_reads_input_writes_output(model, hf, relu_store, tmp_path, monkeypatch):
+    d = exact_transcoder(model, hf, 1)
+    a = analyze_with(d, relu_store, tmp_path / "a", monkeypatch)
+    rows = stored_rows(relu_store, [mlp_in(1), mlp_out(1)])
+    codes = d.encode_hooks({mlp_in(1): rows[mlp_in(1)]})
+    # Firing counts and top activations are those of the MLP input hook's rows.
+    assert torch.equal(a.tensors["count"], (codes > 0).sum(0))
+    i = int((codes > 0).sum(0).argmax())
+    assert a.feature(a.meta["features"][i]["id"])["max"] == pytest.approx(float(codes[:, i].max()), rel=1e-3)
+    assert (a.meta["hook"], a.meta["in_hooks"], a.meta["out_hooks"]) == (mlp_in(1), [mlp_in(1)], [mlp_out(1)])
+    # Logit effects go through the decoder into hook_mlp_out (the residual stream).
+    ref = unembed_ref(model, d.dec_w[:4])
+    n = a.tensors["promote_ids"].shape[1]
+    assert torch.equal(a.tensors["promote_ids"][:4], torch.topk(ref, n, dim=1).indices)
+    html = (tmp_path / "a" / "dashboard.html").read_text()
+    assert f"reads {mlp_in(1)} → writes {mlp_out(1)}" in html
+    # A store without the input hook is refused, naming it.
+    d.prov.in_hooks = ["blocks.0.mlp.hook_in"]
+    with pytest.raises(SaekitError, match=r"reads blocks.0.mlp.hook_in, but the store has only"):
+        analyze_with(d, relu_store, tmp_path / "b", monkeypatch)
+
+
+def test_analyze_crosscoder_reads_all_hooks(model, relu_store, tmp_path, monkeypatch):
+    hooks = ["blocks.0.hook_resid_post", "blocks.1.hook_resid_post"]
+    d = random_crosscoder(model, hooks)
+    a = analyze_with(d, relu_store, tmp_path / "a", monkeypatch)
+    rows = stored_rows(relu_store, hooks)
+    with torch.no_grad():
+        both = d.encode_hooks(rows)
+        first = d.encode_hooks({hooks[0]: rows[hooks[0]]})
+    assert torch.equal(a.tensors["count"], (both > 0).sum(0))
+    assert not torch.equal((first > 0).sum(0), (both > 0).sum(0))  # one hook alone would give other contexts
+    # Logit effects: the decoder direction at the last residual-stream hook, the one the unembedding reads.
+    ref = unembed_ref(model, d.dec[1].detach()[:4])
+    n = a.tensors["promote_ids"].shape[1]
+    assert torch.equal(a.tensors["promote_ids"][:4], torch.topk(ref, n, dim=1).indices)
+    assert "blocks.1.hook_resid_post" in a.meta["logit_note"]
+
+
+def hf_greedy(hf, ids, steps, adds):
+    """Greedy continuation with `adds` {module path: vector added to its output} applied by hand."""
+    handles = []
+    for path, v in adds.items():
+        def fn(mod, args, out, v=v):
+            return (out[0] + v, *out[1:]) if isinstance(out, tuple) else out + v
+        handles.append(hf.get_submodule(path).register_forward_hook(fn))
+    try:
+        seq = ids
+        with torch.no_grad():
+            for _ in range(steps):
+                seq = torch.cat([seq, hf(seq).logits[:, -1].argmax(-1, keepdim=True)], 1)
+    finally:
+        for h in handles:
+            h.remove()
+    return seq[0, ids.shape[1]:].tolist()
+
+
+def test_steer_transcoder_and_crosscoder_write_at_out_hooks(model, hf):
+    from saekit.analysis.steer import SteerConfig, steer
+
+    tok = model.tokenizer
+    ids = torch.tensor([[model.bos_id] + tok.encode("the cat", add_special_tokens=False)])
+    text = lambda seq: "".join(tok.decode([i]) for i in seq)  # noqa: E731  (the character tokenizer has no decoder)
+    tc = exact_transcoder(model, hf, 1)
+    res = steer(SteerConfig(feature=["1.3", "1.5"], prompt="the cat", strength=30.0, max_new_tokens=6, temperature=0),
+                model=model, dictionary=tc)
+    ref = hf_greedy(hf, ids, 6, {"transformer.h.1.mlp": 30.0 * (tc.dec_w[3] + tc.dec_w[5])})
+    assert res.steered[0] == text(ref) and res.steered != res.unsteered
+    assert any(f"writes {mlp_out(1)}" in line for line in res.about)
+    hooks = ["blocks.0.hook_resid_post", "blocks.1.hook_resid_post"]
+    xc = random_crosscoder(model, hooks)
+    res = steer(SteerConfig(feature=["0.2"], prompt="the cat", strength=20.0, max_new_tokens=6, temperature=0),
+                model=model, dictionary=xc)
+    v = [xc.dec[k].detach()[2] * 20.0 for k in range(2)]
+    ref = hf_greedy(hf, ids, 6, {"transformer.h.0": v[0], "transformer.h.1": v[1]})
+    assert res.steered[0] == text(ref) and res.steered != res.unsteered
+    # Adding at one hook only would be another intervention (so the check above can fail).
+    assert text(hf_greedy(hf, ids, 6, {"transformer.h.1": v[1]})) != res.steered[0] or \
+        text(hf_greedy(hf, ids, 6, {"transformer.h.0": v[0]})) != res.steered[0]
