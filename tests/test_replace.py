@@ -594,3 +594,24 @@ def test_steer_transcoder_and_crosscoder_write_at_out_hooks(model, hf):
     # Adding at one hook only would be another intervention (so the check above can fail).
     assert text(hf_greedy(hf, ids, 6, {"transformer.h.1": v[1]})) != res.steered[0] or \
         text(hf_greedy(hf, ids, 6, {"transformer.h.0": v[0]})) != res.steered[0]
+
+
+def test_clt_logit_directions_sum_its_writes(model):
+    """A CLT latent of layer a writes to every MLP output b >= a: its direct effect is the sum of those decoders."""
+    from saekit.analysis.analyze import logit_directions, residual_directions
+    from saekit.analysis.multihook import decoder_matrix, hook_deltas
+
+    d = random_clt(model, m=8)
+    got, note = logit_directions(model.bridge, d)
+    assert got.shape == (16, model.info.d_model) and "summed" in note
+    with torch.no_grad():
+        layer0 = d.dec["0_0"] + d.dec["0_1"]  # latents 0..7
+        layer1 = d.dec["1_1"]  # latents 8..15
+    ref, _ = residual_directions(model.bridge, mlp_out(0), torch.cat([layer0, layer1]))
+    assert torch.allclose(got, ref, atol=1e-5)
+    # Steering latent 9 (layer 1) writes nothing at layer 0's MLP output.
+    deltas = hook_deltas(d, [9], 2.0)
+    assert torch.count_nonzero(deltas[mlp_out(0)]) == 0
+    assert torch.allclose(deltas[mlp_out(1)], 2.0 * d.dec["1_1"].detach()[1], atol=1e-6)
+    # Neighbours are taken over the directions at every out hook side by side.
+    assert decoder_matrix(d).shape == (16, 2 * model.info.d_model)
