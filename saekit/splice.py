@@ -550,7 +550,7 @@ def _modes(targets: list[Target], mode: str, acts: dict[str, Tensor], rows: Tens
 
 
 @torch.no_grad()
-def spliced_logits(model: LoadedModel, targets: list[Target], tokens: Tensor, *, mode: str = "running",
+def logits_with(model: LoadedModel, targets: list[Target], tokens: Tensor, *, mode: str = "running",
                    splice_bos: bool = False) -> Tensor:
     """Logits (B, T, vocab) of `model` with every target spliced in at once on `tokens` (B, T; PAD = -1).
 

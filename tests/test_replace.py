@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from saekit.dictionaries.base import DictConfig, Dictionary, Provenance
 from saekit.errors import SaekitError
 from saekit.models import load_model
-from saekit.splice import evaluate, mean_activations, resolve_target, spliced_logits
+from saekit.splice import evaluate, mean_activations, resolve_target, logits_with
 from saekit.tokens import PAD
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -294,7 +294,7 @@ def test_lossy_transcoder_equals_handwritten_hook(model, hf, tokens, mode):
     d = exact_transcoder(model, hf, 0, scale_dec=0.6)
     t = target_for(model, d)
     ref = hf_spliced(hf, tokens, d, mode)
-    ours = spliced_logits(model, [t], tokens, mode=mode)
+    ours = logits_with(model, [t], tokens, mode=mode)
     real = tokens != PAD
     assert torch.allclose(ours[real], ref[real], atol=1e-5)
     res = evaluate(model, [t], tokens, means_for(model, tokens, [mlp_out(0)]), batch_size=4, mode=mode)["dictionaries"][0]
@@ -316,8 +316,8 @@ def test_exact_transcoders_all_at_once(model, hf, tokens):
 def test_running_and_clean_differ_when_errors_compound(model, hf, tokens):
     """Two lossy transcoders at once: in running mode layer 1 reads the input layer 0's error made."""
     ts = [target_for(model, exact_transcoder(model, hf, layer, 0.5), f"tc{layer}") for layer in range(N_LAYERS)]
-    run = spliced_logits(model, ts, tokens, mode="running")
-    clean = spliced_logits(model, ts, tokens, mode="clean")
+    run = logits_with(model, ts, tokens, mode="running")
+    clean = logits_with(model, ts, tokens, mode="clean")
     real = tokens != PAD
     assert (run[real] - clean[real]).abs().max() > 1e-3
     # Clean mode by hand: each MLP output from the clean MLP input of its layer.
@@ -351,7 +351,7 @@ def test_clt_equals_handwritten_hooks(model, hf, tokens, mode):
     t = target_for(model, d)
     assert [h.name for h in t.writes] == [mlp_out(0), mlp_out(1)]
     ref = hf_spliced(hf, tokens, d, mode)
-    ours = spliced_logits(model, [t], tokens, mode=mode)
+    ours = logits_with(model, [t], tokens, mode=mode)
     real = tokens != PAD
     assert torch.allclose(ours[real], ref[real], atol=1e-5)
     res = evaluate(model, [t], tokens, means_for(model, tokens, t.dictionary.out_hooks), batch_size=4, mode=mode)
@@ -370,8 +370,8 @@ def test_clt_equals_handwritten_hooks(model, hf, tokens, mode):
 def test_clt_running_differs_from_clean(model, tokens):
     t = target_for(model, random_clt(model))
     real = tokens != PAD
-    run = spliced_logits(model, [t], tokens, mode="running")
-    clean = spliced_logits(model, [t], tokens, mode="clean")
+    run = logits_with(model, [t], tokens, mode="running")
+    clean = logits_with(model, [t], tokens, mode="clean")
     assert (run[real] - clean[real]).abs().max() > 1e-3
 
 
@@ -382,7 +382,7 @@ def test_crosscoder_replaces_all_hooks_from_clean_inputs(model, hf, tokens):
     ref = hf_spliced(hf, tokens, d, "clean")
     real = tokens != PAD
     for mode in ("running", "clean"):  # acausal: block 0's prediction needs block 1's input, so always clean
-        ours = spliced_logits(model, [t], tokens, mode=mode)
+        ours = logits_with(model, [t], tokens, mode=mode)
         assert torch.allclose(ours[real], ref[real], atol=1e-5)
     r = evaluate(model, [t], tokens, means_for(model, tokens, hooks), batch_size=4, mode="running")["dictionaries"][0]
     assert r["mode"] == "clean" and r["hooks"] == hooks
