@@ -80,7 +80,7 @@ class SpliceConfig:
     compat: bool = False
     """Load the model with TransformerLens weight processing (must match how the dictionaries were trained)."""
     input: str = field(default="running", metadata={"panel": "Data"})
-    """Where a transcoder or CLT reads its input: running (the spliced model's own activation as the pass reaches the input hook: what a model with the dictionary inside it computes, errors compounding over layers as in use; for one SAE or one transcoder alone it equals clean, since nothing upstream changed) or clean (the clean forward's, as transcoder papers report: each replaced hook's error alone).  Crosscoders always read the clean pass (they predict early hooks from later ones)."""
+    """Where a transcoder or CLT reads its input: running (the spliced model's own activations as the pass reaches them, so errors compound over layers as in use; the same as clean for one SAE or one transcoder alone, and how several SAEs were always spliced at once) or clean (the clean forward's, as transcoder papers report).  Crosscoders always read the clean pass."""
     finetuned: str | None = None
     """A `saekit finetune --out` folder: evaluate its codebooks in its model and report the talk's table (loss and accuracy of the original model, the model fine-tuned without codebooks, the codebook model) on the same tokens (default: the run's held-out sequences)."""
 

@@ -615,3 +615,22 @@ def test_clt_logit_directions_sum_its_writes(model):
     assert torch.allclose(deltas[mlp_out(1)], 2.0 * d.dec["1_1"].detach()[1], atol=1e-6)
     # Neighbours are taken over the directions at every out hook side by side.
     assert decoder_matrix(d).shape == (16, 2 * model.info.d_model)
+
+
+def test_store_gives_tokens_and_means_of_the_replaced_hooks(model, hf, relu_store, monkeypatch):
+    """With --store: the eval split's tokens, and the store's mean of the OUT hook for mean-ablation."""
+    import saekit.interop
+    from saekit.splice import SpliceConfig, splice_eval, store_tokens
+    from saekit.store import ActivationStore
+
+    d = exact_transcoder(model, hf, 1, scale_dec=0.8)
+    monkeypatch.setattr(saekit.interop, "load", lambda path, device="cpu": d)
+    res = splice_eval(SpliceConfig(dicts=[relu_store], store=relu_store, batch_size=4, input="clean"))
+    st = ActivationStore(relu_store)
+    mean = torch.from_numpy(st.stats(mlp_out(1))["mean"]).float()
+    tokens = store_tokens(st, 32768)
+    assert not torch.allclose(mean, means_for(model, tokens, [mlp_out(1)])[mlp_out(1)], atol=1e-4)
+    ref = evaluate(model, [target_for(model, d)], tokens, {mlp_out(1): mean}, batch_size=4, mode="clean")
+    r, q = res["dictionaries"][0], ref["dictionaries"][0]
+    assert r["ce_mean"] == pytest.approx(q["ce_mean"], abs=1e-6) and r["ce_spliced"] == pytest.approx(q["ce_spliced"], abs=1e-6)
+    assert res["source"] == {"store": relu_store, "split": "eval"} and r["mode"] == "clean"
