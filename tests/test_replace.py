@@ -113,13 +113,13 @@ def exact_transcoder(model, hf, layer, scale_dec=1.0):
 
 def random_clt(model, m=48, seed=0):
     g = torch.Generator().manual_seed(seed)
-    d = model.info.d_model
-    enc = [torch.randn(d, m, generator=g) / d**0.5 for _ in range(N_LAYERS)]
-    enc_b = [torch.randn(m, generator=g) * 0.1 for _ in range(N_LAYERS)]
-    dec = {(a, b): torch.randn(m, d, generator=g) / m**0.5 for b in range(N_LAYERS) for a in range(b + 1)}
-    dec_b = [torch.randn(d, generator=g) * 0.1 for _ in range(N_LAYERS)]
-    cfg = DictConfig(kind="relu", d_in=d, d_dict=m * N_LAYERS)
-    ins, outs = [mlp_in(i) for i in range(N_LAYERS)], [mlp_out(i) for i in range(N_LAYERS)]
+    d, n = model.info.d_model, model.info.n_layers
+    enc = [torch.randn(d, m, generator=g) / d**0.5 for _ in range(n)]
+    enc_b = [torch.randn(m, generator=g) * 0.1 for _ in range(n)]
+    dec = {(a, b): torch.randn(m, d, generator=g) / m**0.5 for b in range(n) for a in range(b + 1)}
+    dec_b = [torch.randn(d, generator=g) * 0.1 for _ in range(n)]
+    cfg = DictConfig(kind="relu", d_in=d, d_dict=m * n)
+    ins, outs = [mlp_in(i) for i in range(n)], [mlp_out(i) for i in range(n)]
     return CLT(cfg, prov_for(model, ins, outs), enc, enc_b, dec, dec_b)
 
 
@@ -471,6 +471,10 @@ def test_cli_transcoder(model, hf, relu_dir, tiny_text_file, tmp_path, capsys, m
     loaded["tc"].prov.out_hooks = ["blocks.9.hook_mlp_out"]
     code, _, err = run_cli(base, capsys, monkeypatch)
     assert code == 2 and "has no hook 'blocks.9.hook_mlp_out'" in err and len(err.strip().splitlines()) == 1
+    loaded["tc"] = exact_transcoder(model, hf, 1)
+    loaded["tc"].prov.model = {**model.info.to_dict(), "fingerprint": "f" * 16}
+    code, _, err = run_cli(base, capsys, monkeypatch)
+    assert code == 2 and "different models" in err and len(err.strip().splitlines()) == 1
 
 
 # --- analyze and steer ------------------------------------------------------------------------------------
