@@ -12,6 +12,13 @@ ablated (zeros, or the hook's mean activation):
 plus ΔCE, KL(clean ‖ spliced), next-token accuracy, and the dictionary's L0, FVU and dead
 fraction on the same positions.  Every number comes from `saekit.metrics`.
 
+A dictionary that reads some hooks and writes others (the `Dictionary` hook interface) replaces
+all its out hooks in one pass: a transcoder its MLP's output, from the MLP input; a CLT every
+MLP output; a crosscoder all its hooks.  Its inputs come from the clean pass (`--input clean`)
+or from the spliced pass as it runs (`running`: an out hook is predicted from the inputs read
+before it, so a CLT's layer l uses codes of layers <= l); the ablation baselines ablate all
+its out hooks at once, and FVU is reported per out hook.
+
 Cost: per batch the clean forward runs once and is shared by every intervention.  An
 intervention on a hook in block L changes nothing below it, so its forward starts from
 the clean residual entering block L (`bridge(resid, start_at_layer=L)`).  TransformerLens
