@@ -67,7 +67,7 @@ def out_directions(d, indices: list[int] | Tensor | None = None, chunk: int = 40
     for s in range(0, len(idx), chunk):
         part = idx[s : s + chunk]
         codes = torch.zeros(len(part), d_dict, device=dev)
-        codes[torch.arange(len(part)), part.to(dev)] = 1.0
+        codes[torch.arange(len(part), device=dev), part.to(dev)] = 1.0
         pred = d.decode_hooks(codes)
         yield part, {h: (pred[h].float() - base[h]).cpu() for h in out_hooks(d)}
 
