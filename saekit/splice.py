@@ -384,14 +384,17 @@ def _check_widths(name: str, d, model: LoadedModel, ins: list[HookSpec], outs: l
     fix = "use a dictionary trained on these hooks of this model"
     ref = next(iter(d.buffers()), None)
     dev = ref.device if ref is not None else torch.device("cpu")
-    d_in = int(d.cfg.d_in)
-    for h in ins:
-        if d_in == h.width:
+    widths = list(getattr(d.cfg, "in_widths", None) or [])  # per in hook; else every in hook has d_in
+    for i, h in enumerate(ins):
+        want = widths[i] if i < len(widths) else int(d.cfg.d_in)
+        if want == h.width:
             continue
         try:  # d_in may mean something else for this kind: the encoder is the judge
             d.encode_hooks({h.name: torch.zeros(1, h.width, device=dev)})
+            if widths:
+                raise ValueError
         except Exception:
-            raise SaekitError(f"dictionary {name} reads width {d_in} at {h.name} but that hook of model {model.info.name} "
+            raise SaekitError(f"dictionary {name} reads width {want} at {h.name} but that hook of model {model.info.name} "
                               f"has width {h.width}; {fix}") from None
     pred = d.decode_hooks(torch.zeros(1, int(d.cfg.d_dict), device=dev))
     for h in outs:
@@ -436,14 +439,18 @@ class _Stats:
         return float(np.mean(list(self.fvu_per_hook().values())))
 
 
-def _predict(t: Target, inputs: dict[str, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
-    """Codes (n, d_dict) and {out hook: x̂ rows (n, width)} from {in hook: rows}, all in the hooks' original units."""
+def _predict(t: Target, inputs: dict[str, Tensor], codes: bool = True) -> tuple[Tensor | None, dict[str, Tensor]]:
+    """Codes (n, d_dict) (None unless `codes`) and {out hook: x̂ rows (n, width)} from {in hook: rows}, original units.
+
+    Predictions come from `predict`, not `decode_hooks(encode_hooks(.))`: a skip transcoder's
+    prediction adds a linear term of its input that its codes do not carry.
+    """
     d = t.dictionary
     if t.single:  # the dictionary's own forward, as SAEs and codebooks have always been spliced
         out = d(inputs[t.hook.name].float())
         return out.codes, {t.hook.name: out.x_hat}
-    codes = d.encode_hooks({h: x.float() for h, x in inputs.items()})
-    return codes, d.decode_hooks(codes)
+    x = {h: v.float() for h, v in inputs.items()}
+    return (d.encode_hooks(x) if codes else None), d.predict(x)
 
 
 class _Replacement:
@@ -471,9 +478,9 @@ class _Replacement:
         """x̂ rows for `hook`, whose activation on the spliced rows would have been `rows`."""
         if self.mode == "clean":
             return self.pred[hook]
-        codes, pred = _predict(self.t, self.inputs)
+        codes, pred = _predict(self.t, self.inputs, codes=hook == self.last)
         self.stats.add_hook(hook, rows, pred[hook])
-        if hook == self.last:
+        if codes is not None:
             self.stats.add_codes(codes)
         return pred[hook]
 
@@ -543,8 +550,8 @@ def reads_running(t: Target, acts: dict[str, Tensor], rows: Tensor, order: list[
             return False
         if len(before) == len(ins):
             continue
-        pred = pred or _predict(t, full)[1]
-        part = _predict(t, {h: full[h] for h in before})[1][o.name]
+        pred = pred or _predict(t, full, codes=False)[1]
+        part = _predict(t, {h: full[h] for h in before}, codes=False)[1][o.name]
         a = pred[o.name]
         if not torch.allclose(part, a, rtol=1e-4, atol=1e-5 * (1 + (float(a.abs().max()) if a.numel() else 0.0))):
             return False

@@ -103,13 +103,16 @@ def check_hooks_in_store(d, store) -> list[str]:
     if is_single(d):
         return hooks
     dev = _device(d)
-    for h in hooks:
-        width = store.hook_width(h)
-        if width == int(d.cfg.d_in):
+    widths = list(getattr(d.cfg, "in_widths", None) or [])  # per in hook; else every in hook has d_in
+    for i, h in enumerate(hooks):
+        width, want = store.hook_width(h), widths[i] if i < len(widths) else int(d.cfg.d_in)
+        if width == want:
             continue
         try:  # d_in may mean something else for this kind: the encoder is the judge
             d.encode_hooks({h: torch.zeros(1, width, device=dev)})
+            if widths:
+                raise ValueError
         except Exception:
-            raise SaekitError(f"the dictionary expects width {d.cfg.d_in} at {h}, the store has {width}; "
+            raise SaekitError(f"the dictionary expects width {want} at {h}, the store has {width}; "
                               "they come from different models") from None
     return hooks
