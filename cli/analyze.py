@@ -39,7 +39,7 @@ def register(app) -> None:
     @app.command("steer")
     @config_options("saekit.analysis.steer:SteerConfig")
     def steer_cmd(cfg):
-        """Generate with features switched on (SAE: direction added; codebook: codes forced on), beside the unsteered text.
+        """Generate with features switched on (SAE: direction added; codebook: codes forced on; transcoder, crosscoder, CLT: direction added at each hook it writes), beside the unsteered text.
 
         With --topic REGEX --store DIR: find the features that best detect the topic in the store's text, switch them on
         over held-out prompts that are off topic, and report the share of on-topic continuations, steered vs unsteered.

@@ -12,6 +12,13 @@ ablated (zeros, or the hook's mean activation):
 plus ΔCE, KL(clean ‖ spliced), next-token accuracy, and the dictionary's L0, FVU and dead
 fraction on the same positions.  Every number comes from `saekit.metrics`.
 
+A dictionary that reads some hooks and writes others (the `Dictionary` hook interface) replaces
+all its out hooks in one pass: a transcoder its MLP's output, from the MLP input; a CLT every
+MLP output; a crosscoder all its hooks.  Its inputs come from the clean pass (`--input clean`)
+or from the spliced pass as it runs (`running`: an out hook is predicted from the inputs read
+before it, so a CLT's layer l uses codes of layers <= l); the ablation baselines ablate all
+its out hooks at once, and FVU is reported per out hook.
+
 Cost: per batch the clean forward runs once and is shared by every intervention.  An
 intervention on a hook in block L changes nothing below it, so its forward starts from
 the clean residual entering block L (`bridge(resid, start_at_layer=L)`).  TransformerLens
@@ -44,6 +51,7 @@ METRIC_KEYS = (
     "ce_clean", "ce_spliced", "ce_zero", "ce_mean", "loss_recovered_zero", "loss_recovered_mean",
     "delta_ce", "kl", "acc_clean", "acc_spliced", "l0", "fvu", "dead_frac",
 )
+MODES = ("running", "clean")
 
 
 @dataclass
@@ -78,6 +86,8 @@ class SpliceConfig:
     """Device for the model and the dictionaries: cpu, cuda, cuda:1, ... or auto (cuda when available)."""
     compat: bool = False
     """Load the model with TransformerLens weight processing (must match how the dictionaries were trained)."""
+    input: str = field(default="running", metadata={"panel": "Data"})
+    """Where a transcoder or CLT reads its input: running (the spliced model's own activations as the pass reaches them, so errors compound over layers as in use; the same as clean for one SAE or one transcoder alone, and how several SAEs were always spliced at once) or clean (the clean forward's, as transcoder papers report).  Crosscoders always read the clean pass."""
     finetuned: str | None = None
     """A `saekit finetune --out` folder: evaluate its codebooks in its model and report the talk's table (loss and accuracy of the original model, the model fine-tuned without codebooks, the codebook model) on the same tokens (default: the run's held-out sequences)."""
 
@@ -92,6 +102,8 @@ class SpliceConfig:
             raise ValueError(f"context_size must be 0 (automatic) or at least 2, got {self.context_size}")
         if self.packing not in ("concat", "doc"):
             raise ValueError(f"packing {self.packing!r} is not concat or doc")
+        if self.input not in MODES:
+            raise ValueError(f"input {self.input!r} is not {' or '.join(MODES)}")
 
 
 @dataclass
@@ -102,7 +114,24 @@ class Target:
     """How results name it (the folder path as given)."""
     dictionary: nn.Module
     hook: HookSpec
-    """The hook it replaces; `hook.shape` is the per-position shape to unflatten x̂ to."""
+    """The (first) hook it replaces; `hook.shape` is the per-position shape to unflatten x̂ to."""
+    ins: list[HookSpec] = field(default_factory=list)
+    """Hooks it reads (a transcoder: the MLP input); empty = [hook] (an SAE)."""
+    outs: list[HookSpec] = field(default_factory=list)
+    """Hooks it replaces, all at once (a CLT: every MLP output); empty = [hook]."""
+
+    @property
+    def reads(self) -> list[HookSpec]:
+        return self.ins or [self.hook]
+
+    @property
+    def writes(self) -> list[HookSpec]:
+        return self.outs or [self.hook]
+
+    @property
+    def single(self) -> bool:
+        """Reads and replaces one hook (an SAE or codebook): spliced through the dictionary's own forward."""
+        return [h.name for h in self.reads] == [h.name for h in self.writes] and len(self.writes) == 1
 
 
 # --- pure helpers ----------------------------------------------------------------------------
@@ -217,16 +246,25 @@ class Runner:
         layer = min(hook_layer(h) for h, _ in fwd_hooks)
         if self.fast is False or layer not in self.start_layers or layer not in resid:
             return self.bridge.run_with_hooks(inp, fwd_hooks=fwd_hooks)
+        if self.fast is None:
+            self._check(inp, resid, layer)
         if self.fast:
             return self._fast_run(resid[layer], layer, fwd_hooks)
-        # First use: compare with a full forward once; any difference (or failure) → full forwards from now on.
-        full = self.bridge.run_with_hooks(inp, fwd_hooks=fwd_hooks)
+        return self.bridge.run_with_hooks(inp, fwd_hooks=fwd_hooks)
+
+    def _check(self, inp: Tensor, resid: dict[int, Tensor], layer: int) -> None:
+        """First use: a restarted and a full forward with a probe hook must agree, or full forwards from now on.
+
+        The probe (halving the residual entering `layer`) checks that hooks run in the restarted
+        pass; the caller's own hooks run once per pass, since they may record statistics.
+        """
+        probe = [(f"blocks.{layer}.hook_resid_pre", lambda act, hook: act * 0.5)]
+        full = self.bridge.run_with_hooks(inp, fwd_hooks=probe)
         try:
-            fast = self._fast_run(resid[layer], layer, fwd_hooks)
+            fast = self._fast_run(resid[layer], layer, probe)
             self.fast = bool((fast - full).abs().max() <= 1e-4 * (1 + full.abs().max()))
         except Exception:  # an architecture the restart path does not support: full forwards are always right
             self.fast = False
-        return full
 
 
 # --- evaluation tokens and ablation means -------------------------------------------------------
@@ -305,16 +343,27 @@ def sweep_dictionaries(root: str | os.PathLike) -> list[Path]:
 
 
 def resolve_target(name: str, d, model: LoadedModel) -> Target:
-    """Check a dictionary against the loaded model and find its hook; one-line errors naming both sides."""
+    """Check a dictionary against the loaded model and find its hooks; one-line errors naming both sides."""
     prov = d.prov
-    if not prov.hook:
+    ins, outs = list(getattr(d, "in_hooks", [prov.hook])), list(getattr(d, "out_hooks", [prov.hook]))
+    if not prov.hook or not all(ins + outs):
         raise SaekitError(f"dictionary {name} does not record which hook it was trained on; it cannot be spliced")
     check_model(f"dictionary {name}", prov.model, model.info)
-    try:
-        check_hook_names(model.bridge, [prov.hook])
-    except SaekitError as e:
-        raise SaekitError(f"dictionary {name}: the model {model.info.name} has no hook {prov.hook!r} ({e})") from None
-    spec = resolve_hooks(model, [prov.hook])[0]
+    names = list(dict.fromkeys(ins + outs))
+    for h in names:
+        try:
+            check_hook_names(model.bridge, [h])
+        except SaekitError as e:
+            raise SaekitError(f"dictionary {name}: the model {model.info.name} has no hook {h!r} ({e})") from None
+    specs = dict(zip(names, resolve_hooks(model, names)))
+    if ins == outs and len(outs) == 1:
+        return _resolve_single(name, d, model, specs[prov.hook])
+    _check_widths(name, d, model, [specs[h] for h in ins], [specs[h] for h in outs])
+    return Target(name=name, dictionary=d, hook=specs[outs[0]], ins=[specs[h] for h in ins], outs=[specs[h] for h in outs])
+
+
+def _resolve_single(name: str, d, model: LoadedModel, spec: HookSpec) -> Target:
+    prov = d.prov
     d_in = int(d.cfg.d_in)
     if d_in != spec.width:
         raise SaekitError(
@@ -329,44 +378,214 @@ def resolve_target(name: str, d, model: LoadedModel) -> Target:
     return Target(name=name, dictionary=d, hook=spec)
 
 
+@torch.no_grad()
+def _check_widths(name: str, d, model: LoadedModel, ins: list[HookSpec], outs: list[HookSpec]) -> None:
+    """A multi-hook dictionary's widths against the model's hooks: inputs by encoding a zero row, outputs by decoding zero codes."""
+    fix = "use a dictionary trained on these hooks of this model"
+    ref = next(iter(d.buffers()), None)
+    dev = ref.device if ref is not None else torch.device("cpu")
+    widths = list(getattr(d.cfg, "in_widths", None) or [])  # per in hook; else every in hook has d_in
+    for i, h in enumerate(ins):
+        want = widths[i] if i < len(widths) else int(d.cfg.d_in)
+        if want == h.width:
+            continue
+        try:  # d_in may mean something else for this kind: the encoder is the judge
+            d.encode_hooks({h.name: torch.zeros(1, h.width, device=dev)})
+            if widths:
+                raise ValueError
+        except Exception:
+            raise SaekitError(f"dictionary {name} reads width {want} at {h.name} but that hook of model {model.info.name} "
+                              f"has width {h.width}; {fix}") from None
+    pred = d.decode_hooks(torch.zeros(1, int(d.cfg.d_dict), device=dev))
+    for h in outs:
+        if h.name not in pred:
+            raise SaekitError(f"dictionary {name} lists {h.name} among its out hooks but predicts no activation for it; "
+                              "the dictionary's files are inconsistent, retrain or re-export it")
+        w = int(pred[h.name].shape[-1])
+        if w != h.width:
+            raise SaekitError(f"dictionary {name} writes width {w} at {h.name} but that hook of model {model.info.name} "
+                              f"has width {h.width}; {fix}")
+
+
 # --- the evaluation ----------------------------------------------------------------------------
 
 class _Stats:
     """Running sums for one row of the report (one dictionary, or all at once)."""
 
-    def __init__(self, d_dict: int):
+    def __init__(self, d_dict: int, hooks: list[str]):
         self.ce_spliced = self.kl = self.correct = 0.0
         self.l0_sum = 0.0
         self.rows = 0
-        self.fvu = metrics.FVUAccumulator()
+        self.fvu = {h: metrics.FVUAccumulator() for h in hooks}
+        """Per replaced hook: the activation it would have had vs what replaced it."""
         self.fires = torch.zeros(d_dict, dtype=torch.long)
 
-    def add_codes(self, x: Tensor, x_hat: Tensor, codes: Tensor) -> None:
-        if x.shape[0] == 0:
+    def add_hook(self, hook: str, x: Tensor, x_hat: Tensor) -> None:
+        if x.shape[0]:
+            self.fvu[hook].update(x, x_hat)
+
+    def add_codes(self, codes: Tensor) -> None:
+        if codes.shape[0] == 0:
             return
-        self.fvu.update(x, x_hat)
         self.l0_sum += metrics.l0(codes) * codes.shape[0]
         self.rows += codes.shape[0]
         self.fires += (codes != 0).sum(0).cpu()
 
+    def fvu_per_hook(self) -> dict[str, float]:
+        return {h: acc.value() for h, acc in self.fvu.items()}
 
-def _apply(d: nn.Module, stats: _Stats | None) -> Callable[[Tensor], Tensor]:
-    """rows (n, width) → x̂ rows, recording L0/FVU/firing into `stats`."""
-
-    def fn(rows: Tensor) -> Tensor:
-        out = d(rows.float())
-        if stats is not None:
-            stats.add_codes(rows, out.x_hat, out.codes)
-        return out.x_hat
-
-    return fn
+    def fvu_mean(self) -> float:
+        """A multi-hook dictionary's FVU: the mean over its hooks (as "all at once" averages dictionaries)."""
+        return float(np.mean(list(self.fvu_per_hook().values())))
 
 
-def _hook_fn(mask: Tensor, fn: Callable[[Tensor], Tensor]):
-    def hook(act, hook):
-        return replace_rows(act, mask, fn)
+def _predict(t: Target, inputs: dict[str, Tensor], codes: bool = True) -> tuple[Tensor | None, dict[str, Tensor]]:
+    """Codes (n, d_dict) (None unless `codes`) and {out hook: x̂ rows (n, width)} from {in hook: rows}, original units.
 
-    return hook
+    Predictions come from `predict`, not `decode_hooks(encode_hooks(.))`: a skip transcoder's
+    prediction adds a linear term of its input that its codes do not carry.
+    """
+    d = t.dictionary
+    if t.single:  # the dictionary's own forward, as SAEs and codebooks have always been spliced
+        out = d(inputs[t.hook.name].float())
+        return out.codes, {t.hook.name: out.x_hat}
+    x = {h: v.float() for h, v in inputs.items()}
+    return (d.encode_hooks(x) if codes else None), d.predict(x)
+
+
+class _Replacement:
+    """One dictionary inside one forward pass.
+
+    clean: every prediction comes from the clean pass's activations (computed up front);
+    running: each in hook is read as the pass reaches it, and an out hook's prediction uses
+    the inputs read so far (a CLT's layer l: codes of layers <= l; a transcoder: its MLP input).
+    FVU compares a prediction with the activation the hook would have had in this pass; L0 is
+    of the codes behind the last replaced hook (a CLT's: every layer's).
+    """
+
+    def __init__(self, t: Target, mode: str, stats: _Stats, mask: Tensor, acts: dict[str, Tensor], order: list[str]):
+        self.t, self.mode, self.stats = t, mode, stats
+        self.inputs: dict[str, Tensor] = {}
+        self.pred: dict[str, Tensor] = {}
+        self.last = max((h.name for h in t.writes), key=order.index)
+        if mode == "clean":
+            codes, self.pred = _predict(t, {h.name: acts[h.name][mask] for h in t.reads})
+            for h in t.writes:
+                stats.add_hook(h.name, acts[h.name][mask], self.pred[h.name])
+            stats.add_codes(codes)
+
+    def write(self, hook: str, rows: Tensor) -> Tensor:
+        """x̂ rows for `hook`, whose activation on the spliced rows would have been `rows`."""
+        if self.mode == "clean":
+            return self.pred[hook]
+        codes, pred = _predict(self.t, self.inputs, codes=hook == self.last)
+        self.stats.add_hook(hook, rows, pred[hook])
+        if codes is not None:
+            self.stats.add_codes(codes)
+        return pred[hook]
+
+
+def _splice_hooks(reps: list[_Replacement], mask: Tensor) -> list:
+    """One hook function per hook name: record running inputs, write predictions on the `mask` (B, T) rows.
+
+    A hook that a dictionary both reads and writes (an SAE) is read before it is written;
+    other dictionaries reading it see the replacement, as the spliced model does.
+    """
+    writers = {h.name: r for r in reps for h in r.t.writes}
+    readers: dict[str, list[_Replacement]] = {}
+    for r in reps:
+        if r.mode == "running":
+            for h in r.t.reads:
+                readers.setdefault(h.name, []).append(r)
+
+    def make(name: str):
+        w, rs = writers.get(name), readers.get(name, [])
+
+        def fn(act, hook):
+            flat = act.reshape(*act.shape[:2], -1)  # (B, T, width)
+            rows = flat[mask]
+            if any(r is w for r in rs):
+                w.inputs[name] = rows
+            out = act
+            if w is not None:
+                new = flat.clone()
+                new[mask] = w.write(name, rows).to(new.dtype)
+                rows = new[mask]
+                out = unflatten(new, list(act.shape[2:]))
+            for r in rs:
+                if r is not w:
+                    r.inputs[name] = rows
+            return out
+
+        return fn
+
+    return [(n, make(n)) for n in dict.fromkeys([*writers, *readers])]
+
+
+def _ablate(hooks, mask: Tensor, means: dict[str, Tensor] | None) -> list:
+    """Hooks replacing the `mask` rows of each hook by zeros (means None) or by the hook's mean."""
+    def make(h):
+        def fn(act, hook):
+            flat = act.reshape(*act.shape[:2], -1)
+            out = flat.clone()
+            out[mask] = 0.0 if means is None else means[h].to(out.dtype)
+            return unflatten(out, list(act.shape[2:]))
+        return fn
+
+    return [(h, make(h)) for h in hooks]
+
+
+@torch.no_grad()
+def reads_running(t: Target, acts: dict[str, Tensor], rows: Tensor, order: list[str]) -> bool:
+    """Whether `t` can read its inputs as the model runs: each out hook's prediction from the inputs the model
+    computes before it must equal the one from all of them.  Always so when every input comes first (SAE,
+    transcoder); checked on these `rows` (B, T) of `acts` otherwise: a CLT passes, a crosscoder across layers fails."""
+    pos = {h: i for i, h in enumerate(order)}
+    ins = [h.name for h in t.reads]
+    full = {h: acts[h][rows] for h in ins}
+    pred = None
+    for o in t.writes:
+        before = [h for h in ins if pos[h] <= pos[o.name]]
+        if not before:
+            return False
+        if len(before) == len(ins):
+            continue
+        pred = pred or _predict(t, full, codes=False)[1]
+        part = _predict(t, {h: full[h] for h in before}, codes=False)[1][o.name]
+        a = pred[o.name]
+        if not torch.allclose(part, a, rtol=1e-4, atol=1e-5 * (1 + (float(a.abs().max()) if a.numel() else 0.0))):
+            return False
+    return True
+
+
+def _modes(targets: list[Target], mode: str, acts: dict[str, Tensor], rows: Tensor, order: list[str]) -> list[str]:
+    """Each target's input mode: `mode`, except clean for one that cannot read running inputs."""
+    return [mode if mode == "clean" or reads_running(t, acts, rows, order) else "clean" for t in targets]
+
+
+@torch.no_grad()
+def logits_with(model: LoadedModel, targets: list[Target], tokens: Tensor, *, mode: str = "running",
+                   splice_bos: bool = False) -> Tensor:
+    """Logits (B, T, vocab) of `model` with every target spliced in at once on `tokens` (B, T; PAD = -1).
+
+    The replacement `evaluate` measures, from one full forward (no restart): for notebooks and
+    for checks against other implementations of the same splice.
+    """
+    if mode not in MODES:
+        raise SaekitError(f"splice mode {mode!r} is not {' or '.join(MODES)}")
+    device = next(model.bridge.parameters()).device
+    tok = tokens.to(device)
+    inp = model_input(tok, model.bos_id)
+    mask = row_mask(tok, skip_bos=not splice_bos)
+    for t in targets:
+        t.dictionary.to(device).eval()
+    runner = Runner(model.bridge, set())
+    _, acts, _ = runner.clean(inp, list(dict.fromkeys(h.name for t in targets for h in t.reads + t.writes)))
+    order = list(acts)
+    modes = _modes(targets, mode, acts, row_mask(tok, skip_bos=False), order)
+    reps = [_Replacement(t, m, _Stats(int(t.dictionary.cfg.d_dict), [h.name for h in t.writes]), mask, acts, order)
+            for t, m in zip(targets, modes)]
+    return model.bridge.run_with_hooks(inp, fwd_hooks=_splice_hooks(reps, mask))
 
 
 @torch.no_grad()
@@ -378,35 +597,45 @@ def evaluate(
     *,
     splice_bos: bool = False,
     batch_size: int = 8,
+    mode: str = "running",
     progress: Callable[[int, int], None] | None = None,
 ) -> dict:
     """Splice each target (and all at once) into `model` on `tokens` (n_seq, T; PAD = -1) and report the metrics.
 
-    `means` maps each hook to its mean activation (width,) for mean-ablation.  Returns
-    {"dictionaries": [row per target], "all": row or None, "eval": {...}}, a row holding
-    `METRIC_KEYS` (plus dict/hook for per-dictionary rows).  "all" splices every target at
-    once: its L0 is the sum over dictionaries (active latents per token in the whole model),
-    its FVU the mean of the dictionaries' FVUs, its dead fraction over all latents pooled, all
-    measured on the activations each dictionary sees in the spliced model.  It is None when
-    two targets share a hook (they cannot both replace it).
+    `means` maps each replaced hook to its mean activation (width,) for mean-ablation; `mode`
+    says where transcoders and CLTs read their inputs (running | clean, see SpliceConfig.input;
+    a target that cannot read running inputs, a crosscoder, reads the clean pass and its row
+    says so).  Returns {"dictionaries": [row per target], "all": row or None, "eval": {...}},
+    a row holding `METRIC_KEYS` plus "hooks" (what it replaces, ablated together for the
+    loss-recovered baselines), "fvu_per_hook" and "mode" (per-dictionary rows also "dict",
+    "hook" = hooks[0], "in_hooks").  "all" splices every target at once: its L0 is the sum
+    over dictionaries (active latents per token in the whole model), its FVU the mean of the
+    dictionaries' FVUs, its dead fraction over all latents pooled.  It is None when two
+    targets replace the same hook.
     """
+    if mode not in MODES:
+        raise SaekitError(f"splice mode {mode!r} is not {' or '.join(MODES)}")
     if tokens.numel() == 0 or int(scored_mask(tokens).sum()) == 0:
         raise SaekitError("no evaluation tokens: the data gave no sequence with a next token to predict; pass more text or a store with an eval split")
     bridge = model.bridge
     device = next(bridge.parameters()).device
-    hooks = list(dict.fromkeys(t.hook.name for t in targets))
-    distinct = len(hooks) == len(targets)
+    outs = [tuple(h.name for h in t.writes) for t in targets]
+    hooks = list(dict.fromkeys(h for o in outs for h in o))
+    read = [h.name for t in targets for h in t.reads]
+    distinct = len(hooks) == sum(len(o) for o in outs)
     multi = distinct and len(targets) > 1
-    runner = Runner(bridge, {t.hook.layer for t in targets})
+    groups = list(dict.fromkeys(outs))  # hook sets ablated together (one per dictionary)
+    runner = Runner(bridge, {h.layer for t in targets for h in t.reads + t.writes})
     for t in targets:
         t.dictionary.to(device).eval()
     mean_dev = {h: means[h].to(device) for h in hooks}
 
-    per = [_Stats(int(t.dictionary.cfg.d_dict)) for t in targets]
-    together = [_Stats(int(t.dictionary.cfg.d_dict)) for t in targets] if multi else None
+    per = [_Stats(int(t.dictionary.cfg.d_dict), list(o)) for t, o in zip(targets, outs)]
+    together = [_Stats(int(t.dictionary.cfg.d_dict), list(o)) for t, o in zip(targets, outs)] if multi else None
+    modes: list[str] | None = None
     ce_clean = acc_clean = 0.0
-    ce_zero = dict.fromkeys(hooks, 0.0)
-    ce_mean = dict.fromkeys(hooks, 0.0)
+    ce_zero = dict.fromkeys(groups, 0.0)
+    ce_mean = dict.fromkeys(groups, 0.0)
     all_ce = {"spliced": 0.0, "zero": 0.0, "mean": 0.0, "kl": 0.0, "correct": 0.0}
     n_scored = 0
     n_tokens_total = int((tokens != PAD).sum())
@@ -428,32 +657,31 @@ def evaluate(
         def kl(clean, other):
             return float(metrics.kl_per_token(clean, other)[:, :-1][scored].double().sum())
 
-        logits, acts, resid = runner.clean(inp, hooks)
+        logits, acts, resid = runner.clean(inp, list(dict.fromkeys(read + hooks)))
         ce_clean += ce(logits)
         acc_clean += acc(logits)
+        order = list(acts)  # the hooks in the order the forward pass reaches them
+        if modes is None:
+            modes = _modes(targets, mode, acts, row_mask(tok, skip_bos=False), order)
 
-        for h in hooks:
-            ce_zero[h] += ce(runner.run(inp, resid, [(h, _hook_fn(mask, torch.zeros_like))]))
-            m = mean_dev[h]
-            ce_mean[h] += ce(runner.run(inp, resid, [(h, _hook_fn(mask, lambda rows, m=m: m.expand_as(rows)))]))
+        for g in groups:
+            ce_zero[g] += ce(runner.run(inp, resid, _ablate(g, mask, None)))
+            ce_mean[g] += ce(runner.run(inp, resid, _ablate(g, mask, mean_dev)))
 
-        for t, st in zip(targets, per):
-            # The hook's input is the clean activation (nothing upstream changed), so metrics come from `acts`.
-            precomputed = replace_rows(acts[t.hook.name], mask, _apply(t.dictionary, st))
-            spliced = runner.run(inp, resid, [(t.hook.name, lambda act, hook, r=precomputed: r.reshape(act.shape))])
+        for t, st, m in zip(targets, per, modes):
+            spliced = runner.run(inp, resid, _splice_hooks([_Replacement(t, m, st, mask, acts, order)], mask))
             st.ce_spliced += ce(spliced)
             st.correct += acc(spliced)
             st.kl += kl(logits, spliced)
 
         if multi:
-            spliced = runner.run(inp, resid, [(t.hook.name, _hook_fn(mask, _apply(t.dictionary, st))) for t, st in zip(targets, together)])
+            reps = [_Replacement(t, m, st, mask, acts, order) for t, st, m in zip(targets, together, modes)]
+            spliced = runner.run(inp, resid, _splice_hooks(reps, mask))
             all_ce["spliced"] += ce(spliced)
             all_ce["correct"] += acc(spliced)
             all_ce["kl"] += kl(logits, spliced)
-            all_ce["zero"] += ce(runner.run(inp, resid, [(h, _hook_fn(mask, torch.zeros_like)) for h in hooks]))
-            all_ce["mean"] += ce(runner.run(inp, resid, [
-                (h, _hook_fn(mask, lambda rows, m=mean_dev[h]: m.expand_as(rows))) for h in hooks
-            ]))
+            all_ce["zero"] += ce(runner.run(inp, resid, _ablate(hooks, mask, None)))
+            all_ce["mean"] += ce(runner.run(inp, resid, _ablate(hooks, mask, mean_dev)))
         done += int((tok != PAD).sum())
         if progress is not None:
             progress(done, n_tokens_total)
@@ -478,20 +706,22 @@ def evaluate(
         }
 
     rows = []
-    for t, st in zip(targets, per):
-        h = t.hook.name
-        r = row(st.ce_spliced / n_scored, ce_zero[h] / n_scored, ce_mean[h] / n_scored, st.kl, st.correct,
-                _ratio(st.l0_sum, st.rows), st.fvu.value(), metrics.dead_fraction(st.fires))
-        rows.append({"dict": t.name, "hook": h, **r})
+    for t, st, g, m in zip(targets, per, outs, modes or []):
+        r = row(st.ce_spliced / n_scored, ce_zero[g] / n_scored, ce_mean[g] / n_scored, st.kl, st.correct,
+                _ratio(st.l0_sum, st.rows), st.fvu_mean(), metrics.dead_fraction(st.fires))
+        rows.append({"dict": t.name, "hook": g[0], "hooks": list(g), "in_hooks": [h.name for h in t.reads], "mode": m, **r,
+                     "fvu_per_hook": st.fvu_per_hook()})
 
     all_row = None
     if multi:
         fires = torch.cat([st.fires for st in together])
         all_row = row(all_ce["spliced"] / n_scored, all_ce["zero"] / n_scored, all_ce["mean"] / n_scored, all_ce["kl"],
                       all_ce["correct"], sum(_ratio(st.l0_sum, st.rows) for st in together),
-                      float(np.mean([st.fvu.value() for st in together])), metrics.dead_fraction(fires))
-    elif len(targets) == 1:
-        all_row = {k: rows[0][k] for k in METRIC_KEYS}  # one dictionary: "all at once" is the same run
+                      float(np.mean([st.fvu_mean() for st in together])), metrics.dead_fraction(fires))
+        all_row |= {"hooks": hooks, "mode": modes[0] if len(set(modes)) == 1 else "mixed",
+                    "fvu_per_hook": {h: v for st in together for h, v in st.fvu_per_hook().items()}}
+    elif len(targets) == 1:  # one dictionary: "all at once" is the same run
+        all_row = {k: rows[0][k] for k in (*METRIC_KEYS, "hooks", "mode", "fvu_per_hook")}
 
     return {
         "dictionaries": rows,
@@ -502,6 +732,7 @@ def evaluate(
             "tokens": n_tokens_total,
             "scored_positions": n_scored,
             "splice_bos": splice_bos,
+            "input": mode,
             "restart_from_cache": bool(runner.fast),
         },
     }
@@ -547,14 +778,14 @@ def splice_eval(cfg: SpliceConfig, progress: Callable[[int, int], None] | None =
         check_model(f"store {cfg.store}", store.model.to_dict(), model.info)
     targets = [resolve_target(str(p), d, model) for p, d in zip(paths, dictionaries)]
 
-    hooks = list(dict.fromkeys(t.hook.name for t in targets))
+    hooks = list(dict.fromkeys(h.name for t in targets for h in t.writes))  # ablated for the baselines
     if store is not None:
         tokens = store_tokens(store, cfg.max_tokens)
         if tokens.numel() == 0:
             raise SaekitError(f"no evaluation tokens: store {cfg.store} has an empty eval split; harvest with --holdout > 0 or pass --data FILE")
         means = {h: torch.as_tensor(np.asarray(store.stats(h)["mean"]), dtype=torch.float32) for h in hooks if h in store.hooks}
         for h, m in means.items():
-            if m.numel() != store.hook_width(h) or m.numel() != next(t.hook.width for t in targets if t.hook.name == h):
+            if m.numel() != store.hook_width(h) or m.numel() != next(o.width for t in targets for o in t.writes if o.name == h):
                 raise SaekitError(f"store {cfg.store} has width {m.numel()} for {h} but the model's hook has another; use a store harvested from this model")
         source = {"store": str(cfg.store), "split": "eval"}
     else:
@@ -567,7 +798,8 @@ def splice_eval(cfg: SpliceConfig, progress: Callable[[int, int], None] | None =
     if missing:  # not in the store (or text input): the mean over the evaluation tokens themselves
         means.update(mean_activations(model, tokens, missing, cfg.batch_size))
 
-    result = evaluate(model, targets, tokens, means, splice_bos=cfg.splice_bos, batch_size=cfg.batch_size, progress=progress)
+    result = evaluate(model, targets, tokens, means, splice_bos=cfg.splice_bos, batch_size=cfg.batch_size, mode=cfg.input,
+                      progress=progress)
     result["model"] = model.info.to_dict()
     result["source"] = source
     if cfg.sweep:
@@ -669,10 +901,24 @@ def format_table(result: dict):
                 f"{_fmt(r['acc_clean'])}→{_fmt(r['acc_spliced'])}", _fmt(r["l0"], 1), _fmt(r["fvu"]), _fmt(r["dead_frac"])]
 
     for r, name in zip(result["dictionaries"], short_names([r["dict"] for r in result["dictionaries"]])):
-        t.add_row(name, r["hook"], *cells(r))
+        t.add_row(name, hooks_label(r), *cells(r))
     if result.get("all") is not None and len(result["dictionaries"]) > 1:
         t.add_section()
         t.add_row("all at once", "", *cells(result["all"]))
     elif len(result["dictionaries"]) > 1:
         t.caption = "all at once: not run, two dictionaries replace the same hook"
+    modes = {r.get("mode") for r in result["dictionaries"] if r.get("in_hooks", [r["hook"]]) != r.get("hooks", [r["hook"]])}
+    if modes:  # transcoders, crosscoders, CLTs: say where their inputs came from
+        note = "inputs from the " + " and ".join(f"{m} pass" for m in sorted(modes, key=str)) + " (--input; crosscoders: clean)"
+        t.caption = f"{t.caption}; {note}" if t.caption else note
     return t
+
+
+def hooks_label(r: dict) -> str:
+    """A row's hooks for tables: the hook (SAE), `IN → OUT` (transcoder), or first…last (n hooks)."""
+    ins, outs = r.get("in_hooks", [r["hook"]]), r.get("hooks", [r["hook"]])
+    if ins == outs:
+        return outs[0] if len(outs) == 1 else f"{outs[0]}…{outs[-1]} ({len(outs)} hooks)"
+    if len(ins) == 1 and len(outs) == 1:
+        return f"{ins[0]} → {outs[0]}"
+    return f"{ins[0]}…{ins[-1]} → {outs[0]}…{outs[-1]} ({len(outs)} out hooks)"

@@ -304,8 +304,11 @@ def test_cli_end_to_end(tiny_model_dir, tiny_text_file, saved, tmp_path, capsys,
     res = json.loads(out.read_text())
     assert [r["dict"] for r in res["dictionaries"]] == [str(saved["resid"]), str(saved["z"])]
     keys = {"ce_clean", "ce_spliced", "ce_zero", "ce_mean", "loss_recovered_zero", "loss_recovered_mean", "delta_ce",
-            "kl", "acc_clean", "acc_spliced", "l0", "fvu", "dead_frac"}
-    assert set(res["all"]) == keys and all(set(r) == keys | {"dict", "hook"} for r in res["dictionaries"])
+            "kl", "acc_clean", "acc_spliced", "l0", "fvu", "dead_frac", "hooks", "mode", "fvu_per_hook"}
+    assert set(res["all"]) == keys and all(set(r) == keys | {"dict", "hook", "in_hooks"} for r in res["dictionaries"])
+    assert [(r["hooks"], r["in_hooks"], r["mode"]) for r in res["dictionaries"]] == [
+        ([h], [h], "running") for h in ("blocks.0.hook_resid_post", "blocks.1.attn.hook_z")]
+    assert res["dictionaries"][1]["fvu_per_hook"] == {"blocks.1.attn.hook_z": res["dictionaries"][1]["fvu"]}
     for r in [*res["dictionaries"], res["all"]]:
         assert r["loss_recovered_mean"] == pytest.approx(1.0, abs=1e-4) and r["kl"] == pytest.approx(0, abs=1e-6)
     assert 600 <= res["eval"]["tokens"] < 600 + 32

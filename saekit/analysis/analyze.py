@@ -31,6 +31,7 @@ from safetensors.torch import load_file, save_file
 
 from saekit.analysis.explain import ExplainPass, share_explained
 from saekit.analysis.ids import feature_ids
+from saekit.analysis.multihook import check_hooks_in_store, decoder_matrix, encode_rows, in_hooks, is_single, out_directions, out_hooks
 from saekit import outdir
 from saekit.analysis.stats import FeatureStats, StatsResult, decoder_neighbours, logit_effects
 from saekit.errors import SaekitError
@@ -101,10 +102,17 @@ class AnalyzeConfig:
 
 
 def check_match(d, store) -> str:
-    """Refuse a dictionary that was not trained for this store's model and hook; returns the hook."""
+    """Refuse a dictionary that was not trained for this store's model and hooks; returns the (first) hook it reads.
+
+    A transcoder, crosscoder or CLT is read at its in hooks (`multihook`), all of which the store must hold.
+    """
     hook = d.prov.hook
     if not hook:
         raise SaekitError("the dictionary records no hook; it cannot be matched to a store (retrain or re-export it with saekit)")
+    if not is_single(d):
+        check_model("the dictionary", d.prov.model, store.model, against=f"store {store.path}'s model",
+                    fix="use a store harvested from the dictionary's model with the same --compat setting")
+        return check_hooks_in_store(d, store)[0]
     if hook not in store.hooks:
         raise SaekitError(f"the dictionary is for hook {hook}, but the store has only {', '.join(store.hooks)}; harvest {hook} or pass the matching store")
     width = store.hook_width(hook)
@@ -143,6 +151,46 @@ def residual_directions(bridge, hook: str, dirs: torch.Tensor) -> tuple[torch.Te
     return None, f"no logit effects: {hook} reaches the logits only through non-linear paths"
 
 
+STREAM = ("hook_resid_pre", "hook_resid_mid", "hook_resid_post")
+"""Hooks that are the residual stream itself (a later one already contains an earlier one's content)."""
+
+
+def _stream_order(h: str) -> tuple[int, int]:
+    return hook_layer(h), STREAM.index(h.split(".")[-1])
+
+
+def logit_directions(bridge, d, indices: list[int] | None = None) -> tuple[torch.Tensor | None, str]:
+    """Each latent's direct write into the residual stream (n, d_model), or None and why not.
+
+    An SAE: its direction at its hook (`analyze.residual_directions`).  A dictionary writing
+    several hooks that write to the residual stream (a CLT's MLP outputs): the sum of its
+    directions there, each carried into the stream.  Several residual-stream hooks (a
+    crosscoder over resid_post): the direction at the last one, which the unembedding reads.
+    """
+    if is_single(d):
+        dirs = d.directions().detach().float().cpu()
+        return residual_directions(bridge, d.prov.hook, dirs if indices is None else dirs[indices])
+    outs = out_hooks(d)
+    stream = [h for h in outs if h.split(".")[-1] in STREAM]
+    writes = [h for h in outs if h not in stream]
+    if stream and writes:
+        return None, f"no logit effects: the out hooks mix residual-stream hooks ({', '.join(stream)}) and hooks that write to it"
+    use = [max(stream, key=_stream_order)] if stream else writes
+    parts = []
+    for _, dirs in out_directions(d, indices):
+        total = None
+        for h in use:
+            r, note = residual_directions(bridge, h, dirs[h])
+            if r is None:
+                return None, note
+            total = r if total is None else total + r
+        parts.append(total)
+    how = (f"direction at {use[0]} (the last residual-stream hook it writes) @ W_U" if stream else
+           f"direction @ W_U summed over the hooks it writes ({', '.join(use)})" if len(use) > 1 else
+           f"direction at {use[0]} @ W_U")
+    return torch.cat(parts), how
+
+
 def final_ln_weight(bridge, compat: bool) -> torch.Tensor | None:
     """The final LayerNorm's weight, or None when compatibility mode folded it into W_U."""
     if compat:
@@ -178,6 +226,8 @@ def run_pass(d, store, hook: str, cfg: AnalyzeConfig, progress: Callable[[int, i
              fsm=None, explain: ExplainPass | None = None) -> StatsResult | tuple[StatsResult, object]:
     """The one streaming pass: encode every counted position and feed `FeatureStats` (and `explain`).
 
+    The codes come from the dictionary's in hooks (`hook` for an SAE; a transcoder's MLP input).
+
     With `fsm` (a toy store), also count each feature's firings against "state s was just
     completed" (`saekit.toy.eval.Counts`) and return (stats, counts).
     """
@@ -195,15 +245,14 @@ def run_pass(d, store, hook: str, cfg: AnalyzeConfig, progress: Callable[[int, i
 
         counts = Counts.zeros(d_dict, fsm.n_states)
     done = 0
-    for start, raw_tokens, acts in store.iter_sequences([hook], cfg.split, batch):
+    hooks = [hook] if is_single(d) else in_hooks(d)
+    for start, raw_tokens, acts in store.iter_sequences(hooks, cfg.split, batch):
         mask = torch.as_tensor(np.asarray(store.row_mask(raw_tokens))).bool()
         tokens = torch.as_tensor(np.asarray(raw_tokens))
-        x = torch.as_tensor(acts[hook]).float().to(next(iter(d.state_dict().values())).device)
-        n, t, w = x.shape
+        n, t = mask.shape
         codes = torch.zeros(n, t, d_dict)
-        with torch.no_grad():
-            if mask.any():
-                codes[mask] = d.encode(x[mask.to(x.device)]).float().cpu()
+        if mask.any():
+            codes[mask] = encode_rows(d, {h: torch.as_tensor(acts[h])[mask] for h in hooks}).float().cpu()
         if cfg.tokens is not None and acc.n_rows + int(mask.sum()) > cfg.tokens:
             # Cut the batch at the token budget, counting rows in order.
             keep = cfg.tokens - acc.n_rows
@@ -291,12 +340,12 @@ def _analyze(cfg: AnalyzeConfig, progress: Callable[[int, int], None] | None) ->
     logit = None
     note = "logit effects not computed (--no-logits)"
     if cfg.logits:
-        dirs = d.directions().detach().float().cpu()
-        resid, note = residual_directions(loaded.bridge, hook, dirs)
+        resid, note = logit_directions(loaded.bridge, d)  # through the decoder into the out hooks
         if resid is not None:
             W_U = loaded.bridge.W_U.detach().float().cpu()
             logit = logit_effects(resid, W_U, gamma=final_ln_weight(loaded.bridge, bool(store.model.compat)), n=cfg.n_logits)
-    neigh = decoder_neighbours(d.directions().detach().float().cpu(), cfg.neighbours) if cfg.neighbours else None
+    dec = decoder_matrix(d) if cfg.neighbours else None
+    neigh = decoder_neighbours(dec, cfg.neighbours) if dec is not None else None
     meta = build_features_json(d, res, logit, loaded.tokenizer, cfg, hook, note, neighbours=neigh, states=states,
                                model=store.model.name)
     if ex is not None:
@@ -411,7 +460,8 @@ def build_features_json(d, res: StatsResult, logit, tokenizer, cfg: AnalyzeConfi
     dense = [ids[i] for i in range(len(ids)) if freq[i] > cfg.dense_threshold]
     return {
         "format": FORMAT, "version": VERSION, "dictionary": str(cfg.dict), "store": str(cfg.store), "split": cfg.split,
-        "hook": hook, "layer": hook_layer(hook), "kind": d.cfg.kind, "d_dict": int(d.cfg.d_dict), "groups": int(d.cfg.groups),
+        "hook": hook, "in_hooks": in_hooks(d) if d.prov.hook else [hook], "out_hooks": out_hooks(d) if d.prov.hook else [hook],
+        "layer": hook_layer(hook), "kind": d.cfg.kind, "d_dict": int(d.cfg.d_dict), "groups": int(d.cfg.groups),
         "n_rows": res.n_rows, "top_n": cfg.top_n, "window": cfg.window, "dense_threshold": cfg.dense_threshold,
         "logit_note": logit_note, "dead": dead, "dense": dense, "vocab": vocab, "features": feats,
         "model": model, "fsm": states is not None,

@@ -23,8 +23,14 @@ def render_dashboard(meta: dict) -> str:
     template = resources.files("saekit.analysis").joinpath("dashboard.html").read_text(encoding="utf-8")
     data = json.dumps(meta, ensure_ascii=False, separators=(",", ":"))
     data = data.replace("<", "\\u003c").replace(">", "\\u003e").replace("&", "\\u0026")
-    title = html.escape(f"{meta.get('hook', '')} ({meta.get('kind', '')})")
+    title = html.escape(f"{hooks_label(meta)} ({meta.get('kind', '')})")
     return template.replace("__TITLE__", title).replace("__DATA__", data)
+
+
+def hooks_label(meta: dict) -> str:
+    """The hook an analysis read, or `reads IN → writes OUT` for a transcoder, crosscoder or CLT."""
+    ins, outs = meta.get("in_hooks") or [meta.get("hook", "")], meta.get("out_hooks") or [meta.get("hook", "")]
+    return ins[0] if ins == outs and len(ins) == 1 else f"reads {', '.join(ins)} → writes {', '.join(outs)}"
 
 
 def density_plot(meta: dict, path: str | os.PathLike) -> Path:

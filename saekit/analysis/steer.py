@@ -13,7 +13,11 @@ reconstruction, which is linear in the codes:
     c' = c with c_i ← strength for forced i;   x' = x + (c' − c) · W_dec
 
 so a code that was already chosen is not added twice, and the part of x the codebook does
-not explain is kept.  Steered and unsteered generations share a seed, so with
+not explain is kept.
+
+A transcoder, crosscoder or CLT latent writes through its decoder at its out hooks (a
+transcoder's MLP output), so steering adds `strength` × its direction at every out hook
+(`multihook.hook_deltas`): what the latent firing with that activation writes.  Steered and unsteered generations share a seed, so with
 `--samples N` they are paired draws that differ only by the intervention; `--match REGEX`
 reports the share of each that matches (the talk's topic-steering success rate).
 """
@@ -122,14 +126,37 @@ def steering_delta(d, indices: list[int], strength: float):
 @contextlib.contextmanager
 def patched(bridge, hook: str, fn):
     """Run the bridge with `fn(x_flat (B, T, d_in), hook) -> x_flat` applied at `hook`; hooks removed after."""
-
-    def run(act, hook=None):
-        shape = act.shape
-        x = act.reshape(shape[0], shape[1], -1)
-        return fn(x).reshape(shape)
-
-    with bridge.hooks(fwd_hooks=[(hook, run)]):
+    with patched_hooks(bridge, {hook: fn}):
         yield
+
+
+@contextlib.contextmanager
+def patched_hooks(bridge, fns: dict):
+    """`patched` at several hooks at once: {hook: fn(x_flat) -> x_flat}."""
+
+    def wrap(fn):
+        def run(act, hook=None):
+            shape = act.shape
+            return fn(act.reshape(shape[0], shape[1], -1)).reshape(shape)
+        return run
+
+    with bridge.hooks(fwd_hooks=[(h, wrap(fn)) for h, fn in fns.items()]):
+        yield
+
+
+def steering_hooks(d, indices: list[int], strength: float) -> dict:
+    """{hook: fn(x_flat (B, T, width)) -> x_flat}: the intervention at each hook the dictionary writes."""
+    from saekit.analysis.multihook import hook_deltas, is_single
+
+    if not is_single(d):
+        return {h: (lambda x, v=v: x + v.to(x)) for h, v in hook_deltas(d, indices, strength).items()}
+    delta = steering_delta(d, indices, strength)
+
+    def add(x):
+        n, t, w = x.shape
+        return x + delta(x.reshape(n * t, w)).reshape(n, t, w)
+
+    return {d.prov.hook: add}
 
 
 @torch.no_grad()
@@ -161,6 +188,7 @@ def steer(cfg: SteerConfig, *, model=None, dictionary=None) -> SteerResult:
 
     `model` (a LoadedModel) and `dictionary` may be passed to reuse loaded objects.
     """
+    from saekit.analysis.multihook import is_single
     from saekit.interop import load as load_dict
     from saekit.models import load_model
 
@@ -180,7 +208,6 @@ def steer(cfg: SteerConfig, *, model=None, dictionary=None) -> SteerResult:
             raise SaekitError("the dictionary records no model; pass --model")
         model = load_model(name, compat=bool((d.prov.model or {}).get("compat", False)), device=cfg.device)
     check_model(d, model)
-    hook = d.prov.hook
     tok = model.tokenizer
     ids = [model.bos_id] + tok.encode(cfg.prompt, add_special_tokens=False)
     if len(ids) + cfg.max_new_tokens > model.info.n_ctx:
@@ -189,18 +216,12 @@ def steer(cfg: SteerConfig, *, model=None, dictionary=None) -> SteerResult:
     d = d.to(device)
     start = torch.tensor([ids] * cfg.samples, device=device)
     plain = generate(model.bridge, start, cfg.max_new_tokens, temperature=cfg.temperature, seed=cfg.seed)
-    delta = steering_delta(d, idx, cfg.strength)
-
-    def add(x):
-        n, t, w = x.shape
-        return x + delta(x.reshape(n * t, w)).reshape(n, t, w)
-
-    with patched(model.bridge, hook, add):
+    with patched_hooks(model.bridge, steering_hooks(d, idx, cfg.strength)):
         steered = generate(model.bridge, start, cfg.max_new_tokens, temperature=cfg.temperature, seed=cfg.seed)
     dec = lambda rows: [decode(tok, r.tolist()) for r in rows]  # noqa: E731
     res = SteerResult(cfg.prompt, [feature_id(d, i) for i in idx], cfg.strength, dec(steered), dec(plain), cfg.match)
     res.about = describe(d, idx, cfg.strength) + promoted_tokens(model, d, idx)
-    fsm = _toy_fsm(model)
+    fsm = _toy_fsm(model) if is_single(d) else None  # the toy report encodes at the one hook
     if fsm is not None:
         from saekit.toy.steer import toy_report, tracked_state
 
@@ -213,9 +234,12 @@ def steer(cfg: SteerConfig, *, model=None, dictionary=None) -> SteerResult:
 
 def describe(d, idx: list[int], strength: float) -> list[str]:
     """One line per feature saying what its id means, and one saying what the strength does."""
+    from saekit.analysis.multihook import in_hooks, is_single, out_hooks
     from saekit.models import hook_layer
 
     lines = []
+    single = is_single(d)
+    where = d.prov.hook if single else f"reads {', '.join(in_hooks(d))}, writes {', '.join(out_hooks(d))}"
     cb = d.cfg.kind == "codebook"
     groups = max(int(d.cfg.groups), 1)
     for i in idx:
@@ -225,22 +249,22 @@ def describe(d, idx: list[int], strength: float) -> list[str]:
             what = f"code {i % per} of group {i // per} ({per} codes × {groups} groups)"
         else:
             what = f"latent {i} of {int(d.cfg.d_dict)}"
-        lines.append(f"feature {fid}: layer {hook_layer(d.prov.hook)} ({d.prov.hook}), {d.cfg.kind} {what}")
+        lines.append(f"feature {fid}: layer {hook_layer(d.prov.hook)} ({where}), {d.cfg.kind} {what}")
     if cb:
         lines.append(f"strength {strength:g}: the code's coefficient is forced to {strength:g} (1 = chosen like any code) at every position")
     else:
-        lines.append(f"strength {strength:g}: {strength:g} × the feature's decoder direction (unit activation, in the hook's scale) "
+        at = "in the hook's scale" if single else f"at each hook it writes: {', '.join(out_hooks(d))}"
+        lines.append(f"strength {strength:g}: {strength:g} × the feature's decoder direction (unit activation, {at}) "
                      "is added at every position, prompt and generated tokens alike")
     return lines
 
 
 def promoted_tokens(model, d, idx: list[int], n: int = 8) -> list[str]:
     """"feature X promotes: ..." per feature: the next tokens its direction raises most through the unembedding."""
-    from saekit.analysis.analyze import final_ln_weight, residual_directions
+    from saekit.analysis.analyze import final_ln_weight, logit_directions
     from saekit.analysis.stats import logit_effects
 
-    dirs = d.directions().detach().float().cpu()[idx]
-    resid, _ = residual_directions(model.bridge, d.prov.hook, dirs)
+    resid, _ = logit_directions(model.bridge, d, idx)
     if resid is None:
         return []
     compat = bool((d.prov.model or {}).get("compat", False))
@@ -266,7 +290,9 @@ def check_model(d, model) -> None:
     from saekit.models import check_hook_names
     from saekit.models import check_model as check_fit
 
+    from saekit.analysis.multihook import in_hooks, out_hooks
+
     if not d.prov.hook:
         raise SaekitError("the dictionary records no hook; retrain or re-export it with saekit")
-    check_hook_names(model.bridge, [d.prov.hook])
+    check_hook_names(model.bridge, list(dict.fromkeys(in_hooks(d) + out_hooks(d))))
     check_fit("the dictionary", d.prov.model, model.info)

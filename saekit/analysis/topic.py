@@ -120,19 +120,20 @@ def find_topic_features(d, store, tok, pattern: re.Pattern, n: int, max_tokens: 
     fires *on* a topic word says the word was just read (forcing it on makes the model continue as
     after the word), while one that fires before it predicts the word.
     """
-    hook = d.prov.hook
+    from saekit.analysis.multihook import check_hooks_in_store, encode_rows
+
+    hooks = check_hooks_in_store(d, store)  # a transcoder's latents fire on its input hook
     fired_parts, target_parts = [], []
     seen = 0
-    for _, toks, acts in store.iter_sequences([hook], "train", 32):
+    for _, toks, acts in store.iter_sequences(hooks, "train", 32):
         mask = np.asarray(store.row_mask(toks))
         for s in range(toks.shape[0]):
             valid = toks[s] >= 0
             on = np.zeros(toks.shape[1], bool)
             on[valid] = topic_positions(_pieces(tok, toks[s][valid]), pattern)
             target_parts.append(ahead(on, lead)[mask[s]])
-        x = torch.as_tensor(acts[hook]).float()[torch.as_tensor(mask)]
-        with torch.no_grad():
-            fired_parts.append((d.encode(x.to(next(d.parameters()).device)) != 0).cpu().numpy())
+        m = torch.as_tensor(mask)
+        fired_parts.append((encode_rows(d, {h: torch.as_tensor(acts[h])[m] for h in hooks}) != 0).cpu().numpy())
         seen += int(mask.sum())
         if seen >= max_tokens:
             break
@@ -168,7 +169,7 @@ def off_topic_prompts(store, tok, pattern: re.Pattern, n: int, prompt_tokens: in
 
 def topic_steer(cfg: SteerConfig, *, model=None, dictionary=None, store=None) -> TopicResult:
     """Find the topic's features, steer with them, and count on-topic continuations (module docstring)."""
-    from saekit.analysis.steer import check_model, decode, generate, patched, steering_delta
+    from saekit.analysis.steer import check_model, decode, generate, patched_hooks, steering_hooks
 
     if not cfg.store and store is None:
         raise SaekitError("topic steering needs --store: a store at the dictionary's hook to find the topic's features in")
@@ -187,18 +188,14 @@ def topic_steer(cfg: SteerConfig, *, model=None, dictionary=None, store=None) ->
     feats = find_topic_features(d, store, tok, pattern, cfg.n_features, cfg.max_tokens, cfg.topic_lead)
     prompts = off_topic_prompts(store, tok, pattern, cfg.n_prompts, cfg.prompt_tokens, cfg.max_new_tokens, cfg.seed)
     device = next(model.bridge.parameters()).device
-    delta = steering_delta(d.to(device), [f.index for f in feats], cfg.strength)
-
-    def add(x):
-        n, t, w = x.shape
-        return x + delta(x.reshape(n * t, w)).reshape(n, t, w)
+    fns = steering_hooks(d.to(device), [f.index for f in feats], cfg.strength)
 
     hits = {"steered": 0, "unsteered": 0}
     examples = []
     for j, p in enumerate(prompts):
         start = torch.tensor([p] * cfg.samples, device=device)
         plain = generate(model.bridge, start, cfg.max_new_tokens, temperature=cfg.temperature, seed=cfg.seed + j)
-        with patched(model.bridge, d.prov.hook, add):
+        with patched_hooks(model.bridge, fns):
             steered = generate(model.bridge, start, cfg.max_new_tokens, temperature=cfg.temperature, seed=cfg.seed + j)
         texts = {"unsteered": [decode(tok, r.tolist()) for r in plain], "steered": [decode(tok, r.tolist()) for r in steered]}
         for arm, ts in texts.items():
