@@ -638,3 +638,67 @@ def test_store_gives_tokens_and_means_of_the_replaced_hooks(model, hf, relu_stor
     r, q = res["dictionaries"][0], ref["dictionaries"][0]
     assert r["ce_mean"] == pytest.approx(q["ce_mean"], abs=1e-6) and r["ce_spliced"] == pytest.approx(q["ce_spliced"], abs=1e-6)
     assert res["source"] == {"store": relu_store, "split": "eval"} and r["mode"] == "clean"
+
+
+# --- the real kinds (saekit.dictionaries.coders), saved and loaded from their folders ------------------------
+
+def real_coder(model, kind, ins, outs, act="relu", d_dict=128, k=None, seed=2):
+    from saekit.dictionaries import build
+
+    w = model.info.d_model
+    cfg = DictConfig(kind=kind, activation=act, d_in=w * len(ins), d_out=w * len(outs), d_dict=d_dict, k=k,
+                     in_widths=[w] * len(ins), out_widths=[w] * len(outs))
+    d = build(cfg, prov_for(model, ins, outs))
+    d.reset_parameters(torch.Generator().manual_seed(seed))
+    return d
+
+
+def test_real_exact_transcoder_from_its_folder(model, hf, relu_dir, tiny_text_file, tmp_path, capsys, monkeypatch):
+    """A `transcoder` (relu) holding the MLP's own weights, saved, then spliced by the CLI from its folder: loss recovered 1."""
+    tc = real_coder(model, "transcoder", [mlp_in(1)], [mlp_out(1)], d_dict=hf.transformer.h[1].mlp.c_fc.weight.shape[1])
+    mlp = hf.transformer.h[1].mlp
+    with torch.no_grad():
+        tc.W_enc.copy_(mlp.c_fc.weight)
+        tc.b_enc.copy_(mlp.c_fc.bias)
+        tc._parameters["W_dec"].copy_(mlp.c_proj.weight)
+        tc.b_dec.copy_(mlp.c_proj.bias)
+        tc.b_in.zero_()
+    folder = tc.save(tmp_path / "tc")
+    for mode in ("clean", "running"):
+        out = tmp_path / f"{mode}.json"
+        code, stdout, err = run_cli(["splice-eval", "--model", relu_dir, "--dict", str(folder), "--data", tiny_text_file,
+                                     "--max-tokens", "200", "--context-size", "16", "--input", mode, "--json", str(out)],
+                                    capsys, monkeypatch)
+        assert code == 0, err
+        r = json.loads(out.read_text())["dictionaries"][0]
+        assert (r["mode"], r["hooks"], r["in_hooks"]) == (mode, [mlp_out(1)], [mlp_in(1)])
+        assert r["loss_recovered_zero"] == pytest.approx(1.0, abs=1e-4) and r["kl"] == pytest.approx(0.0, abs=1e-6)
+
+
+@pytest.mark.parametrize("kind, mode", [("clt", "running"), ("clt", "clean"), ("crosscoder", "clean"), ("skip-transcoder", "clean")])
+def test_real_kinds_equal_handwritten_hooks(model, hf, tokens, kind, mode):
+    """The trained kinds' classes, spliced by saekit, give the logits of hand-written HF hooks calling `predict`."""
+    n = model.info.n_layers
+    if kind == "clt":
+        d = real_coder(model, kind, [mlp_in(i) for i in range(n)], [mlp_out(i) for i in range(n)], act="topk", k=8)
+    elif kind == "crosscoder":
+        hooks = [f"blocks.{i}.hook_resid_post" for i in range(n)]
+        d = real_coder(model, kind, hooks, hooks, act="topk", k=8)
+    else:
+        d = real_coder(model, kind, [mlp_in(0)], [mlp_out(0)], act="topk", k=8)
+        with torch.no_grad():
+            d.W_skip.copy_(torch.randn(d.W_skip.shape, generator=torch.Generator().manual_seed(9)) * 0.3)
+
+    class ByPredict:  # the reference splices predict() (a skip transcoder's skip term is not in its codes)
+        in_hooks, out_hooks = d.in_hooks, d.out_hooks
+
+        def encode_hooks(self, x):
+            return x
+
+        def decode_hooks(self, x):
+            return d.predict(x)
+
+    ours = logits_with(model, [target_for(model, d)], tokens, mode=mode)
+    ref = hf_spliced(hf, tokens, ByPredict(), mode)
+    real = tokens != PAD
+    assert (ours[real] - ref[real]).abs().max() < 1e-5
