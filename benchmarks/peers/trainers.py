@@ -43,7 +43,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 TRAINERS = ("saekit", "saelens", "dictionary_learning", "sparsify")
-KINDS = ("topk", "relu", "batchtopk")
+KINDS = ("topk", "relu", "batchtopk", "transcoder")
+"""transcoder: a TopK transcoder from meta["hook"] to meta["target_hook"]; acts.safetensors then also holds `target`."""
 
 
 def _status_mb(field: str) -> float | None:
@@ -124,12 +125,20 @@ def train_saekit(a, x: torch.Tensor, meta: dict, out: Path):
     from saekit.train import HookSource, TrainConfig, Trainer
 
     hook = meta["hook"]
+    coder = a.kind == "transcoder"
+    target = [meta["target_hook"]] if coder else []
     cfg = TrainConfig(store="(in memory)", hooks=[hook], out=str(out / "run"), kind=a.kind, d_dict=a.d_dict, k=[a.k],
                       l1=[a.l1], lr=a.lr, batch_size=a.batch_size, tokens=a.tokens, seed=a.seed, checkpoint_every=0,
-                      eval_tokens=0, device="cpu")
+                      eval_tokens=0, device="cpu", target=target)
     prov = Provenance(hook=hook, model=meta["model"], hook_shape=meta["hook_shape"], scale=meta["scale"], store=meta.get("store"))
-    trainer = Trainer(cfg, {hook: HookSource(x.shape[1], prov)},
-                      lambda start: ({hook: b} for b in batch_stream(x, a.batch_size, a.seed, start)), progress=False)
+    d_in = meta["width"] if coder else x.shape[1]
+    sources = {hook: HookSource(d_in, prov)}
+    if coder:  # x holds [input | target] side by side, so one permutation serves both
+        tprov = Provenance(hook=target[0], model=meta["model"], hook_shape=meta["target_shape"], scale=meta["target_scale"],
+                           store=meta.get("store"))
+        sources[target[0]] = HookSource(x.shape[1] - d_in, tprov)
+    trainer = Trainer(cfg, sources, lambda start: ({hook: b[:, :d_in], **({target[0]: b[:, d_in:]} if coder else {})}
+                                                   for b in batch_stream(x, a.batch_size, a.seed, start)), progress=False)
     before = memory_mark()
     t0 = time.perf_counter()
     trainer.fit()
@@ -212,13 +221,15 @@ def train_dictionary_learning(a, x: torch.Tensor, meta: dict, out: Path):
 
 
 def train_sparsify(a, x: torch.Tensor, meta: dict, out: Path):
-    if a.kind != "topk":
-        raise SystemExit("sparsify trains TopK sparse coders only")
+    if a.kind not in ("topk", "transcoder"):
+        raise SystemExit("sparsify trains TopK sparse coders and transcoders only")
     from sparsify import SparseCoder, SparseCoderConfig
 
     steps = math.ceil(a.tokens / a.batch_size)
     torch.manual_seed(a.seed)
-    sae = SparseCoder(x.shape[1], SparseCoderConfig(num_latents=a.d_dict, k=a.k), device="cpu", dtype=torch.float32)
+    coder = a.kind == "transcoder"
+    d_in = meta["width"] if coder else x.shape[1]
+    sae = SparseCoder(d_in, SparseCoderConfig(num_latents=a.d_dict, k=a.k, transcode=coder), device="cpu", dtype=torch.float32)
     opt = torch.optim.Adam(sae.parameters(), lr=a.lr)
     # sparsify's Trainer defaults: auxk_alpha 0 (so no dead mask), dead after 10M tokens (only logged).
     since_fired = torch.zeros(a.d_dict, dtype=torch.long)
@@ -227,23 +238,27 @@ def train_sparsify(a, x: torch.Tensor, meta: dict, out: Path):
     t0 = time.perf_counter()
     for step in range(steps):
         batch = next(data)
-        if step == 0:
+        xb, yb = (batch[:, :d_in], batch[:, d_in:]) if coder else (batch, batch)
+        if step == 0 and not coder:
             sae.b_dec.data = batch.mean(0).to(sae.dtype)  # as sparsify's Trainer: centre the pre-activations at init
-        sae.set_decoder_norm_to_unit_norm()
-        o = sae(x=batch, y=batch, dead_mask=None)
+        if not coder:  # its Trainer leaves a transcoder's decoder unnormalised
+            sae.set_decoder_norm_to_unit_norm()
+        o = sae(x=xb, y=yb, dead_mask=None)
         o.fvu.backward()
         did_fire = torch.zeros(a.d_dict, dtype=torch.bool)
         did_fire[o.latent_indices.flatten()] = True
-        sae.remove_gradient_parallel_to_decoder_directions()
+        if not coder:
+            sae.remove_gradient_parallel_to_decoder_directions()
         opt.step()
         opt.zero_grad()
         since_fired += batch.shape[0]
         since_fired[did_fire] = 0
-    sae.set_decoder_norm_to_unit_norm()
+    if not coder:
+        sae.set_decoder_norm_to_unit_norm()
     seconds = time.perf_counter() - t0
     # sparsify names a folder after its hookpoint (an HF module); saekit maps the layer name back.
     layer = meta["hook"].split(".")[1]
-    folder = out / f"layers.{layer}"
+    folder = out / (f"layers.{layer}.mlp" if coder else f"layers.{layer}")
     sae.save_to_disk(folder)
     (out / "config.json").write_text(json.dumps({"model": meta["model"].get("name")}))
     return seconds, before, str(folder), ["sparsify Trainer's step body (it trains only from a model); Adam, no lr warmup"]
@@ -268,8 +283,12 @@ def main() -> int:
         torch.set_num_threads(a.threads)
     a.out.mkdir(parents=True, exist_ok=True)
     # A private, resident copy: pages still to be faulted in from the file would count as training memory.
-    x = load_file(str(a.acts))["train"].clone()
+    acts = load_file(str(a.acts))
+    x = acts["train"].clone()
     meta = json.loads((a.acts.parent / "meta.json").read_text())
+    if a.kind == "transcoder":
+        meta["width"] = x.shape[1]
+        x = torch.cat([x, acts["target"]], 1)  # [input | target]: one row order for both
     fn = {"saekit": train_saekit, "saelens": train_saelens, "dictionary_learning": train_dictionary_learning,
           "sparsify": train_sparsify}[a.trainer]
     seconds, before, folder, notes = fn(a, x, meta, a.out)
