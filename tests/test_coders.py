@@ -493,3 +493,36 @@ def test_clt_default_lr_follows_latents_per_layer(tmp_path):
     data, _ = planted_mlps(500)
     t = trainer(coder_cfg("clt", tmp_path, lr=0.0, d_dict=96), data)
     assert t.runs[0].dictionary.train_config["lr"] == default_lr("clt", 48) > default_lr("clt", 96)
+
+
+@pytest.mark.parametrize("kind", ["transcoder", "skip-transcoder", "crosscoder"])
+def test_fused_topk_step_equals_autograd(kind, monkeypatch):
+    """The CPU fused TopK step (TopKEncode, as TopKSAE's) gives the loss and gradients of the plain autograd step, AuxK included."""
+    from saekit.dictionaries import build, fast
+    from saekit.dictionaries.base import DictConfig, Provenance
+
+    if fast._kernels() is None:
+        pytest.skip("numba is not installed: there is no fused path to compare")
+    d_in, d_out = 16, (16 if kind == "crosscoder" else 12)
+    cfg = DictConfig(kind=kind, activation="topk", d_in=d_in, d_out=d_out, d_dict=64, k=4, in_widths=[d_in], out_widths=[d_out])
+    d = build(cfg, Provenance(hook="a", in_hooks=["a"], out_hooks=["a" if kind == "crosscoder" else "b"]))
+    d.reset_parameters(torch.Generator().manual_seed(0))
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in d.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * 0.05)
+    x = torch.randn(200, d_in, generator=g)
+    y = None if kind == "crosscoder" else torch.randn(200, d_out, generator=g)
+    dead = torch.zeros(64, dtype=torch.bool)
+    dead[::3] = True
+    results = []
+    for step in ("fused", "autograd"):
+        monkeypatch.setattr(fast, "_TOPK_STEP", step)
+        d.zero_grad(set_to_none=True)
+        out = d.training_forward(x, target=y, dead=dead, aux_k=8, aux_coef=0.5)
+        out.loss.backward()
+        results.append((out.loss.detach(), out.l0, out.fired, {n: p.grad.clone() for n, p in d.named_parameters()}))
+    (l1, z1, f1, g1), (l2, z2, f2, g2) = results
+    assert torch.allclose(l1, l2, atol=1e-6) and torch.equal(f1, f2) and float(z1) == float(z2)
+    for name in g1:
+        assert torch.allclose(g1[name], g2[name], atol=1e-5), name

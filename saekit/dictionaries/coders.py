@@ -35,7 +35,9 @@ import torch
 from torch import Tensor, nn
 
 from saekit.dictionaries.base import DictConfig, Dictionary, ForwardOutput, Provenance, TrainOutput
-from saekit.dictionaries.fast import _centred_sq, _sq, batch_topk_mask, recon_error, row_topk, sparse_decode, topk_codes
+from saekit.dictionaries import fast
+from saekit.dictionaries.fast import (TopKEncode, _centred_sq, _kernels_for, _sq, batch_topk_mask, recon_error, row_topk,
+                                      sparse_decode, topk_codes)
 from saekit.dictionaries.jumprelu import JumpReLUFn, StepFn
 from saekit.dictionaries.sae import geometric_median
 from saekit.errors import SaekitError
@@ -84,6 +86,7 @@ class Coder(Dictionary):
         self.blocks = len(self.in_widths) if cfg.kind == "clt" else 1
         """Latent blocks with their own sparsity (a CLT's layers; 1 for the others)."""
         self.act = cfg.activation
+        self._ws: dict = {}  # the fused CPU step's reusable work tensors (TopKEncode; never saved)
         self.unit_norm_decoder = self.act != "relu"
         self.weight_lr_scale = 3.0 if self.unit_norm_decoder else 1.0  # unit decoder rows turn slowly (TopKSAE.weight_lr_scale)
         self.W_enc = nn.Parameter(torch.zeros(d_in, d_dict))  # (d_in, d_dict)
@@ -222,9 +225,23 @@ class Coder(Dictionary):
                          aux_coef: float = 1 / 32, l1_coef: float | None = None, **_) -> TrainOutput:
         """One step's loss: predict `target` (n, d_out) from `xn` (n, d_in), both normalised (a crosscoder: target = xn)."""
         y = xn if target is None else target
-        pre = self.pre_acts(xn)  # (n, d_dict)
         skip = self.skip_n(xn)
         terms: dict[str, Tensor] = {}
+        if self.act == "topk" and self.blocks == 1 and fast._TOPK_STEP == "fused" and _kernels_for(xn) is not None:
+            # CPU: TopKSAE's fused encoder (reused pre buffer, CSR backward), AuxK's dead-latent codes included
+            cols = None if dead is None else dead.nonzero().squeeze(1)
+            cols = None if cols is None or cols.numel() == 0 else cols
+            values, indices, aux_values, aux_indices = TopKEncode.apply(
+                xn, self.W_enc, self.b_enc, self.b_in, self.cfg.k, self._ws, cols, min(aux_k or self.d_out // 2, self.cfg.d_dict))
+            y_hat = sparse_decode(values, indices, self.W_dec) + self.b_dec
+            if skip is not None:
+                y_hat = y_hat + skip
+            mse, err = recon_error(y_hat, y)
+            aux = err.new_zeros(()) if cols is None else _sq(sparse_decode(aux_values, aux_indices, self.W_dec) + err) / _centred_sq(err)
+            active = (values > 0).float()
+            fired = xn.new_zeros(self.cfg.d_dict).index_add_(0, indices.flatten(), active.flatten()) > 0
+            return TrainOutput(mse + aux_coef * aux, {"mse": mse, "auxk": aux}, fired, active.sum(-1).mean())
+        pre = self.pre_acts(xn)  # (n, d_dict)
         if self.act == "topk":
             values, indices = self._block_topk(pre)  # (n, blocks·k)
             y_hat = sparse_decode(values, indices, self.W_dec) + self.b_dec
