@@ -377,7 +377,7 @@ def test_sparsify_transcoder_folder_loads(skip, tmp_path):
 def test_clt_circuit_tracer_layout_round_trip(act, tmp_path):
     from safetensors.torch import load_file
 
-    from saekit.interop.coders import export_circuit_tracer
+    from saekit.interop.circuit_tracer import export_circuit_tracer
 
     d, ins, outs = _random_coder("clt", act)
     export_circuit_tracer(d, tmp_path / "ct")

@@ -400,3 +400,15 @@ class Crosscoder(Coder):
 
 class CrossLayerTranscoder(Coder):
     kind = "clt"
+
+
+def coder_from_tensors(kind: str, act: str, d_in: int, d_out: int, d_dict: int, prov: Provenance, state: dict[str, Tensor], *,
+           in_widths=None, out_widths=None, k=None) -> Dictionary:
+    """A coder built from another tool's tensors: `state`'s tensors (b_in 0, scales 1 unless given, the rest of its state at defaults)."""
+    cfg = DictConfig(kind=kind, d_in=d_in, d_out=d_out, d_dict=d_dict, k=k, activation=act,
+                     in_widths=in_widths or [d_in], out_widths=out_widths or [d_out])
+    d = Coder(cfg, prov)
+    own = d.state_dict()
+    full = {name: state[name].to(own[name].dtype).reshape(own[name].shape) if name in state else own[name] for name in own}
+    d.load_state_dict(full)
+    return d

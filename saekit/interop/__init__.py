@@ -7,7 +7,7 @@ format is told from the file names alone (each tool has its own weights file nam
     SAELens:  cfg.json + sae_weights.safetensors     (saekit.interop.saelens)
     sparsify: cfg.json + sae.safetensors             (saekit.interop.sparsify)
     Gemma Scope: params.npz                          (saekit.interop.gemmascope)
-    circuit-tracer CLT: W_enc_0 + W_dec_0 .safetensors (saekit.interop.coders, with the transcoder layouts)
+    circuit-tracer CLT: W_enc_0 + W_dec_0 .safetensors (saekit.interop.circuit_tracer, with the transcoder layouts)
 """
 
 from __future__ import annotations
@@ -91,7 +91,7 @@ def load(path: str | os.PathLike, device: str | torch.device = "cpu"):
 
         return load_gemmascope(folder, device)
     if fmt == "circuit-tracer":
-        from saekit.interop.coders import load_circuit_tracer
+        from saekit.interop.circuit_tracer import load_circuit_tracer
 
         return load_circuit_tracer(folder, device)
     below = find_dictionary_folders(folder)
@@ -132,7 +132,7 @@ class ExportConfig:
 
 def export(cfg: ExportConfig) -> Path:
     """Load `cfg.dict` and write it in `cfg.format` under `cfg.out`; returns the folder written."""
-    from saekit.interop.coders import export_circuit_tracer
+    from saekit.interop.circuit_tracer import export_circuit_tracer
     from saekit.interop.saelens import export_saelens
 
     d = load(cfg.dict)

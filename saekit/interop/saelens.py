@@ -36,6 +36,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import re
 import os
 from pathlib import Path
 
@@ -46,9 +47,9 @@ from torch import Tensor
 
 from saekit import schema
 from saekit.dictionaries import build
+from saekit.dictionaries.coders import coder_from_tensors
 from saekit.dictionaries.base import CODER_KINDS, DictConfig, Dictionary, Provenance
 from saekit.errors import SaekitError
-from saekit.interop.coders import is_saelens_transcoder, load_saelens_transcoder, saelens_transcoder_forward, saelens_transcoder_tensors
 from saekit.runs import atomic, write_text
 
 CFG_FILE = "cfg.json"
@@ -182,7 +183,7 @@ def load_saelens(path: str | os.PathLike, device: str | torch.device = "cpu") ->
     """Load a SAELens SAE folder as a saekit dictionary that reproduces SAELens's encode and decode."""
     folder = Path(path)
     raw = _read_json(folder / CFG_FILE)
-    if is_saelens_transcoder(raw):  # transcoders and skip transcoders: saekit.interop.coders
+    if is_saelens_transcoder(raw):  # transcoders and skip transcoders (below)
         return load_saelens_transcoder(folder, raw, folder / WEIGHTS_FILE, device)
     cfg = _read_cfg(raw, folder / CFG_FILE)
     w_file = folder / WEIGHTS_FILE
@@ -398,3 +399,130 @@ def check_export(d: Dictionary, cfg: dict, tensors: dict[str, Tensor], n: int = 
     ref = d(x.to(dev)).x_hat.float().cpu()
     got = saelens_forward(cfg, tensors, x)
     return float((got - ref).abs().max()), float(ref.abs().max()) if math.isfinite(float(ref.abs().max())) else 0.0
+
+
+# --- transcoders -------------------------------------------------------------------------------------
+# SAELens transcoders (cfg.json + sae_weights.safetensors, architectures `transcoder`,
+# `skip_transcoder`, `jumprelu_transcoder`; SAELens `saes/transcoder.py`):
+# 
+#     W_enc (d_in, d_sae)  b_enc (d_sae,)  W_dec (d_sae, d_out)  b_dec (d_out,)  [W_skip (d_out, d_in)]  [threshold (d_sae,)]
+#     pre = x @ W_enc + b_enc                     (no input bias)
+#     f   = ReLU(pre)   or   ReLU(pre)·[pre > threshold] (jumprelu_transcoder)
+#     ŷ   = f @ W_dec + b_dec  [+ x @ W_skipᵀ]
+# 
+# cfg.json adds d_out, hook_name_out, hook_layer_out, hook_head_index_out to an SAE's fields;
+# metadata.hook_name is the input hook.  saekit's `transcoder`/`skip-transcoder` export as the
+# relu architectures, jumprelu and batchtopk (its inference rule is a JumpReLU) as
+# `jumprelu_transcoder` (no skip: SAELens has no JumpReLU skip transcoder); TopK has no SAELens
+# transcoder architecture and is refused.  The input scales and saekit's input bias are folded
+# into the weights: W_enc·s_in, b_enc − b_in W_enc, W_dec/s_out, b_dec/s_out, W_skip·s_in/s_out.
+
+SAELENS_ARCHS = {"transcoder": ("transcoder", "relu"), "skip_transcoder": ("skip-transcoder", "relu"),
+                 "jumprelu_transcoder": ("transcoder", "jumprelu")}
+"""SAELens transcoder architecture → (saekit kind, activation)."""
+
+
+def is_saelens_transcoder(raw: dict) -> bool:
+    arch = raw.get("architecture")
+    return isinstance(arch, str) and arch in SAELENS_ARCHS
+
+
+def load_saelens_transcoder(folder: Path, raw: dict, tensors_file: Path, device: str | torch.device = "cpu") -> Dictionary:
+    """A SAELens transcoder folder as a saekit transcoder / skip-transcoder reproducing SAELens's formula."""
+
+    where = str(folder / "cfg.json")
+    schema.check(raw, {"d_in": schema.Int(min=1), "d_sae": schema.Int(min=1), "d_out": schema.Int(min=1),
+                       "hook_name_out": schema.Str(required=False, null=True), "metadata": schema.Field("dict", required=False, null=True)},
+                 where)
+
+    meta_raw = raw.get("metadata") or {}
+    schema.check(meta_raw, META_SCHEMA | {"hook_name_out": schema.Str(required=False, null=True)}, where, prefix="metadata.")
+    extra = meta_raw.get("saekit") or {}
+    schema.check(extra, SAEKIT_EXTRA | {"activation": schema.Str(required=False, null=True)}, where, prefix="metadata.saekit.")
+    schema.check(extra.get("provenance") or {}, schema.PROVENANCE, where, prefix="metadata.saekit.provenance.")
+    for key in ("apply_b_dec_to_input",):
+        if key in raw and not isinstance(raw[key], bool):
+            raise SaekitError(f"{where}: field {key} is {json.dumps(raw[key])[:40]}, expected true or false; the file is damaged")
+    arch = raw["architecture"]
+    kind, act = SAELENS_ARCHS[arch]
+    d_in, d_sae, d_out = raw["d_in"], raw["d_sae"], raw["d_out"]
+    want = {"W_enc": (d_in, d_sae), "b_enc": (d_sae,), "W_dec": (d_sae, d_out), "b_dec": (d_out,)}
+    if kind == "skip-transcoder":
+        want["W_skip"] = (d_out, d_in)
+    if act == "jumprelu":
+        want["threshold"] = (d_sae,)
+    schema.check_tensors(tensors_file, want, config=f"cfg.json (d_in={d_in}, d_sae={d_sae}, d_out={d_out})")
+    t = _read_tensors(tensors_file)
+    meta = raw.get("metadata") or {}
+    if raw.get("normalize_activations", "none") not in ("none", None):
+        raise SaekitError(f"{where}: normalize_activations={raw.get('normalize_activations')!r} on a transcoder is not supported; "
+                          "use SAELens for it")
+    state = {"W_enc": t["W_enc"], "b_enc": t["b_enc"], "W_dec": t["W_dec"], "b_dec": t["b_dec"]}
+    if "W_skip" in t:
+        state["W_skip"] = t["W_skip"].t()
+    if act == "jumprelu":
+        state["threshold"] = t["threshold"]
+    text = lambda v: v if isinstance(v, str) and v else None  # noqa: E731  (a hostile cfg may put anything there)
+    hook_in = text(meta.get("hook_name", raw.get("hook_name")))
+    hook_out = text(raw.get("hook_name_out")) or text(meta.get("hook_name_out"))
+    saekit_meta = meta.get("saekit") if isinstance(meta.get("saekit"), dict) else {}
+    restored = saekit_meta.get("provenance") if isinstance(saekit_meta.get("provenance"), dict) else {}
+    model = restored.get("model") if isinstance(restored.get("model"), dict) else (
+        {"name": meta["model_name"], "compat": False} if text(meta.get("model_name")) else None)
+    prov = Provenance(hook=hook_in, in_hooks=[hook_in] if hook_in else [], out_hooks=[hook_out] if hook_out else [], model=model)
+    d = coder_from_tensors(kind, act, d_in, d_out, d_sae, prov, state)
+    d.summary = dict(saekit_meta["summary"]) if isinstance(saekit_meta.get("summary"), dict) else {}
+    d.summary["source"] = {"format": "saelens", "path": str(folder), "architecture": arch, "notes": []}
+    return d.to(device).eval()
+
+
+def saelens_transcoder_tensors(d: Dictionary) -> tuple[dict, dict[str, Tensor]]:
+    """SAELens's cfg.json dict and tensors for a saekit transcoder / skip-transcoder (scales and input bias folded in)."""
+    kind, act = d.cfg.kind, d.cfg.activation
+    if kind not in ("transcoder", "skip-transcoder"):
+        raise SaekitError(f"a {kind} has no SAELens layout (SAELens reads transcoders and skip transcoders); share the saekit folder"
+                          + (", or export it with format circuit-tracer" if kind == "clt" else ""))
+    if act == "topk":
+        raise SaekitError("SAELens has no TopK transcoder architecture; train with --activation batchtopk (exported as "
+                          "jumprelu_transcoder), jumprelu or relu, or share the saekit folder")
+    if kind == "skip-transcoder" and act != "relu":
+        raise SaekitError(f"SAELens's skip transcoder is ReLU only; a {act} skip-transcoder cannot be exported (share the saekit folder)")
+    sd = {name: v.detach().float().cpu() for name, v in d.state_dict().items()}
+    s_in, s_out = float(d.in_scale[0]), float(d.out_scale[0])
+    tensors = {"W_enc": sd["W_enc"] * s_in, "b_enc": sd["b_enc"] - sd["b_in"] @ sd["W_enc"],
+               "W_dec": sd["W_dec"] / s_out, "b_dec": sd["b_dec"] / s_out}
+    if kind == "skip-transcoder":
+        tensors["W_skip"] = (sd["W_skip"] * (s_in / s_out)).t().contiguous()  # (d_out, d_in)
+        arch = "skip_transcoder"
+    else:
+        arch = "transcoder" if act == "relu" else "jumprelu_transcoder"
+    if act == "jumprelu":
+        tensors["threshold"] = sd["threshold"].clone()
+    elif act == "batchtopk":  # ReLU(pre)·[pre > max(θ, 0)]: a JumpReLU with θ on every latent
+        tensors["threshold"] = sd["threshold"][0].clamp_min(0).expand(d.cfg.d_dict).clone()
+
+    prov = d.prov
+    model = prov.model or {}
+    layer = re.match(r"blocks\.(\d+)\.", d.out_hooks[0] or "")
+    cfg = {
+        "architecture": arch, "d_in": d.cfg.d_in, "d_sae": d.cfg.d_dict, "d_out": d.cfg.d_out, "dtype": "float32", "device": "cpu",
+        "apply_b_dec_to_input": False, "normalize_activations": "none", "reshape_activations": "none",
+        "hook_name_out": d.out_hooks[0], "hook_layer_out": int(layer.group(1)) if layer else 0, "hook_head_index_out": None,
+        "metadata": {
+            "sae_lens_version": FORMAT_VERSION, "sae_lens_training_version": FORMAT_VERSION, "model_name": model.get("name"),
+            "hook_name": d.in_hooks[0], "hook_head_index": None,
+            "model_from_pretrained_kwargs": {} if model.get("compat") else dict(NO_PROCESSING), "prepend_bos": True,
+            "saekit": {"kind": kind, "activation": act, "k": d.cfg.k, "provenance": dataclasses.asdict(prov), "summary": d.summary},
+        },
+    }
+    return cfg, tensors
+
+
+def saelens_transcoder_forward(cfg: dict, t: dict[str, Tensor], x: Tensor) -> Tensor:
+    """SAELens's transcoder prediction ŷ (n, d_out) of x (n, d_in), for checking exports."""
+    pre = x @ t["W_enc"] + t["b_enc"]
+    f = pre.relu()
+    if cfg["architecture"] == "jumprelu_transcoder":
+        f = f * (pre > t["threshold"]).to(pre.dtype)
+    y = f @ t["W_dec"] + t["b_dec"]
+    return y + x @ t["W_skip"].T if "W_skip" in t else y

@@ -13,7 +13,7 @@ with n = num_latents or d_in · expansion_factor.  Its `encode` + `decode` are
 
 which is saekit's `topk` kind with W_enc = encoder.weightᵀ (TopK of ReLU(pre) and ReLU of
 TopK(pre) give the same codes).  Transcoders (`transcode: true`, with or without W_skip)
-load as saekit transcoders (saekit.interop.coders); an SAE with a skip connection and the
+load as saekit transcoders (`load_sparsify_transcoder`); an SAE with a skip connection and the
 "groupmax" activation have no saekit kind and are refused.
 
 A sparsify run saves one folder per hookpoint, named after the Hugging Face module
@@ -34,6 +34,7 @@ import torch
 
 from saekit import schema
 from saekit.dictionaries import build
+from saekit.dictionaries.coders import coder_from_tensors
 from saekit.dictionaries.base import DictConfig, Dictionary, Provenance
 from saekit.errors import SaekitError
 from saekit.interop.saelens import _read_json, _read_tensors
@@ -76,9 +77,7 @@ def load_sparsify(path: str | os.PathLike, device: str | torch.device = "cpu") -
     where = folder / CFG_FILE
     schema.check(raw, CFG_SCHEMA, str(where))
     d_in = raw["d_in"]
-    if raw.get("transcode"):  # a (skip) transcoder: saekit.interop.coders
-        from saekit.interop.coders import load_sparsify_transcoder
-
+    if raw.get("transcode"):  # a (skip) transcoder (below)
         return load_sparsify_transcoder(folder, raw, device)
     if raw.get("skip_connection"):
         raise SaekitError(f"{folder} has a skip connection (W_skip), which no saekit kind has; use sparsify for it")
@@ -124,3 +123,54 @@ def load_sparsify(path: str | os.PathLike, device: str | torch.device = "cpu") -
         }
     }
     return d.to(device).eval()
+
+
+# --- transcoders -------------------------------------------------------------------------------------
+# sparsify transcoders (cfg.json `transcode: true` + sae.safetensors; `SparseCoder`):
+# 
+#     encoder.weight (n, d)  encoder.bias (n,)  W_dec (n, d)  b_dec (d,)  [W_skip (d, d)]
+#     f = TopK_k(ReLU(x @ encoder.weightᵀ + encoder.bias));  ŷ = f @ W_dec + b_dec [+ x @ W_skipᵀ]
+# 
+# (no b_dec subtraction when transcoding) = saekit's transcoder/skip-transcoder with the topk
+# activation.  The hookpoint `layers.L.mlp` reads the MLP's input and writes its output:
+# `blocks.L.mlp.hook_in` → `blocks.L.hook_mlp_out`.
+
+def load_sparsify_transcoder(folder: Path, raw: dict, device: str | torch.device = "cpu") -> Dictionary:
+    """A sparsify transcoder folder (`transcode: true`, W_skip if `skip_connection`) as a saekit (skip-)transcoder."""
+
+    where = folder / "cfg.json"
+    d = raw["d_in"]
+    if raw.get("activation", "topk") != "topk":
+        raise SaekitError(f"{where}: sparsify activation {raw.get('activation')!r} is not supported; saekit reads activation 'topk'")
+    n = raw.get("num_latents") or d * raw.get("expansion_factor", 32)
+    k = raw.get("k", 32)
+    if not k < n:
+        raise SaekitError(f"{where}: k={k!r} must be below the number of latents ({n})")
+    skip = bool(raw.get("skip_connection"))
+    w_file = folder / WEIGHTS_FILE
+    want = {"encoder.weight": (n, d), "encoder.bias": (n,), "W_dec": (n, d), "b_dec": (d,)} | ({"W_skip": (d, d)} if skip else {})
+    schema.check_tensors(w_file, want, config=f"cfg.json (d_in={d}, {n} latents, transcode)")
+    t = _read_tensors(w_file)
+    state = {"W_enc": t["encoder.weight"].t(), "b_enc": t["encoder.bias"], "W_dec": t["W_dec"], "b_dec": t["b_dec"]}
+    if skip:
+        state["W_skip"] = t["W_skip"].t()  # sparsify adds x @ W_skipᵀ; saekit x @ W_skip
+    hookpoint = folder.resolve().name
+    m = _LAYER.match(hookpoint)
+    notes = []
+    if m and (m.group(2) or "") in ("mlp", "feed_forward"):
+        hook_in, hook_out = f"blocks.{int(m.group(1))}.mlp.hook_in", f"blocks.{int(m.group(1))}.hook_mlp_out"
+    else:
+        hook_in = hook_out = None
+        notes.append(f"hookpoint {hookpoint!r} is not an MLP module saekit knows; set the input and output hooks yourself")
+    run_cfg = folder.resolve().parent / "config.json"
+    model_name = None
+    if run_cfg.is_file():
+        try:
+            model_name = json.loads(run_cfg.read_text()).get("model")
+        except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
+            model_name = None
+    prov = Provenance(hook=hook_in, in_hooks=[hook_in] if hook_in else [], out_hooks=[hook_out] if hook_out else [],
+                      model={"name": model_name, "compat": False} if model_name else None)
+    out = coder_from_tensors("skip-transcoder" if skip else "transcoder", "topk", d, d, n, prov, state, k=k)
+    out.summary = {"source": {"format": "sparsify", "path": str(folder), "hookpoint": hookpoint, "notes": notes}}
+    return out.to(device).eval()
