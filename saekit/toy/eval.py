@@ -259,6 +259,10 @@ class RecoveryResult:
     n_states: int
     n_tokens: int
     split: str
+    matched: "RecallMatched | None" = None
+    """Each state's most precise feature (recall > min_recall) over all dictionaries, against the best neuron at that recall."""
+    matched_neuron_hooks: list[str] = field(default_factory=list)
+    """The store's hooks whose neurons the matched-recall baseline searched."""
 
     def to_dict(self) -> dict:
         def per_state(s: StateScores, ids: list[str]) -> list[dict]:
@@ -268,6 +272,7 @@ class RecoveryResult:
                 for i in range(len(s.f1))
             ]
 
+        all_ids = self.combined_ids
         return {
             "mean_best_f1": self.combined.mean_best_f1,
             "share_states_f1_ge_0.9": self.combined.share_f1_ge,
@@ -284,7 +289,12 @@ class RecoveryResult:
             ],
             "per_state": per_state(self.combined, self.combined_ids),
             "neuron_per_state": per_state(self.neurons, self.neuron_ids),
-        }
+        } | ({} if self.matched is None else {"matched_recall": {
+            "mean_feature_precision": self.matched.mean_precision, "mean_neuron_precision": self.matched.mean_neuron_precision,
+            "share_states_feature_better": self.matched.share_codes_better, "neuron_hooks": self.matched_neuron_hooks,
+            "per_state": [{"state": i, "feature": all_ids[c] if c >= 0 else None, "precision": float(self.matched.precision[i]),
+                           "recall": float(self.matched.recall[i]), "neuron_precision": float(self.matched.neuron_precision[i])}
+                          for i, c in enumerate(self.matched.code.tolist())]}})
 
 
 def store_fsm(store, labels: str | None = None) -> FSM:
@@ -336,6 +346,8 @@ def state_recovery(
     labels: str | None = None,
     split: str = "eval",
     batch_seqs: int = 16,
+    min_recall: float = 0.01,
+    max_rows: int = 50_000,
     progress: Callable[[int, int], None] | None = None,
 ) -> RecoveryResult:
     """Score dictionaries (folders) on a toy store: best feature per FSM state, and the neuron baseline."""
@@ -360,6 +372,11 @@ def state_recovery(
         loaded.append((p, hook, d))
     hooks = sorted({h for _, h, _ in loaded})
     thresholds = {h: _thresholds(store, h, split=split) for h in hooks}
+    from saekit.analysis.codebook_model import site_of
+
+    # the matched-recall baseline searches every attention/MLP site the store holds (the paper: all of them), else the dicts' hooks
+    neuron_hooks = [h for h in store.hooks if site_of(h) in ("attn", "mlp")] or hooks
+    kept_acts, kept_states, kept = [], [], 0
 
     counts = [Counts.zeros(d.cfg.d_dict, fsm.n_states) for _, _, d in loaded]
     ncounts = {h: Counts.zeros(thresholds[h].shape[0] * thresholds[h].shape[1], fsm.n_states) for h in hooks}
@@ -367,7 +384,7 @@ def state_recovery(
     total = len(rng)
     done = 0
     with torch.no_grad():
-        for start, tokens, acts in store.iter_sequences(hooks, split, batch_seqs):
+        for start, tokens, acts in store.iter_sequences(sorted(set(hooks) | set(neuron_hooks)), split, batch_seqs):
             tokens = np.asarray(tokens)
             lab = labels_from_tokens(fsm, tokens)
             mask = np.asarray(store.row_mask(tokens))
@@ -380,6 +397,10 @@ def state_recovery(
                 for (_, dh, d), c in zip(loaded, counts):
                     if dh == h:
                         c.update(d.encode(a) != 0, state)
+            if kept < max_rows:
+                kept_acts.append(torch.cat([torch.as_tensor(np.asarray(acts[h]), dtype=torch.float32)[m] for h in neuron_hooks], 1))
+                kept_states.append(state)
+                kept += int(state.shape[0])
             done += tokens.shape[0]
             if progress:
                 progress(done, total)
@@ -401,10 +422,13 @@ def state_recovery(
         for direction in (">", "<="):
             n_ids += [f"{h}[{i % width}]{direction}q{QUANTILES[i // width]}" for i in range(n_q * width)]
     neurons = best_f1(torch.cat(n_tp), torch.cat(n_fired), counts[0].pos)
-    return RecoveryResult(results, combined, all_ids, neurons, n_ids, fsm.n_states, counts[0].n_tok, split)
+    # precision at matched recall: codes counted on the whole split, neurons on its first max_rows rows
+    tp, fired = torch.cat([c.tp for c in counts]), torch.cat([c.fired for c in counts])
+    matched = _fill_neurons(best_code_at_recall(tp, fired, counts[0].pos, min_recall), torch.cat(kept_acts), torch.cat(kept_states))
+    return RecoveryResult(results, combined, all_ids, neurons, n_ids, fsm.n_states, counts[0].n_tok, split, matched, neuron_hooks)
 
 
-def write_json(result: RecoveryResult, path: str) -> Path:
+def write_json(result: "RecoveryResult | PaperResult", path: str) -> Path:
     from saekit.runs import write_json
 
     p = Path(path)
