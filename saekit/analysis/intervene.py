@@ -341,6 +341,8 @@ def run_codebook_intervention(cfg: InterveneConfig) -> CodebookInterventionResul
     from saekit.analysis.codebook_model import CodebookModel
     from saekit.toy.fsm import load_fsm
 
+    if cfg.dicts:
+        raise SaekitError("give either --dicts (patch activations) or --codebook-model (patch code ids with all codebooks active), not both")
     cbm = CodebookModel.load(cfg.codebook_model, device=cfg.device)
     fsm = load_fsm(cbm.path)
     res = codebook_intervention(cbm, fsm, cfg.patch, n_pairs=cfg.pairs, n_states=cfg.states, positions=cfg.positions, seed=cfg.seed)
