@@ -9,7 +9,8 @@ similarity; model and codebooks trained together (Adam(W), lr 1e-3).  The librar
 own venv (`benchmarks/peers/setup_codebook_features.sh`; script
 `benchmarks/peers/codebook_features_step.py`), built as its `fsm_main.yaml` builds it with the
 codebooks' metric logging off (its fastest setting); saekit runs `saekit.inmodel.finetune.train_step`
-(the step `saekit finetune` runs) on the same model shape, batch, sequence length and threads.
+(the step `saekit finetune` runs; with the paper objective and LayerNorm'd codebook input where this
+saekit has them) on the same model shape, batch, sequence length and threads.
 Tokens are random digits after BOS on both sides (the step's cost does not depend on them).
 Each side is timed `--repeats` times, alternating, after `--warmup` untimed steps; reported:
 tokens per second and per CPU-second (process CPU time, so a contended machine's waiting does
@@ -22,6 +23,7 @@ selection, the straight-through backward, the code gradients).
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import os
 import subprocess
@@ -67,16 +69,22 @@ def saekit_setup(model_dir: str, spec: str = SPEC):
     specs = parse_spec(spec, 4)
     im = load_in_model(model_dir, [s.hook for s in specs], torch.device("cpu"))
     im.hf.train()
-    layers = {s.hook: InModelCodebook(build_codebook(s, im.shapes[s.hook])) for s in specs}
-    cfg = FinetuneConfig(model=model_dir, codebooks=spec, lr=1e-3, codebook_lr=1e-3, replace_every=0)
+    # The paper's objective and LayerNorm'd codebook input where this saekit has them (the `paper` branch's
+    # finetune); otherwise the commitment objective with a fixed scale (same arithmetic in the choice).
+    paper = "objective" in inspect.signature(InModelCodebook.__init__).parameters
+    norm = ("layernorm",) if paper else ()
+    layers = {s.hook: InModelCodebook(build_codebook(s, im.shapes[s.hook], None, *norm), *(("paper",) if paper else ()))
+              for s in specs}
+    extra = {"objective": "paper", "input_norm": "layernorm"} if paper else {}
+    cfg = FinetuneConfig(model=model_dir, codebooks=spec, lr=1e-3, codebook_lr=1e-3, replace_every=0, **extra)
     ph = make_phase("codebook model", im.hf, layers, cfg)
-    return im, Splicer(im.hf, list(im.sites.values())), ph, cfg
+    return im, Splicer(im.hf, list(im.sites.values())), ph, cfg, "paper" if paper else "commit"
 
 
 def time_saekit(setup, batch: int, seq_len: int, steps: int, warmup: int, seed: int) -> dict:
     from saekit.inmodel.finetune import train_step
 
-    im, splicer, ph, cfg = setup
+    im, splicer, ph, cfg, _ = setup
     rng = np.random.default_rng(seed)
 
     def tokens() -> torch.Tensor:
@@ -112,7 +120,7 @@ def profile_saekit(setup, batch: int, seq_len: int, steps: int = 3) -> str:
 
     from saekit.inmodel.finetune import train_step
 
-    im, splicer, ph, cfg = setup
+    im, splicer, ph, cfg, _ = setup
     t = torch.randint(0, 10, (batch, seq_len))
     t[:, 0] = im.bos_id
     train_step(ph, t, im.bos_id, splicer, cfg)
@@ -151,14 +159,15 @@ def main() -> None:
         prof = profile_saekit(setup, a.batch, a.seq_len) if a.profile else None
     best = {s: {k: max(x[k] for x in v) for k in ("tokens_per_s", "tokens_per_cpu_s")} for s, v in runs.items()}
     ratio = {k: best["saekit"][k] / best["library"][k] for k in ("tokens_per_s", "tokens_per_cpu_s")}
-    print(f"\nbatch {a.batch} × {a.seq_len} tokens, {a.threads} thread(s), {a.steps} timed steps × {a.repeats} repeats, best of each:")
+    print(f"\nbatch {a.batch} × {a.seq_len} tokens, {a.threads} thread(s), {a.steps} timed steps × {a.repeats} repeats, best of each "
+          f"(saekit objective: {setup[4]}):")
     print(f"  library (codebook-features 0.1.2): {best['library']['tokens_per_s']:.0f} tok/s, {best['library']['tokens_per_cpu_s']:.0f} tok/CPU-s")
     print(f"  saekit:                            {best['saekit']['tokens_per_s']:.0f} tok/s, {best['saekit']['tokens_per_cpu_s']:.0f} tok/CPU-s")
     print(f"  saekit / library: {ratio['tokens_per_s']:.2f}× tokens/s, {ratio['tokens_per_cpu_s']:.2f}× tokens per CPU-second")
     if prof:
         print("\nsaekit step profile (3 steps):\n" + prof)
     if a.json:
-        Path(a.json).write_text(json.dumps({"args": vars(a), "runs": runs, "best": best, "ratio": ratio, "profile": prof}, indent=1))
+        Path(a.json).write_text(json.dumps({"args": vars(a), "saekit_objective": setup[4], "runs": runs, "best": best, "ratio": ratio, "profile": prof}, indent=1))
 
 
 if __name__ == "__main__":

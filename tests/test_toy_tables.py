@@ -311,3 +311,51 @@ def test_cli_options_and_user_errors(tmp_path):
     p = subprocess.run([sys.executable, "-m", "saekit", "intervene", "--codebook-model", str(tmp_path), "--positions", "middle"],
                        capture_output=True, text=True)
     assert p.returncode == 2 and p.stderr.strip().startswith("error:") and "positions" in p.stderr and "Traceback" not in p.stderr
+
+
+# --- steering with codes -----------------------------------------------------------------------------
+
+
+def test_forcing_a_code_makes_it_its_groups_choice_everywhere(toy_in_model):
+    from saekit.analysis.codebook_model import CodebookModel
+    from saekit.inmodel.codebooks import build_codebook, parse_spec
+    from saekit.toy.fsm import generate
+
+    im = toy_in_model
+    specs = parse_spec("attn[0]:k=1,groups=heads,codes=16;mlp[1]:k=2,codes=32", 2)
+    torch.manual_seed(1)
+    cbs = {s.hook: build_codebook(s, im.shapes[s.hook]) for s in specs}
+    cbm = CodebookModel(im.hf, cbs, {h: im.sites[h] for h in cbs}, im.bos_id, skip_bos=True)
+    t = torch.from_numpy(generate(load_fsm("toy"), 3, 20, seed=1)[0])
+    _, clean = cbm.run(t, record=True)
+    _, forced = cbm.run(t, record=True, force={"blocks.0.attn.hook_z": [16 + 5]})  # head 1, code 5
+    c, f = clean.codes["blocks.0.attn.hook_z"], forced.codes["blocks.0.attn.hook_z"]
+    assert (f[:, 1:, 16:32].argmax(-1) == 5).all() and (f[:, 1:, 16:32].sum(-1) == 1).all()
+    assert torch.equal(f[:, 1:, :16], c[:, 1:, :16])  # head 0 computes its own code as before
+    assert (f[:, 0] == 0).all()  # BOS is never replaced
+    steered = cbm.sample(3, 30, 0, prompt=t[:, :5], force={"blocks.0.attn.hook_z": [21]})
+    plain = cbm.sample(3, 30, 0, prompt=t[:, :5])
+    assert torch.equal(steered[:, :5], plain[:, :5]) and not torch.equal(steered, plain)
+    with pytest.raises(SaekitError, match="no codebook"):
+        cbm.run(t, force={"blocks.1.attn.hook_z": [0]})
+
+
+# --- the fast k = 1 code choice (benchmarks/codebook_speed.py) ----------------------------------------
+
+
+@pytest.mark.parametrize("similarity", ["inner", "cosine"])
+@pytest.mark.parametrize("G,C,d_g,n", [(4, 1000, 32, 700), (1, 50, 16, 257), (3, 7, 5, 1)])
+def test_k1_choice_equals_the_reference(similarity, G, C, d_g, n):
+    from saekit.dictionaries.codebook import code_similarity
+    from saekit.dictionaries.codebook_k1 import choose_codes_k1
+
+    g = torch.Generator().manual_seed(G * 1000 + n)
+    xn = torch.randn(n, G * d_g, generator=g)
+    cb = torch.randn(G, C, d_g, generator=g) * torch.rand(G, C, 1, generator=g)  # codes of different norms
+    fast = choose_codes_k1(xn, cb, similarity, block=64)
+    ref = code_similarity(xn.view(n, G, d_g), cb, similarity).argmax(-1).t()  # (n, G): the eager definition
+    assert fast.shape == (n, G, 1) and torch.equal(fast[..., 0], ref)
+    from saekit.dictionaries.codebook import choose_codes
+
+    assert torch.equal(choose_codes(xn, cb, 1, similarity), fast)  # the dispatch uses it for k = 1
+    assert choose_codes(xn, cb, 2, similarity).shape == (n, G, 2)  # k > 1 keeps the reference path

@@ -48,7 +48,8 @@ class RunRecord:
 class CodebookModel:
     """A Hugging Face causal LM with saekit codebooks at its hooks (module docstring)."""
 
-    def __init__(self, hf: nn.Module, codebooks: dict, sites: dict, bos_id: int, skip_bos: bool = True, path: str = ""):
+    def __init__(self, hf: nn.Module, codebooks: dict, sites: dict, bos_id: int, skip_bos: bool = True, path: str = "",
+                 tokenizer=None):
         from saekit.inmodel.sites import Splicer
 
         self.hf = hf.eval()
@@ -60,6 +61,7 @@ class CodebookModel:
         self.bos_id = bos_id
         self.skip_bos = skip_bos
         self.path = path
+        self.tokenizer = tokenizer
         self.device = next(hf.parameters()).device
 
     @property
@@ -105,12 +107,16 @@ class CodebookModel:
         hooks = sorted(dicts, key=lambda h: (hook_layer(h), h))
         neurons = [f"blocks.{layer}.{s}" for layer in range(n_layers(model)) for s in ("attn.hook_z", "hook_mlp_out")]
         im = load_in_model(model, hooks + [h for h in neurons if h not in hooks], torch.device(device))
-        return cls(im.hf, {h: dicts[h].to(im.hf.device).eval() for h in hooks}, im.sites, im.bos_id, skip_bos, str(model))
+        return cls(im.hf, {h: dicts[h].to(im.hf.device).eval() for h in hooks}, im.sites, im.bos_id, skip_bos, str(model), im.tokenizer)
 
     @torch.no_grad()
-    def run(self, tokens: Tensor, *, patches: dict[str, Patch] | None = None, record: bool = False,
-            codebooks: bool = True) -> tuple[Tensor, RunRecord | None]:
-        """Logits (B, T, vocab) of token batch (B, T) with every codebook active (or none when `codebooks` is False)."""
+    def run(self, tokens: Tensor, *, patches: dict[str, Patch] | None = None, force: dict[str, list[int]] | None = None,
+            record: bool = False, codebooks: bool = True) -> tuple[Tensor, RunRecord | None]:
+        """Logits (B, T, vocab) of token batch (B, T) with every codebook active (or none when `codebooks` is False).
+
+        `force[hook]`: code indices switched on at every replaced position, each as its group's
+        choice (the group's own codes are dropped), as the library's `generate_with_codes`.
+        """
         from saekit.tokens import model_input, row_mask
 
         t = tokens.to(self.device).long()
@@ -119,8 +125,8 @@ class CodebookModel:
             return self.hf(input_ids=inp).logits, None
         mask = row_mask(t, self.skip_bos)
         rec = RunRecord() if record else None
-        patches = patches or {}
-        unknown = set(patches) - set(self.codebooks)
+        patches, force = patches or {}, force or {}
+        unknown = (set(patches) | set(force)) - set(self.codebooks)
         if unknown:
             raise SaekitError(f"no codebook at {sorted(unknown)}; this model has codebooks at {', '.join(self.codebooks)}")
 
@@ -133,6 +139,12 @@ class CodebookModel:
                     pos = p.pos.to(x.device)
                     pos = pos[:, None] if pos.dim() == 1 else pos
                     codes[torch.arange(B, device=x.device)[:, None], pos] = p.codes.to(codes).reshape(B, pos.shape[1], -1)
+                per = d.cfg.d_dict // max(d.cfg.groups, 1)
+                for i in force.get(h, ()):
+                    g = i // per
+                    codes[..., g * per:(g + 1) * per] = 0
+                for i in force.get(h, ()):
+                    codes[..., i] = 1
                 codes = codes * mask[..., None]  # untouched positions (BOS, padding) carry no codes
                 if rec is not None:
                     rec.inputs[h] = x.detach().float()
@@ -158,12 +170,12 @@ class CodebookModel:
 
     @torch.no_grad()
     def sample(self, n_seq: int, ctx: int, seed: int, prompt: Tensor | None = None, patches: dict[str, Patch] | None = None,
-               temperature: float = 1.0, codebooks: bool = True) -> Tensor:
+               temperature: float = 1.0, codebooks: bool = True, force: dict[str, list[int]] | None = None) -> Tensor:
         """Sample continuations to `ctx` tokens (temperature 0: greedy), codebooks active; no KV cache, so every step sees the same mask."""
         t = prompt.to(self.device).long() if prompt is not None else torch.full((n_seq, 1), self.bos_id, device=self.device)
         g = torch.Generator(device="cpu").manual_seed(seed)
         while t.shape[1] < ctx:
-            logits = self.run(t, patches=patches, codebooks=codebooks)[0][:, -1].float().cpu()
+            logits = self.run(t, patches=patches, force=force, codebooks=codebooks)[0][:, -1].float().cpu()
             if temperature == 0:
                 nxt = logits.argmax(-1, keepdim=True)
             else:
