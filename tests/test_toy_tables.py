@@ -210,19 +210,30 @@ def test_codebook_model_forward_equals_finetunes_spliced_forward(toy_in_model):
     from saekit.inmodel.sites import Splicer
     from saekit.toy.fsm import generate
 
+    import inspect
+
     im = toy_in_model
     fsm = load_fsm("toy")
     specs = parse_spec("attn:k=1,groups=heads,codes=16;mlp:k=2,codes=32,sim=inner", 2)
-    torch.manual_seed(0)
-    cbs = {s.hook: build_codebook(s, im.shapes[s.hook]) for s in specs}
-    for d in cbs.values():
-        d.scale.fill_(0.7)
     tokens = torch.from_numpy(generate(fsm, 4, 24, seed=3)[0])
-    cbm = CodebookModel(im.hf, cbs, {h: im.sites[h] for h in cbs}, im.bos_id, skip_bos=True)
-    mine, rec = cbm.run(tokens, record=True)
-    theirs = spliced_logits(im.hf, tokens, im.bos_id, Splicer(im.hf, [im.sites[h] for h in cbs]),
-                            {h: InModelCodebook(d) for h, d in cbs.items()}, True)
-    assert torch.allclose(mine, theirs, atol=1e-5)
+    # every objective / input normalisation finetune has (the paper's LayerNorm'd input where this saekit has it)
+    variants = [((), ())]
+    if "objective" in inspect.signature(InModelCodebook.__init__).parameters:
+        variants += [(("layernorm",), ("paper",)), ((), ("paper",))]
+    for norm, objective in variants:
+        torch.manual_seed(0)
+        cbs = {s.hook: build_codebook(s, im.shapes[s.hook], None, *norm) for s in specs}
+        for d in cbs.values():
+            d.scale.fill_(0.7 if not norm else 1.0)
+            if norm:
+                with torch.no_grad():
+                    d.ln_weight.uniform_(0.5, 1.5)
+                    d.ln_bias.normal_(0, 0.1)
+        cbm = CodebookModel(im.hf, cbs, {h: im.sites[h] for h in cbs}, im.bos_id, skip_bos=True)
+        mine, rec = cbm.run(tokens, record=True)
+        theirs = spliced_logits(im.hf, tokens, im.bos_id, Splicer(im.hf, [im.sites[h] for h in cbs]),
+                                {h: InModelCodebook(d, *objective) for h, d in cbs.items()}, True)
+        assert torch.allclose(mine, theirs, atol=1e-5), (norm, objective)
     plain = cbm.run(tokens, codebooks=False)[0]
     assert not torch.allclose(mine, plain, atol=1e-2)  # the codebooks do change the model
     # k codes per group at every replaced position, none at BOS
