@@ -70,6 +70,7 @@ class CodebookModel:
 
     @classmethod
     def load(cls, folder: str, model: str | None = None, device: str = "cpu") -> "CodebookModel":
+        # device: cpu, cuda, cuda:1, ... or auto
         """From a `saekit finetune --out` folder (its model/ and codebooks/), or a folder of codebooks plus `model`."""
         from saekit.inmodel.model import load_in_model
         from saekit.interop import find_dictionary_folders, load
@@ -106,16 +107,19 @@ class CodebookModel:
             raise SaekitError(f"{folder} holds no saekit codebooks; pass a `saekit finetune --out` folder")
         hooks = sorted(dicts, key=lambda h: (hook_layer(h), h))
         neurons = [f"blocks.{layer}.{s}" for layer in range(n_layers(model)) for s in ("attn.hook_z", "hook_mlp_out")]
-        im = load_in_model(model, hooks + [h for h in neurons if h not in hooks], torch.device(device))
+        from saekit.models import resolve_device
+
+        im = load_in_model(model, hooks + [h for h in neurons if h not in hooks], resolve_device(device))
         return cls(im.hf, {h: dicts[h].to(im.hf.device).eval() for h in hooks}, im.sites, im.bos_id, skip_bos, str(model), im.tokenizer)
 
     @torch.no_grad()
     def run(self, tokens: Tensor, *, patches: dict[str, Patch] | None = None, force: dict[str, list[int]] | None = None,
-            record: bool = False, codebooks: bool = True) -> tuple[Tensor, RunRecord | None]:
+            force_at: Tensor | None = None, record: bool = False, codebooks: bool = True) -> tuple[Tensor, RunRecord | None]:
         """Logits (B, T, vocab) of token batch (B, T) with every codebook active (or none when `codebooks` is False).
 
-        `force[hook]`: code indices switched on at every replaced position, each as its group's
-        choice (the group's own codes are dropped), as the library's `generate_with_codes`.
+        `force[hook]`: code indices switched on at every replaced position (or where the bool
+        `force_at[pos]` is True, positions past its end excluded), each as its group's choice (the
+        group's own codes are dropped), as the library's `generate_with_codes`.
         """
         from saekit.tokens import model_input, row_mask
 
@@ -140,11 +144,14 @@ class CodebookModel:
                     pos = pos[:, None] if pos.dim() == 1 else pos
                     codes[torch.arange(B, device=x.device)[:, None], pos] = p.codes.to(codes).reshape(B, pos.shape[1], -1)
                 per = d.cfg.d_dict // max(d.cfg.groups, 1)
-                for i in force.get(h, ()):
-                    g = i // per
-                    codes[..., g * per:(g + 1) * per] = 0
-                for i in force.get(h, ()):
-                    codes[..., i] = 1
+                if h in force:
+                    at = torch.ones(T, dtype=torch.bool, device=x.device) if force_at is None else \
+                        torch.nn.functional.pad(force_at.to(x.device), (0, max(0, T - force_at.shape[0])))[:T]
+                    for i in force[h]:
+                        g = i // per
+                        codes[:, at, g * per:(g + 1) * per] = 0
+                    for i in force[h]:
+                        codes[:, at, i] = 1
                 codes = codes * mask[..., None]  # untouched positions (BOS, padding) carry no codes
                 if rec is not None:
                     rec.inputs[h] = x.detach().float()
@@ -170,12 +177,13 @@ class CodebookModel:
 
     @torch.no_grad()
     def sample(self, n_seq: int, ctx: int, seed: int, prompt: Tensor | None = None, patches: dict[str, Patch] | None = None,
-               temperature: float = 1.0, codebooks: bool = True, force: dict[str, list[int]] | None = None) -> Tensor:
+               temperature: float = 1.0, codebooks: bool = True, force: dict[str, list[int]] | None = None,
+               force_at: Tensor | None = None) -> Tensor:
         """Sample continuations to `ctx` tokens (temperature 0: greedy), codebooks active; no KV cache, so every step sees the same mask."""
         t = prompt.to(self.device).long() if prompt is not None else torch.full((n_seq, 1), self.bos_id, device=self.device)
         g = torch.Generator(device="cpu").manual_seed(seed)
         while t.shape[1] < ctx:
-            logits = self.run(t, patches=patches, force=force, codebooks=codebooks)[0][:, -1].float().cpu()
+            logits = self.run(t, patches=patches, force=force, force_at=force_at, codebooks=codebooks)[0][:, -1].float().cpu()
             if temperature == 0:
                 nxt = logits.argmax(-1, keepdim=True)
             else:

@@ -12,9 +12,11 @@ import torch
 def steer_codebook_model(cfg) -> dict:
     """`saekit steer --codebook-model DIR --dict DIR/codebooks/HOOK --feature L.G.C`: force codes on, all codebooks active.
 
-    The forced code replaces its group's choice at every position after BOS, prompt and
-    generated tokens alike (Codebook Features' `generate_with_codes`); the unsteered arm is
-    the same codebook model with the same sampling seed.  Returns the fields of a
+    The forced code replaces its group's choice, prompt and generated tokens alike (Codebook
+    Features' `generate_with_codes`), at the positions of the digit slot where it fires on its
+    own (a state code fires on a state's last digit, so it is forced on every state's last
+    digit: "every state just completed was s"); the unsteered arm is the same codebook model
+    with the same sampling seed.  Returns the fields of a
     `saekit.analysis.steer.SteerResult` (which `steer` builds), whose `toy` report counts
     generated states that are successors of the code's state.
     """
@@ -43,14 +45,17 @@ def steer_codebook_model(cfg) -> dict:
         raise SaekitError(f"prompt ({len(ids)} tokens) + {cfg.max_new_tokens} new tokens exceed the model's context of {n_ctx}; shorten one")
     start = torch.tensor([ids] * cfg.samples)
     end = len(ids) + cfg.max_new_tokens
+    tracked = tracked_code_state(cbm, hook, idx[0], fsm)
+    slot = tracked.digit if tracked.digit >= 0 else fsm.digits - 1
+    at = torch.tensor([p >= 1 and (p - 1) % fsm.digits == slot for p in range(end)])
     plain = cbm.sample(cfg.samples, end, cfg.seed, prompt=start, temperature=cfg.temperature)[:, len(ids):]
-    steered = cbm.sample(cfg.samples, end, cfg.seed, prompt=start, temperature=cfg.temperature, force={hook: idx})[:, len(ids):]
+    steered = cbm.sample(cfg.samples, end, cfg.seed, prompt=start, temperature=cfg.temperature, force={hook: idx}, force_at=at)[:, len(ids):]
     dec = lambda rows: ["".join("⏎" if t == cbm.bos_id else str(t) for t in r) for r in rows.tolist()]  # noqa: E731
     res = dict(prompt=cfg.prompt, features=[feature_id(d, i) for i in idx], strength=1.0, steered=dec(steered), unsteered=dec(plain),
                match=cfg.match)
-    res["about"] = [f"code {feature_id(d, i)} of the codebook at {hook} forced on as its group's choice at every position, "
-                 f"with all {len(cbm.hooks)} codebooks of {cfg.codebook_model} active (--strength is not used)" for i in idx]
-    res["toy"] = toy_report(fsm, tracked_code_state(cbm, hook, idx[0], fsm), ids[1:], steered.tolist(), plain.tolist())
+    res["about"] = [f"code {feature_id(d, i)} of the codebook at {hook} forced on as its group's choice on digit {slot + 1} of every state, "
+                    f"with all {len(cbm.hooks)} codebooks of {cfg.codebook_model} active (--strength is not used)" for i in idx]
+    res["toy"] = toy_report(fsm, tracked, ids[1:], steered.tolist(), plain.tolist())
     if cfg.match:
         import re
 
