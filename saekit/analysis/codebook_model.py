@@ -86,12 +86,12 @@ class CodebookModel:
                 skip_bos = bool(json.loads(cfg_file.read_text()).get("skip_bos", True))
             except json.JSONDecodeError:
                 pass
-        if model is None:
+        if model is None:  # out/model (a report's path may be relative to where finetune ran), else the report's model
             rep = root / "report.json"
-            if rep.is_file():
-                model = json.loads(rep.read_text()).get("model")
-            elif (root / "model" / "config.json").is_file():
+            if (root / "model" / "config.json").is_file():
                 model = str(root / "model")
+            elif rep.is_file():
+                model = json.loads(rep.read_text()).get("model")
         if not model:
             raise SaekitError(f"{folder} holds no model/ and no report.json naming one; pass the model the codebooks belong to (--model)")
         cb_root = root / "codebooks" if (root / "codebooks").is_dir() else root
