@@ -84,7 +84,7 @@ def evaluate(
     n_seq: int = typer.Option(256, "--n-seq", help="With --codebook-model: fresh walks scored for codes and neurons."),
     sample_seqs: int = typer.Option(32, "--sample-seqs", help="With --codebook-model: walks sampled (with and without codebooks) for transition accuracy."),
     min_recall: float = typer.Option(0.01, "--min-recall", help="A state's best code is the most precise one with recall above this (the paper's 1%)."),
-    device: str = typer.Option("cpu", "--device", help="With --codebook-model: cpu, cuda, ..."),
+    device: str = typer.Option("auto", "--device", help="With --codebook-model: cpu, cuda, cuda:1, ... or auto (cuda when available)."),
 ):
     """For every FSM state, the feature that best detects "state s was just completed"; vs. the best single neuron.
 

@@ -69,12 +69,12 @@ class InterveneConfig:
     """Write the result as JSON here."""
     codebook_model: str = ""
     """A `saekit finetune --out` folder: run it with ALL its codebooks and patch code ids (the paper's intervention) instead of --dicts."""
-    patch: list[str] = field(default_factory=lambda: list(PATCHINGS))
-    """Codebook model: sites patched together, one entry per row, comma-separated: attn[L], mlp[L], attn, mlp, all, or a hook, joined with '+'."""
+    patch: list[str] = field(default_factory=list)
+    """Codebook model: sites patched together, one entry per row, comma-separated: attn[L], mlp[L], attn, mlp, all, or a hook, joined with '+' (default: the tutorial's attn[0],mlp[1],attn,mlp,all)."""
     positions: str = "last"
     """Codebook model: patch A's final token (last, as the paper) or every digit of its last state (state)."""
-    device: str = "cpu"
-    """Device for the codebook model: cpu, cuda, ..."""
+    device: str = "auto"
+    """Device for the codebook model: cpu, cuda, cuda:1, ... or auto (cuda when available)."""
 
     def __post_init__(self):
         if self.error not in ("keep", "drop"):
@@ -329,7 +329,8 @@ def codebook_intervention(cbm, fsm, patchings: list[str] | tuple[str, ...] = PAT
     clean_b = measure("clean B (ceiling)", [], B, None)
     rows = []
     for name, hooks in sites:
-        patches = {h: Patch(pos, rec_b.codes[h][torch.arange(n)[:, None], pos.to(rec_b.codes[h].device)]) for h in hooks}
+        patches = {h: Patch(pos, rec_b.codes[h][torch.arange(n, device=rec_b.codes[h].device)[:, None], pos.to(rec_b.codes[h].device)])
+                   for h in hooks}
         rows.append(measure(name, hooks, A, patches))
     for r in (clean_a, clean_b, *rows):
         r.js_normalised = r.js / clean_a.js if clean_a.js > 0 else float("nan")
@@ -345,7 +346,7 @@ def run_codebook_intervention(cfg: InterveneConfig) -> CodebookInterventionResul
         raise SaekitError("give either --dicts (patch activations) or --codebook-model (patch code ids with all codebooks active), not both")
     cbm = CodebookModel.load(cfg.codebook_model, device=cfg.device)
     fsm = load_fsm(cbm.path)
-    res = codebook_intervention(cbm, fsm, cfg.patch, n_pairs=cfg.pairs, n_states=cfg.states, positions=cfg.positions, seed=cfg.seed)
+    res = codebook_intervention(cbm, fsm, cfg.patch or PATCHINGS, n_pairs=cfg.pairs, n_states=cfg.states, positions=cfg.positions, seed=cfg.seed)
     if cfg.out:
         write_json(Path(cfg.out), res.to_dict())
     return res
