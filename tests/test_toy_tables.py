@@ -370,3 +370,50 @@ def test_k1_choice_equals_the_reference(similarity, G, C, d_g, n):
 
     assert torch.equal(choose_codes(xn, cb, 1, similarity), fast)  # the dispatch uses it for k = 1
     assert choose_codes(xn, cb, 2, similarity).shape == (n, G, 2)  # k > 1 keeps the reference path
+
+
+# --- offline dictionaries on a store: the same matched-recall summary ---------------------------------
+
+
+from test_toy_eval import HOOK, _oracle_codebook, toy_store  # noqa: E402,F401 - that module's tiny toy store fixture
+
+
+def test_store_mode_matched_recall_agrees_with_a_direct_count(tmp_path, toy_store):  # noqa: F811
+    from saekit import load
+    from saekit.store import ActivationStore
+    from saekit.toy.eval import state_recovery
+    from saekit.toy.fsm import labels_from_tokens, load_fsm
+
+    root, model, labels_file, store = toy_store
+    dpath = _oracle_codebook(store, tmp_path / "oracle")
+    res = state_recovery([str(dpath)], str(store))
+    m = res.matched
+    assert res.matched_neuron_hooks == [HOOK]  # the store's only hook (a residual: the dictionaries' hooks stand in)
+    st = ActivationStore(store)
+    r = st.split("eval")
+    tokens = st.read_tokens(r.start, r.stop)
+    mask = st.row_mask(tokens)
+    fsm = load_fsm(st.model.name)
+    lab = labels_from_tokens(fsm, tokens)
+    y = np.where(lab.complete, lab.state, -1)[mask]
+    acts = st.read_acts(HOOK, r.start, r.stop)[mask]
+    with torch.no_grad():
+        fired = load(dpath).encode(torch.from_numpy(acts)).numpy() != 0
+    for s in range(fsm.n_states):
+        pos = (y == s).sum()
+        if pos == 0:
+            continue
+        tp = (fired & (y == s)[:, None]).sum(0)
+        prec, rec = tp / np.maximum(fired.sum(0), 1), tp / pos
+        ok = rec > 0.01
+        assert ok.any() and m.code[s] >= 0
+        assert m.precision[s] == pytest.approx(prec[ok].max()) and m.recall[s] == pytest.approx(rec[m.code[s]])
+        # the neuron at that recall, counted directly
+        n = max(1, int(np.floor(m.recall[s] * pos + 1e-9)))
+        best = 0.0
+        for j in range(acts.shape[1]):
+            t = np.sort(acts[y == s, j])[::-1][n - 1]
+            best = max(best, ((acts[:, j] >= t) & (y == s)).sum() / (acts[:, j] >= t).sum())
+        assert m.neuron_precision[s] == pytest.approx(best, rel=1e-6)
+    d = res.to_dict()["matched_recall"]
+    assert d["neuron_hooks"] == [HOOK] and 0 <= d["mean_feature_precision"] <= 1
