@@ -1,4 +1,4 @@
-"""`saekit analyze | steer | intervene`: read features, steer generations, patch codes on the toy model."""
+"""`saekit analyze | steer`: read features, steer generations (`intervene` is in cli/intervene.py)."""
 
 from __future__ import annotations
 
@@ -102,21 +102,3 @@ def register(app) -> None:
         for p, u, s in r.examples:
             console.print(f"[bold]prompt[/] {p!r}\n  unsteered: {u!r}\n  steered:   {s!r}")
         console.print(f"on topic: steered {r.steered_rate:.1%}, unsteered {r.unsteered_rate:.1%} of {r.n_generations} generations each")
-
-    @app.command("intervene")
-    @config_options("saekit.analysis.intervene:InterveneConfig")
-    def intervene_cmd(cfg):
-        """Toy model: patch state B's codes into walks ending in state A; success rate and JS divergence."""
-        from rich.table import Table
-
-        from saekit.analysis.intervene import run_intervention
-
-        r = run_intervention(cfg)
-        t = Table(title=f"code intervention at layers {r.layers} ({r.n_pairs} pairs, error={r.error})")
-        t.add_column("run")
-        t.add_column("next state ∈ succ(B) \\ succ(A)", justify="right")
-        t.add_column("JS from clean B (nats)", justify="right")
-        t.add_row("clean A (floor)", f"{r.clean_a_success:.1%}", f"{r.clean_a_js:.4f}")
-        t.add_row("A with B's codes", f"{r.success_rate:.1%}", f"{r.js:.4f}")
-        t.add_row("clean B (ceiling)", f"{r.clean_b_success:.1%}", "0")
-        console.print(t)

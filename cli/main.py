@@ -23,9 +23,9 @@ app = App(
 )
 
 # One module per stage; each adds its commands to `app`.
-from saekit_cli import analyze, export, finetune, harvest, pipeline, pycode, splice, store, synth, toy, train, truth  # noqa: E402
+from saekit_cli import analyze, export, finetune, harvest, intervene, pipeline, pycode, splice, store, synth, toy, train, truth  # noqa: E402
 
-for _module in (pipeline, harvest, toy, pycode, train, splice, analyze, export, finetune, store, synth, truth):
+for _module in (pipeline, harvest, toy, pycode, train, splice, analyze, intervene, export, finetune, store, synth, truth):
     _module.register(app)
 
 

@@ -70,7 +70,6 @@ REQUIRED: dict[str, tuple[str, ...]] = {
     "PyTrainConfig": ("out",),
     "PyDataConfig": ("out",),
     "ExportConfig": ("dict", "out"),
-    "InterveneConfig": ("dicts",),
     "ImportConfig": ("acts", "out"),
     "SynthConfig": ("out",),
     "TruthConfig": ("truth",),

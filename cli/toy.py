@@ -75,19 +75,37 @@ def data(cfg):
 
 @toy_app.command("eval")
 def evaluate(
-    dicts: List[Path] = typer.Option(..., "--dict", help="Dictionary folder to score (repeat for several)."),
-    store: Path = typer.Option(..., "--store", help="Activation store harvested from `saekit toy data` output with --packing doc."),
+    dicts: Optional[List[Path]] = typer.Option(None, "--dict", help="Dictionary folder to score (repeat for several); needs --store."),
+    store: Optional[Path] = typer.Option(None, "--store", help="Activation store harvested from `saekit toy data` output with --packing doc."),
+    codebook_model: Optional[Path] = typer.Option(None, "--codebook-model", help="A `saekit finetune --out` folder: score it with all its codebooks active, on fresh walks (the paper's tables)."),
     json_out: Optional[Path] = typer.Option(None, "--json", help="Also write the full result (per state) to this JSON file."),
     labels: Optional[Path] = typer.Option(None, "--labels", help="Labels file from `saekit toy data` (else the FSM comes from the store's model)."),
     split: str = typer.Option("eval", "--split", help="Store split to score: eval, train or all."),
+    n_seq: int = typer.Option(256, "--n-seq", help="With --codebook-model: fresh walks scored for codes and neurons."),
+    sample_seqs: int = typer.Option(32, "--sample-seqs", help="With --codebook-model: walks sampled (with and without codebooks) for transition accuracy."),
+    min_recall: float = typer.Option(0.01, "--min-recall", help="A state's best code is the most precise one with recall above this (the paper's 1%)."),
+    device: str = typer.Option("auto", "--device", help="With --codebook-model: cpu, cuda, cuda:1, ... or auto (cuda when available)."),
 ):
-    """For every FSM state, the feature that best detects "state s was just completed"; vs. the best single neuron."""
+    """For every FSM state, the feature that best detects "state s was just completed"; vs. the best single neuron.
+
+    With --dict/--store: offline dictionaries on a store (best F1, and precision at matched recall).  With
+    --codebook-model: the Codebook Features TokFSM tables (precision at matched recall against the best neuron of all
+    attention and MLP sites, code purity, first-transition and transition accuracy), all codebooks active.
+    """
+    from saekit.errors import SaekitError
+
+    if codebook_model:
+        if dicts or store:
+            raise SaekitError("give either --codebook-model or --dict/--store, not both")
+        return _paper(codebook_model, json_out, n_seq, sample_seqs, min_recall, device)
+    if not dicts or not store:
+        raise SaekitError("pass --dict DIR (repeat for several) and --store DIR, or --codebook-model DIR (a `saekit finetune --out` folder)")
     from saekit.toy.eval import state_recovery, write_json
 
     with _progress() as bar:
         task = bar.add_task("scoring", total=None, info="")
         result = state_recovery(
-            [str(d) for d in dicts], str(store), labels=str(labels) if labels else None, split=split,
+            [str(d) for d in dicts], str(store), labels=str(labels) if labels else None, split=split, min_recall=min_recall,
             progress=lambda done, total: bar.update(task, completed=done, total=total),
         )
     from rich.table import Table
@@ -101,8 +119,50 @@ def evaluate(
         table.add_row("all dictionaries", f"{result.combined.mean_best_f1:.3f}", f"{result.combined.share_f1_ge:.1%}")
     table.add_row("best single neuron", f"{result.neurons.mean_best_f1:.3f}", f"{result.neurons.share_f1_ge:.1%}")
     console.print(table)
+    m = result.matched
+    if m is not None:
+        console.print(f"precision at matched recall (best feature with recall > {min_recall:g} per state): features {m.mean_precision:.3f}, "
+                      f"best neuron of {', '.join(result.matched_neuron_hooks)} at the same recall {m.mean_neuron_precision:.3f}; "
+                      f"feature more precise for {m.share_codes_better:.1%} of states")
     if json_out:
         console.print(f"wrote {write_json(result, str(json_out))}")
+
+
+def _paper(folder: Path, json_out, n_seq: int, sample_seqs: int, min_recall: float, device: str) -> None:
+    from rich.table import Table
+
+    from saekit.analysis.codebook_model import CodebookModel
+    from saekit.toy.eval import paper_tables, write_json
+    from saekit.toy.fsm import load_fsm
+
+    with console.status("loading the codebook model") as status:
+        cbm = CodebookModel.load(str(folder), device=device)
+        fsm = load_fsm(cbm.path)
+        r = paper_tables(cbm, fsm, n_seq=n_seq, sample_seqs=sample_seqs, min_recall=min_recall, progress=status.update)
+    t = Table(title=f"codes vs FSM states, all codebooks active ({r.n_tokens} tokens of {n_seq} fresh walks; "
+                    f"neurons: {len(r.neuron_hooks)} attention/MLP sites, {r.n_neurons} neurons)")
+    cols = ("layer", "site", "codes", "mean best F1", "code precision @ matched recall", "its recall", "neuron precision @ same recall",
+            "code better", "pure codes (states)", "pure codes (state+digit)")
+    for c in cols:
+        t.add_column(c, justify="left" if c in ("site",) else "right")
+    for h in r.hooks:
+        m = h.matched
+        t.add_row(str(h.layer), h.site, str(h.d_dict), f"{h.f1.mean_best_f1:.3f}", f"{m.mean_precision:.3f}",
+                  f"{float(m.recall[m.scored].mean()) if m.scored.any() else float('nan'):.3f}", f"{m.mean_neuron_precision:.3f}",
+                  f"{m.share_codes_better:.1%}", f"{h.purity_states:.1%}", f"{h.purity_state_digit:.1%}")
+    m = r.combined
+    t.add_row("all", "", "", f"{r.combined_f1.mean_best_f1:.3f}", f"{m.mean_precision:.3f}",
+              f"{float(m.recall[m.scored].mean()) if m.scored.any() else float('nan'):.3f}", f"{m.mean_neuron_precision:.3f}",
+              f"{m.share_codes_better:.1%}", "", "")
+    console.print(t)
+    t2 = Table(title="the codebook model as a model of the FSM")
+    for c in ("measure", "codebooks active", "codebooks removed"):
+        t2.add_column(c, justify="left" if c == "measure" else "right")
+    t2.add_row("first-transition accuracy (top-10 next states ∈ successors)", f"{r.first_transition:.2%}", f"{r.first_transition_no_codebooks:.2%}")
+    t2.add_row(f"transition accuracy ({sample_seqs} sampled walks, {r.n_transitions} steps)", f"{r.transition:.2%}", f"{r.transition_no_codebooks:.2%}")
+    console.print(t2)
+    if json_out:
+        console.print(f"wrote {write_json(r, str(json_out))}")
 
 
 def register(app) -> None:

@@ -21,6 +21,16 @@ codebooks, the setting of the paper).  With several layers the patches apply in 
 forward, so a later layer's A-codes already see the earlier patches, while B's codes come
 from B's clean run.  Baselines printed beside: the clean A run (success should be ≈ 0)
 and the clean B run (the ceiling).
+
+With a codebook model (`--codebook-model`, a `saekit finetune --out` folder) the
+intervention is the paper's own (its TokFSM tutorial): the model runs with ALL its
+codebooks in the forward pass, and at the chosen sites (`--patch`: attn[0], mlp[1],
+attn, mlp, all, ...) the code ids of A's final token (or of A's whole last state,
+`--positions state`) are overwritten by B's.  Reported per patching, beside the clean A
+floor and the clean B ceiling: JS divergence of the final next-token distribution from
+clean B's, normalised by clean A's (1 = no effect, 0 = exactly B); top-out_degree
+next-state accuracy (the share of the 10 most likely next states that are successors of
+B); and the greedy state-level success rate above.
 """
 
 from __future__ import annotations
@@ -57,10 +67,20 @@ class InterveneConfig:
     """Seed for drawing the walks."""
     out: str | None = None
     """Write the result as JSON here."""
+    codebook_model: str = ""
+    """A `saekit finetune --out` folder: run it with ALL its codebooks and patch code ids (the paper's intervention) instead of --dicts."""
+    patch: list[str] = field(default_factory=list)
+    """Codebook model: sites patched together, one entry per row, comma-separated: attn[L], mlp[L], attn, mlp, all, or a hook, joined with '+' (default: the tutorial's attn[0],mlp[1],attn,mlp,all)."""
+    positions: str = "last"
+    """Codebook model: patch A's final token (last, as the paper) or every digit of its last state (state)."""
+    device: str = "auto"
+    """Device for the codebook model: cpu, cuda, cuda:1, ... or auto (cuda when available)."""
 
     def __post_init__(self):
         if self.error not in ("keep", "drop"):
             raise ValueError(f"error {self.error!r} is not keep or drop")
+        if self.positions not in ("last", "state"):
+            raise ValueError(f"positions {self.positions!r} is not last or state")
         if self.pairs < 1 or self.states < 1:
             raise ValueError("pairs and states must be >= 1")
 
@@ -90,6 +110,10 @@ class InterventionResult:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+PATCHINGS = ("attn[0]", "mlp[1]", "attn", "mlp", "all")
+"""The tutorial's patchings: layer-0 attention, layer-1 MLP, all attention, all MLP, all codebooks."""
 
 
 def make_pairs(fsm, n_pairs: int, n_states: int = 4, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -232,12 +256,110 @@ def intervene(model, dicts, fsm, layers: list[int] | None = None, *, n_pairs: in
     )
 
 
+# --- the paper's intervention: all codebooks in the forward pass, code ids patched --------------------
+
+
+@dataclass
+class PatchRow:
+    """One patching (or a clean run) over all pairs."""
+
+    name: str
+    hooks: list[str]
+    js: float
+    """Mean JS divergence (nats) of the final next-token distribution from clean B's."""
+    js_normalised: float
+    """js / clean A's js: 1 = no effect, 0 = exactly B."""
+    top_accuracy: float
+    """Share of the out_degree most likely next states that are successors of B."""
+    success_rate: float
+    """Greedy next state ∈ succ(B) and ∉ succ(A)."""
+
+
+@dataclass
+class CodebookInterventionResult:
+    """`saekit intervene --codebook-model`: the tutorial's patchings, with the clean floor (A) and ceiling (B)."""
+
+    rows: list[PatchRow]
+    clean_a: PatchRow
+    clean_b: PatchRow
+    n_pairs: int
+    positions: str
+    states: int
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@torch.no_grad()
+def codebook_intervention(cbm, fsm, patchings: list[str] | tuple[str, ...] = PATCHINGS, *, n_pairs: int = 64, n_states: int = 1,
+                          positions: str = "last", seed: int = 0,
+                          pairs: tuple[np.ndarray, np.ndarray] | None = None) -> CodebookInterventionResult:
+    """Patch B's code ids into A at each patching's codebooks, with every codebook of `cbm` (a CodebookModel) active."""
+    from saekit.analysis.codebook_model import Patch, resolve_patch_sites
+    from saekit.toy.eval import next_state_logprobs, successor_overlap
+
+    if positions not in ("last", "state"):
+        raise SaekitError(f"positions={positions!r}: use last (the final token, as the paper) or state (the last state's digits)")
+    sites = [(p, resolve_patch_sites(p, cbm.hooks)) for p in patchings]
+    ta, tb = pairs if pairs is not None else make_pairs(fsm, n_pairs, n_states, seed)
+    if ta.shape != tb.shape:
+        raise SaekitError("A and B walks must have the same length")
+    A, B = torch.as_tensor(ta).long(), torch.as_tensor(tb).long()
+    n, T = A.shape
+    span = 1 if positions == "last" else fsm.digits
+    pos = torch.arange(T - span, T).expand(n, span)
+    logits_b, rec_b = cbm.run(B, record=True)
+    final_b = logits_b[:, -1].float().cpu()
+    a_state, b_state = last_states(fsm, ta), last_states(fsm, tb)
+    valid = fsm.valid_mask()
+
+    def measure(name: str, hooks: list[str], tokens: torch.Tensor, patches: dict | None) -> PatchRow:
+        run = lambda t: cbm.run(t, patches=patches)[0]  # noqa: E731
+        final = run(tokens)[:, -1].float().cpu()
+        js = js_per_token(final, final_b).mean().item()
+        top = float(successor_overlap(next_state_logprobs(run, tokens, fsm), b_state, fsm).mean())
+        seq = cbm.sample(n, T + fsm.digits, seed, prompt=tokens, patches=patches, temperature=0)
+        s = last_states(fsm, seq[:, T:].numpy())
+        ok = s < fsm.n_states
+        sc = np.clip(s, 0, fsm.n_states - 1)
+        success = float((ok & valid[b_state, sc] & ~valid[a_state, sc]).mean())
+        return PatchRow(name, hooks, js, float("nan"), top, success)
+
+    clean_a = measure("clean A (floor)", [], A, None)
+    clean_b = measure("clean B (ceiling)", [], B, None)
+    rows = []
+    for name, hooks in sites:
+        patches = {h: Patch(pos, rec_b.codes[h][torch.arange(n, device=rec_b.codes[h].device)[:, None], pos.to(rec_b.codes[h].device)])
+                   for h in hooks}
+        rows.append(measure(name, hooks, A, patches))
+    for r in (clean_a, clean_b, *rows):
+        r.js_normalised = r.js / clean_a.js if clean_a.js > 0 else float("nan")
+    return CodebookInterventionResult(rows, clean_a, clean_b, n, positions, n_states)
+
+
+def run_codebook_intervention(cfg: InterveneConfig) -> CodebookInterventionResult:
+    """Load the codebook model and its FSM, run the patchings, and optionally write JSON."""
+    from saekit.analysis.codebook_model import CodebookModel
+    from saekit.toy.fsm import load_fsm
+
+    if cfg.dicts:
+        raise SaekitError("give either --dicts (patch activations) or --codebook-model (patch code ids with all codebooks active), not both")
+    cbm = CodebookModel.load(cfg.codebook_model, device=cfg.device)
+    fsm = load_fsm(cbm.path)
+    res = codebook_intervention(cbm, fsm, cfg.patch or PATCHINGS, n_pairs=cfg.pairs, n_states=cfg.states, positions=cfg.positions, seed=cfg.seed)
+    if cfg.out:
+        write_json(Path(cfg.out), res.to_dict())
+    return res
+
+
 def run_intervention(cfg: InterveneConfig) -> InterventionResult:
     """Load the toy model, its FSM and the dictionaries, patch, and optionally write JSON."""
     from saekit.interop import load as load_dict
     from saekit.models import load_model
     from saekit.toy.fsm import load_fsm
 
+    if cfg.dicts and cfg.codebook_model:
+        raise SaekitError("give either --dicts (patch activations) or --codebook-model (patch code ids with all codebooks active), not both")
     if not cfg.dicts:
         raise SaekitError("no dictionaries; pass --dicts DIR[,DIR...] trained on the toy model's hooks")
     fsm = load_fsm(cfg.model)

@@ -72,6 +72,8 @@ class SteerConfig:
     """Topic steering: tokens of each prompt."""
     max_tokens: int = 200_000
     """Topic steering: store tokens read to score the features."""
+    codebook_model: str | None = None
+    """A `saekit finetune --out` folder: force --feature codes of its codebook --dict with ALL its codebooks active (toy)."""
     topic_lead: int = 0
     """Topic steering: score features against the topic appearing within the next N tokens (0: on its own tokens); features that predict a word can steer towards it where features of the word itself continue after it."""
 
@@ -192,6 +194,10 @@ def steer(cfg: SteerConfig, *, model=None, dictionary=None) -> SteerResult:
     from saekit.interop import load as load_dict
     from saekit.models import load_model
 
+    if cfg.codebook_model:  # a codebook model: all its codebooks in the forward pass, codes forced (saekit.toy.steer)
+        from saekit.analysis.codebook_steer import steer_codebook_model
+
+        return SteerResult(**steer_codebook_model(cfg))
     d = dictionary if dictionary is not None else load_dict(cfg.dict, device=cfg.device)
     idx = parse_feature_ids(d, cfg.feature)
     if not cfg.prompt:

@@ -29,6 +29,10 @@ def code_similarity(xg: Tensor, codebook: Tensor, similarity: str) -> Tensor:
 def choose_codes(xn: Tensor, codebook: Tensor, k: int, similarity: str) -> Tensor:
     """Indices of the k most similar codes per token and group: (n, G, k), values in [0, C)."""
     G, C, d_g = codebook.shape
+    if k == 1 and similarity in ("cosine", "inner") and xn.device.type == "cpu":  # blocked argmax, same result (codebook_k1)
+        from saekit.dictionaries.codebook_k1 import choose_codes_k1
+
+        return choose_codes_k1(xn, codebook, similarity)
     sims = code_similarity(xn.view(-1, G, d_g), codebook, similarity)  # (G, n, C)
     with torch.no_grad():
         _, idx = row_topk(sims.reshape(-1, C), k)  # (G·n, k): numba on CPU (sae.row_topk)

@@ -130,6 +130,108 @@ def neuron_scores(c: Counts) -> StateScores:
     return best_f1(tp, fired, c.pos)
 
 
+# --- the paper's summary: precision at matched recall, code purity (Codebook Features §4) ---------
+#
+# Codebook Features (its `code_search_utils`) scores a state by the code with the highest
+# precision among codes whose recall exceeds 1%, and compares it with the best single
+# neuron *at the same recall*: each neuron's threshold is set so that it fires on that
+# share of the state's tokens, and its precision is what it then fires on overall.  Neurons
+# are taken above their threshold only (as the library does) over every attention and MLP
+# site of every layer.
+
+
+@dataclass
+class RecallMatched:
+    """Each state's best code (by precision, recall > min_recall) and the best neuron at the same recall."""
+
+    code: np.ndarray
+    """(n_states,) index of the best code (−1: no code reaches the minimum recall)."""
+    precision: np.ndarray
+    recall: np.ndarray
+    neuron: np.ndarray
+    """(n_states,) index of the best neuron at the code's recall (−1 when not computed)."""
+    neuron_precision: np.ndarray
+    n_positive: np.ndarray
+
+    @property
+    def scored(self) -> np.ndarray:
+        return (self.n_positive > 0) & (self.code >= 0)
+
+    @property
+    def mean_precision(self) -> float:
+        """Mean over states seen; a state no code reaches counts as precision 0."""
+        present = self.n_positive > 0
+        return float(np.where(self.code >= 0, self.precision, 0.0)[present].mean()) if present.any() else float("nan")
+
+    @property
+    def mean_neuron_precision(self) -> float:
+        m = self.scored
+        return float(self.neuron_precision[m].mean()) if m.any() else float("nan")
+
+    @property
+    def share_codes_better(self) -> float:
+        """Share of scored states whose best code is more precise than the best neuron at its recall (the library's summary)."""
+        m = self.scored
+        return float((self.precision[m] > self.neuron_precision[m]).mean()) if m.any() else float("nan")
+
+
+def best_code_at_recall(tp: torch.Tensor, fired: torch.Tensor, pos: torch.Tensor, min_recall: float = 0.01) -> RecallMatched:
+    """Per state the most precise code among those with recall > min_recall (ties: the higher recall).
+
+    tp (n_feat, n_states), fired (n_feat,), pos (n_states,).
+    """
+    precision, recall, _ = metrics.firing_f1(tp, fired, pos)
+    ok = recall > min_recall
+    score = torch.where(ok, precision * 2 + recall * 1e-9, torch.full_like(precision, -1.0))  # precision first, recall breaks ties
+    best = score.argmax(0)
+    idx = torch.arange(tp.shape[1])
+    has = ok.any(0)
+    code = torch.where(has, best, torch.full_like(best, -1))
+    S = tp.shape[1]
+    return RecallMatched(code.numpy(), torch.where(has, precision[best, idx], 0).numpy(), torch.where(has, recall[best, idx], 0).numpy(),
+                         np.full(S, -1), np.zeros(S), pos.double().numpy())
+
+
+def neuron_precision_at_recall(acts: torch.Tensor, state: torch.Tensor, recall: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Best neuron per state at a given recall: (precision (n_states,), neuron (n_states,)).
+
+    acts (n_tok, n_neurons), state (n_tok,) the completed state or −1, recall (n_states,).
+    For state s with m tokens, n = max(1, ⌊recall_s · m⌋); neuron j's threshold is its n-th
+    largest activation on those tokens, and its precision = (s-tokens ≥ threshold) /
+    (all tokens ≥ threshold).  States with recall 0 or no tokens get precision 0, neuron −1.
+    """
+    acts = acts.float()
+    S = len(recall)
+    sorted_all = acts.T.contiguous().sort(dim=1).values  # (n_neurons, n_tok)
+    n_tok = acts.shape[0]
+    prec = np.zeros(S)
+    best = np.full(S, -1)
+    for s in range(S):
+        on = acts[state == s]  # (m, n_neurons)
+        m = on.shape[0]
+        if m == 0 or recall[s] <= 0:
+            continue
+        n = max(1, int(np.floor(recall[s] * m + 1e-9)))
+        thresh = on.topk(n, dim=0).values[-1]  # (n_neurons,) the n-th largest
+        tp = (on >= thresh).sum(0).double()
+        fired = (n_tok - torch.searchsorted(sorted_all, thresh[:, None].contiguous(), right=False)[:, 0]).double()
+        p = tp / fired.clamp_min(1)
+        j = int(p.argmax())
+        prec[s], best[s] = float(p[j]), j
+    return prec, best
+
+
+def code_purity(codes: torch.Tensor) -> tuple[float, int]:
+    """Share of codes that fire on exactly one input: codes (n_inputs, d_dict) 0/1 → (share, codes that fired).
+
+    The Codebook Features "pure codes" of its TokFSM tutorial: every input is one short
+    string (a state, or a state and the next digit) and the code is read at its last token.
+    """
+    per_code = (codes != 0).sum(0)
+    fired = int((per_code > 0).sum())
+    return (float((per_code == 1).sum()) / fired if fired else float("nan")), fired
+
+
 # --- over a store ----------------------------------------------------------------------------------
 
 
@@ -157,6 +259,10 @@ class RecoveryResult:
     n_states: int
     n_tokens: int
     split: str
+    matched: "RecallMatched | None" = None
+    """Each state's most precise feature (recall > min_recall) over all dictionaries, against the best neuron at that recall."""
+    matched_neuron_hooks: list[str] = field(default_factory=list)
+    """The store's hooks whose neurons the matched-recall baseline searched."""
 
     def to_dict(self) -> dict:
         def per_state(s: StateScores, ids: list[str]) -> list[dict]:
@@ -166,6 +272,7 @@ class RecoveryResult:
                 for i in range(len(s.f1))
             ]
 
+        all_ids = self.combined_ids
         return {
             "mean_best_f1": self.combined.mean_best_f1,
             "share_states_f1_ge_0.9": self.combined.share_f1_ge,
@@ -182,7 +289,12 @@ class RecoveryResult:
             ],
             "per_state": per_state(self.combined, self.combined_ids),
             "neuron_per_state": per_state(self.neurons, self.neuron_ids),
-        }
+        } | ({} if self.matched is None else {"matched_recall": {
+            "mean_feature_precision": self.matched.mean_precision, "mean_neuron_precision": self.matched.mean_neuron_precision,
+            "share_states_feature_better": self.matched.share_codes_better, "neuron_hooks": self.matched_neuron_hooks,
+            "per_state": [{"state": i, "feature": all_ids[c] if c >= 0 else None, "precision": float(self.matched.precision[i]),
+                           "recall": float(self.matched.recall[i]), "neuron_precision": float(self.matched.neuron_precision[i])}
+                          for i, c in enumerate(self.matched.code.tolist())]}})
 
 
 def store_fsm(store, labels: str | None = None) -> FSM:
@@ -234,6 +346,8 @@ def state_recovery(
     labels: str | None = None,
     split: str = "eval",
     batch_seqs: int = 16,
+    min_recall: float = 0.01,
+    max_rows: int = 50_000,
     progress: Callable[[int, int], None] | None = None,
 ) -> RecoveryResult:
     """Score dictionaries (folders) on a toy store: best feature per FSM state, and the neuron baseline."""
@@ -258,6 +372,11 @@ def state_recovery(
         loaded.append((p, hook, d))
     hooks = sorted({h for _, h, _ in loaded})
     thresholds = {h: _thresholds(store, h, split=split) for h in hooks}
+    from saekit.analysis.codebook_model import site_of
+
+    # the matched-recall baseline searches every attention/MLP site the store holds (the paper: all of them), else the dicts' hooks
+    neuron_hooks = [h for h in store.hooks if site_of(h) in ("attn", "mlp")] or hooks
+    kept_acts, kept_states, kept = [], [], 0
 
     counts = [Counts.zeros(d.cfg.d_dict, fsm.n_states) for _, _, d in loaded]
     ncounts = {h: Counts.zeros(thresholds[h].shape[0] * thresholds[h].shape[1], fsm.n_states) for h in hooks}
@@ -265,7 +384,7 @@ def state_recovery(
     total = len(rng)
     done = 0
     with torch.no_grad():
-        for start, tokens, acts in store.iter_sequences(hooks, split, batch_seqs):
+        for start, tokens, acts in store.iter_sequences(sorted(set(hooks) | set(neuron_hooks)), split, batch_seqs):
             tokens = np.asarray(tokens)
             lab = labels_from_tokens(fsm, tokens)
             mask = np.asarray(store.row_mask(tokens))
@@ -278,6 +397,10 @@ def state_recovery(
                 for (_, dh, d), c in zip(loaded, counts):
                     if dh == h:
                         c.update(d.encode(a) != 0, state)
+            if kept < max_rows:
+                kept_acts.append(torch.cat([torch.as_tensor(np.asarray(acts[h]), dtype=torch.float32)[m] for h in neuron_hooks], 1))
+                kept_states.append(state)
+                kept += int(state.shape[0])
             done += tokens.shape[0]
             if progress:
                 progress(done, total)
@@ -299,12 +422,200 @@ def state_recovery(
         for direction in (">", "<="):
             n_ids += [f"{h}[{i % width}]{direction}q{QUANTILES[i // width]}" for i in range(n_q * width)]
     neurons = best_f1(torch.cat(n_tp), torch.cat(n_fired), counts[0].pos)
-    return RecoveryResult(results, combined, all_ids, neurons, n_ids, fsm.n_states, counts[0].n_tok, split)
+    # precision at matched recall: codes counted on the whole split, neurons on its first max_rows rows
+    tp, fired = torch.cat([c.tp for c in counts]), torch.cat([c.fired for c in counts])
+    matched = _fill_neurons(best_code_at_recall(tp, fired, counts[0].pos, min_recall), torch.cat(kept_acts), torch.cat(kept_states))
+    return RecoveryResult(results, combined, all_ids, neurons, n_ids, fsm.n_states, counts[0].n_tok, split, matched, neuron_hooks)
 
 
-def write_json(result: RecoveryResult, path: str) -> Path:
+def write_json(result: "RecoveryResult | PaperResult", path: str) -> Path:
     from saekit.runs import write_json
 
     p = Path(path)
     write_json(p, result.to_dict())
     return p
+
+
+# --- the paper's tables on a codebook model (all codebooks in the forward pass) ---------------------
+
+
+def state_inputs(fsm: FSM) -> np.ndarray:
+    """(n_states, 1 + digits): BOS + each state's digits (the tutorial's "bigram" inputs for 2 digits)."""
+    from saekit.toy.fsm import BOS_ID
+
+    return np.concatenate([np.full((fsm.n_states, 1), BOS_ID), fsm.state_digits()], 1).astype(np.int64)
+
+
+def state_digit_inputs(fsm: FSM) -> np.ndarray:
+    """BOS + a state's digits + a first digit one of its successors can start with (the "trigram" inputs), each once."""
+    rows = set()
+    digs = fsm.state_digits()
+    for s in range(fsm.n_states):
+        for d in set(digs[fsm.successors[s], 0].tolist()):
+            rows.add((*digs[s].tolist(), d))
+    from saekit.toy.fsm import BOS_ID
+
+    return np.array([(BOS_ID, *r) for r in sorted(rows)], dtype=np.int64)
+
+
+def next_state_logprobs(run: Callable[[torch.Tensor], torch.Tensor], prompts: torch.Tensor, fsm: FSM) -> torch.Tensor:
+    """(n, n_states) log P(the next `digits` tokens write state s' | prompt), chained over digits.
+
+    `run(tokens (n, T)) → logits (n, T, vocab)`.  One forward per prefix of digits−1 digits
+    (10 for 2-digit states), as the library's `get_next_state_probs`.
+    """
+    import itertools
+
+    n, T = prompts.shape
+    D = fsm.digits
+    out = torch.full((n, 10 ** D), float("-inf"))
+    for prefix in itertools.product(range(10), repeat=D - 1):
+        t = torch.cat([prompts, torch.tensor(prefix, dtype=torch.long).expand(n, D - 1)], 1)
+        lp = torch.log_softmax(run(t)[:, T - 1:].float().cpu(), -1)  # (n, D, vocab): digit j at position T-1+j
+        head = sum((lp[:, j, prefix[j]] for j in range(D - 1)), torch.zeros(n))
+        base = sum(p * 10 ** (D - 1 - j) for j, p in enumerate(prefix))
+        out[:, base:base + 10] = head[:, None] + lp[:, D - 1, :10]
+    return out[:, : fsm.n_states]
+
+
+def successor_overlap(logp: torch.Tensor, states: np.ndarray, fsm: FSM) -> np.ndarray:
+    """(n,) share of the out_degree most likely next states that are successors of `states` (top-10 accuracy for the paper's FSM)."""
+    top = logp.topk(fsm.out_degree, dim=-1).indices.numpy()
+    valid = fsm.valid_mask()
+    return valid[np.asarray(states)[:, None], top].mean(1)
+
+
+def first_transition_accuracy(run: Callable[[torch.Tensor], torch.Tensor], fsm: FSM) -> float:
+    """Mean over states s of |top-out_degree next states after BOS + s ∩ successors(s)| / out_degree (the library's)."""
+    logp = next_state_logprobs(run, torch.from_numpy(state_inputs(fsm)), fsm)
+    return float(successor_overlap(logp, np.arange(fsm.n_states), fsm).mean())
+
+
+@dataclass
+class HookTable:
+    """One codebook (layer, site) of a codebook model: per-state scores, summary and purity."""
+
+    hook: str
+    layer: int
+    site: str
+    d_dict: int
+    f1: StateScores
+    """Today's best-F1 report."""
+    matched: RecallMatched
+    """Best code per state by precision at recall > min_recall, against the best neuron at that recall."""
+    purity_states: float
+    """Share of codes (read at the last token) that fire for exactly one state input."""
+    purity_state_digit: float
+    """The same over state + next-digit inputs."""
+
+
+@dataclass
+class PaperResult:
+    """`saekit toy eval --codebook-model`: the Codebook Features TokFSM tables for one codebook model."""
+
+    hooks: list[HookTable]
+    combined: RecallMatched
+    """Each state's best code over all codebooks, against the best neuron over all neuron sites."""
+    combined_f1: StateScores
+    neuron_hooks: list[str]
+    n_neurons: int
+    n_tokens: int
+    first_transition: float
+    """First-transition accuracy with every codebook active."""
+    first_transition_no_codebooks: float
+    """The same model with its codebooks removed."""
+    transition: float
+    """Share of valid state steps in walks sampled with every codebook active."""
+    transition_no_codebooks: float
+    n_transitions: int
+    min_recall: float
+
+    def to_dict(self) -> dict:
+        def matched(m: RecallMatched) -> dict:
+            return {"mean_code_precision": m.mean_precision, "mean_neuron_precision": m.mean_neuron_precision,
+                    "share_codes_better_than_neurons": m.share_codes_better,
+                    "per_state": [{"state": s, "code": int(m.code[s]), "precision": float(m.precision[s]), "recall": float(m.recall[s]),
+                                   "neuron": int(m.neuron[s]), "neuron_precision": float(m.neuron_precision[s]),
+                                   "n_positive": int(m.n_positive[s])} for s in range(len(m.code))]}
+
+        return {
+            "summary": {"mean_code_precision_at_matched_recall": self.combined.mean_precision,
+                        "mean_neuron_precision_at_matched_recall": self.combined.mean_neuron_precision,
+                        "share_states_code_better": self.combined.share_codes_better, "mean_best_f1": self.combined_f1.mean_best_f1,
+                        "first_transition_accuracy": self.first_transition,
+                        "first_transition_accuracy_no_codebooks": self.first_transition_no_codebooks,
+                        "transition_accuracy": self.transition, "transition_accuracy_no_codebooks": self.transition_no_codebooks,
+                        "n_transitions": self.n_transitions, "n_tokens": self.n_tokens, "min_recall": self.min_recall,
+                        "neuron_hooks": self.neuron_hooks, "n_neurons": self.n_neurons},
+            "combined": matched(self.combined),
+            "hooks": [{"hook": h.hook, "layer": h.layer, "site": h.site, "d_dict": h.d_dict, "mean_best_f1": h.f1.mean_best_f1,
+                       "purity_states": h.purity_states, "purity_state_digit": h.purity_state_digit, **matched(h.matched)}
+                      for h in self.hooks],
+        }
+
+
+def _fill_neurons(m: RecallMatched, acts: torch.Tensor, state: torch.Tensor) -> RecallMatched:
+    prec, best = neuron_precision_at_recall(acts, state, np.where(m.code >= 0, m.recall, 0.0))
+    m.neuron_precision, m.neuron = prec, best
+    return m
+
+
+@torch.no_grad()
+def paper_tables(cbm, fsm: FSM, *, n_seq: int = 256, ctx: int | None = None, sample_seqs: int = 32, batch_seqs: int = 32,
+                 min_recall: float = 0.01, seed: int = 1234, progress: Callable[[str], None] | None = None) -> PaperResult:
+    """All the paper's TokFSM measures on a `CodebookModel` (saekit.analysis.codebook_model), on fresh walks.
+
+    Codes and neurons are read in the same forward, with every codebook active, at the
+    positions a codebook replaces (BOS excluded); a state's tokens are those where it has
+    just been completed.
+    """
+    from saekit.analysis.codebook_model import site_of
+    from saekit.models import hook_layer
+    from saekit.toy.fsm import generate
+    from saekit.tokens import row_mask
+
+    say = progress or (lambda _: None)
+    n_ctx = int(getattr(cbm.hf.config, "n_positions", getattr(cbm.hf.config, "max_position_embeddings", 128)))
+    ctx = min(ctx or n_ctx, n_ctx)
+    tokens, labels = generate(fsm, n_seq, ctx, seed=[seed, 2])
+    counts = {h: Counts.zeros(d.cfg.d_dict, fsm.n_states) for h, d in cbm.codebooks.items()}
+    acts, states = [], []
+    say(f"codes and neurons on {n_seq} walks")
+    for i in range(0, n_seq, batch_seqs):
+        t = torch.from_numpy(tokens[i:i + batch_seqs])
+        _, rec = cbm.run(t, record=True)
+        mask = row_mask(t, True).to(cbm.device)
+        st = torch.from_numpy(np.where(labels.complete, labels.state, -1)[i:i + batch_seqs])[mask.cpu()]
+        for h in cbm.codebooks:
+            counts[h].update(rec.codes[h][mask].cpu() != 0, st)
+        acts.append(torch.cat([rec.inputs[h][mask].cpu() for h in cbm.neuron_hooks], 1))
+        states.append(st)
+    acts_t, state_t = torch.cat(acts), torch.cat(states)
+
+    say("code purity")
+    pur = {}
+    for name, inp in (("states", state_inputs(fsm)), ("state_digit", state_digit_inputs(fsm))):
+        _, rec = cbm.run(torch.from_numpy(inp), record=True)
+        for h in cbm.codebooks:
+            pur[h, name] = code_purity(rec.codes[h][:, -1].cpu())[0]
+
+    tables = []
+    for h, d in cbm.codebooks.items():
+        c = counts[h]
+        m = _fill_neurons(best_code_at_recall(c.tp, c.fired, c.pos, min_recall), acts_t, state_t)
+        tables.append(HookTable(h, hook_layer(h), site_of(h), d.cfg.d_dict, best_f1(c.tp, c.fired, c.pos), m,
+                                pur[h, "states"], pur[h, "state_digit"]))
+    all_c = list(counts.values())
+    tp, fired, pos = torch.cat([c.tp for c in all_c]), torch.cat([c.fired for c in all_c]), all_c[0].pos
+    combined = _fill_neurons(best_code_at_recall(tp, fired, pos, min_recall), acts_t, state_t)
+
+    say("first-transition accuracy")
+    ft = first_transition_accuracy(lambda t: cbm.run(t)[0], fsm)
+    ft0 = first_transition_accuracy(lambda t: cbm.run(t, codebooks=False)[0], fsm)
+    say(f"transition accuracy on {sample_seqs} sampled walks (each way)")
+    from saekit.toy.fsm import transition_accuracy
+
+    acc, n = transition_accuracy(fsm, cbm.sample(sample_seqs, ctx, seed).numpy())
+    acc0, _ = transition_accuracy(fsm, cbm.sample(sample_seqs, ctx, seed, codebooks=False).numpy())
+    return PaperResult(tables, combined, best_f1(tp, fired, pos), list(cbm.neuron_hooks), int(acts_t.shape[1]), int(state_t.shape[0]),
+                       ft, ft0, acc, acc0, n, min_recall)

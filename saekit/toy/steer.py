@@ -35,6 +35,8 @@ class TrackedState:
     mean_act: float
     """Mean activation where it fired (0 when it never did)."""
     n_tokens: int
+    digit: int = -1
+    """Which digit of a state the feature fires on most (0 = first; −1: not measured or never fired)."""
 
 
 def tracked_state(model, d, index: int, fsm: FSM, *, n_seq: int = 64, seed: int = 1234) -> TrackedState:
@@ -168,3 +170,29 @@ def toy_report(fsm: FSM, tracked: TrackedState, prompt: list[int], steered: list
     un = [segment(fsm, prompt, g, tracked.state) for g in unsteered]
     return ToySteerReport(tracked, fsm.successors[tracked.state].tolist(), st, un, walk_stats(st), walk_stats(un),
                           fsm.out_degree / fsm.n_states, fsm.digits)
+
+
+# --- steering a codebook model: a state's code forced on, every codebook active -----------------------
+
+
+def tracked_code_state(cbm, hook: str, index: int, fsm: FSM, *, n_seq: int = 64, seed: int = 1234) -> TrackedState:
+    """The state whose completion code `index` of the codebook at `hook` detects best (F1), read with all codebooks active."""
+    from saekit.tokens import row_mask
+
+    ctx = 64
+    tokens, labels = generate(fsm, n_seq, ctx, seed=seed)
+    t = torch.from_numpy(tokens)
+    _, rec = cbm.run(t, record=True)
+    mask = row_mask(t, True)
+    fired = (rec.codes[hook][..., index].cpu() != 0)[mask]
+    state = torch.from_numpy(np.where(labels.complete, labels.state, -1))[mask]
+    digit = torch.from_numpy(labels.digit)[mask]
+    c = Counts.zeros(1, fsm.n_states)
+    c.update(fired[:, None], state)
+    f1 = 2 * c.tp[0] / (c.fired[0] + c.pos).clamp_min(1e-300)
+    best = int(f1.argmax())
+    prec = float(c.tp[0, best] / c.fired[0]) if c.fired[0] > 0 else 0.0
+    rec_ = float(c.tp[0, best] / c.pos[best]) if c.pos[best] > 0 else 0.0
+    slot = int(torch.bincount(digit[fired], minlength=fsm.digits).argmax()) if fired.any() else -1
+    return TrackedState(best, float(f1[best]), prec, rec_, float(fired.float().mean()), 1.0 if fired.any() else 0.0, int(fired.numel()),
+                        slot)
