@@ -49,7 +49,9 @@ class DictConfig:
     groups: int = 1
     """Codebook groups: the input is cut into this many equal slices, one codebook each."""
     similarity: str = "cosine"
-    """Codebook code choice: cosine or inner (product)."""
+    """Codebook code choice: cosine (= inner product over the code's norm, Codebook Features' inner_product) or inner (product)."""
+    input_norm: str = "scale"
+    """Codebook input: scale (the store's fixed scalar) or layernorm (a learnt LayerNorm per group, as Codebook Features; codes then live in its space)."""
 
     def __post_init__(self):
         if self.kind not in KINDS + LOADED_KINDS:
@@ -67,6 +69,10 @@ class DictConfig:
                 raise ValueError(f"d_dict={self.d_dict} is not divisible by groups={self.groups}")
         if self.similarity not in ("cosine", "inner"):
             raise ValueError(f"similarity {self.similarity!r} is not cosine or inner")
+        if self.input_norm not in ("scale", "layernorm"):
+            raise ValueError(f"input_norm {self.input_norm!r} is not scale or layernorm")
+        if self.input_norm == "layernorm" and self.kind != "codebook":
+            raise ValueError("input_norm=layernorm is only for kind=codebook")
 
 
 @dataclass
