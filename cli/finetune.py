@@ -24,7 +24,10 @@ def print_table(table: list[dict], title: str) -> None:
 def register(app) -> None:
     @app.command("finetune", help=(
         "Insert k-sparse codebooks into a model and train them with it: loss = next-token CE + Σ commitment "
-        "‖C_out − sg[C_in]‖², straight-through gradients (Codebook Features).  Writes OUT/model (Hugging Face), "
+        "‖C_out − sg[C_in]‖², straight-through gradients (Codebook Features).  --objective paper lets the LM loss "
+        "train the codes too (the library's own objective); --preset paper takes all of Codebook Features' TokFSM "
+        "settings (k = 1 codebooks of 1,000 codes on every layer's attention heads and MLP output, LayerNorm'd input); "
+        "--from-scratch trains model and codebooks together from random weights.  Writes OUT/model (Hugging Face), "
         "OUT/codebooks/<hook>/ (saekit dictionaries for splice-eval, analyze, steer, toy eval), OUT/baseline "
         "(fine-tuned without codebooks) and OUT/report.json, and prints held-out loss and accuracy of the original, "
         "fine-tuned and codebook models.\n\n--codebooks: " + SPEC_HELP + "\n\nExample: saekit finetune --model toy "
