@@ -14,10 +14,12 @@ def print_table(table: list[dict], title: str) -> None:
     from rich.table import Table
 
     t = Table(title=title)
-    for col in ("model", "loss", "accuracy", "tokens"):
+    fsm = all("transition_accuracy" in row for row in table)  # a toy model: valid FSM steps of sampled walks
+    for col in ("model", "loss", "accuracy", "tokens") + (("transition accuracy",) if fsm else ()):
         t.add_column(col, justify="left" if col == "model" else "right")
     for row in table:
-        t.add_row(row["model"], f"{row['loss']:.4f}", f"{row['accuracy']:.2%}", f"{row['tokens']:,}")
+        t.add_row(row["model"], f"{row['loss']:.4f}", f"{row['accuracy']:.2%}", f"{row['tokens']:,}",
+                  *([f"{row['transition_accuracy']:.2%}"] if fsm else []))
     console.print(t)
 
 

@@ -433,6 +433,8 @@ def _finetune(cfg: FinetuneConfig, progress: bool) -> FinetuneResult:
 
     # Codebooks: shape from the spec / --init; scale and k-means from a sample of the original model's activations.
     original = lm_score(im.hf, data.eval, im.bos_id, cfg.batch_size)
+    fsm = _fsm_of(im.path)
+    original_fsm = fsm_score(im.hf, fsm, cfg.seed)
     # A sample is needed for a scale (input_norm=scale) or k-means codes; a LayerNorm'd input with N(0, 1) codes needs none.
     need_sample = cfg.input_norm == "scale" or cfg.code_init == "kmeans"
     sample = sample_rows(im.hf, splicer, [h for h in hooks if h not in inits], data, im.bos_id, cfg.init_rows,
@@ -458,6 +460,8 @@ def _finetune(cfg: FinetuneConfig, progress: bool) -> FinetuneResult:
     run_phase(joint, data, im.bos_id, splicer, cfg, paths.checkpoints("joint"), ident, FINETUNE_IDENTITY, paths.metrics, progress)
     with_codes = lm_score(im.hf, data.eval, im.bos_id, cfg.batch_size, splicer, layers, cfg.skip_bos)
     without_codes = lm_score(im.hf, data.eval, im.bos_id, cfg.batch_size)
+    with_codes_fsm = fsm_score(im.hf, fsm, cfg.seed, splicer, layers)
+    without_codes_fsm = fsm_score(im.hf, fsm, cfg.seed)
 
     # Save the codebook model and its codebooks (Provenance → the saved model).
     if cfg.freeze_model:
@@ -478,23 +482,55 @@ def _finetune(cfg: FinetuneConfig, progress: bool) -> FinetuneResult:
     im.hf.cpu()
     del im
 
-    table = [{"model": "original", **original._asdict()}]
+    table = [{"model": "original", **original._asdict(), **original_fsm}]
     if cfg.baseline and not cfg.freeze_model:
         base = load_in_model(cfg.model, hooks, dev)
         if cfg.from_scratch:
             reinitialise(base.hf, cfg.seed)  # the same random start as the codebook model
         bph = make_phase("fine-tuned (no codebooks)", base.hf, {}, cfg)
         run_phase(bph, data, base.bos_id, None, cfg, paths.checkpoints("baseline"), ident, FINETUNE_IDENTITY, paths.metrics, progress)
-        table.append({"model": "fine-tuned, no codebooks", **lm_score(base.hf, data.eval, base.bos_id, cfg.batch_size)._asdict()})
+        table.append({"model": "fine-tuned, no codebooks", **lm_score(base.hf, data.eval, base.bos_id, cfg.batch_size)._asdict(),
+                      **fsm_score(base.hf, fsm, cfg.seed)})
         save_hf_model(base.hf, base.tokenizer, base.path, paths.baseline)
-    table.append({"model": "codebook model", **with_codes._asdict()})
+    table.append({"model": "codebook model", **with_codes._asdict(), **with_codes_fsm})
     if not cfg.freeze_model:
-        table.append({"model": "codebook model, codebooks removed", **without_codes._asdict()})
+        table.append({"model": "codebook model, codebooks removed", **without_codes._asdict(), **without_codes_fsm})
     report = {"table": table, "model": str(model_dir), "codebooks": [str(p) for p in saved], "eval_sequences": int(data.eval.shape[0]),
               "data": data.source, "steps": cfg.steps, "config": to_dict(cfg)}
     runs.write_json(paths.report, report)
     shutil.rmtree(paths.out / "checkpoints", ignore_errors=True)  # the result is complete; its checkpoints are not needed
     return FinetuneResult(paths.out, model_dir, saved, table)
+
+
+def _fsm_of(model_path: str):
+    """The FSM of a toy model directory (its fsm.json), or None for any other model."""
+    from saekit.toy.fsm import load_fsm
+
+    return load_fsm(model_path) if (Path(model_path) / "fsm.json").is_file() else None
+
+
+FSM_SEQUENCES = 64
+
+
+@torch.no_grad()
+def fsm_score(hf: nn.Module, fsm, seed: int, splicer: Splicer | None = None, layers: dict[str, InModelCodebook] | None = None) -> dict:
+    """{transition_accuracy, transitions} of FSM_SEQUENCES walks sampled from a toy model (its codebooks active when
+    given, at every position), or {} when the model has no FSM."""
+    if fsm is None:
+        return {}
+    from saekit.toy.fsm import transition_accuracy
+    from saekit.toy.train import sample
+
+    ctx = hf.config.max_position_embeddings if hasattr(hf.config, "max_position_embeddings") else hf.config.n_positions
+    if layers:
+        for layer in layers.values():
+            layer.mask = None  # generation feeds one token at a time: replace every position
+        with splicer.active(dict(layers)):
+            tokens = sample(hf, FSM_SEQUENCES, ctx, seed)
+    else:
+        tokens = sample(hf, FSM_SEQUENCES, ctx, seed)
+    acc, n = transition_accuracy(fsm, tokens)
+    return {"transition_accuracy": acc, "transitions": n}
 
 
 def reinitialise(hf: nn.Module, seed: int) -> None:
