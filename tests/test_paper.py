@@ -216,3 +216,31 @@ def test_drift_old_schedule_grows_paper_objective_stays_bounded(tiny_fsm, tmp_pa
     q = len(old) // 4
     assert np.mean(old[-q:]) > 2 * np.mean(old[:q]), old
     assert max(new[q:]) < 1.5 * np.mean(new[:q]), new
+
+
+# --- the shipped TokFSM codebook model ---------------------------------------------------------------
+
+def test_shipped_paper_model_runs_with_its_codebooks_at_every_layer():
+    from saekit.inmodel.model import load_in_model
+    from saekit.inmodel.sites import Splicer
+    from saekit.models import fingerprint, resolve_model_path
+    from saekit.toy import paper_dir
+    from saekit.toy.fsm import load_fsm
+
+    dicts = [load(p) for p in sorted((paper_dir() / "codebooks").iterdir())]
+    hooks = [d.prov.hook for d in dicts]
+    assert sorted(hooks) == sorted([f"blocks.{i}.attn.hook_z" for i in range(4)] + [f"blocks.{i}.hook_mlp_out" for i in range(4)])
+    model_dir = resolve_model_path("toy-paper")
+    for d in dicts:
+        assert (d.cfg.k, d.cfg.d_dict // d.cfg.groups, d.cfg.input_norm) == (1, 1000, "layernorm")
+        assert d.prov.model["fingerprint"] == fingerprint(model_dir)  # the codebooks name this very model
+    im = load_in_model("toy-paper", hooks, torch.device("cpu"))
+    assert im.hf.config.num_hidden_layers == 4 and type(im.hf).__name__ == "GPTNeoXForCausalLM"
+    layers = {d.prov.hook: InModelCodebook(d, "paper") for d in dicts}
+    fsm = load_fsm(model_dir)
+    with_codes = ft.fsm_score(im.hf, fsm, 0, Splicer(im.hf, list(im.sites.values())), layers)
+    shipped = json.loads((paper_dir() / "report.json").read_text())
+    row = next(r for r in shipped["table"] if r["model"] == "codebook model")
+    # the walks are sampled with the same seed as the report's: the shipped files reproduce its number
+    assert with_codes["transition_accuracy"] == pytest.approx(row["transition_accuracy"], abs=0.02)
+    assert with_codes["transition_accuracy"] > 3 * 0.1  # chance: 10 successors of 100 states
