@@ -14,17 +14,22 @@ def print_table(table: list[dict], title: str) -> None:
     from rich.table import Table
 
     t = Table(title=title)
-    for col in ("model", "loss", "accuracy", "tokens"):
+    fsm = all("transition_accuracy" in row for row in table)  # a toy model: valid FSM steps of sampled walks
+    for col in ("model", "loss", "accuracy", "tokens") + (("transition accuracy",) if fsm else ()):
         t.add_column(col, justify="left" if col == "model" else "right")
     for row in table:
-        t.add_row(row["model"], f"{row['loss']:.4f}", f"{row['accuracy']:.2%}", f"{row['tokens']:,}")
+        t.add_row(row["model"], f"{row['loss']:.4f}", f"{row['accuracy']:.2%}", f"{row['tokens']:,}",
+                  *([f"{row['transition_accuracy']:.2%}"] if fsm else []))
     console.print(t)
 
 
 def register(app) -> None:
     @app.command("finetune", help=(
         "Insert k-sparse codebooks into a model and train them with it: loss = next-token CE + Σ commitment "
-        "‖C_out − sg[C_in]‖², straight-through gradients (Codebook Features).  Writes OUT/model (Hugging Face), "
+        "‖C_out − sg[C_in]‖², straight-through gradients (Codebook Features).  --objective paper lets the LM loss "
+        "train the codes too (the library's own objective); --preset paper takes all of Codebook Features' TokFSM "
+        "settings (k = 1 codebooks of 1,000 codes on every layer's attention heads and MLP output, LayerNorm'd input); "
+        "--from-scratch trains model and codebooks together from random weights.  Writes OUT/model (Hugging Face), "
         "OUT/codebooks/<hook>/ (saekit dictionaries for splice-eval, analyze, steer, toy eval), OUT/baseline "
         "(fine-tuned without codebooks) and OUT/report.json, and prints held-out loss and accuracy of the original, "
         "fine-tuned and codebook models.\n\n--codebooks: " + SPEC_HELP + "\n\nExample: saekit finetune --model toy "

@@ -27,7 +27,7 @@ def _progress():
 @toy_app.command("train")
 @config_options("saekit.toy.train:ToyTrainConfig")
 def train(cfg):
-    """Train a small GPT-2 on FSM walks (CPU) and save it in Hugging Face format with fsm.json."""
+    """Train a small GPT-2 or GPT-NeoX on FSM walks (CPU) and save it in Hugging Face format with fsm.json; --preset paper is Codebook Features' TokFSM model."""
     from saekit.toy.train import check_out, train_toy
 
     check_out(cfg)

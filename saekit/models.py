@@ -23,6 +23,7 @@ import torch
 from saekit.errors import SaekitError, did_you_mean
 
 TOY_NAME = "toy"
+TOY_PAPER_NAME = "toy-paper"
 PYCODE_NAME = "pycode"
 _LAYER_RE = re.compile(r"^blocks\.(\d+)\.")
 
@@ -82,11 +83,15 @@ class LoadedModel:
 
 
 def resolve_model_path(name: str) -> str:
-    """A built-in name (`toy`, `pycode`) → its shipped directory; anything else is passed through."""
+    """A built-in name (`toy`, `toy-paper`, `pycode`) → its shipped directory; anything else is passed through."""
     if name == TOY_NAME:
         from saekit.toy import pretrained_dir
 
         return str(pretrained_dir())
+    if name == TOY_PAPER_NAME:
+        from saekit.toy import paper_dir
+
+        return str(paper_dir() / "model")
     if name == PYCODE_NAME:
         from saekit.pycode import pretrained_dir
 

@@ -54,7 +54,7 @@ class DictConfig:
     groups: int = 1
     """Codebook groups: the input is cut into this many equal slices, one codebook each."""
     similarity: str = "cosine"
-    """Codebook code choice: cosine or inner (product)."""
+    """Codebook code choice: cosine (= inner product over the code's norm, Codebook Features' inner_product) or inner (product)."""
     activation: str = "topk"
     """Coder kinds: relu (L1) | topk | batchtopk | jumprelu (k = target L0); ignored by the SAE kinds."""
     d_out: int = 0
@@ -63,6 +63,8 @@ class DictConfig:
     """Coder kinds: width of each input hook, in order (empty for the SAE kinds: [d_in])."""
     out_widths: list[int] = field(default_factory=list)
     """Coder kinds: width of each target hook, in order (empty for the SAE kinds: [d_in])."""
+    input_norm: str = "scale"
+    """Codebook input: scale (the store's fixed scalar) or layernorm (a learnt LayerNorm per group, as Codebook Features; codes then live in its space)."""
 
     def __post_init__(self):
         if self.kind not in KINDS + LOADED_KINDS:
@@ -91,6 +93,10 @@ class DictConfig:
             per = self.d_dict // max(len(self.in_widths), 1) if self.kind == "clt" else self.d_dict
             if self.activation != "relu" and self.k is not None and self.k >= per:
                 raise ValueError(f"k={self.k} must be smaller than the number of latents ({per}{' per layer' if self.kind == 'clt' else ''})")
+        if self.input_norm not in ("scale", "layernorm"):
+            raise ValueError(f"input_norm {self.input_norm!r} is not scale or layernorm")
+        if self.input_norm == "layernorm" and self.kind != "codebook":
+            raise ValueError("input_norm=layernorm is only for kind=codebook")
 
 
 @dataclass

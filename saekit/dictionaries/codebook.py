@@ -26,6 +26,17 @@ def code_similarity(xg: Tensor, codebook: Tensor, similarity: str) -> Tensor:
     return torch.bmm(xg.transpose(0, 1), codes.transpose(1, 2))  # (G, n, C)
 
 
+def group_layer_norm(xn: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
+    """LayerNorm of each group's slice with its own affine: xn (n, G·d_g), weight/bias (G, d_g) -> (n, G·d_g).
+
+    Codebook Features normalises every codebook's input this way before choosing codes, and the
+    chosen codes (in this normalised space) replace the activation.
+    """
+    G, d_g = weight.shape
+    xg = F.layer_norm(xn.view(-1, G, d_g), (d_g,), eps=1e-5)
+    return (xg * weight + bias).reshape(xn.shape)
+
+
 def choose_codes(xn: Tensor, codebook: Tensor, k: int, similarity: str) -> Tensor:
     """Indices of the k most similar codes per token and group: (n, G, k), values in [0, C)."""
     G, C, d_g = codebook.shape
@@ -76,6 +87,15 @@ class Codebook(Dictionary):
         C, d_g = cfg.d_dict // G, cfg.d_in // G
         g = torch.Generator().manual_seed(0)
         self.codebook = nn.Parameter(torch.randn(G, C, d_g, generator=g) / d_g**0.5)  # (G, C, d_g)
+        if cfg.input_norm == "layernorm":  # the scale stays 1: input and codes live in the LayerNorm's space
+            self.ln_weight = nn.Parameter(torch.ones(G, d_g))
+            self.ln_bias = nn.Parameter(torch.zeros(G, d_g))
+
+    def normalise_n(self, xn: Tensor) -> Tensor:
+        """The codebook's input: xn itself (input_norm=scale) or its per-group LayerNorm (input_norm=layernorm)."""
+        if self.cfg.input_norm == "layernorm":
+            return group_layer_norm(xn, self.ln_weight, self.ln_bias)
+        return xn
 
     @property
     def W_dec(self) -> Tensor:
@@ -94,7 +114,8 @@ class Codebook(Dictionary):
         from sklearn.cluster import KMeans
 
         G, C, d_g = self.codebook.shape
-        x = xn.detach().float().cpu().view(-1, G, d_g)
+        with torch.no_grad():
+            x = self.normalise_n(xn.to(self.codebook)).float().cpu().view(-1, G, d_g)
         if x.shape[0] < C:  # too few rows for C clusters: keep the random init for this sample size
             return
         with torch.no_grad():
@@ -104,7 +125,7 @@ class Codebook(Dictionary):
                 self.codebook[g].copy_(centres.to(self.codebook) / self.k)
 
     def encode_n(self, xn: Tensor) -> Tensor:
-        idx = choose_codes(xn, self.codebook, self.k, self.cfg.similarity)  # (n, G, k)
+        idx = choose_codes(self.normalise_n(xn), self.codebook, self.k, self.cfg.similarity)  # (n, G, k)
         G, C, _ = self.codebook.shape
         flat = (idx + torch.arange(G, device=xn.device)[None, :, None] * C).reshape(xn.shape[0], -1)
         codes = torch.zeros(xn.shape[0], self.cfg.d_dict, dtype=self.codebook.dtype, device=xn.device)
@@ -118,6 +139,7 @@ class Codebook(Dictionary):
 
     def training_forward(self, xn: Tensor, **_) -> TrainOutput:
         G, C, _ = self.codebook.shape
+        xn = self.normalise_n(xn)
         with torch.no_grad():
             idx = choose_codes(xn, self.codebook, self.k, self.cfg.similarity)  # (n, G, k)
         x_hat = sum_codes(idx, self.codebook)
@@ -145,6 +167,7 @@ class Codebook(Dictionary):
         mask = dead.view(G, C)
         if not bool(mask.any()):
             return {}
+        xn = self.normalise_n(xn)
         idx = choose_codes(xn, self.codebook, self.k, self.cfg.similarity)
         resid = (xn - sum_codes(idx, self.codebook)).view(-1, G, d_g)  # (n, G, d_g)
         weights = resid.pow(2).sum(-1).t().float().cpu() + 1e-12  # (G, n)

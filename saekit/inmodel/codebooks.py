@@ -22,6 +22,8 @@ from saekit.dictionaries.base import DictConfig, Dictionary, Provenance
 from saekit.errors import SaekitError, did_you_mean
 from saekit.inmodel.sites import HOOK_RE
 
+OBJECTIVES = ("commit", "paper")
+
 # --- pure maths ---------------------------------------------------------------------------------
 
 def straight_through(x: Tensor, x_hat: Tensor) -> Tensor:
@@ -39,6 +41,11 @@ def commitment(x_hat_n: Tensor, xn: Tensor) -> Tensor:
     return (x_hat_n - xn.detach()).pow(2).sum(-1) / xn.shape[-1]
 
 
+def reconstruction(x_hat: Tensor, x_in: Tensor) -> Tensor:
+    """Per-row ‖x̂ − sg[x_in]‖² summed over the width: (n, d_in) → (n,).  Codebook Features' reconstruction term."""
+    return (x_hat - x_in.detach()).pow(2).sum(-1)
+
+
 def norm_scale(x: Tensor) -> float:
     """sqrt(d / E‖x‖²): the store's normalisation (E‖scale·x‖² = d), from a sample of rows (n, d)."""
     msq = x.double().pow(2).sum(-1).mean().item()
@@ -52,16 +59,25 @@ class InModelCodebook(nn.Module):
 
     Per call (x: (B, T, d_in), rows where `mask` is False are left as they are):
 
-        x_n  = scale · x;   x̂_n = Σ_{top-k codes per group} c      (codes chosen without gradient)
-        out  = straight_through(x, x̂_n / scale)                  # value x̂, gradient identity to x
-        commit = masked mean of commitment(x̂_n, x_n)              # gradient to the chosen codes only
+        x_in = normalise(scale · x)          # the codebook's input: scaled, or a per-group LayerNorm (scale = 1)
+        x̂   = Σ_{top-k codes per group} c   # codes chosen without gradient
+        out  = (x̂ + x_in − sg[x_in]) / scale  # value x̂ (in x's units), gradient identity to x_in
 
-    `last_commit` and `last_fired` (codes chosen at least once) are kept for the trainer.
+    and the codebook's term, with its gradient reaching the chosen codes only (sg[x_in]):
+
+        objective=commit: out uses sg[x̂] (the LM loss never reaches the codes), term ‖x̂ − sg[x_in]‖² / d_in;
+        objective=paper:  the LM loss reaches the chosen codes through out, term ‖x̂ − sg[x_in]‖² (summed over
+                          the width: Codebook Features' "aeloss").
+
+    `last_commit` (mean over rows) and `last_fired` (codes chosen at least once) are kept for the trainer.
     """
 
-    def __init__(self, dictionary: Dictionary):
+    def __init__(self, dictionary: Dictionary, objective: str = "commit"):
         super().__init__()
+        if objective not in OBJECTIVES:
+            raise ValueError(f"objective {objective!r} is not one of {', '.join(OBJECTIVES)}")
         self.d = dictionary
+        self.objective = objective
         self.mask: Tensor | None = None
         self.last_commit: Tensor | None = None
         self.last_fired: Tensor | None = None
@@ -79,15 +95,21 @@ class InModelCodebook(nn.Module):
             self.last_fired = torch.zeros(d.cfg.d_dict, device=x.device)
             return x
         xn = rows.float() * d.scale
+        x_in = d.normalise_n(xn)  # (n, d_in); differentiable in x (and the LayerNorm's affine)
         with torch.no_grad():
-            idx = choose_codes(xn, d.codebook, d.k, d.cfg.similarity)  # (n, G, k)
-        x_hat_n = sum_codes(idx, d.codebook)  # (n, d_in), differentiable in the codes
-        self.last_commit = commitment(x_hat_n, xn).mean()
+            idx = choose_codes(x_in, d.codebook, d.k, d.cfg.similarity)  # (n, G, k)
+        x_hat = sum_codes(idx, d.codebook)  # (n, d_in), differentiable in the chosen codes
+        if self.objective == "paper":
+            self.last_commit = reconstruction(x_hat, x_in).mean()
+            out_n = x_hat + (x_in - x_in.detach())
+        else:
+            self.last_commit = commitment(x_hat, x_in).mean()
+            out_n = straight_through(x_in, x_hat)
         flat = (idx + torch.arange(G, device=x.device)[None, :, None] * C).flatten()
         self.last_fired = torch.zeros(d.cfg.d_dict, device=x.device).index_add_(0, flat, torch.ones_like(flat, dtype=torch.float))
         self.last_rows = xn.detach()
         out = x.clone()
-        out[mask] = straight_through(rows, (x_hat_n / d.scale).to(rows.dtype))
+        out[mask] = (out_n / d.scale).to(rows.dtype)
         return out
 
 
@@ -98,7 +120,8 @@ SPEC_HELP = (
     "SITE is attn (attn.hook_z, every layer), mlp (hook_mlp_out), resid (hook_resid_post), optionally "
     "with layers in brackets (mlp[0,2], attn[1-3]), or a full hook name (blocks.1.hook_mlp_out). "
     "Keys: k (codes chosen per group; required), codes (codes per group; default 8 x the group width), "
-    "groups (a number, or heads = one group per attention head), sim (cosine | inner). "
+    "groups (a number, or heads = one group per attention head), sim (cosine | inner; cosine picks by inner "
+    "product over the code's norm, which is Codebook Features' inner_product). "
     "Example: 'attn:k=8,groups=heads;mlp[3]:k=100,codes=4096'."
 )
 SHORTHANDS = {"attn": "attn.hook_z", "mlp": "hook_mlp_out", "resid": "hook_resid_post"}
@@ -177,7 +200,7 @@ def parse_spec(spec: str, n_layers: int) -> list[CodebookSpec]:
     return list(out.values())
 
 
-def build_codebook(spec: CodebookSpec, shape: list[int], init: Dictionary | None = None) -> Dictionary:
+def build_codebook(spec: CodebookSpec, shape: list[int], init: Dictionary | None = None, input_norm: str = "scale") -> Dictionary:
     """A Codebook for a hook of per-position `shape`, from the spec, taking what is unset from `init`."""
     from saekit.dictionaries.codebook import Codebook
 
@@ -185,6 +208,9 @@ def build_codebook(spec: CodebookSpec, shape: list[int], init: Dictionary | None
     if init is not None:
         if init.cfg.kind != "codebook":
             raise SaekitError(f"--init dictionary for {spec.hook} is kind {init.cfg.kind!r}; joint training needs a codebook")
+        if init.cfg.input_norm != input_norm:
+            raise SaekitError(f"--init codebook for {spec.hook} has input_norm={init.cfg.input_norm}, the run asks for {input_norm}; "
+                              f"pass --input-norm {init.cfg.input_norm}")
         if init.cfg.d_in != width:
             raise SaekitError(f"--init codebook for {spec.hook} has d_in={init.cfg.d_in}, the hook has width {width}")
     groups = spec.groups
@@ -209,7 +235,7 @@ def build_codebook(spec: CodebookSpec, shape: list[int], init: Dictionary | None
         if mine != theirs:
             raise SaekitError(f"{spec.hook}: --codebooks asks for groups={groups}, codes={per}, k={k}, sim={sim} but the --init "
                               f"codebook has groups={theirs[0]}, codes={theirs[1]}, k={theirs[2]}, sim={theirs[3]}; drop the keys to take them from --init")
-    cfg = DictConfig(kind="codebook", d_in=width, d_dict=per * groups, k=k, groups=groups, similarity=sim)
+    cfg = DictConfig(kind="codebook", d_in=width, d_dict=per * groups, k=k, groups=groups, similarity=sim, input_norm=input_norm)
     d = Codebook(cfg, Provenance(hook=spec.hook, hook_shape=list(shape)))
     if init is not None:
         d.load_state_dict(init.state_dict())

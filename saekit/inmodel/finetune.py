@@ -35,6 +35,7 @@ same data *without* codebooks, and the codebook model with its codebooks active.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import shutil
@@ -50,7 +51,7 @@ from saekit.config import check_signs, to_dict
 from saekit.dictionaries.base import Provenance
 from saekit.engine import Engine, Objective
 from saekit.errors import SaekitError
-from saekit.inmodel.codebooks import InModelCodebook, build_codebook, find_init, norm_scale, parse_spec
+from saekit.inmodel.codebooks import OBJECTIVES, InModelCodebook, build_codebook, find_init, norm_scale, parse_spec
 from saekit.inmodel.data import TokenData, batch_at, load_tokens
 from saekit.inmodel.model import lm_score, load_in_model, model_info_of, sample_rows, save_hf_model, spliced_logits
 from saekit.inmodel.sites import Splicer
@@ -116,6 +117,18 @@ class FinetuneConfig:
     """cpu, cuda, cuda:1, ... or auto (cuda when available)."""
     resume: bool = False
     """Continue from the last checkpoint in --out (exactly the batches an uninterrupted run would see)."""
+    preset: str = ""
+    """paper: Codebook Features' TokFSM settings for every field left at its default (see PRESETS); empty: none."""
+    objective: str = "commit"
+    """commit: the LM loss never reaches the codes (they learn from β·commitment alone); paper: the codebook's output is the chosen codes, so the LM loss trains them too, plus β·‖C_out − sg[C_in]‖² summed over the width."""
+    input_norm: str = "scale"
+    """Codebook input: scale (a fixed scalar from a sample) or layernorm (a learnt LayerNorm per group, as Codebook Features; the codes then replace the activation in that space)."""
+    code_init: str = "kmeans"
+    """New codes: kmeans (centroids of a sample of the model's activations) or normal (N(0, 1) entries, Codebook Features' init)."""
+    codebook_weight_decay: float = 0.0
+    """Decoupled (AdamW) weight decay of the codes."""
+    from_scratch: bool = False
+    """Re-initialise the model's weights (seeded) before training: model and codebooks learn together from random init."""
 
     def __post_init__(self):
         if self.data and self.store:
@@ -126,12 +139,42 @@ class FinetuneConfig:
             raise ValueError(f"seq_len must be at least 2, got {self.seq_len}")
         if self.packing not in ("concat", "doc"):
             raise ValueError(f"packing {self.packing!r} is not concat or doc")
+        for name, allowed in (("preset", ("", *PRESETS)), ("objective", OBJECTIVES), ("input_norm", ("scale", "layernorm")),
+                              ("code_init", ("kmeans", "normal"))):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name} {getattr(self, name)!r} is not one of {', '.join(a or repr(a) for a in allowed)}")
+        if self.from_scratch and self.freeze_model:
+            raise ValueError("from_scratch trains the model from random weights; it cannot be combined with freeze_model")
+        if self.codebook_weight_decay < 0:
+            raise ValueError(f"codebook_weight_decay must be non-negative, got {self.codebook_weight_decay}")
+
+
+# Codebook Features' TokFSM run (its fsm_main.yaml, library 0.1.2): codebooks at every layer on the attention's
+# pre-projection output (one per head) and the MLP output, k = 1 of 1,000 codes, inner product over the code's norm
+# (saekit's cosine picks the same code), LayerNorm'd input, N(0, 1) codes, LM loss + reconstruction, Adam lr 1e-3
+# constant for model and codes, code weight decay 0.01, every position (BOS included), batch 512.
+PAPER_CODEBOOKS = "attn:k=1,codes=1000,groups=heads,sim=cosine;mlp:k=1,codes=1000,sim=cosine"
+PRESETS: dict[str, dict] = {
+    "paper": {"codebooks": PAPER_CODEBOOKS, "objective": "paper", "input_norm": "layernorm", "code_init": "normal",
+              "lr": 1e-3, "codebook_lr": 1e-3, "commit_coef": 1.0, "codebook_weight_decay": 0.01, "skip_bos": False,
+              "batch_size": 512},
+}
+
+
+def with_preset(cfg: FinetuneConfig) -> FinetuneConfig:
+    """cfg with its preset's values in every field still at the dataclass default (what the user set wins)."""
+    if not cfg.preset:
+        return cfg
+    default = FinetuneConfig()
+    changes = {k: v for k, v in PRESETS[cfg.preset].items() if getattr(cfg, k) == getattr(default, k)}
+    return dataclasses.replace(cfg, **changes)
 
 
 # Fields that change what a run computes; a checkpoint written under other values is refused.
 FINETUNE_IDENTITY = ("model", "codebooks", "data", "store", "text_field", "packing", "init", "freeze_model", "lr", "codebook_lr",
                      "commit_coef", "batch_size", "seq_len", "eval_sequences", "skip_bos", "init_rows", "replace_every",
-                     "dead_tokens", "seed")
+                     "dead_tokens", "seed", "preset", "objective", "input_norm", "code_init", "codebook_weight_decay",
+                     "from_scratch")
 
 
 # --- run layout: the one place that names files --------------------------------------------------
@@ -189,10 +232,13 @@ def make_phase(name: str, hf: nn.Module, layers: dict[str, InModelCodebook], cfg
         groups.append({"params": [p for p in hf.parameters()], "lr": cfg.lr})
     codes = [layer.d.codebook for layer in layers.values()]
     if codes:
-        groups.append({"params": codes, "lr": cfg.codebook_lr})
+        groups.append({"params": codes, "lr": cfg.codebook_lr, "weight_decay": cfg.codebook_weight_decay})
+    norms = [p for layer in layers.values() for name, p in layer.d.named_parameters() if name.startswith("ln_")]
+    if norms:  # the codebooks' LayerNorm affine (input_norm=layernorm), at the codes' rate, no decay
+        groups.append({"params": norms, "lr": cfg.codebook_lr})
     if not groups:
         raise SaekitError("nothing to train: --freeze-model with no codebooks")
-    opt = torch.optim.Adam(groups)
+    opt = torch.optim.AdamW(groups, weight_decay=0.0)  # decay 0 = Adam; only the codes may decay
     dev = next(hf.parameters()).device
     since = {h: torch.zeros(layer.d.cfg.d_dict, device=dev) for h, layer in layers.items()}
     return Phase(name, hf, layers, opt, since, torch.Generator().manual_seed(cfg.seed))
@@ -245,7 +291,8 @@ def phase_state(ph: Phase) -> tuple[dict[str, Tensor], dict]:
         if p.requires_grad:
             t[f"model.{name}"] = p
     for h, layer in ph.layers.items():
-        t[f"codebook.{h}"] = layer.d.codebook
+        for name, p in layer.d.named_parameters():  # codebook (+ ln_weight, ln_bias)
+            t[f"{name}.{h}"] = p
         t[f"since.{h}"] = ph.since_fired[h]
     opt_t, groups = runs.optimizer_tensors(ph.opt)
     t |= opt_t
@@ -259,10 +306,11 @@ def load_phase_state(ph: Phase, t: dict[str, Tensor], meta: dict) -> None:
         for k, v in t.items():
             if k.startswith("model."):
                 params[k[6:]].copy_(v)
-            elif k.startswith("codebook."):
-                ph.layers[k[9:]].d.codebook.copy_(v)
             elif k.startswith("since."):
                 ph.since_fired[k[6:]] = v.to(ph.since_fired[k[6:]].device)
+            elif k.startswith(("codebook.", "ln_weight.", "ln_bias.")):
+                name, h = k.split(".", 1)
+                getattr(ph.layers[h].d, name).copy_(v)
     runs.load_optimizer(ph.opt, t, meta["param_groups"])
     ph.generator.set_state(t["generator"])
     ph.step = int(meta["step"])
@@ -344,6 +392,7 @@ class FinetuneResult(NamedTuple):
 
 def finetune(cfg: FinetuneConfig, progress: bool = True) -> FinetuneResult:
     """Insert codebooks into cfg.model, train them (and the model) jointly, save, and report the loss/accuracy table."""
+    cfg = with_preset(cfg)
     if not cfg.model:
         raise SaekitError("no model given; pass --model (a Hub name, a local HF directory or 'toy')")
     if not cfg.out:
@@ -369,6 +418,8 @@ def _finetune(cfg: FinetuneConfig, progress: bool) -> FinetuneResult:
     specs = parse_spec(cfg.codebooks, n_layers)
     hooks = [s.hook for s in specs]
     im = load_in_model(cfg.model, hooks, dev)
+    if cfg.from_scratch:
+        reinitialise(im.hf, cfg.seed)
     splicer = Splicer(im.hf, list(im.sites.values()))
     need = cfg.steps * cfg.batch_size
     data = load_tokens(cfg.data, cfg.store, im.tokenizer, im.bos_id, cfg.seq_len, need, cfg.eval_sequences, cfg.text_field,
@@ -382,24 +433,35 @@ def _finetune(cfg: FinetuneConfig, progress: bool) -> FinetuneResult:
 
     # Codebooks: shape from the spec / --init; scale and k-means from a sample of the original model's activations.
     original = lm_score(im.hf, data.eval, im.bos_id, cfg.batch_size)
+    fsm = _fsm_of(im.path)
+    original_fsm = fsm_score(im.hf, fsm, cfg.seed)
+    # A sample is needed for a scale (input_norm=scale) or k-means codes; a LayerNorm'd input with N(0, 1) codes needs none.
+    need_sample = cfg.input_norm == "scale" or cfg.code_init == "kmeans"
     sample = sample_rows(im.hf, splicer, [h for h in hooks if h not in inits], data, im.bos_id, cfg.init_rows,
-                         cfg.batch_size, cfg.skip_bos) if len(inits) < len(hooks) else {}
+                         cfg.batch_size, cfg.skip_bos) if len(inits) < len(hooks) and need_sample else {}
+    gen = torch.Generator().manual_seed(cfg.seed)
     layers: dict[str, InModelCodebook] = {}
     for s in specs:
-        d = build_codebook(s, im.shapes[s.hook], inits.get(s.hook))
+        d = build_codebook(s, im.shapes[s.hook], inits.get(s.hook), cfg.input_norm)
         if s.hook in inits:
             d.scale.fill_(float(inits[s.hook].scale))
         else:
-            scale = norm_scale(sample[s.hook])
+            scale = norm_scale(sample[s.hook]) if cfg.input_norm == "scale" else 1.0
             d.scale.fill_(scale)
-            d.init_from_data(sample[s.hook] * scale, seed=cfg.seed)
-        layers[s.hook] = InModelCodebook(d.to(dev))
+            if cfg.code_init == "kmeans":
+                d.init_from_data(sample[s.hook] * scale, seed=cfg.seed)
+            else:
+                with torch.no_grad():
+                    d.codebook.copy_(torch.randn(d.codebook.shape, generator=gen))
+        layers[s.hook] = InModelCodebook(d.to(dev), cfg.objective)
 
     ident = runs.identity_hash(to_dict(cfg), FINETUNE_IDENTITY)
     joint = make_phase("codebook model", im.hf, layers, cfg)
     run_phase(joint, data, im.bos_id, splicer, cfg, paths.checkpoints("joint"), ident, FINETUNE_IDENTITY, paths.metrics, progress)
     with_codes = lm_score(im.hf, data.eval, im.bos_id, cfg.batch_size, splicer, layers, cfg.skip_bos)
     without_codes = lm_score(im.hf, data.eval, im.bos_id, cfg.batch_size)
+    with_codes_fsm = fsm_score(im.hf, fsm, cfg.seed, splicer, layers)
+    without_codes_fsm = fsm_score(im.hf, fsm, cfg.seed)
 
     # Save the codebook model and its codebooks (Provenance → the saved model).
     if cfg.freeze_model:
@@ -412,7 +474,7 @@ def _finetune(cfg: FinetuneConfig, progress: bool) -> FinetuneResult:
         d = layer.d.cpu()
         d.prov = Provenance(hook=h, model=minfo, hook_shape=im.shapes[h], scale=float(d.scale), store=cfg.store or None)
         dead = float((joint.since_fired[h].cpu() > cfg.dead_tokens).float().mean())
-        d.summary = {"objective": "joint", "train_steps": cfg.steps, "commitment": joint.last.get(f"commit/{h}"),
+        d.summary = {"objective": "joint", "loss": cfg.objective, "train_steps": cfg.steps, "commitment": joint.last.get(f"commit/{h}"),
                      "dead_fraction": dead}
         d.train_config = to_dict(cfg) | {"objective": "joint"}
         saved.append(d.save(paths.codebook(h)))
@@ -420,21 +482,64 @@ def _finetune(cfg: FinetuneConfig, progress: bool) -> FinetuneResult:
     im.hf.cpu()
     del im
 
-    table = [{"model": "original", **original._asdict()}]
+    table = [{"model": "original", **original._asdict(), **original_fsm}]
     if cfg.baseline and not cfg.freeze_model:
         base = load_in_model(cfg.model, hooks, dev)
+        if cfg.from_scratch:
+            reinitialise(base.hf, cfg.seed)  # the same random start as the codebook model
         bph = make_phase("fine-tuned (no codebooks)", base.hf, {}, cfg)
         run_phase(bph, data, base.bos_id, None, cfg, paths.checkpoints("baseline"), ident, FINETUNE_IDENTITY, paths.metrics, progress)
-        table.append({"model": "fine-tuned, no codebooks", **lm_score(base.hf, data.eval, base.bos_id, cfg.batch_size)._asdict()})
+        table.append({"model": "fine-tuned, no codebooks", **lm_score(base.hf, data.eval, base.bos_id, cfg.batch_size)._asdict(),
+                      **fsm_score(base.hf, fsm, cfg.seed)})
         save_hf_model(base.hf, base.tokenizer, base.path, paths.baseline)
-    table.append({"model": "codebook model", **with_codes._asdict()})
+    table.append({"model": "codebook model", **with_codes._asdict(), **with_codes_fsm})
     if not cfg.freeze_model:
-        table.append({"model": "codebook model, codebooks removed", **without_codes._asdict()})
+        table.append({"model": "codebook model, codebooks removed", **without_codes._asdict(), **without_codes_fsm})
     report = {"table": table, "model": str(model_dir), "codebooks": [str(p) for p in saved], "eval_sequences": int(data.eval.shape[0]),
               "data": data.source, "steps": cfg.steps, "config": to_dict(cfg)}
     runs.write_json(paths.report, report)
     shutil.rmtree(paths.out / "checkpoints", ignore_errors=True)  # the result is complete; its checkpoints are not needed
     return FinetuneResult(paths.out, model_dir, saved, table)
+
+
+def _fsm_of(model_path: str):
+    """The FSM of a toy model directory (its fsm.json), or None for any other model."""
+    from saekit.toy.fsm import load_fsm
+
+    return load_fsm(model_path) if (Path(model_path) / "fsm.json").is_file() else None
+
+
+FSM_SEQUENCES = 64
+
+
+@torch.no_grad()
+def fsm_score(hf: nn.Module, fsm, seed: int, splicer: Splicer | None = None, layers: dict[str, InModelCodebook] | None = None) -> dict:
+    """{transition_accuracy, transitions} of FSM_SEQUENCES walks sampled from a toy model (its codebooks active when
+    given, at every position), or {} when the model has no FSM."""
+    if fsm is None:
+        return {}
+    from saekit.toy.fsm import transition_accuracy
+    from saekit.toy.train import sample
+
+    ctx = hf.config.max_position_embeddings if hasattr(hf.config, "max_position_embeddings") else hf.config.n_positions
+    if layers:
+        for layer in layers.values():
+            layer.mask = None  # generation feeds one token at a time: replace every position
+        with splicer.active(dict(layers)):
+            tokens = sample(hf, FSM_SEQUENCES, ctx, seed)
+    else:
+        tokens = sample(hf, FSM_SEQUENCES, ctx, seed)
+    acc, n = transition_accuracy(fsm, tokens)
+    return {"transition_accuracy": acc, "transitions": n}
+
+
+def reinitialise(hf: nn.Module, seed: int) -> None:
+    """Fresh weights from the architecture's own initialisation (seeded): for --from-scratch."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        hf.apply(hf._init_weights)
+    if getattr(hf.config, "tie_word_embeddings", False):
+        hf.tie_weights()
 
 
 def _n_layers(path: str) -> int:

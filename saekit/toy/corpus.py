@@ -46,12 +46,13 @@ def labels_path(text_path: str | os.PathLike) -> Path:
 
 
 def model_context(model: str) -> int:
-    """n_positions of a toy model directory (read from its config.json, without loading weights)."""
+    """Context length of a toy model directory (config.json's n_positions, GPT-2, or max_position_embeddings, GPT-NeoX)."""
     from saekit.models import resolve_model_path
 
     cfg = Path(resolve_model_path(model)) / "config.json"
     try:
-        return int(json.loads(cfg.read_text())["n_positions"])
+        c = json.loads(cfg.read_text())
+        return int(c["n_positions"] if "n_positions" in c else c["max_position_embeddings"])
     except (OSError, KeyError, ValueError) as e:
         raise SaekitError(f"cannot read the context length from {cfg} ({e}); pass --seq-len") from None
 

@@ -28,6 +28,23 @@ from saekit.toy.fsm import (BOS_ID, BOS_TOKEN, FSM, VOCAB_SIZE, check_shape, gen
 
 
 ARCHS = ("gpt2", "gpt-neox")
+# Codebook Features' TokFSM model (train_fsm_model.py + fsm_main.yaml of library 0.1.2): GPT-NeoX with Hugging Face's
+# defaults (rotary on a quarter of each head, parallel residual), 4 layers, hidden 128, MLP 512, 4 heads, sequences of
+# 128, and the FSM its seed 42 draws (100 states, 10 successors, two digits).  The layer sizes are saekit's defaults too.
+PRESETS: dict[str, dict] = {
+    "paper": {"arch": "gpt-neox", "rotary_pct": 0.25, "fsm_seed": 42, "n_states": 100, "out_degree": 10, "digits": 2,
+              "n_layer": 4, "d_model": 128, "d_mlp": 512, "n_head": 4, "ctx": 128},
+}
+
+
+def with_preset(cfg: "ToyTrainConfig") -> "ToyTrainConfig":
+    """cfg with its preset's values in every field still at the dataclass default (what the user set wins)."""
+    if not cfg.preset:
+        return cfg
+    import dataclasses
+
+    default = ToyTrainConfig()
+    return dataclasses.replace(cfg, **{k: v for k, v in PRESETS[cfg.preset].items() if getattr(cfg, k) == getattr(default, k)})
 
 
 @dataclass
@@ -78,8 +95,16 @@ class ToyTrainConfig:
     """Held-out sequences for the loss, and sequences generated for transition accuracy."""
     threads: int = 0
     """CPU threads for torch during training (0: leave torch's default; 1 is fastest for tiny models or a busy machine)."""
+    rotary_pct: float = 1.0
+    """gpt-neox: share of each head's width that gets rotary positions (Codebook Features' model: 0.25, the Hugging Face default)."""
+    preset: str = ""
+    """paper: Codebook Features' TokFSM model (GPT-NeoX, 4 layers, d_model 128, MLP 512, 4 heads, rotary, its FSM) for every field left at its default; empty: none."""
 
     def __post_init__(self):
+        if self.preset not in ("", *PRESETS):
+            raise ValueError(f"preset={self.preset!r} is not one of {', '.join(PRESETS)}")
+        if not 0 < self.rotary_pct <= 1:
+            raise ValueError(f"rotary_pct={self.rotary_pct} must be in (0, 1]")
         if self.arch not in ARCHS:
             raise ValueError(f"arch={self.arch!r} is not one of {', '.join(ARCHS)}")
         if self.fsm is None:
@@ -121,7 +146,7 @@ def build_model(cfg: ToyTrainConfig):
     if cfg.arch == "gpt-neox":
         return GPTNeoXForCausalLM(GPTNeoXConfig(
             vocab_size=VOCAB_SIZE, hidden_size=cfg.d_model, num_hidden_layers=cfg.n_layer, num_attention_heads=cfg.n_head,
-            intermediate_size=cfg.d_mlp, max_position_embeddings=cfg.ctx, rotary_pct=1.0, use_parallel_residual=True,
+            intermediate_size=cfg.d_mlp, max_position_embeddings=cfg.ctx, rotary_pct=cfg.rotary_pct, use_parallel_residual=True,
             bos_token_id=BOS_ID, eos_token_id=BOS_ID, pad_token_id=BOS_ID, hidden_dropout=0.0, attention_dropout=0.0,
             tie_word_embeddings=False,
         ))
@@ -248,6 +273,7 @@ def train_toy(cfg: ToyTrainConfig, progress: Callable[[int, dict], None] | None 
     evaluation when one was made).  The model is written to `<out>.partial` and renamed
     when complete, so an interrupted run never leaves a half-written model under --out.
     """
+    cfg = with_preset(cfg)
     threads = torch.get_num_threads()
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
