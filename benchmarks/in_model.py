@@ -66,12 +66,14 @@ def main() -> None:
     from saekit.inmodel.sites import Splicer
     from saekit.interop import load
     from saekit.inmodel.e2e import E2EConfig, train_e2e
+    from saekit.config import from_flags
     from saekit.harvest import HarvestConfig, harvest
     from saekit.splice import SpliceConfig
     from saekit.toy.corpus import ToyDataConfig, write_corpus
     from saekit.toy.eval import state_recovery
     from saekit.toy.fsm import load_fsm, transition_accuracy
     from saekit.train import TrainConfig, train
+    from saekit.config import from_flags
 
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
@@ -94,7 +96,7 @@ def main() -> None:
         t0 = time.time()
         root = work / name
         if not root.exists():
-            train(TrainConfig(store=str(store), hooks=[args.hook], out=str(root), kind="codebook", d_dict=args.codes, k=[args.k],
+            train(from_flags(TrainConfig, store=str(store), hooks=[args.hook], out=str(root), kind="codebook", d_dict=args.codes, k=[args.k],
                               tokens=mult * args.steps * 8 * (ctx - 1), batch_size=8 * (ctx - 1), eval_tokens=20000), progress=False)
         times[name] = time.time() - t0
         [folder] = [p.parent for p in root.rglob("config.json") if (p.parent / "weights.safetensors").is_file()]
@@ -105,7 +107,7 @@ def main() -> None:
 
     t0 = time.time()
     e2e_root = work / "e2e"
-    [e2e] = train_e2e(E2EConfig(model=args.model, hooks=[args.hook], store=str(store), out=str(e2e_root), kind="codebook",
+    [e2e] = train_e2e(from_flags(E2EConfig, model=args.model, hooks=[args.hook], store=str(store), out=str(e2e_root), kind="codebook",
                                 d_dict=args.codes, k=args.k, steps=args.steps, lr=1e-3, batch_size=8, resume=True), progress=False)
     times["e2e"] = time.time() - t0
 

@@ -109,6 +109,7 @@ def default_hook(model: str) -> str:
 def run_pipeline(cfg: PipelineConfig, progress: bool = True, say: Callable[[str], None] = print) -> PipelineResult:
     from saekit.harvest import HarvestConfig, harvest
     from saekit.splice import SpliceConfig, splice_eval
+    from saekit.dictionaries.base import DictConfig
     from saekit.train import TrainConfig, train
 
     clock = _Clock()
@@ -149,9 +150,9 @@ def run_pipeline(cfg: PipelineConfig, progress: bool = True, say: Callable[[str]
     common = dict(store=str(store), hooks=[hook], out=str(out / "dicts"), tokens=cfg.train_tokens,
                   seed=cfg.seed, device=cfg.device, resume=True)
     with clock("train topk"):
-        dicts = train(TrainConfig(kind="topk", k=[cfg.k], expansion=cfg.expansion, **common), progress=progress)
+        dicts = train(TrainConfig(arch=DictConfig(kind="topk"), k=[cfg.k], expansion=cfg.expansion, **common), progress=progress)
     with clock("train codebook"):
-        dicts += train(TrainConfig(kind="codebook", k=[cfg.codebook_k], d_dict=cfg.codes, **common), progress=progress)
+        dicts += train(TrainConfig(arch=DictConfig(kind="codebook", d_dict=cfg.codes), k=[cfg.codebook_k], **common), progress=progress)
 
     say("[4/5] splice-eval on the store's held-out sequences")
     with clock("splice-eval"):

@@ -63,22 +63,16 @@ class TrainConfig:
     """Hooks to train on, comma-separated, or `all`; each gets its own dictionaries, all fed by one read of the store."""
     out: str = "dictionaries"
     """Output directory; each dictionary goes to <out>/<hook>/<kind>-<hyperparameters>/."""
-    kind: str = "topk"
-    """Dictionary kind: relu | topk | batchtopk | codebook | jumprelu (k = target L0) | matryoshka (BatchTopK, nested prefixes)."""
-    d_dict: int = 0
-    """Number of latents (codebook: codes over all groups); 0 means expansion × the hook's width."""
+    arch: DictConfig = field(default_factory=DictConfig)
+    """Architecture of every dictionary of the run (flags --kind, --d-dict, --groups, --similarity); d_in comes from the store, k or l1 from the sweep lists below."""
     expansion: int = 8
     """Latents per input dimension, used when d_dict is 0."""
     k: list[int] = field(default_factory=lambda: [32])
-    """Active latents per token (topk, batchtopk) or codes per group (codebook); several values = a sweep."""
+    """Active latents per token (topk, batchtopk) or codes per group (codebook); several values = a sweep, one dictionary per value (its arch.k)."""
     l1: list[float] = field(default_factory=lambda: [1.0])
-    """L1 coefficient λ for relu (loss = MSE/d_in + λ/d_in Σ f_i‖W_dec,i‖); several values = a sweep.
+    """L1 coefficient λ for relu (loss = MSE/d_in + λ/d_in Σ f_i‖W_dec,i‖); several values = a sweep, one dictionary per value (its arch.l1).
     Default 1, not the April update's 5: from saekit's unit-norm init a given λ reaches a lower L0
     (benchmarks/README.md, "ReLU/L1 at low L0")."""
-    groups: int = 1
-    """Codebook groups: the input is cut into this many slices with one codebook each (e.g. n_heads for attn.hook_z)."""
-    similarity: str = "cosine"
-    """Codebook code choice: cosine or inner (product)."""
     lr: float = 0.0
     """Adam learning rate; 0 picks 2e-4 / sqrt(d_dict / 16384) (sparsify's rule; codebooks ×5).
     topk and batchtopk train their matrices at 3× it (their unit decoder rows turn slowly; TopKSAE.weight_lr_scale)."""
@@ -130,11 +124,9 @@ class TrainConfig:
     """Under torchrun: data (DDP: every rank trains every dictionary on its share of each batch) or hooks (each rank trains the dictionaries of its own hooks)."""
 
     def __post_init__(self):
-        if self.kind not in KINDS:
-            raise ValueError(f"kind {self.kind!r} is not one of {', '.join(KINDS)}")
-        if self.similarity not in ("cosine", "inner"):
-            raise ValueError(f"similarity {self.similarity!r} is not cosine or inner")
-        for name in ("batch_size", "expansion", "groups", "log_every", "replace_every", "passes"):
+        if self.arch.kind not in KINDS:
+            raise ValueError(f"kind {self.arch.kind!r} is not one of {', '.join(KINDS)}")
+        for name in ("batch_size", "expansion", "log_every", "replace_every", "passes"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
         if self.tokens is not None and self.tokens <= 0:
@@ -145,10 +137,13 @@ class TrainConfig:
             raise ValueError(f"k must be positive integers, got {self.k}")
         if not self.l1 or any(v < 0 for v in self.l1):
             raise ValueError(f"l1 must be non-negative, got {self.l1}")
-        if self.d_dict and self.kind != "relu" and max(self.k) >= self.d_dict // self.groups:
-            raise ValueError(f"k={max(self.k)} must be smaller than d_dict{'/groups' if self.groups > 1 else ''}={self.d_dict // self.groups}")
-        if self.groups > 1 and self.kind != "codebook":
-            raise ValueError("groups > 1 is only for kind=codebook")
+        a = self.arch
+        for name, sweep in (("k", "k"), ("l1", "l1"), ("d_in", None)):
+            if getattr(a, name) != getattr(DictConfig(), name):
+                raise ValueError(f"arch.{name} is set per dictionary by the run ({f'its sweep list {sweep}' if sweep else 'from the store'}); "
+                                 f"{f'give {sweep} = [...] (--{sweep}) instead' if sweep else 'leave it out'}")
+        if a.d_dict and a.kind != "relu" and max(self.k) >= a.d_dict // a.groups:
+            raise ValueError(f"k={max(self.k)} must be smaller than d_dict{'/groups' if a.groups > 1 else ''}={a.d_dict // a.groups}")
         if not self.hooks:
             raise ValueError("hooks is empty: name at least one hook, or `all`")
         if self.objective not in ("offline", "e2e"):
@@ -178,7 +173,7 @@ def resolve_tokens(cfg: TrainConfig, train_rows: int) -> TrainConfig:
 
 # Fields that decide what a run computes; a checkpoint written under other values is refused.
 # (lr, tokens, device, logging and checkpoint cadence may change across a resume.)
-IDENTITY_FIELDS = ("store", "hooks", "kind", "d_dict", "expansion", "k", "l1", "groups", "similarity",
+IDENTITY_FIELDS = ("store", "hooks", "arch", "expansion", "k", "l1",
                    "batch_size", "seed", "buffer_rows", "l1_warmup", "aux_k", "aux_coef", "dead_tokens",
                    "replace_every", "init_rows")
 
@@ -250,7 +245,7 @@ def default_lr(kind: str, d_dict: int) -> float:
 
 def used_config(cfg: TrainConfig, dcfg: DictConfig, lr: float) -> dict:
     """The run's config as one dictionary was trained: automatic values (0 = pick) resolved, other kinds' knobs None."""
-    used = to_dict(cfg) | {"d_dict": dcfg.d_dict, "lr": lr}
+    used = to_dict(cfg) | {"arch": to_dict(dcfg), "lr": lr}
     if dcfg.kind in ("topk", "batchtopk"):
         used["aux_k"] = min(cfg.aux_k or dcfg.d_in // 2, dcfg.d_dict)  # as TopKSAE._k_aux resolves it
     else:
@@ -313,26 +308,25 @@ class Trainer(Objective):
 
     # --- construction ----------------------------------------------------------------------
     def _sweep(self) -> list[tuple[int | None, float | None]]:
-        if self.cfg.kind == "relu":
+        if self.cfg.arch.kind == "relu":
             return [(None, l1) for l1 in self.cfg.l1]
         return [(k, None) for k in self.cfg.k]
 
     def _make_run(self, hook: str, src: HookSource, k: int | None, l1: float | None) -> Run:
         cfg = self.cfg
-        d_dict = cfg.d_dict or cfg.expansion * src.width
+        d_dict = cfg.arch.d_dict or cfg.expansion * src.width
         try:
-            dcfg = DictConfig(kind=cfg.kind, d_in=src.width, d_dict=d_dict, k=k, l1=l1 or 0.0,
-                              groups=cfg.groups, similarity=cfg.similarity)
+            dcfg = dataclasses.replace(cfg.arch, d_in=src.width, d_dict=d_dict, k=k, l1=l1 or 0.0)
         except ValueError as e:
             raise SaekitError(f"hook {hook}: {e}; change --k/--d-dict/--expansion/--groups") from None
         d = build(dcfg, dataclasses.replace(src.prov)).to(self.device)
-        lr = cfg.lr or default_lr(cfg.kind, d_dict)
+        lr = cfg.lr or default_lr(dcfg.kind, d_dict)
         d.train_config = used_config(cfg, dcfg, lr)
         gen = torch.Generator().manual_seed(cfg.seed)
         d.reset_parameters(gen)
         d.to(self.device)
         opt = _make_adam(d.param_groups(lr), self.device)
-        name = run_name(cfg.kind, k, l1, cfg.groups)
+        name = run_name(dcfg.kind, k, l1, dcfg.groups)
         return Run(name, hook, d, opt, run_paths(cfg.out, hook, name), gen,
                    torch.zeros(d_dict, device=self.device), nan_step=torch.tensor(-1, device=self.device))
 
@@ -467,7 +461,7 @@ class Trainer(Objective):
         if dead is not None and dead.device.type == "cpu" and not bool(dead.any()):
             dead = None
         state = {"dead": dead, "aux_k": cfg.aux_k or None, "aux_coef": cfg.aux_coef}
-        if cfg.kind == "relu":
+        if cfg.arch.kind == "relu":
             warm = max(1, round(cfg.l1_warmup * self.n_steps))
             state["l1_coef"] = d.cfg.l1 * min(1.0, (self.step + 1) / warm)
         with precision.autocast(self.precision):

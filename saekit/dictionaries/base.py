@@ -23,6 +23,7 @@ import torch
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
+from saekit.config import check_fields
 from saekit.errors import SaekitError
 from saekit.runs import atomic, write_json
 
@@ -34,14 +35,15 @@ LOADED_KINDS: tuple[str, ...] = ()  # kinds read from other formats but not trai
 
 @dataclass
 class DictConfig:
-    """Architecture of one dictionary (saved in config.json, nested in the training config)."""
+    """Architecture of one dictionary (saved in config.json as `arch`, nested in the run configs as `arch`;
+    a run sets `d_in` from the store and, in a sweep, `k` or `l1` per dictionary)."""
 
     kind: str = "topk"
-    """relu | topk | batchtopk | codebook | jumprelu | matryoshka."""
-    d_in: int = 0
+    """Dictionary kind: relu | topk | batchtopk | codebook | jumprelu (k = target L0) | matryoshka (BatchTopK, nested prefixes)."""
+    d_in: int = field(default=0, metadata={"flag": False})
     """Width of the hook's activation vector (heads flattened)."""
     d_dict: int = 0
-    """Number of latents (codebook: codes in all groups together)."""
+    """Number of latents (codebook: codes over all groups); 0 in a run config: expansion × the hook's width."""
     k: int | None = None
     """Active latents per token (topk, batchtopk, matryoshka; jumprelu: the target L0) or codes chosen per group (codebook)."""
     l1: float = 0.0
@@ -52,6 +54,7 @@ class DictConfig:
     """Codebook code choice: cosine or inner (product)."""
 
     def __post_init__(self):
+        check_fields(self)  # ranges (k, groups positive; no NaN), as for every config
         if self.kind not in KINDS + LOADED_KINDS:
             raise ValueError(f"kind {self.kind!r} is not one of {', '.join(KINDS)}")
         if self.kind in ("topk", "batchtopk", "codebook", "matryoshka") and self.k is not None and self.d_dict:

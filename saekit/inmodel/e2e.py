@@ -23,6 +23,7 @@ and resume are `saekit.runs`' (safetensors + JSON, batches a pure function of (s
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import shutil
 from dataclasses import dataclass, field
@@ -65,20 +66,10 @@ class E2EConfig:
     """Output folder; each dictionary goes to <out>/<hook>/<kind>-...-e2e/."""
     init: str = ""
     """Start from the saekit dictionaries in this folder (matched by hook) instead of fresh ones."""
-    kind: str = "topk"
-    """Dictionary kind when not --init: relu | topk | batchtopk | codebook."""
-    d_dict: int = 0
-    """Latents (codebook: codes over all groups); 0 = expansion × width."""
+    arch: DictConfig = field(default_factory=lambda: DictConfig(k=32, l1=5.0))
+    """Architecture of each new dictionary when not --init (flags --kind, --d-dict, --k, --l1, --groups, --similarity); d_in comes from the model."""
     expansion: int = 8
     """Latents per input dimension when d_dict is 0."""
-    k: int = 32
-    """Active latents per token (topk; batchtopk: on average) or codes per group (codebook)."""
-    l1: float = 5.0
-    """relu: L1 coefficient λ on Σ f_i ‖W_dec,i‖ / d_in."""
-    groups: int = 1
-    """codebook: groups (slices of the input with one codebook each)."""
-    similarity: str = "cosine"
-    """codebook: cosine or inner."""
     mse_coef: float = 0.0
     """μ: weight of the normalised reconstruction term ‖x_n − x̂_n‖²/d_in added to the KL."""
     steps: int = 500
@@ -109,14 +100,15 @@ class E2EConfig:
     def __post_init__(self):
         if self.data and self.store:
             raise ValueError("give either data or store, not both")
-        if self.kind not in KINDS:
-            raise ValueError(f"kind {self.kind!r} cannot be trained end-to-end from scratch; use one of {', '.join(KINDS)} (or --init)")
-        check_signs(self, positive=("steps", "batch_size", "eval_sequences", "log_every", "k", "expansion", "groups", "init_rows"),
-                    non_negative=("lr", "l1", "mse_coef", "checkpoint_every"))
+        if self.arch.kind not in KINDS:
+            raise ValueError(f"kind {self.arch.kind!r} cannot be trained end-to-end from scratch; use one of {', '.join(KINDS)} (or --init)")
+        check_signs(self, positive=("steps", "batch_size", "eval_sequences", "log_every", "expansion", "init_rows"),
+                    non_negative=("lr", "mse_coef", "checkpoint_every"))
+        if self.arch.kind != "relu" and not (self.arch.k or 0) > 0:
+            raise ValueError(f"k must be positive, got {self.arch.k}")
 
 
-E2E_IDENTITY = ("model", "data", "store", "text_field", "init", "kind", "d_dict", "expansion", "k", "l1", "groups",
-                "similarity", "mse_coef", "lr", "batch_size", "seq_len", "eval_sequences", "skip_bos", "init_rows", "seed")
+E2E_IDENTITY = ("model", "data", "store", "text_field", "init", "arch", "expansion", "mse_coef", "lr", "batch_size", "seq_len", "eval_sequences", "skip_bos", "init_rows", "seed")
 
 
 def from_train_config(tc) -> E2EConfig:
@@ -144,8 +136,7 @@ def from_train_config(tc) -> E2EConfig:
     if not hooks:
         raise SaekitError("--objective e2e needs explicit --hooks (one forward per hook and step; 'all' is for offline training)")
     return E2EConfig(model=getattr(tc, "model", ""), hooks=hooks, data=getattr(tc, "data", ""), store=tc.store, out=tc.out,
-                     kind=tc.kind, d_dict=tc.d_dict, expansion=tc.expansion, k=tc.k[0], l1=tc.l1[0], groups=tc.groups,
-                     similarity=tc.similarity, mse_coef=getattr(tc, "mse_coef", 0.0), steps=steps, lr=tc.lr or 1e-3,
+                     arch=dataclasses.replace(tc.arch, k=tc.k[0], l1=tc.l1[0]), expansion=tc.expansion, mse_coef=getattr(tc, "mse_coef", 0.0), steps=steps, lr=tc.lr or 1e-3,
                      batch_size=seqs, seq_len=seq_len, init_rows=min(tc.init_rows, 16384), seed=tc.seed,
                      checkpoint_every=max(1, tc.checkpoint_every // (seqs * per_seq)) if tc.checkpoint_every else 0,
                      log_every=max(1, min(tc.log_every, 10)), device=tc.device, resume=tc.resume)
@@ -285,7 +276,7 @@ class E2EObjective(Objective):
         with self.em.splicer.active({self.hook: fn}):
             spliced = hf(input_ids=inp).logits
         terms["kl"] = e2e_loss(clean, spliced, t != PAD)
-        loss = terms["kl"] + cfg.mse_coef * terms["mse"] + cfg.l1 * terms.get("l1", 0.0)
+        loss = terms["kl"] + cfg.mse_coef * terms["mse"] + cfg.arch.l1 * terms.get("l1", 0.0)
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
         d.before_step()
@@ -412,9 +403,8 @@ def _train_e2e(cfg: E2EConfig, progress: bool) -> list[Path]:
                 raise SaekitError(f"--init dictionary for {h} has d_in={d.cfg.d_in}, the hook has width {width}")
             d.prov = Provenance(hook=h, model=im.info.to_dict(), hook_shape=shape, scale=float(d.scale), store=cfg.store or None)
         else:
-            d_dict = cfg.d_dict or cfg.expansion * width
             try:
-                dc = DictConfig(kind=cfg.kind, d_in=width, d_dict=d_dict, k=cfg.k, l1=cfg.l1, groups=cfg.groups, similarity=cfg.similarity)
+                dc = dataclasses.replace(cfg.arch, d_in=width, d_dict=cfg.arch.d_dict or cfg.expansion * width)
             except ValueError as e:
                 raise SaekitError(f"{h}: {e}") from None
             scale = norm_scale(sample[h])
