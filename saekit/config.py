@@ -150,6 +150,28 @@ def from_flags(cls: type[T], **flat) -> T:
     return cls(**kwargs)
 
 
+def command_flags(cfg, skip: tuple[str, ...] = ()) -> str:
+    """The options that rebuild `cfg` from the defaults (`--n-layer 2 --steps 30`), nested fields spelt flat as the CLI spells them."""
+    def flat(obj, outer_names: set[str]) -> dict:
+        out = {}
+        for f in dataclasses.fields(obj):
+            value = getattr(obj, f.name)
+            if dataclasses.is_dataclass(value):
+                out |= {k: v for k, v in flat(value, set()).items() if k not in outer_names}
+            elif f.metadata.get("flag", True):
+                out[f.name] = value
+        return out
+
+    names = {f.name for f in dataclasses.fields(cfg)}
+    defaults = {f.name: _default(type(cfg), f.name) for f in dataclasses.fields(cfg)}
+    base: dict = {}
+    for f in dataclasses.fields(cfg):
+        d = defaults[f.name]
+        base |= {k: v for k, v in flat(d, set()).items() if k not in names} if dataclasses.is_dataclass(d) else {f.name: d}
+    given = flat(cfg, names)
+    return " ".join(f"--{k.replace('_', '-')} {v}" for k, v in given.items() if k not in skip and v != base.get(k))
+
+
 def _default(cls, name: str) -> Any:
     f = next((f for f in dataclasses.fields(cls) if f.name == name), None)
     if f is None:
