@@ -60,20 +60,19 @@ def main() -> None:
 
     from saekit import metrics
     from saekit.inmodel.codebooks import InModelCodebook
+    from saekit.config import from_flags
     from saekit.inmodel.finetune import FinetuneConfig, finetune
     from saekit.inmodel.model import lm_score, load_in_model
     from saekit.inmodel.report import finetuned_eval
     from saekit.inmodel.sites import Splicer
     from saekit.interop import load
     from saekit.inmodel.e2e import E2EConfig, train_e2e
-    from saekit.config import from_flags
     from saekit.harvest import HarvestConfig, harvest
     from saekit.splice import SpliceConfig
     from saekit.toy.corpus import ToyDataConfig, write_corpus
     from saekit.toy.eval import state_recovery
     from saekit.toy.fsm import load_fsm, transition_accuracy
     from saekit.train import TrainConfig, train
-    from saekit.config import from_flags
 
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
@@ -114,7 +113,7 @@ def main() -> None:
     t0 = time.time()
     ft_out = work / "joint"
     # On the store's tokens: trained on its train split, scored on its eval split, like the other rows.
-    res = finetune(FinetuneConfig(model=args.model, store=str(store), codebooks=spec, out=str(ft_out), steps=args.steps,
+    res = finetune(from_flags(FinetuneConfig, model=args.model, store=str(store), codebooks=spec, out=str(ft_out), steps=args.steps,
                                         batch_size=8, resume=True), progress=False)
     joint = res.codebooks[0]
     times["joint"] = time.time() - t0

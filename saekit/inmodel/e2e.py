@@ -42,6 +42,7 @@ from saekit.engine import Engine, Objective
 from saekit.errors import SaekitError
 from saekit.inmodel.codebooks import norm_scale
 from saekit.inmodel.data import TokenData, batch_at, load_tokens
+from saekit.inmodel.loop import LoopConfig
 from saekit.inmodel.model import InModel, load_in_model, sample_rows
 from saekit.inmodel.sites import Splicer
 from saekit.models import resolve_device
@@ -86,24 +87,18 @@ class E2EConfig:
     """Leave position 0 (BOS) unspliced, as splice-eval does."""
     init_rows: int = 8192
     """Rows sampled for the scale and the data-dependent init (b_dec median, k-means codes)."""
-    checkpoint_every: int = 100
-    """Steps between checkpoints (0: only at the end)."""
-    log_every: int = 10
-    """Steps between progress updates and metrics.jsonl lines."""
     seed: int = 0
     """Seed of the data order and the initialisation."""
-    device: str = "auto"
-    """cpu, cuda, ... or auto."""
-    resume: bool = False
-    """Continue from the last checkpoint in the run folder."""
+    run: LoopConfig = field(default_factory=LoopConfig)
+    """Checkpoint and log cadence, device, resume (flags --checkpoint-every, --log-every, --device, --resume)."""
 
     def __post_init__(self):
         if self.data and self.store:
             raise ValueError("give either data or store, not both")
         if self.arch.kind not in KINDS:
             raise ValueError(f"kind {self.arch.kind!r} cannot be trained end-to-end from scratch; use one of {', '.join(KINDS)} (or --init)")
-        check_signs(self, positive=("steps", "batch_size", "eval_sequences", "log_every", "expansion", "init_rows"),
-                    non_negative=("lr", "mse_coef", "checkpoint_every"))
+        check_signs(self, positive=("steps", "batch_size", "eval_sequences", "expansion", "init_rows"),
+                    non_negative=("lr", "mse_coef"))
         if self.arch.kind != "relu" and not (self.arch.k or 0) > 0:
             raise ValueError(f"k must be positive, got {self.arch.k}")
 
@@ -138,8 +133,8 @@ def from_train_config(tc) -> E2EConfig:
     return E2EConfig(model=getattr(tc, "model", ""), hooks=hooks, data=getattr(tc, "data", ""), store=tc.store, out=tc.out,
                      arch=dataclasses.replace(tc.arch, k=tc.k[0], l1=tc.l1[0]), expansion=tc.expansion, mse_coef=getattr(tc, "mse_coef", 0.0), steps=steps, lr=tc.lr or 1e-3,
                      batch_size=seqs, seq_len=seq_len, init_rows=min(tc.init_rows, 16384), seed=tc.seed,
-                     checkpoint_every=max(1, tc.checkpoint_every // (seqs * per_seq)) if tc.checkpoint_every else 0,
-                     log_every=max(1, min(tc.log_every, 10)), device=tc.device, resume=tc.resume)
+                     run=LoopConfig(checkpoint_every=max(1, tc.checkpoint_every // (seqs * per_seq)) if tc.checkpoint_every else 0,
+                                    log_every=max(1, min(tc.log_every, 10)), device=tc.device, resume=tc.resume))
 
 
 # --- pure maths -----------------------------------------------------------------------------------
@@ -317,9 +312,9 @@ def train_one(cfg: E2EConfig, em: E2EModel, d: Dictionary, hook: str, data: Toke
     dev = next(hf.parameters()).device
     d.to(dev).train()
     paths = run_paths(cfg, hook, d)
-    if (paths.dir / "config.json").is_file() and not cfg.resume:
+    if (paths.dir / "config.json").is_file() and not cfg.run.resume:
         raise SaekitError(f"{paths.dir} already holds a dictionary; choose another --out (or --resume)")
-    if paths.checkpoints.exists() and not cfg.resume:
+    if paths.checkpoints.exists() and not cfg.run.resume:
         raise SaekitError(f"{paths.dir} holds an unfinished run; pass --resume to continue it or choose another --out")
     if (paths.dir / "config.json").is_file():
         return paths.dir
@@ -329,7 +324,7 @@ def train_one(cfg: E2EConfig, em: E2EModel, d: Dictionary, hook: str, data: Toke
     opt = torch.optim.Adam(d.param_groups(cfg.lr))  # the dictionary's own lr multiples, as offline training
     cfg_dict, step = to_dict(cfg), 0
     ident = runs.identity_hash(cfg_dict, E2E_IDENTITY) + hook
-    found = runs.latest_checkpoint(paths.checkpoints, device=str(dev)) if cfg.resume else None
+    found = runs.latest_checkpoint(paths.checkpoints, device=str(dev)) if cfg.run.resume else None
     if found is not None:
         ckpt_step, tensors, meta = found
         runs.check_identity(runs.checkpoint_dir(paths.checkpoints, ckpt_step), meta, ident, cfg_dict, E2E_IDENTITY, unnamed="hook")
@@ -337,7 +332,7 @@ def train_one(cfg: E2EConfig, em: E2EModel, d: Dictionary, hook: str, data: Toke
     else:
         runs.MetricsLog(paths.metrics).start()
     obj = E2EObjective(cfg, em, d, hook, data, opt, paths, ident, step)
-    step = Engine(obj, cfg.steps, cfg.log_every, cfg.checkpoint_every, progress).run(step)
+    step = Engine(obj, cfg.steps, cfg.run.log_every, cfg.run.checkpoint_every, progress).run(step)
     after = e2e_eval(em, d.eval(), hook, data.eval, cfg.batch_size, cfg.skip_bos)
     d.summary = after | {"objective": "e2e", "train_steps": step, "kl_before": before["kl"], "ce_spliced_before": before["ce_spliced"]}
     d.train_config = cfg_dict | {"objective": "e2e", "hook": hook}
@@ -381,7 +376,7 @@ def _train_e2e(cfg: E2EConfig, progress: bool) -> list[Path]:
         from saekit.store import open_store
 
         model = open_store(cfg.store).model.name
-    dev = resolve_device(cfg.device)
+    dev = resolve_device(cfg.run.device)
     im = load_in_model(model, cfg.hooks, dev)
     for p in im.hf.parameters():
         p.requires_grad_(False)
