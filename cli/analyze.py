@@ -27,7 +27,8 @@ def register(app) -> None:
         t.add_column("value", justify="right")
         t.add_row("tokens analysed", str(meta["n_rows"]))
         t.add_row("features", str(meta["d_dict"]))
-        t.add_row("dead", str(len(meta["dead"])))
+        n_dead = len(meta["dead"])
+        t.add_row(f"dead ({meta.get('dead_window') or 'not fired in the tokens analysed'})", f"{n_dead} ({n_dead / max(meta['d_dict'], 1):.1%})")
         t.add_row(f"dense (> {meta['dense_threshold']})", str(len(meta["dense"])))
         if meta.get("explained_f1_ge_0.5") is not None:
             t.add_row("explained (held-out F1 ≥ 0.5)", f"{meta['explained_f1_ge_0.5']:.1%}")

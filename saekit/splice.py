@@ -42,7 +42,7 @@ from saekit.models import HookSpec, LoadedModel, check_hook_names, check_model, 
 
 METRIC_KEYS = (
     "ce_clean", "ce_spliced", "ce_zero", "ce_mean", "loss_recovered_zero", "loss_recovered_mean",
-    "delta_ce", "kl", "acc_clean", "acc_spliced", "l0", "fvu", "dead_frac",
+    "delta_ce", "kl", "acc_clean", "acc_spliced", "l0", "fvu", "dead_frac", "dead_window_tokens",
 )
 
 
@@ -460,7 +460,7 @@ def evaluate(
 
     c_clean = ce_clean / n_scored
 
-    def row(ce_s, ce_z, ce_m, kl_sum, correct, l0, fvu, dead) -> dict:
+    def row(ce_s, ce_z, ce_m, kl_sum, correct, l0, fvu, dead, window) -> dict:
         return {
             "ce_clean": c_clean,
             "ce_spliced": ce_s,
@@ -475,13 +475,14 @@ def evaluate(
             "l0": l0,
             "fvu": fvu,
             "dead_frac": dead,
+            "dead_window_tokens": int(window),  # dead: not fired in these eval tokens (metrics.dead_note)
         }
 
     rows = []
     for t, st in zip(targets, per):
         h = t.hook.name
         r = row(st.ce_spliced / n_scored, ce_zero[h] / n_scored, ce_mean[h] / n_scored, st.kl, st.correct,
-                _ratio(st.l0_sum, st.rows), st.fvu.value(), metrics.dead_fraction(st.fires))
+                _ratio(st.l0_sum, st.rows), st.fvu.value(), metrics.dead_fraction(st.fires), st.rows)
         rows.append({"dict": t.name, "hook": h, **r})
 
     all_row = None
@@ -489,7 +490,8 @@ def evaluate(
         fires = torch.cat([st.fires for st in together])
         all_row = row(all_ce["spliced"] / n_scored, all_ce["zero"] / n_scored, all_ce["mean"] / n_scored, all_ce["kl"],
                       all_ce["correct"], sum(_ratio(st.l0_sum, st.rows) for st in together),
-                      float(np.mean([st.fvu.value() for st in together])), metrics.dead_fraction(fires))
+                      float(np.mean([st.fvu.value() for st in together])), metrics.dead_fraction(fires),
+                      max(st.rows for st in together))
     elif len(targets) == 1:
         all_row = {k: rows[0][k] for k in METRIC_KEYS}  # one dictionary: "all at once" is the same run
 
@@ -652,6 +654,11 @@ def short_names(paths: list[str]) -> list[str]:
     return [os.path.relpath(os.path.abspath(p), common) for p in paths]
 
 
+def _dead_header(result: dict) -> str:
+    windows = {r.get("dead_window_tokens") for r in result["dictionaries"]}
+    return f"dead ({metrics.dead_window(windows.pop(), 'eval')})" if len(windows) == 1 and None not in windows else "dead"
+
+
 def format_table(result: dict):
     """A rich Table: one row per dictionary, then all at once."""
     from rich.table import Table
@@ -660,7 +667,7 @@ def format_table(result: dict):
     for name, just in (("dictionary", "left"), ("hook", "left"), ("CE clean", "right"), ("CE spliced", "right"),
                        ("CE zero", "right"), ("CE mean", "right"), ("rec. zero", "right"), ("rec. mean", "right"),
                        ("ΔCE", "right"), ("KL", "right"), ("acc clean→spliced", "right"), ("L0", "right"),
-                       ("FVU", "right"), ("dead", "right")):
+                       ("FVU", "right"), (_dead_header(result), "right")):
         t.add_column(name, justify=just)
 
     def cells(r):

@@ -444,8 +444,9 @@ class Trainer(Objective):
         self._checkpoint()
 
     def progress_info(self, row: dict) -> str:
-        terms = " ".join(f"{k}={row[k]:.4g}" for k in row if k not in ("step", "tokens", "lr", "tokens_per_s", "l0", "dead_fraction"))
-        return f"{terms} L0={row.get('l0', 0):.1f} dead={row.get('dead_fraction', 0):.1%}"
+        skip = ("step", "tokens", "lr", "tokens_per_s", "l0", "dead_fraction", "dead_window_tokens")
+        terms = " ".join(f"{k}={row[k]:.4g}" for k in row if k not in skip)
+        return f"{terms} L0={row.get('l0', 0):.1f} {metrics.dead_note(row.get('dead_fraction', 0), self.cfg.dead_tokens, 'training', last=True)}"
 
     def _scaled(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
         """A batch on the device, float32, in the dictionaries' units."""
@@ -457,7 +458,7 @@ class Trainer(Objective):
         # while fewer than dead_tokens tokens have been seen (no latent can be dead yet; known
         # without reading the device), and on CPU, where reading `dead.any()` costs no sync, whenever
         # none is dead.  On the toy store's TopK SAE this made a CPU step 3× faster.
-        dead = r.since_fired > cfg.dead_tokens if self.step * cfg.batch_size > cfg.dead_tokens else None
+        dead = metrics.dead_mask(r.since_fired, cfg.dead_tokens) if self.step * cfg.batch_size > cfg.dead_tokens else None
         if dead is not None and dead.device.type == "cpu" and not bool(dead.any()):
             dead = None
         state = {"dead": dead, "aux_k": cfg.aux_k or None, "aux_coef": cfg.aux_coef}
@@ -507,7 +508,7 @@ class Trainer(Objective):
         return flags > 0
 
     def _replace_dead(self, r: Run, xn: Tensor) -> None:
-        dead = r.since_fired > self.cfg.dead_tokens
+        dead = metrics.dead_mask(r.since_fired, self.cfg.dead_tokens)
         masks = r.dictionary.resample_dead(dead, xn, r.generator)
         if self.ddp and masks:  # replacements drawn from rank 0's rows; `dead` (hence masks) is the same everywhere
             distributed.broadcast_tensors(list(r.dictionary.parameters()))
@@ -533,7 +534,8 @@ class Trainer(Objective):
             n = r.acc.pop("n", 1)
             row = {"step": self.step, "tokens": self.step * self.cfg.batch_size}
             row |= {k: float(v) / n for k, v in r.acc.items()}
-            row["dead_fraction"] = float((r.since_fired > self.cfg.dead_tokens).float().mean())
+            row["dead_fraction"] = float(metrics.dead_mask(r.since_fired, self.cfg.dead_tokens).float().mean())
+            row["dead_window_tokens"] = self.cfg.dead_tokens  # the last this many training tokens
             row["lr"] = r.opt.param_groups[-1]["lr"]  # the run's lr (matrices may take a multiple: Dictionary.weight_lr_scale)
             row["tokens_per_s"] = self.tokens_per_s
             r.acc.clear()
@@ -602,7 +604,8 @@ class Trainer(Objective):
                 continue
             f = fvu_acc.value()
             out[r.label] = {"eval_tokens": seen, "mse": sq / (seen * r.dictionary.cfg.d_in), "fvu": f,
-                            "explained_variance": 1 - f, "l0": l0_sum / seen, "dead_fraction": metrics.dead_fraction(fires)}
+                            "explained_variance": 1 - f, "l0": l0_sum / seen, "dead_fraction": metrics.dead_fraction(fires),
+                            "dead_window_tokens": seen}
         return out
 
     def save(self, summaries: dict[str, dict] | None = None) -> list[Path]:

@@ -304,7 +304,7 @@ def test_cli_end_to_end(tiny_model_dir, tiny_text_file, saved, tmp_path, capsys,
     res = json.loads(out.read_text())
     assert [r["dict"] for r in res["dictionaries"]] == [str(saved["resid"]), str(saved["z"])]
     keys = {"ce_clean", "ce_spliced", "ce_zero", "ce_mean", "loss_recovered_zero", "loss_recovered_mean", "delta_ce",
-            "kl", "acc_clean", "acc_spliced", "l0", "fvu", "dead_frac"}
+            "kl", "acc_clean", "acc_spliced", "l0", "fvu", "dead_frac", "dead_window_tokens"}
     assert set(res["all"]) == keys and all(set(r) == keys | {"dict", "hook"} for r in res["dictionaries"])
     for r in [*res["dictionaries"], res["all"]]:
         assert r["loss_recovered_mean"] == pytest.approx(1.0, abs=1e-4) and r["kl"] == pytest.approx(0, abs=1e-6)

@@ -220,7 +220,7 @@ def e2e_eval(em: E2EModel, d: Dictionary, hook: str, tokens: np.ndarray, batch_s
     f = fvu.value()
     return {"kl": kl / max(n_pos, 1), "ce_clean": ce_c / max(n_sc, 1), "ce_spliced": ce_s / max(n_sc, 1),
             "eval_tokens": int(rows_n), "fvu": f, "explained_variance": 1 - f, "mse": mse / max(rows_n * d.cfg.d_in, 1),
-            "l0": l0_sum / max(rows_n, 1), "dead_fraction": metrics.dead_fraction(fires)}
+            "l0": l0_sum / max(rows_n, 1), "dead_fraction": metrics.dead_fraction(fires), "dead_window_tokens": int(rows_n)}
 
 
 def _state(d: Dictionary, opt: torch.optim.Optimizer, step: int) -> tuple[dict[str, Tensor], dict]:

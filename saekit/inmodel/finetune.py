@@ -220,7 +220,7 @@ def train_step(ph: Phase, t: Tensor, bos_id: int, splicer: Splicer | None, cfg) 
 def _replace_dead(ph: Phase, cfg) -> None:
     """Dead codes → recent inputs (Codebook.resample_dead); their Adam moments are reset."""
     for h, layer in ph.layers.items():
-        dead = ph.since_fired[h] > cfg.dead_tokens
+        dead = metrics.dead_mask(ph.since_fired[h], cfg.dead_tokens)
         if layer.last_rows is None or not layer.last_rows.shape[0]:
             continue
         masks = layer.d.resample_dead(dead, layer.last_rows, ph.generator)
@@ -406,9 +406,9 @@ def _finetune(cfg: FinetuneConfig, progress: bool) -> FinetuneResult:
     for h, layer in layers.items():
         d = layer.d.cpu()
         d.prov = Provenance(hook=h, model=minfo, hook_shape=im.shapes[h], scale=float(d.scale), store=cfg.store or None)
-        dead = float((joint.since_fired[h].cpu() > cfg.dead_tokens).float().mean())
+        dead = float(metrics.dead_mask(joint.since_fired[h].cpu(), cfg.dead_tokens).float().mean())
         d.summary = {"objective": "joint", "train_steps": cfg.steps, "commitment": joint.last.get(f"commit/{h}"),
-                     "dead_fraction": dead}
+                     "dead_fraction": dead, "dead_window_tokens": cfg.dead_tokens}  # the last dead_tokens training tokens
         d.train_config = to_dict(cfg) | {"objective": "joint"}
         saved.append(d.save(paths.codebook(h)))
     del joint, layers
