@@ -40,7 +40,7 @@ from torch import Tensor
 from saekit import distributed, metrics, outdir, precision, runs
 from saekit.runs import RunPaths, run_name, run_paths
 from saekit.models import resolve_device
-from saekit.config import to_dict
+from saekit.config import check_fields, to_dict
 from saekit.dictionaries import build
 from saekit.dictionaries.base import KINDS, DictConfig, Dictionary, Provenance
 from saekit.dictionaries.fast import warm_kernels
@@ -73,8 +73,8 @@ class TrainConfig:
     """L1 coefficient λ for relu (loss = MSE/d_in + λ/d_in Σ f_i‖W_dec,i‖); several values = a sweep, one dictionary per value (its arch.l1).
     Default 1, not the April update's 5: from saekit's unit-norm init a given λ reaches a lower L0
     (benchmarks/README.md, "ReLU/L1 at low L0")."""
-    lr: float = 0.0
-    """Adam learning rate; 0 picks 2e-4 / sqrt(d_dict / 16384) (sparsify's rule; codebooks ×5).
+    lr: float | None = field(default=None, metadata={"range": "positive"})
+    """Adam learning rate; default (not given): 2e-4 / sqrt(d_dict / 16384) (sparsify's rule; codebooks ×5), recorded in config.json.
     topk and batchtopk train their matrices at 3× it (their unit decoder rows turn slowly; TopKSAE.weight_lr_scale)."""
     batch_size: int = 4096
     """Activation rows (tokens) per optimiser step."""
@@ -131,6 +131,7 @@ class TrainConfig:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
         if self.tokens is not None and self.tokens <= 0:
             raise ValueError(f"tokens must be positive, got {self.tokens}")
+        check_fields(self)  # ranges: lr positive when given, no NaN
         if self.grad_clip < 0:
             raise ValueError(f"grad_clip must be >= 0 (0 turns clipping off), got {self.grad_clip}")
         if not self.k or any(k <= 0 for k in self.k):
@@ -320,7 +321,7 @@ class Trainer(Objective):
         except ValueError as e:
             raise SaekitError(f"hook {hook}: {e}; change --k/--d-dict/--expansion/--groups") from None
         d = build(dcfg, dataclasses.replace(src.prov)).to(self.device)
-        lr = cfg.lr or default_lr(dcfg.kind, d_dict)
+        lr = cfg.lr if cfg.lr is not None else default_lr(dcfg.kind, d_dict)
         d.train_config = used_config(cfg, dcfg, lr)
         gen = torch.Generator().manual_seed(cfg.seed)
         d.reset_parameters(gen)

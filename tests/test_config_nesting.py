@@ -93,3 +93,17 @@ def test_the_run_config_round_trips_through_json():
 
     assert from_dict(TrainConfig, json.loads(json.dumps(to_dict(cfg)))) == cfg
     assert to_dict(cfg)["arch"] == dataclasses.asdict(cfg.arch)
+
+
+def test_the_automatic_lr_is_the_default_and_zero_is_refused():
+    """`--lr` not given: the size rule (recorded in config.json, see test_train); 0, negative or NaN: one line, exit 2."""
+    import subprocess
+    import sys
+
+    assert TrainConfig().lr is None
+    for bad in ("0", "-1", "nan"):
+        r = subprocess.run([sys.executable, "-m", "saekit_cli.main", "train", "--store", "nowhere", "--lr", bad],
+                           capture_output=True, text=True, timeout=120)
+        assert r.returncode == 2 and r.stderr.startswith("error: --lr") and "Traceback" not in r.stderr, (bad, r.stderr)
+    with pytest.raises(ValueError, match="--lr must be positive"):
+        E2EConfig(lr=0.0)

@@ -288,7 +288,7 @@ def test_cli_train_and_errors(store_dir, tmp_path):
 def test_config_json_records_the_values_used(tmp_path):
     """Automatic settings (lr 0, d_dict 0, aux_k 0) are saved resolved; knobs of other kinds are None."""
     x, _ = planted(1000)
-    t = trainer(tmp_path, {"h": x}, tokens=2 * 128, batch_size=128, init_rows=128, lr=0.0, d_dict=0, expansion=2, aux_k=0)
+    t = trainer(tmp_path, {"h": x}, tokens=2 * 128, batch_size=128, init_rows=128, lr=None, d_dict=0, expansion=2, aux_k=0)
     t.fit()
     d = load(t.save()[0])
     used = d.train_config

@@ -35,7 +35,7 @@ import torch
 from torch import Tensor
 
 from saekit import metrics, runs
-from saekit.config import check_signs, to_dict
+from saekit.config import check_fields, check_signs, to_dict
 from saekit.dictionaries import build
 from saekit.dictionaries.base import KINDS, DictConfig, Dictionary, Provenance
 from saekit.engine import Engine, Objective
@@ -75,7 +75,7 @@ class E2EConfig:
     """μ: weight of the normalised reconstruction term ‖x_n − x̂_n‖²/d_in added to the KL."""
     steps: int = 500
     """Optimiser steps."""
-    lr: float = 1e-3
+    lr: float = field(default=1e-3, metadata={"range": "positive"})
     """Adam learning rate."""
     batch_size: int = 8
     """Sequences per step."""
@@ -98,7 +98,8 @@ class E2EConfig:
         if self.arch.kind not in KINDS:
             raise ValueError(f"kind {self.arch.kind!r} cannot be trained end-to-end from scratch; use one of {', '.join(KINDS)} (or --init)")
         check_signs(self, positive=("steps", "batch_size", "eval_sequences", "expansion", "init_rows"),
-                    non_negative=("lr", "mse_coef"))
+                    non_negative=("mse_coef",))
+        check_fields(self)  # lr positive (its metadata), no NaN
         if self.arch.kind != "relu" and not (self.arch.k or 0) > 0:
             raise ValueError(f"k must be positive, got {self.arch.k}")
 
@@ -131,7 +132,7 @@ def from_train_config(tc) -> E2EConfig:
     if not hooks:
         raise SaekitError("--objective e2e needs explicit --hooks (one forward per hook and step; 'all' is for offline training)")
     return E2EConfig(model=getattr(tc, "model", ""), hooks=hooks, data=getattr(tc, "data", ""), store=tc.store, out=tc.out,
-                     arch=dataclasses.replace(tc.arch, k=tc.k[0], l1=tc.l1[0]), expansion=tc.expansion, mse_coef=getattr(tc, "mse_coef", 0.0), steps=steps, lr=tc.lr or 1e-3,
+                     arch=dataclasses.replace(tc.arch, k=tc.k[0], l1=tc.l1[0]), expansion=tc.expansion, mse_coef=getattr(tc, "mse_coef", 0.0), steps=steps, lr=tc.lr if tc.lr is not None else 1e-3,
                      batch_size=seqs, seq_len=seq_len, init_rows=min(tc.init_rows, 16384), seed=tc.seed,
                      run=LoopConfig(checkpoint_every=max(1, tc.checkpoint_every // (seqs * per_seq)) if tc.checkpoint_every else 0,
                                     log_every=max(1, min(tc.log_every, 10)), device=tc.device, resume=tc.resume))
