@@ -58,7 +58,9 @@ def register(app) -> None:
         if toy is not None:
             tr = toy.tracked
             if tr.fire_rate == 0:
-                console.print(f"it never fired on {tr.n_tokens:,} tokens of fresh walks (a dead feature), so it tracks no state; "
+                from saekit.metrics import dead_window
+
+                console.print(f"it is dead ({dead_window(tr.n_tokens, 'fresh-walk')}), so it tracks no state; "
                               "choose a live one: `saekit toy eval --json` names each state's best feature, `saekit analyze` the live ones")
             else:
                 ratio = f" (strength {res.strength:g} = {res.strength / tr.mean_act:.1f}× it)" if tr.mean_act > 0 else ""

@@ -63,10 +63,12 @@ def dead_mask(since_fired: Tensor, window: int) -> Tensor:
     return since_fired > window
 
 
-def dead_note(fraction: float, window_tokens: int, where: str, *, last: bool = False) -> str:
+def dead_note(fraction: float | None, window_tokens: int, where: str, *, last: bool = False) -> str:
     """The one way a dead fraction is printed: `dead 23.4% (not fired in 3,810 eval tokens)`;
-    `last=True` for a running window (`... in the last 1,000,000 training tokens`)."""
-    return f"dead {fraction:.1%} ({dead_window(window_tokens, where, last=last)})"
+    `last=True` for a running window (`... in the last 1,000,000 training tokens`); None while a
+    running window is longer than what was seen (no latent can be dead yet: `dead – (...)`)."""
+    shown = "–" if fraction is None else f"{fraction:.1%}"
+    return f"dead {shown} ({dead_window(window_tokens, where, last=last)}{'; fewer seen so far' if fraction is None else ''})"
 
 
 def dead_window(window_tokens: int, where: str, *, last: bool = False) -> str:

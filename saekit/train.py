@@ -447,7 +447,7 @@ class Trainer(Objective):
     def progress_info(self, row: dict) -> str:
         skip = ("step", "tokens", "lr", "tokens_per_s", "l0", "dead_fraction", "dead_window_tokens")
         terms = " ".join(f"{k}={row[k]:.4g}" for k in row if k not in skip)
-        return f"{terms} L0={row.get('l0', 0):.1f} {metrics.dead_note(row.get('dead_fraction', 0), self.cfg.dead_tokens, 'training', last=True)}"
+        return f"{terms} L0={row.get('l0', 0):.1f} {metrics.dead_note(row.get('dead_fraction'), self.cfg.dead_tokens, 'training', last=True)}"
 
     def _scaled(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
         """A batch on the device, float32, in the dictionaries' units."""
@@ -535,7 +535,8 @@ class Trainer(Objective):
             n = r.acc.pop("n", 1)
             row = {"step": self.step, "tokens": self.step * self.cfg.batch_size}
             row |= {k: float(v) / n for k, v in r.acc.items()}
-            row["dead_fraction"] = float(metrics.dead_mask(r.since_fired, self.cfg.dead_tokens).float().mean())
+            filled = row["tokens"] > self.cfg.dead_tokens  # before that no latent can be dead: null, not a reassuring 0
+            row["dead_fraction"] = float(metrics.dead_mask(r.since_fired, self.cfg.dead_tokens).float().mean()) if filled else None
             row["dead_window_tokens"] = self.cfg.dead_tokens  # the last this many training tokens
             row["lr"] = r.opt.param_groups[-1]["lr"]  # the run's lr (matrices may take a multiple: Dictionary.weight_lr_scale)
             row["tokens_per_s"] = self.tokens_per_s

@@ -21,6 +21,7 @@ def test_the_wording_names_the_window():
     assert metrics.dead_note(0.2345, 3810, "eval") == "dead 23.4% (not fired in 3,810 eval tokens)"
     assert metrics.dead_note(0.083, 1_000_000, "training", last=True) == "dead 8.3% (not fired in the last 1,000,000 training tokens)"
     assert metrics.dead_window(76_200, "analysed") == "not fired in 76,200 analysed tokens"
+    assert metrics.dead_note(None, 10**6, "training", last=True) == "dead – (not fired in the last 1,000,000 training tokens; fewer seen so far)"
 
 
 def test_train_writes_the_window_beside_every_dead_fraction(tmp_path):
@@ -37,7 +38,8 @@ def test_train_writes_the_window_beside_every_dead_fraction(tmp_path):
     t.fit()
     [path] = t.save(t.evaluate([{"h": x[:300]}], 300))
     rows = [json.loads(line) for line in (path / "metrics.jsonl").read_text().splitlines()]
-    assert rows and all(r["dead_window_tokens"] == 256 for r in rows if "dead_fraction" in r)
+    assert rows and all(r["dead_window_tokens"] == 256 for r in rows)
+    assert all((r["dead_fraction"] is None) == (r["tokens"] <= 256) for r in rows)  # a window not yet filled says so
     assert "not fired in the last 256 training tokens" in t.progress_info(rows[-1])
     s = load(path).summary
     assert s["eval_tokens"] == 300 and s["dead_window_tokens"] == 300
