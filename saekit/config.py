@@ -182,7 +182,7 @@ def _default(cls, name: str) -> Any:
 def load_toml(path: str | Path) -> dict:
     p = Path(path)
     if not p.is_file():
-        raise SaekitError(f"config file {p} does not exist")
+        raise SaekitError(f"config file {p} {'is a folder' if p.is_dir() else 'does not exist'}; give a TOML file")
     try:
         return tomllib.loads(p.read_text())
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
