@@ -131,7 +131,6 @@ class TrainConfig:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
         if self.tokens is not None and self.tokens <= 0:
             raise ValueError(f"tokens must be positive, got {self.tokens}")
-        check_fields(self)  # ranges: lr positive when given, no NaN
         if self.grad_clip < 0:
             raise ValueError(f"grad_clip must be >= 0 (0 turns clipping off), got {self.grad_clip}")
         if not self.k or any(k <= 0 for k in self.k):
@@ -151,6 +150,7 @@ class TrainConfig:
             raise ValueError(f"objective {self.objective!r} is not offline or e2e")
         if self.placement not in PLACEMENTS:
             raise ValueError(f"placement {self.placement!r} is not one of {', '.join(PLACEMENTS)}")
+        check_fields(self)  # the remaining ranges: lr positive when given, no NaN
 
 
 PLACEMENTS = ("data", "hooks")
