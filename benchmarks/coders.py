@@ -28,6 +28,7 @@ from pathlib import Path
 
 from saekit.interop import load
 from saekit.store import open_store
+from saekit.config import from_flags
 from saekit.train import MLP_IN, MLP_OUT, TrainConfig, train
 
 
@@ -52,7 +53,7 @@ def run(store: str, layer: int, k: int, tokens: int, expansion: int, seed: int, 
     res: dict = {"store": store, "layer": layer, "k": k, "tokens": tokens, "d_dict_per_layer": expansion * width}
     with tempfile.TemporaryDirectory() as tmp:
         def fit(name, **kw) -> list[dict]:
-            paths = train(TrainConfig(out=str(Path(tmp) / name), **(common | kw)), progress=False)
+            paths = train(from_flags(TrainConfig, out=str(Path(tmp) / name), **(common | kw)), progress=False)
             return [load(p).summary for p in paths]
 
         sae = fit("sae", kind="topk", hooks=[outs[layer]])[0]

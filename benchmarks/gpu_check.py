@@ -179,6 +179,7 @@ def do_train(store_path, hook, kinds, d_dict, k, steps, B, device, peak, out):
     from saekit.dictionaries.base import Provenance
     from saekit.store import ActivationStore
     from saekit.train import HookSource, TrainConfig, tensor_batches
+    from saekit.config import from_flags
 
     st = ActivationStore(store_path)
     d_in = st.hook_width(hook)
@@ -188,7 +189,7 @@ def do_train(store_path, hook, kinds, d_dict, k, steps, B, device, peak, out):
     mem = next(iter(st.batches(hook, rows, buffer_rows=rows + st.context_size, device=dev)))  # in memory, on the device
     res = {}
     for kind in kinds:
-        cfg = TrainConfig(kind=kind, d_dict=d_dict, k=[k], batch_size=B, tokens=(steps + 1) * B, log_every=10**9,
+        cfg = from_flags(TrainConfig, kind=kind, d_dict=d_dict, k=[k], batch_size=B, tokens=(steps + 1) * B, log_every=10**9,
                           checkpoint_every=0, init_rows=B, device=device, out=str(Path(out) / kind), dead_tokens=10**9)
         # The timed loop starts at batch 1 from a stream whose first fill is already in memory (a one-time cost
         # of a run, not its rate); later fill boundaries are timed.
@@ -213,10 +214,11 @@ def do_train(store_path, hook, kinds, d_dict, k, steps, B, device, peak, out):
 def do_splice(model, store_path, hook, d_dict, k, tokens, device, out):
     from saekit.splice import SpliceConfig, splice_eval
     from saekit.train import TrainConfig, train
+    from saekit.config import from_flags
 
     dicts = []
     for kind in ("topk", "batchtopk"):
-        dicts += [str(p) for p in train(TrainConfig(store=store_path, hooks=[hook], kind=kind, d_dict=d_dict, k=[k], tokens=tokens,
+        dicts += [str(p) for p in train(from_flags(TrainConfig, store=store_path, hooks=[hook], kind=kind, d_dict=d_dict, k=[k], tokens=tokens,
                                                    device=device, out=str(Path(out) / "dicts"), eval_tokens=20000), progress=False)]
     r = splice_eval(SpliceConfig(model=model, dicts=dicts, store=store_path, device=device, max_tokens=16384))
     return [{key: d[key] for key in ("dict", "fvu", "l0", "loss_recovered_zero", "delta_ce")} for d in r["dictionaries"]]

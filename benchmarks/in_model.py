@@ -60,6 +60,7 @@ def main() -> None:
 
     from saekit import metrics
     from saekit.inmodel.codebooks import InModelCodebook
+    from saekit.config import from_flags
     from saekit.inmodel.finetune import FinetuneConfig, finetune
     from saekit.inmodel.model import lm_score, load_in_model
     from saekit.inmodel.report import finetuned_eval
@@ -94,7 +95,7 @@ def main() -> None:
         t0 = time.time()
         root = work / name
         if not root.exists():
-            train(TrainConfig(store=str(store), hooks=[args.hook], out=str(root), kind="codebook", d_dict=args.codes, k=[args.k],
+            train(from_flags(TrainConfig, store=str(store), hooks=[args.hook], out=str(root), kind="codebook", d_dict=args.codes, k=[args.k],
                               tokens=mult * args.steps * 8 * (ctx - 1), batch_size=8 * (ctx - 1), eval_tokens=20000), progress=False)
         times[name] = time.time() - t0
         [folder] = [p.parent for p in root.rglob("config.json") if (p.parent / "weights.safetensors").is_file()]
@@ -105,14 +106,14 @@ def main() -> None:
 
     t0 = time.time()
     e2e_root = work / "e2e"
-    [e2e] = train_e2e(E2EConfig(model=args.model, hooks=[args.hook], store=str(store), out=str(e2e_root), kind="codebook",
+    [e2e] = train_e2e(from_flags(E2EConfig, model=args.model, hooks=[args.hook], store=str(store), out=str(e2e_root), kind="codebook",
                                 d_dict=args.codes, k=args.k, steps=args.steps, lr=1e-3, batch_size=8, resume=True), progress=False)
     times["e2e"] = time.time() - t0
 
     t0 = time.time()
     ft_out = work / "joint"
     # On the store's tokens: trained on its train split, scored on its eval split, like the other rows.
-    res = finetune(FinetuneConfig(model=args.model, store=str(store), codebooks=spec, out=str(ft_out), steps=args.steps,
+    res = finetune(from_flags(FinetuneConfig, model=args.model, store=str(store), codebooks=spec, out=str(ft_out), steps=args.steps,
                                         batch_size=8, resume=True), progress=False)
     joint = res.codebooks[0]
     times["joint"] = time.time() - t0

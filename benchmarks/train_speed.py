@@ -34,6 +34,7 @@ import torch
 from saekit.dictionaries.base import Provenance
 from saekit.dictionaries.fast import _BATCHTOPK, _DECODE
 from saekit.train import HookSource, TrainConfig, Trainer, tensor_batches, train
+from saekit.config import from_flags
 
 
 def matmul_rate(n: int, d_in: int, d_dict: int, device: torch.device, repeats: int = 5) -> float:
@@ -127,7 +128,7 @@ def main() -> None:
     results = {}
     for kind, extra in [("relu", {"l1": [5.0]}), ("topk", {"k": [args.k]}), ("batchtopk", {"k": [args.k]}),
                         ("codebook", {"k": [8], "init_rows": D})]:
-        cfg = TrainConfig(kind=kind, **(base | extra))
+        cfg = from_flags(TrainConfig, kind=kind, **(base | extra))
         R = max(R, matmul_rate(B, d_in, D, dev))
         tps = loop_tokens_per_s(cfg, hooks, src, args.repeats)
         dense = 10 * d_in * D
@@ -158,8 +159,8 @@ def main() -> None:
         def store_src(start):
             return st.batches(["h"], B, seed=0, buffer_rows=4 * B, start_batch=start)
 
-        mem = loop_tokens_per_s(TrainConfig(**scfg), store_hooks, src, args.repeats)
-        disk = loop_tokens_per_s(TrainConfig(**scfg), store_hooks, store_src, args.repeats)
+        mem = loop_tokens_per_s(from_flags(TrainConfig, **scfg), store_hooks, src, args.repeats)
+        disk = loop_tokens_per_s(from_flags(TrainConfig, **scfg), store_hooks, store_src, args.repeats)
         print(f"\ntopk from the store: {disk:,.0f} tokens/s vs in memory {mem:,.0f}: {disk / mem:.1%} (target ≥ 90%)")
 
         # whole `train()` calls (store opened, init, loop, save): 4 single runs vs one 4-way sweep
@@ -171,8 +172,8 @@ def main() -> None:
             train(cfg, progress=False)
             return time.perf_counter() - t
 
-        singles = sum(timed(TrainConfig(**(scfg | {"k": [k], "out": str(tmp / f"s{k}")}))) for k in ks)
-        sweep = timed(TrainConfig(**(scfg | {"k": ks, "out": str(tmp / "sweep")})))
+        singles = sum(timed(from_flags(TrainConfig, **(scfg | {"k": [k], "out": str(tmp / f"s{k}")}))) for k in ks)
+        sweep = timed(from_flags(TrainConfig, **(scfg | {"k": ks, "out": str(tmp / "sweep")})))
         print(f"4-way sweep k={ks}: {sweep:.1f} s vs 4 single runs {singles:.1f} s: {sweep / singles:.2f}x")
     shutil.rmtree(tmp, ignore_errors=True)
 

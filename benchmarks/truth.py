@@ -38,6 +38,7 @@ from saekit.store import ActivationStore
 from saekit.synth import SynthConfig, stream_batches, synth
 from saekit.store import store_eval_batches
 from saekit.train import HookSource, TrainConfig, Trainer, default_lr, train
+from saekit.config import from_flags
 from saekit.truth import TruthConfig, score_truth
 
 sys.path.insert(0, str(Path(__file__).parent / "peers"))
@@ -114,9 +115,9 @@ def main() -> None:
             for kind in kinds:
                 out = work / f"dicts-{name}"
                 t = time.perf_counter()
-                tcfg = TrainConfig(store=str(store), hooks=["synth"], kind=kind, k=[k], d_dict=a.d_dict, tokens=a.tokens,
+                tcfg = from_flags(TrainConfig, store=str(store), hooks=["synth"], kind=kind, k=[k], d_dict=a.d_dict, tokens=a.tokens,
                                    batch_size=a.batch_size, out=str(out), device=a.device, seed=a.seed, eval_tokens=4096,
-                                   checkpoint_every=0, lr=a.lr)
+                                   checkpoint_every=0, lr=a.lr or None)
                 path = train_streamed(tcfg, world) if a.stream else train(tcfg, progress=False)[0]
                 seconds = time.perf_counter() - t
                 r = score_truth(TruthConfig(dicts=[str(path)], truth=str(store), max_rows=a.eval_rows,

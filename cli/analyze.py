@@ -27,7 +27,8 @@ def register(app) -> None:
         t.add_column("value", justify="right")
         t.add_row("tokens analysed", str(meta["n_rows"]))
         t.add_row("features", str(meta["d_dict"]))
-        t.add_row("dead", str(len(meta["dead"])))
+        n_dead = len(meta["dead"])
+        t.add_row(f"dead ({meta.get('dead_window') or 'not fired in the tokens analysed'})", f"{n_dead} ({n_dead / max(meta['d_dict'], 1):.1%})")
         t.add_row(f"dense (> {meta['dense_threshold']})", str(len(meta["dense"])))
         if meta.get("explained_f1_ge_0.5") is not None:
             t.add_row("explained (held-out F1 ≥ 0.5)", f"{meta['explained_f1_ge_0.5']:.1%}")
@@ -57,7 +58,9 @@ def register(app) -> None:
         if toy is not None:
             tr = toy.tracked
             if tr.fire_rate == 0:
-                console.print(f"it never fired on {tr.n_tokens:,} tokens of fresh walks (a dead feature), so it tracks no state; "
+                from saekit.metrics import dead_window
+
+                console.print(f"it is dead ({dead_window(tr.n_tokens, 'fresh-walk')}), so it tracks no state; "
                               "choose a live one: `saekit toy eval --json` names each state's best feature, `saekit analyze` the live ones")
             else:
                 ratio = f" (strength {res.strength:g} = {res.strength / tr.mean_act:.1f}× it)" if tr.mean_act > 0 else ""

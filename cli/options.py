@@ -15,6 +15,13 @@ imported: the stage modules import torch (seconds of CPU), and `--help` must not
 it.  The real class is imported only when the command runs, and builds and validates the
 config; `tests/test_cli.py` checks that the source reading equals the imported dataclass.
 
+A field whose type is another config dataclass (TrainConfig's `arch: DictConfig`) is
+flattened: each of its fields becomes a flag of its own name, and the typed values are
+gathered back into the nested object.  A nested field gives no flag when its
+`metadata={"flag": False}` says so (`d_in`, read from the store) or when the outer config
+has a field of the same name (the run's sweep lists `k` and `l1`, which set the nested
+value per dictionary).
+
 Options are grouped into help panels (`PANELS`, below): one table for every command,
 keyed by field name, with per-config exceptions; a field's own `metadata={"panel": ...}`
 or `{"required": True}` wins over the table.
@@ -140,6 +147,25 @@ class ConfigSpec:
     def docs(self) -> dict[str, str]:
         return {f.name: f.doc for f in self.fields}
 
+    def __call__(self, **given) -> dict:
+        """The defaults as a dict (what `default_factory=Cls` or `lambda: Cls(k=32)` gives, read from source)."""
+        return {f.name: f.default for f in self.fields} | given
+
+
+def flags_of(spec: ConfigSpec) -> list[tuple[FieldSpec, str | None]]:
+    """(field, the outer field it is nested in or None) for every option of `spec`, nested configs flattened."""
+    names = {f.name for f in spec.fields}
+    out: list[tuple[FieldSpec, str | None]] = []
+    for f in spec.fields:
+        if not isinstance(f.type, ConfigSpec):
+            out.append((f, None))
+            continue
+        defaults = f.default if isinstance(f.default, dict) else {}
+        for sub in f.type.fields:
+            if sub.metadata.get("flag", True) and sub.name not in names:
+                out.append((dataclasses.replace(sub, default=defaults.get(sub.name, sub.default)), f.name))
+    return out
+
 
 def _source_path(module: str) -> Path:
     """The file of `pkg.sub.mod`, found without importing `pkg.sub` (whose __init__ may import torch)."""
@@ -157,11 +183,13 @@ def _source_path(module: str) -> Path:
 class _Names(dict):
     """A module's top-level names, each evaluated from the source when first asked for (imports from other saekit modules included)."""
 
-    def __init__(self, statements: dict[str, ast.stmt]):
+    def __init__(self, module: str, statements: dict[str, ast.stmt]):
         super().__init__(_TYPES)
         self.sources: dict[str, Any] = {}
         for node in statements.values():
-            if isinstance(node, ast.ImportFrom) and node.level == 0 and (node.module or "").startswith("saekit"):
+            if isinstance(node, ast.ClassDef):  # a config nested in another: read from source too
+                self.sources[node.name] = (module, node.name, "class")
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and (node.module or "").startswith("saekit"):
                 for a in node.names:
                     self.sources[a.asname or a.name] = (node.module, a.name)
             elif isinstance(node, (ast.Assign, ast.AnnAssign)):
@@ -173,7 +201,12 @@ class _Names(dict):
         if name not in self.sources:
             raise KeyError(name)
         src = self.sources[name]
-        value = _module_tree(src[0])[1][src[1]] if isinstance(src, tuple) else _eval(src, self)
+        if isinstance(src, tuple) and len(src) == 3:
+            value = _read_source(f"{src[0]}:{src[1]}")
+        elif isinstance(src, tuple):
+            value = _module_tree(src[0])[1][src[1]]
+        else:
+            value = _eval(src, self)
         self[name] = value
         return value
 
@@ -206,7 +239,7 @@ def _module_tree(module: str) -> tuple[dict[str, ast.stmt], _Names]:
         statements = {}
         for i, node in enumerate(ast.parse(text).body):
             statements[node.name if isinstance(node, ast.ClassDef) else f"{type(node).__name__}@{i}"] = node
-    return statements, _Names(statements)
+    return statements, _Names(module, statements)
 
 
 def _eval(node: ast.AST, names: dict[str, Any]) -> Any:
@@ -231,17 +264,24 @@ def read_config(target: str) -> ConfigSpec:
 
 
 def _read_imported(target: str) -> ConfigSpec:
+    module, name = target.split(":")
+    return _spec_of_class(getattr(importlib.import_module(module), name))
+
+
+def _spec_of_class(cls) -> ConfigSpec:
     from saekit.config import field_docs
 
-    module, name = target.split(":")
-    cls = getattr(importlib.import_module(module), name)
     hints, docs = typing.get_type_hints(cls), field_docs(cls)
     fields = []
     for f in dataclasses.fields(cls):
         default = f.default if f.default is not dataclasses.MISSING else (
             f.default_factory() if f.default_factory is not dataclasses.MISSING else dataclasses.MISSING)  # type: ignore[misc]
-        fields.append(FieldSpec(f.name, hints[f.name], default, docs.get(f.name, ""), dict(f.metadata)))
-    return ConfigSpec(module, name, tuple(fields))
+        tp = hints[f.name]
+        if dataclasses.is_dataclass(tp):  # nested config: as the source reading gives it
+            tp = _spec_of_class(tp)
+            default = dataclasses.asdict(default) if dataclasses.is_dataclass(default) else default
+        fields.append(FieldSpec(f.name, tp, default, docs.get(f.name, ""), dict(f.metadata)))
+    return ConfigSpec(cls.__module__, cls.__name__, tuple(fields))
 
 
 def _read_source(target: str) -> ConfigSpec:
@@ -267,8 +307,8 @@ def _read_source(target: str) -> ConfigSpec:
             for kw in v.keywords:
                 if kw.arg == "default":
                     default = _eval(kw.value, consts)
-                elif kw.arg == "default_factory":
-                    default = _eval(kw.value, consts)()
+                elif kw.arg == "default_factory":  # a lambda's body is evaluated here (its own scope would not see the module's names)
+                    default = _eval(kw.value.body, consts) if isinstance(kw.value, ast.Lambda) else _eval(kw.value, consts)()
                 elif kw.arg == "metadata":
                     metadata = _eval(kw.value, consts)
         elif v is not None:
@@ -318,7 +358,9 @@ def config_options(target: str, *, config_file: bool = False, exclude: tuple[str
     """Decorator: replace the wrapped command's `cfg` parameter by one option per field of the config `target`."""
     spec = read_config(target)
     TARGETS.append(target)
-    fields = [f for f in spec.fields if f.name not in exclude]
+    flat = [(f, outer) for f, outer in flags_of(spec) if f.name not in exclude]
+    fields = [f for f, _ in flat]
+    outer_of = {f.name: outer for f, outer in flat}
 
     def decorate(fn):
         sig = inspect.signature(fn)
@@ -343,7 +385,7 @@ def config_options(target: str, *, config_file: bool = False, exclude: tuple[str
                 inspect.Parameter(
                     "config",
                     inspect.Parameter.KEYWORD_ONLY,
-                    default=typer.Option(None, "--config", help="TOML file with the same fields; flags typed here win.",
+                    default=typer.Option(None, "--config", help="TOML file with the same fields (flat as the flags, or nested tables as in config.json); flags typed here win.",
                                          rich_help_panel="Output"),
                     annotation=Optional[Path],
                 )
@@ -352,13 +394,22 @@ def config_options(target: str, *, config_file: bool = False, exclude: tuple[str
 
         @functools.wraps(fn)
         def wrapper(**kwargs):
-            from saekit.config import from_dict, load_toml
+            from saekit.config import from_dict, load_toml, nest
 
-            data = load_toml(kwargs.pop("config")) if config_file and kwargs.get("config") else {}
+            cls = spec.load()
+            # the file may spell nested fields flat, as the flags do (kind = "relu"), or as a table ([arch])
+            data = nest(cls, load_toml(kwargs.pop("config"))) if config_file and kwargs.get("config") else {}
             kwargs.pop("config", None)
             given = {k: kwargs.pop(k) for k in list(kwargs) if k in names}
-            data.update({k: v for k, v in given.items() if v is not None})
-            cfg = from_dict(spec.load(), data, where=f"{spec.name} options")
+            for k, v in given.items():
+                if v is not None:
+                    outer = outer_of[k]
+                    if outer is None:
+                        data[k] = v
+                    else:  # a flattened nested field: back into its table (beside what the TOML file set)
+                        prev = data.get(outer)
+                        data[outer] = {**(prev if isinstance(prev, dict) else {}), k: v}
+            cfg = from_dict(cls, data, where=f"{spec.name} options")
             return fn(cfg, **kwargs)
 
         order = list(PANELS)  # panels appear in PANELS' order; unpanelled options first

@@ -24,10 +24,10 @@ def train(cfg):
     command = "saekit pycode " + " ".join(shlex.quote(a) for a in sys.argv[sys.argv.index("train"):]) if "train" in sys.argv else None
 
     def update(step: int, info: dict) -> None:
-        if "eval" in info or step == cfg.steps or step % 50 == 0:
+        if "eval" in info or step == cfg.lm.steps or step % 50 == 0:
             e = info.get("eval")
             extra = f", held-out loss {e['loss']:.4f} (bigram {e['bigram_loss']:.4f}), accuracy {e['accuracy']:.2%}" if e else ""
-            console.print(f"step {step}/{cfg.steps}: train loss {info['loss']:.4f}{extra}")
+            console.print(f"step {step}/{cfg.lm.steps}: train loss {info['loss']:.4f}{extra}")
 
     out, r = train_pycode(cfg, progress=update, command=command)
     t = Table(title=f"pycode model → {out}")

@@ -34,7 +34,7 @@ def train(cfg):
 
     command = "saekit toy " + " ".join(shlex.quote(a) for a in sys.argv[sys.argv.index("train"):]) if "train" in sys.argv else None
     with _progress() as bar:
-        task = bar.add_task("training", total=cfg.steps, info="")
+        task = bar.add_task("training", total=cfg.lm.steps, info="")
         last = {}
 
         def update(step: int, info: dict) -> None:

@@ -31,11 +31,15 @@ def register(app) -> None:
             paths = run_train(cfg)
         if distributed.env().rank:  # under torchrun, rank 0 prints for everyone
             return
+        from saekit.metrics import dead_window
+
+        summaries = [load(p).summary for p in paths]
+        windows = {s.get("dead_window_tokens", s.get("eval_tokens")) for s in summaries if s.get("eval_tokens")}
+        dead = f"dead ({dead_window(windows.pop(), 'eval')})" if len(windows) == 1 else "dead (not fired in its eval tokens)"
         table = Table(title=f"{len(paths)} dictionar{'y' if len(paths) == 1 else 'ies'} in {cfg.out} (eval split of {cfg.store})")
-        for col in ("folder", "MSE", "FVU", "L0", "dead", "eval tokens"):
+        for col in ("folder", "MSE", "FVU", "L0", dead, "eval tokens"):
             table.add_column(col, justify="left" if col == "folder" else "right", overflow="fold")
-        for p in paths:
-            s = load(p).summary
+        for p, s in zip(paths, summaries):
             if s.get("eval_tokens"):
                 table.add_row(_rel(p, cfg.out), f"{s['mse']:.4g}", f"{s['fvu']:.4f}", f"{s['l0']:.1f}", f"{s['dead_fraction']:.1%}", str(s["eval_tokens"]))
             else:

@@ -31,8 +31,10 @@ def truth_cmd(
     result = score_truth(cfg)
     table = Table(title=f"ground truth: {result['truth']} ({result['rows']} held-out rows)")
     table.add_column("dictionary")
-    for _, name in COLUMNS:
-        table.add_column(name, justify="right")
+    from saekit.metrics import dead_window
+
+    for key, name in COLUMNS:
+        table.add_column(f"dead ({dead_window(result['rows'], 'held-out')})" if key == "dead_frac" else name, justify="right")
     for row in table_rows(result):
         table.add_row(*row)
     console = make_console()

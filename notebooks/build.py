@@ -80,10 +80,11 @@ k-sparse codebook (one code per token out of 128), as in Codebook Features.  Eac
 its own folder: `config.json` + `weights.safetensors`.""",
     '''\
 from saekit.train import TrainConfig, train
+from saekit.config import from_flags
 
 common = dict(store=str(store_dir), hooks=[HOOK], out=str(WORK / "dicts"), tokens=150_000)
-sae_dir, = train(TrainConfig(kind="topk", k=[4], expansion=4, **common), progress=False)
-codebook_dir, = train(TrainConfig(kind="codebook", k=[1], d_dict=128, **common), progress=False)
+sae_dir, = train(from_flags(TrainConfig, kind="topk", k=[4], expansion=4, **common), progress=False)
+codebook_dir, = train(from_flags(TrainConfig, kind="codebook", k=[1], d_dict=128, **common), progress=False)
 print(sae_dir, codebook_dir, sep="\\n")''',
     '''\
 import saekit, torch
@@ -177,11 +178,12 @@ print(f"{n_layers} layers; FSM with {fsm.n_states} states, {fsm.out_degree} succ
 from saekit.harvest import HarvestConfig, harvest
 from saekit.toy.corpus import ToyDataConfig, write_corpus
 from saekit.train import TrainConfig, train
+from saekit.config import from_flags
 
 corpus, _, seq_len = write_corpus(ToyDataConfig(out=str(WORK / "toy.txt"), n_seq=400, model=MODEL))
 store_dir = harvest(HarvestConfig(model=MODEL, hooks=HOOKS, data=str(corpus), packing="doc", context_size=seq_len,
                                   out=str(WORK / "store")), progress=False)
-codebooks = train(TrainConfig(kind="codebook", k=[1], d_dict=128, store=str(store_dir), hooks=HOOKS, out=str(WORK / "dicts"),
+codebooks = train(from_flags(TrainConfig, kind="codebook", k=[1], d_dict=128, store=str(store_dir), hooks=HOOKS, out=str(WORK / "dicts"),
                               tokens=150_000), progress=False)
 codebooks = sorted(codebooks, key=lambda p: str(p))
 print(*codebooks, sep="\\n")''',
@@ -321,14 +323,15 @@ stored sequences are held out again, for scoring explanations.""",
 from saekit.harvest import HarvestConfig, harvest
 from saekit.pycode.corpus import PyDataConfig, write_jsonl
 from saekit.train import TrainConfig, train
+from saekit.config import from_flags
 
 HOOK = "blocks.1.hook_resid_post"
 data, n_files = write_jsonl(PyDataConfig(out=str(WORK / "heldout.jsonl"), split="heldout", max_docs=40))
 store_dir = harvest(HarvestConfig(model="pycode", data=str(data), hooks=[HOOK], tokens=40_000, holdout=0.3,
                                   out=str(WORK / "store")), progress=False)
 common = dict(store=str(store_dir), hooks=[HOOK], out=str(WORK / "dicts"), tokens=120_000, seed=0)
-sae_dir, = train(TrainConfig(kind="topk", k=[16], expansion=2, **common), progress=False)
-codebook_dir, = train(TrainConfig(kind="codebook", k=[8], d_dict=256, **common), progress=False)
+sae_dir, = train(from_flags(TrainConfig, kind="topk", k=[16], expansion=2, **common), progress=False)
+codebook_dir, = train(from_flags(TrainConfig, kind="codebook", k=[8], d_dict=256, **common), progress=False)
 print(sae_dir, codebook_dir, sep="\\n")""",
     """md:## 2. The feature table
 `saekit analyze` searches each feature's token rule (tokens, or a token after a given token)

@@ -73,8 +73,12 @@ def _coerce(value: Any, tp: Any, name: str) -> Any:
         elif not isinstance(value, (list, tuple)):
             value = [value]
         return [_coerce(v, item, name) for v in value]
-    if dataclasses.is_dataclass(tp) and isinstance(value, dict):
-        return from_dict(tp, value)
+    if dataclasses.is_dataclass(tp):
+        if isinstance(value, dict):
+            return from_dict(tp, value, where=f"[{name}]")
+        if not isinstance(value, tp):
+            raise SaekitError(f"config field {name!r} is a table of {tp.__name__} fields, got {value!r}")
+        return value
     try:
         if tp is bool and isinstance(value, str):
             if value.lower() in ("1", "true", "yes", "on"):
@@ -92,10 +96,15 @@ def _coerce(value: Any, tp: Any, name: str) -> Any:
 def from_dict(cls: type[T], data: dict, *, where: str = "config") -> T:
     """Build `cls` from a mapping, refusing unknown fields (with the close match named)."""
     names = {f.name for f in dataclasses.fields(cls)}
+    hints = type_hints(cls)
+    table_of = {sub.name: f.name for f in dataclasses.fields(cls) if dataclasses.is_dataclass(hints[f.name])
+                for sub in dataclasses.fields(hints[f.name])}
     for key in data:
+        if key in table_of and key not in names:
+            raise SaekitError(f"field {key!r} belongs in the [{table_of[key]}] table of {where} ({table_of[key]}.{key})")
         if key not in names:
             raise SaekitError(f"unknown field {key!r} in {where}{did_you_mean(key, names)}; valid fields: {', '.join(sorted(names))}")
-    hints = type_hints(cls)
+    data = {k: _over_default(cls, k, v) for k, v in data.items()}
     kwargs = {k: _coerce(v, hints[k], k) for k, v in data.items()}
     try:
         cfg = cls(**kwargs)
@@ -105,10 +114,75 @@ def from_dict(cls: type[T], data: dict, *, where: str = "config") -> T:
     return cfg
 
 
+def _over_default(cls, name: str, value: Any) -> Any:
+    """A nested config given as a table changes only the fields it names: the rest keep the outer
+    config's default for it (E2EConfig's `arch` defaults to k=32, not DictConfig's k=None)."""
+    default = _default(cls, name)
+    if isinstance(value, dict) and dataclasses.is_dataclass(default):
+        return dataclasses.asdict(default) | value
+    return value
+
+
+def nest(cls, flat: dict) -> dict:
+    """Flat names, as the CLI spells them, in `cls`'s layout: a name that is no field of `cls` but a
+    field of one of its nested configs goes into that config's table (`kind` → `arch.kind`)."""
+    hints = type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    tables = {f.name: {s.name for s in dataclasses.fields(hints[f.name])} for f in dataclasses.fields(cls)
+              if dataclasses.is_dataclass(hints[f.name])}
+    out: dict = {}
+    for key, value in flat.items():
+        table = next((t for t, subs in tables.items() if key in subs), None) if key not in names else None
+        if table is None:
+            out[key] = {**value, **out[key]} if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+        else:
+            out.setdefault(table, {})[key] = value
+    return out
+
+
+def from_flags(cls: type[T], **flat) -> T:
+    """`cls` from flat options as the CLI spells them (`TrainConfig` from kind=…, d_dict=…, k=[…]): the
+    library's twin of the command line; nested fields not named keep the outer default; raises what the constructor raises."""
+    kwargs = {}
+    for key, value in nest(cls, flat).items():
+        default = _default(cls, key)
+        kwargs[key] = dataclasses.replace(default, **value) if isinstance(value, dict) and dataclasses.is_dataclass(default) else value
+    return cls(**kwargs)
+
+
+def command_flags(cfg, skip: tuple[str, ...] = ()) -> str:
+    """The options that rebuild `cfg` from the defaults (`--n-layer 2 --steps 30`), nested fields spelt flat as the CLI spells them."""
+    def flat(obj, outer_names: set[str]) -> dict:
+        out = {}
+        for f in dataclasses.fields(obj):
+            value = getattr(obj, f.name)
+            if dataclasses.is_dataclass(value):
+                out |= {k: v for k, v in flat(value, set()).items() if k not in outer_names}
+            elif f.metadata.get("flag", True):
+                out[f.name] = value
+        return out
+
+    names = {f.name for f in dataclasses.fields(cfg)}
+    defaults = {f.name: _default(type(cfg), f.name) for f in dataclasses.fields(cfg)}
+    base: dict = {}
+    for f in dataclasses.fields(cfg):
+        d = defaults[f.name]
+        base |= {k: v for k, v in flat(d, set()).items() if k not in names} if dataclasses.is_dataclass(d) else {f.name: d}
+    given = flat(cfg, names)
+    return " ".join(f"--{k.replace('_', '-')} {v}" for k, v in given.items() if k not in skip and v != base.get(k))
+
+
+def _default(cls, name: str) -> Any:
+    f = next((f for f in dataclasses.fields(cls) if f.name == name), None)
+    if f is None:
+        return None
+    return f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default  # type: ignore[misc]
+
+
 def load_toml(path: str | Path) -> dict:
     p = Path(path)
     if not p.is_file():
-        raise SaekitError(f"config file {p} does not exist")
+        raise SaekitError(f"config file {p} {'is a folder' if p.is_dir() else 'does not exist'}; give a TOML file")
     try:
         return tomllib.loads(p.read_text())
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:

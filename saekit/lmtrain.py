@@ -2,15 +2,53 @@
 
 Both train a Hugging Face GPT-2 from scratch on CPU with AdamW, linear warmup then cosine
 decay to a tenth, gradient clipping at 1; the data and evaluation differ, so only these
-pieces are shared.
+pieces are shared, with the model's shape and schedule (`LMConfig`, nested as `lm` in both configs).
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+
+
+@dataclass
+class LMConfig:
+    """A small GPT-2's shape and its AdamW schedule (nested as `lm` in ToyTrainConfig and PyTrainConfig; flags --n-layer, --lr, ...)."""
+
+    ctx: int = 128
+    """Sequence length in tokens, BOS included (also the model's n_positions)."""
+    n_layer: int = 2
+    """Transformer blocks."""
+    d_model: int = 128
+    """Residual stream width."""
+    n_head: int = 4
+    """Attention heads per block."""
+    d_mlp: int = 512
+    """MLP hidden width."""
+    batch_size: int = 32
+    """Sequences per step."""
+    steps: int = 3000
+    """Optimiser steps."""
+    lr: float = 3e-3
+    """Peak AdamW learning rate (linear warmup, then cosine decay to a tenth)."""
+    warmup: int = 100
+    """Warmup steps."""
+    weight_decay: float = 0.01
+    """AdamW weight decay on matrices."""
+    threads: int = 0
+    """CPU threads for torch during training (0: leave torch's default; 1 is fastest for tiny models or a busy machine)."""
+
+    def __post_init__(self):
+        if self.d_model % self.n_head:
+            raise ValueError(f"d_model={self.d_model} is not divisible by n_head={self.n_head}")
+        for name in ("steps", "batch_size", "n_layer", "d_model", "n_head", "d_mlp"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}={getattr(self, name)} must be at least 1")
+        if not self.lr > 0:
+            raise ValueError(f"lr={self.lr} must be positive")
 
 
 def adamw(model: torch.nn.Module, lr: float, weight_decay: float) -> torch.optim.AdamW:

@@ -48,9 +48,32 @@ class FVUAccumulator:
         return self.resid / max(total, 1e-30)
 
 
+# "Dead" has one meaning everywhere: a latent that did not fire in a stated window of tokens.
+# Every number saekit prints or writes says its window: `dead_note` in text, `dead_window_tokens`
+# beside `dead_fraction` / `dead_frac` in JSON.  Training's window is the last `dead_tokens`
+# training tokens (a running counter, `dead_mask`); evaluation's is the tokens it read.
+
 def dead_fraction(fire_counts: Tensor) -> float:
-    """Share of latents that never fired. fire_counts: (d_dict,) counts over eval tokens."""
+    """Share of latents dead over a window: fire_counts (d_dict,) counts their fires over the window's tokens."""
     return (fire_counts == 0).float().mean().item()
+
+
+def dead_mask(since_fired: Tensor, window: int) -> Tensor:
+    """(d_dict,) bool: latents that have not fired in the last `window` tokens; since_fired (d_dict,) counts tokens since each last fired."""
+    return since_fired > window
+
+
+def dead_note(fraction: float | None, window_tokens: int, where: str, *, last: bool = False) -> str:
+    """The one way a dead fraction is printed: `dead 23.4% (not fired in 3,810 eval tokens)`;
+    `last=True` for a running window (`... in the last 1,000,000 training tokens`); None while a
+    running window is longer than what was seen (no latent can be dead yet: `dead – (...)`)."""
+    shown = "–" if fraction is None else f"{fraction:.1%}"
+    return f"dead {shown} ({dead_window(window_tokens, where, last=last)}{'; fewer seen so far' if fraction is None else ''})"
+
+
+def dead_window(window_tokens: int, where: str, *, last: bool = False) -> str:
+    """`not fired in 3,810 eval tokens`: the window words of `dead_note`, for table headers."""
+    return f"not fired in {'the last ' if last else ''}{int(window_tokens):,} {where} tokens"
 
 
 def ce_per_token(logits: Tensor, tokens: Tensor) -> Tensor:

@@ -138,17 +138,26 @@ def allow_pickle() -> bool:
 
 
 def _hub_files(name: str) -> list[str] | None:
-    """The file names of Hub repo `name` in the local Hugging Face cache, or None when it is not cached.
+    """The file names of Hub repo `name`: from the local Hugging Face cache when it holds the repo,
+    else (a first download) from the Hub's listing of the repo; None when neither can say.
 
-    Only the cache is read (no network: an unreachable Hub would cost retries on every load), so a
-    repo downloaded before is checked; a first download is left to the loader.
+    The Hub is asked only when the repo is not cached, i.e. exactly when the loader would download
+    it, and never when offline (HF_HUB_OFFLINE), so a cached model costs no request.
     """
     try:
         from huggingface_hub import snapshot_download
 
         snap = Path(snapshot_download(name, local_files_only=True, cache_dir=os.environ.get("HF_HUB_CACHE")))
         return [f.name for f in snap.rglob("*") if f.is_file()]
-    except Exception:  # not cached or not a repo id: the model loader reports that itself
+    except Exception:  # not cached (or not a repo id): ask the Hub below
+        pass
+    if os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0"):
+        return None
+    try:
+        from huggingface_hub import HfApi
+
+        return [Path(f).name for f in HfApi().list_repo_files(name)]
+    except Exception:  # unreachable, gated, or not a repo id: the model loader reports that itself
         return None
 
 

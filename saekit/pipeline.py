@@ -109,6 +109,7 @@ def default_hook(model: str) -> str:
 def run_pipeline(cfg: PipelineConfig, progress: bool = True, say: Callable[[str], None] = print) -> PipelineResult:
     from saekit.harvest import HarvestConfig, harvest
     from saekit.splice import SpliceConfig, splice_eval
+    from saekit.dictionaries.base import DictConfig
     from saekit.train import TrainConfig, train
 
     clock = _Clock()
@@ -149,9 +150,9 @@ def run_pipeline(cfg: PipelineConfig, progress: bool = True, say: Callable[[str]
     common = dict(store=str(store), hooks=[hook], out=str(out / "dicts"), tokens=cfg.train_tokens,
                   seed=cfg.seed, device=cfg.device, resume=True)
     with clock("train topk"):
-        dicts = train(TrainConfig(kind="topk", k=[cfg.k], expansion=cfg.expansion, **common), progress=progress)
+        dicts = train(TrainConfig(arch=DictConfig(kind="topk"), k=[cfg.k], expansion=cfg.expansion, **common), progress=progress)
     with clock("train codebook"):
-        dicts += train(TrainConfig(kind="codebook", k=[cfg.codebook_k], d_dict=cfg.codes, **common), progress=progress)
+        dicts += train(TrainConfig(arch=DictConfig(kind="codebook", d_dict=cfg.codes), k=[cfg.codebook_k], **common), progress=progress)
 
     say("[4/5] splice-eval on the store's held-out sequences")
     with clock("splice-eval"):
@@ -179,7 +180,7 @@ def run_pipeline(cfg: PipelineConfig, progress: bool = True, say: Callable[[str]
     res = PipelineResult(store, dicts, result, recovery, analyses, clock.times, clock.cpu)
     metas = [json.loads((a / "features.json").read_text()) for a in analyses]
     if recovery is not None and metas:
-        res.reading = reading(recovery, metas)
+        res.reading = reading(recovery, metas, result)
     res.next_steps = next_steps(cfg, res, metas)
     return res
 
@@ -201,13 +202,15 @@ def digit_purity(meta: dict, min_contexts: int = 5) -> dict[int, float]:
 GOOD = 0.9
 
 
-def reading(recovery: dict, metas: list[dict]) -> list[str]:
+def reading(recovery: dict, metas: list[dict], splice: dict | None = None) -> list[str]:
     """A few sentences on the toy run, every number measured in this run.
 
     From toy eval: each state's best feature (F1).  From the dashboards' pass (features.json):
     a *state detector* fires where its state was just completed and nowhere else (F1 ≥ 0.9); a
     *broad* feature catches ≥ 90% of one state's completions but fewer than half of its firings
     are that state; digit purity says whether it fires on one digit (the state's last) regardless.
+    From splice-eval (`splice`, optional): FVU and loss recovered, to say whether an SAE whose
+    state F1 is no better than a raw neuron's reconstructs badly or only answers another question.
     """
     by_kind = {d["kind"]: d for d in recovery.get("dictionaries", [])}
     lines = []
@@ -232,6 +235,8 @@ def reading(recovery: dict, metas: list[dict]) -> list[str]:
         if judged:
             line += f", and {one_digit} of those {len(judged)} fire on a single digit in ≥ 90% of their top contexts"
         lines.append(line + ".")
+    if sae and sae["mean_best_f1"] < recovery["neuron_mean_best_f1"] + 0.1:
+        lines.append(_sae_like_a_neuron(sae, cb, recovery["neuron_mean_best_f1"], splice))
     if cb and sae:
         better = cb["mean_best_f1"] > sae["mean_best_f1"]
         lines.append(
@@ -240,6 +245,20 @@ def reading(recovery: dict, metas: list[dict]) -> list[str]:
             f"the {sae['kind']} SAE sums several latents per token, and parts shared across states (which digit ends the "
             "state) reconstruct as well at lower cost, so many of its latents come out digit-level.")
     return lines
+
+
+def _sae_like_a_neuron(sae: dict, cb: dict | None, neuron: float, splice: dict | None) -> str:
+    """Why an SAE's best latent per state scores about a raw neuron: state F1 asks one unit to be one state."""
+    line = (f"The {sae['kind']} SAE's best latent per state scores about the best raw neuron ({sae['mean_best_f1']:.2f} vs {neuron:.2f}): "
+            "state F1 rewards a unit that fires for one state and no other, and a latent (or neuron) that fires on a digit shared by "
+            "many states has low precision for each of them")
+    rows = {Path(r["dict"]).name: r for r in (splice or {}).get("dictionaries", [])}
+    mine, theirs = rows.get(Path(sae.get("path", "")).name), rows.get(Path(cb.get("path", "")).name) if cb else None
+    if mine and theirs:
+        fits = "better" if mine["fvu"] < theirs["fvu"] else "worse"
+        line += (f". It is not a failed fit: it reconstructs {fits} than the codebook (FVU {mine['fvu']:.3f} vs {theirs['fvu']:.3f}, "
+                 f"loss recovered against mean ablation {mine['loss_recovered_mean']:.2f} vs {theirs['loss_recovered_mean']:.2f})")
+    return line + "."
 
 
 def next_steps(cfg: PipelineConfig, res: PipelineResult, metas: list[dict]) -> list[str]:

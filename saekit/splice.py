@@ -49,7 +49,7 @@ from saekit.models import HookSpec, LoadedModel, check_hook_names, check_model, 
 
 METRIC_KEYS = (
     "ce_clean", "ce_spliced", "ce_zero", "ce_mean", "loss_recovered_zero", "loss_recovered_mean",
-    "delta_ce", "kl", "acc_clean", "acc_spliced", "l0", "fvu", "dead_frac",
+    "delta_ce", "kl", "acc_clean", "acc_spliced", "l0", "fvu", "dead_frac", "dead_window_tokens",
 )
 MODES = ("running", "clean")
 
@@ -688,7 +688,7 @@ def evaluate(
 
     c_clean = ce_clean / n_scored
 
-    def row(ce_s, ce_z, ce_m, kl_sum, correct, l0, fvu, dead) -> dict:
+    def row(ce_s, ce_z, ce_m, kl_sum, correct, l0, fvu, dead, window) -> dict:
         return {
             "ce_clean": c_clean,
             "ce_spliced": ce_s,
@@ -703,12 +703,13 @@ def evaluate(
             "l0": l0,
             "fvu": fvu,
             "dead_frac": dead,
+            "dead_window_tokens": int(window),  # dead: not fired in these eval tokens (metrics.dead_note)
         }
 
     rows = []
     for t, st, g, m in zip(targets, per, outs, modes or []):
         r = row(st.ce_spliced / n_scored, ce_zero[g] / n_scored, ce_mean[g] / n_scored, st.kl, st.correct,
-                _ratio(st.l0_sum, st.rows), st.fvu_mean(), metrics.dead_fraction(st.fires))
+                _ratio(st.l0_sum, st.rows), st.fvu_mean(), metrics.dead_fraction(st.fires), st.rows)
         rows.append({"dict": t.name, "hook": g[0], "hooks": list(g), "in_hooks": [h.name for h in t.reads], "mode": m, **r,
                      "fvu_per_hook": st.fvu_per_hook()})
 
@@ -717,7 +718,8 @@ def evaluate(
         fires = torch.cat([st.fires for st in together])
         all_row = row(all_ce["spliced"] / n_scored, all_ce["zero"] / n_scored, all_ce["mean"] / n_scored, all_ce["kl"],
                       all_ce["correct"], sum(_ratio(st.l0_sum, st.rows) for st in together),
-                      float(np.mean([st.fvu_mean() for st in together])), metrics.dead_fraction(fires))
+                      float(np.mean([st.fvu_mean() for st in together])), metrics.dead_fraction(fires),
+                      max(st.rows for st in together))
         all_row |= {"hooks": hooks, "mode": modes[0] if len(set(modes)) == 1 else "mixed",
                     "fvu_per_hook": {h: v for st in together for h, v in st.fvu_per_hook().items()}}
     elif len(targets) == 1:  # one dictionary: "all at once" is the same run
@@ -884,6 +886,11 @@ def short_names(paths: list[str]) -> list[str]:
     return [os.path.relpath(os.path.abspath(p), common) for p in paths]
 
 
+def _dead_header(result: dict) -> str:
+    windows = {r.get("dead_window_tokens") for r in result["dictionaries"]}
+    return f"dead ({metrics.dead_window(windows.pop(), 'eval')})" if len(windows) == 1 and None not in windows else "dead"
+
+
 def format_table(result: dict):
     """A rich Table: one row per dictionary, then all at once."""
     from rich.table import Table
@@ -892,7 +899,7 @@ def format_table(result: dict):
     for name, just in (("dictionary", "left"), ("hook", "left"), ("CE clean", "right"), ("CE spliced", "right"),
                        ("CE zero", "right"), ("CE mean", "right"), ("rec. zero", "right"), ("rec. mean", "right"),
                        ("ΔCE", "right"), ("KL", "right"), ("acc clean→spliced", "right"), ("L0", "right"),
-                       ("FVU", "right"), ("dead", "right")):
+                       ("FVU", "right"), (_dead_header(result), "right")):
         t.add_column(name, justify=just)
 
     def cells(r):

@@ -41,7 +41,7 @@ from torch import Tensor
 from saekit import distributed, metrics, outdir, precision, runs
 from saekit.runs import RunPaths, run_name, run_paths
 from saekit.models import resolve_device
-from saekit.config import to_dict
+from saekit.config import check_fields, to_dict
 from saekit.dictionaries import build
 from saekit.dictionaries.base import ACTIVATIONS, CODER_KINDS, KINDS, DictConfig, Dictionary, Provenance
 from saekit.dictionaries.fast import warm_kernels
@@ -64,30 +64,20 @@ class TrainConfig:
     """Hooks to train on, comma-separated, or `all`; each gets its own dictionaries, all fed by one read of the store."""
     out: str = "dictionaries"
     """Output directory; each dictionary goes to <out>/<hook>/<kind>-<hyperparameters>/."""
-    kind: str = "topk"
-    """Dictionary kind: relu | topk | batchtopk | codebook | jumprelu (k = target L0) | matryoshka (BatchTopK, nested prefixes);
-    transcoder | skip-transcoder (--hook MLP inputs, --target MLP outputs, one per pair) | crosscoder (one over all --hook) |
-    clt (--hook MLP inputs, --target MLP outputs, every layer; --hook all finds them)."""
+    arch: DictConfig = field(default_factory=DictConfig)
+    """Architecture of every dictionary of the run (flags --kind, --d-dict, --groups, --similarity); d_in comes from the store, k or l1 from the sweep lists below."""
     target: list[str] = field(default_factory=list)
     """transcoder, skip-transcoder, clt: the hooks to predict (MLP outputs, e.g. blocks.0.hook_mlp_out), in --hook's order."""
-    activation: str = "topk"
-    """transcoder, skip-transcoder, crosscoder, clt: relu (L1, swept over --l1) | topk | batchtopk | jumprelu (swept over --k)."""
-    d_dict: int = 0
-    """Number of latents (codebook: codes over all groups); 0 means expansion × the hook's width."""
     expansion: int = 8
     """Latents per input dimension, used when d_dict is 0."""
     k: list[int] = field(default_factory=lambda: [32])
-    """Active latents per token (topk, batchtopk) or codes per group (codebook); several values = a sweep."""
+    """Active latents per token (topk, batchtopk) or codes per group (codebook); several values = a sweep, one dictionary per value (its arch.k)."""
     l1: list[float] = field(default_factory=lambda: [1.0])
-    """L1 coefficient λ for relu (loss = MSE/d_in + λ/d_in Σ f_i‖W_dec,i‖); several values = a sweep.
+    """L1 coefficient λ for relu (loss = MSE/d_in + λ/d_in Σ f_i‖W_dec,i‖); several values = a sweep, one dictionary per value (its arch.l1).
     Default 1, not the April update's 5: from saekit's unit-norm init a given λ reaches a lower L0
     (benchmarks/README.md, "ReLU/L1 at low L0")."""
-    groups: int = 1
-    """Codebook groups: the input is cut into this many slices with one codebook each (e.g. n_heads for attn.hook_z)."""
-    similarity: str = "cosine"
-    """Codebook code choice: cosine or inner (product)."""
-    lr: float = 0.0
-    """Adam learning rate; 0 picks 2e-4 / sqrt(d_dict / 16384) (sparsify's rule; codebooks ×5).
+    lr: float | None = field(default=None, metadata={"range": "positive"})
+    """Adam learning rate; default (not given): 2e-4 / sqrt(d_dict / 16384) (sparsify's rule; codebooks ×5), recorded in config.json.
     topk and batchtopk train their matrices at 3× it (their unit decoder rows turn slowly; TopKSAE.weight_lr_scale)."""
     batch_size: int = 4096
     """Activation rows (tokens) per optimiser step."""
@@ -137,11 +127,9 @@ class TrainConfig:
     """Under torchrun: data (DDP: every rank trains every dictionary on its share of each batch) or hooks (each rank trains the dictionaries of its own hooks)."""
 
     def __post_init__(self):
-        if self.kind not in KINDS:
-            raise ValueError(f"kind {self.kind!r} is not one of {', '.join(KINDS)}")
-        if self.similarity not in ("cosine", "inner"):
-            raise ValueError(f"similarity {self.similarity!r} is not cosine or inner")
-        for name in ("batch_size", "expansion", "groups", "log_every", "replace_every", "passes"):
+        if self.arch.kind not in KINDS:
+            raise ValueError(f"kind {self.arch.kind!r} is not one of {', '.join(KINDS)}")
+        for name in ("batch_size", "expansion", "log_every", "replace_every", "passes"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
         if self.tokens is not None and self.tokens <= 0:
@@ -152,40 +140,44 @@ class TrainConfig:
             raise ValueError(f"k must be positive integers, got {self.k}")
         if not self.l1 or any(v < 0 for v in self.l1):
             raise ValueError(f"l1 must be non-negative, got {self.l1}")
-        if self.kind in CODER_KINDS:
+        a = self.arch
+        for name, sweep in (("k", "k"), ("l1", "l1"), ("d_in", None)):
+            if getattr(a, name) != getattr(DictConfig(), name):
+                raise ValueError(f"arch.{name} is set per dictionary by the run ({f'its sweep list {sweep}' if sweep else 'from the store'}); "
+                                 f"{f'give {sweep} = [...] (--{sweep}) instead' if sweep else 'leave it out'}")
+        if a.d_dict and not uses_l1(self) and a.kind != "clt" and max(self.k) >= a.d_dict // a.groups:
+            raise ValueError(f"k={max(self.k)} must be smaller than d_dict{'/groups' if a.groups > 1 else ''}={a.d_dict // a.groups}")
+        if a.kind in CODER_KINDS:
             check_coder_config(self)
         elif self.target:
-            raise ValueError(f"--target is for the kinds {', '.join(CODER_KINDS)}; a {self.kind} dictionary reconstructs its own --hook")
-        if self.d_dict and not uses_l1(self) and max(self.k) >= self.d_dict // self.groups:
-            raise ValueError(f"k={max(self.k)} must be smaller than d_dict{'/groups' if self.groups > 1 else ''}={self.d_dict // self.groups}")
-        if self.groups > 1 and self.kind != "codebook":
-            raise ValueError("groups > 1 is only for kind=codebook")
+            raise ValueError(f"--target is for the kinds {', '.join(CODER_KINDS)}; a {a.kind} dictionary reconstructs its own --hook")
         if not self.hooks:
             raise ValueError("hooks is empty: name at least one hook, or `all`")
         if self.objective not in ("offline", "e2e"):
             raise ValueError(f"objective {self.objective!r} is not offline or e2e")
         if self.placement not in PLACEMENTS:
             raise ValueError(f"placement {self.placement!r} is not one of {', '.join(PLACEMENTS)}")
+        check_fields(self)  # the remaining ranges: lr positive when given, no NaN
 
 
 def uses_l1(cfg: TrainConfig) -> bool:
     """Whether the run sweeps λ (relu, or a coder kind with the relu activation) rather than k."""
-    return cfg.kind == "relu" or (cfg.kind in CODER_KINDS and cfg.activation == "relu")
+    return cfg.arch.kind == "relu" or (cfg.arch.kind in CODER_KINDS and cfg.arch.activation == "relu")
 
 
 def check_coder_config(cfg: TrainConfig) -> None:
     """`__post_init__`'s checks of the several-hook kinds (what needs no store)."""
-    if cfg.activation not in ACTIVATIONS:
-        raise ValueError(f"activation {cfg.activation!r} is not one of {', '.join(ACTIVATIONS)}")
-    if cfg.kind == "crosscoder" and cfg.target:
+    if cfg.arch.activation not in ACTIVATIONS:
+        raise ValueError(f"activation {cfg.arch.activation!r} is not one of {', '.join(ACTIVATIONS)}")
+    if cfg.arch.kind == "crosscoder" and cfg.target:
         raise ValueError("a crosscoder predicts its own --hook list; drop --target")
-    if cfg.kind in ("transcoder", "skip-transcoder") and [h.lower() for h in cfg.hooks] == ["all"]:
-        raise ValueError(f"--kind {cfg.kind} needs --hook: the MLP input(s) it reads (e.g. blocks.0.mlp.hook_in), one per --target")
-    if cfg.kind in ("transcoder", "skip-transcoder") and not cfg.target:
-        raise ValueError(f"--kind {cfg.kind} needs --target: the MLP output it predicts (e.g. --hook blocks.0.mlp.hook_in --target blocks.0.hook_mlp_out)")
-    if cfg.kind in ("transcoder", "skip-transcoder") and len(cfg.target) != len(cfg.hooks):
-        raise ValueError(f"--kind {cfg.kind}: {len(cfg.hooks)} --hook but {len(cfg.target)} --target; give one input hook per target, in the same order")
-    if cfg.groups > 1:
+    if cfg.arch.kind in ("transcoder", "skip-transcoder") and [h.lower() for h in cfg.hooks] == ["all"]:
+        raise ValueError(f"--kind {cfg.arch.kind} needs --hook: the MLP input(s) it reads (e.g. blocks.0.mlp.hook_in), one per --target")
+    if cfg.arch.kind in ("transcoder", "skip-transcoder") and not cfg.target:
+        raise ValueError(f"--kind {cfg.arch.kind} needs --target: the MLP output it predicts (e.g. --hook blocks.0.mlp.hook_in --target blocks.0.hook_mlp_out)")
+    if cfg.arch.kind in ("transcoder", "skip-transcoder") and len(cfg.target) != len(cfg.hooks):
+        raise ValueError(f"--kind {cfg.arch.kind}: {len(cfg.hooks)} --hook but {len(cfg.target)} --target; give one input hook per target, in the same order")
+    if cfg.arch.groups > 1:
         raise ValueError("groups > 1 is only for kind=codebook")
 
 
@@ -210,7 +202,7 @@ def resolve_tokens(cfg: TrainConfig, train_rows: int) -> TrainConfig:
 
 # Fields that decide what a run computes; a checkpoint written under other values is refused.
 # (lr, tokens, device, logging and checkpoint cadence may change across a resume.)
-IDENTITY_FIELDS = ("store", "hooks", "kind", "d_dict", "expansion", "k", "l1", "groups", "similarity",
+IDENTITY_FIELDS = ("store", "hooks", "arch", "expansion", "k", "l1",
                    "batch_size", "seed", "buffer_rows", "l1_warmup", "aux_k", "aux_coef", "dead_tokens",
                    "replace_every", "init_rows")
 
@@ -292,16 +284,16 @@ def run_specs(cfg: TrainConfig, hooks: list[str], store_hooks: list[str] | None 
     for t in targets:
         if t not in store_hooks:
             raise SaekitError(f"--target {t!r} is not in the store; hooks present: {', '.join(store_hooks)}")
-    if cfg.kind not in CODER_KINDS:
+    if cfg.arch.kind not in CODER_KINDS:
         return [RunSpec([h], [h], h) for h in hooks]
-    if cfg.kind == "crosscoder":
+    if cfg.arch.kind == "crosscoder":
         return [RunSpec(list(hooks), list(hooks), "crosscoder")]
     outs_in_store = [h for h in store_hooks if _layer(h, MLP_OUT) is not None]
     for t in targets:
         if _layer(t, MLP_OUT) is None:
-            raise SaekitError(f"--target {t!r} is not an MLP output; a {cfg.kind} predicts one of: {', '.join(outs_in_store) or 'none in this store'} "
+            raise SaekitError(f"--target {t!r} is not an MLP output; a {cfg.arch.kind} predicts one of: {', '.join(outs_in_store) or 'none in this store'} "
                               "(harvest blocks.L.hook_mlp_out)")
-    if cfg.kind in ("transcoder", "skip-transcoder"):
+    if cfg.arch.kind in ("transcoder", "skip-transcoder"):
         specs = []
         for h, t in zip(hooks, targets):
             if h == t:
@@ -369,7 +361,7 @@ def default_lr(kind: str, d_dict: int) -> float:
 
 def used_config(cfg: TrainConfig, dcfg: DictConfig, lr: float) -> dict:
     """The run's config as one dictionary was trained: automatic values (0 = pick) resolved, other kinds' knobs None."""
-    used = to_dict(cfg) | {"d_dict": dcfg.d_dict, "lr": lr}
+    used = to_dict(cfg) | {"arch": to_dict(dcfg), "lr": lr}
     coder = dcfg.kind in CODER_KINDS
     if dcfg.kind in ("topk", "batchtopk") or coder and dcfg.activation in ("topk", "batchtopk"):
         used["aux_k"] = min(cfg.aux_k or (dcfg.d_out if coder else dcfg.d_in) // 2, dcfg.d_dict)  # as TopKSAE._k_aux / Coder.aux_loss resolve it
@@ -427,10 +419,10 @@ class Trainer(Objective):
         self.n_steps = math.ceil((cfg.tokens or DEFAULT_TOKENS) / cfg.batch_size)
         self.step = 0
         if specs is None:
-            explicit = [h.lower() for h in cfg.hooks] != ["all"] and cfg.kind in CODER_KINDS
+            explicit = [h.lower() for h in cfg.hooks] != ["all"] and cfg.arch.kind in CODER_KINDS
             specs = run_specs(cfg, [h for h in (cfg.hooks if explicit else hooks) if h in hooks and h not in cfg.target], list(hooks))
         # a coder's identity also holds what each dictionary reads and predicts (the SAE kinds' hash is unchanged)
-        coder_io = {"reads": [[sp.inputs, sp.targets] for sp in specs], "activation": cfg.activation} if cfg.kind in CODER_KINDS else {}
+        coder_io = {"reads": [[sp.inputs, sp.targets] for sp in specs], "activation": cfg.arch.activation} if cfg.arch.kind in CODER_KINDS else {}
         self.ident = runs.identity_hash(to_dict(cfg), IDENTITY_FIELDS, hooks=list(run_hooks or hooks), **coder_io)
         self.runs = [self._make_run(sp, k, l1) for sp in specs for k, l1 in self._sweep()]
         self.scales = {h: torch.tensor(float(src.prov.scale), device=self.device) for h, src in hooks.items()}
@@ -450,37 +442,37 @@ class Trainer(Objective):
     def _make_run(self, spec: RunSpec, k: int | None, l1: float | None) -> Run:
         cfg = self.cfg
         hook, src = spec.inputs[0], self.hooks[spec.inputs[0]]
-        coder = cfg.kind in CODER_KINDS
+        coder = cfg.arch.kind in CODER_KINDS
         if coder:
             in_w = [self.hooks[h].width for h in spec.inputs]
             out_w = [self.hooks[h].width for h in spec.targets]
             # a CLT's d_dict counts every layer's latents: expansion × one layer's input width per layer
-            d_dict = cfg.d_dict or cfg.expansion * (sum(in_w) if cfg.kind == "clt" else max(in_w))
-            arch = dict(d_in=sum(in_w), d_out=sum(out_w), in_widths=in_w, out_widths=out_w, activation=cfg.activation)
+            d_dict = cfg.arch.d_dict or cfg.expansion * (sum(in_w) if cfg.arch.kind == "clt" else max(in_w))
+            arch = dict(d_in=sum(in_w), d_out=sum(out_w), in_widths=in_w, out_widths=out_w, activation=cfg.arch.activation)
             prov = dataclasses.replace(src.prov, in_hooks=list(spec.inputs), out_hooks=list(spec.targets),
                                        in_scales=[float(self.hooks[h].prov.scale) for h in spec.inputs],
                                        out_scales=[float(self.hooks[h].prov.scale) for h in spec.targets])
         else:
-            d_dict = cfg.d_dict or cfg.expansion * src.width
+            d_dict = cfg.arch.d_dict or cfg.expansion * src.width
             arch, prov = dict(d_in=src.width), dataclasses.replace(src.prov)
         try:
-            dcfg = DictConfig(kind=cfg.kind, d_dict=d_dict, k=k, l1=l1 or 0.0, groups=cfg.groups, similarity=cfg.similarity, **arch)
+            dcfg = dataclasses.replace(cfg.arch, d_dict=d_dict, k=k, l1=l1 or 0.0, **arch)
         except ValueError as e:
             raise SaekitError(f"{spec.folder}: {e}; change --k/--d-dict/--expansion/--groups") from None
         d = build(dcfg, prov).to(self.device)
         # A CLT's lr follows its latents per layer, not their total: on a toy store (2 layers, 512 per layer,
         # 100k tokens) the total's lr left its FVU 1.16-1.18x per-layer transcoders', the per-layer lr 0.82-0.87x
         # (benchmarks/README.md, "Transcoders, skip transcoders, CLTs").
-        lr = cfg.lr or default_lr(cfg.kind, d_dict // len(spec.inputs) if cfg.kind == "clt" else d_dict)
+        lr = cfg.lr if cfg.lr is not None else default_lr(cfg.arch.kind, d_dict // len(spec.inputs) if cfg.arch.kind == "clt" else d_dict)
         d.train_config = used_config(cfg, dcfg, lr)
         gen = torch.Generator().manual_seed(cfg.seed)
         d.reset_parameters(gen)
         d.to(self.device)
         opt = _make_adam(d.param_groups(lr), self.device)
         if coder:
-            name = f"{cfg.kind}-" + (f"relu-l1_{l1:g}" if l1 is not None else f"{cfg.activation}-k{k}")
+            name = f"{dcfg.kind}-" + (f"relu-l1_{l1:g}" if l1 is not None else f"{dcfg.activation}-k{k}")
         else:
-            name = run_name(cfg.kind, k, l1, cfg.groups)
+            name = run_name(dcfg.kind, k, l1, dcfg.groups)
         return Run(name, hook, d, opt, run_paths(cfg.out, spec.folder, name), gen,
                    torch.zeros(d_dict, device=self.device), nan_step=torch.tensor(-1, device=self.device),
                    spec=spec if coder else None)
@@ -609,8 +601,9 @@ class Trainer(Objective):
         self._checkpoint()
 
     def progress_info(self, row: dict) -> str:
-        terms = " ".join(f"{k}={row[k]:.4g}" for k in row if k not in ("step", "tokens", "lr", "tokens_per_s", "l0", "dead_fraction"))
-        return f"{terms} L0={row.get('l0', 0):.1f} dead={row.get('dead_fraction', 0):.1%}"
+        skip = ("step", "tokens", "lr", "tokens_per_s", "l0", "dead_fraction", "dead_window_tokens")
+        terms = " ".join(f"{k}={row[k]:.4g}" for k in row if k not in skip)
+        return f"{terms} L0={row.get('l0', 0):.1f} {metrics.dead_note(row.get('dead_fraction'), self.cfg.dead_tokens, 'training', last=True)}"
 
     def _scaled(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
         """A batch on the device, float32, in the dictionaries' units."""
@@ -622,7 +615,7 @@ class Trainer(Objective):
         # while fewer than dead_tokens tokens have been seen (no latent can be dead yet; known
         # without reading the device), and on CPU, where reading `dead.any()` costs no sync, whenever
         # none is dead.  On the toy store's TopK SAE this made a CPU step 3× faster.
-        dead = r.since_fired > cfg.dead_tokens if self.step * cfg.batch_size > cfg.dead_tokens else None
+        dead = metrics.dead_mask(r.since_fired, cfg.dead_tokens) if self.step * cfg.batch_size > cfg.dead_tokens else None
         if dead is not None and dead.device.type == "cpu" and not bool(dead.any()):
             dead = None
         state = {"dead": dead, "aux_k": cfg.aux_k or None, "aux_coef": cfg.aux_coef}
@@ -674,7 +667,7 @@ class Trainer(Objective):
         return flags > 0
 
     def _replace_dead(self, r: Run, xn: Tensor) -> None:
-        dead = r.since_fired > self.cfg.dead_tokens
+        dead = metrics.dead_mask(r.since_fired, self.cfg.dead_tokens)
         masks = r.dictionary.resample_dead(dead, xn, r.generator)
         if self.ddp and masks:  # replacements drawn from rank 0's rows; `dead` (hence masks) is the same everywhere
             distributed.broadcast_tensors(list(r.dictionary.parameters()))
@@ -700,7 +693,9 @@ class Trainer(Objective):
             n = r.acc.pop("n", 1)
             row = {"step": self.step, "tokens": self.step * self.cfg.batch_size}
             row |= {k: float(v) / n for k, v in r.acc.items()}
-            row["dead_fraction"] = float((r.since_fired > self.cfg.dead_tokens).float().mean())
+            filled = row["tokens"] > self.cfg.dead_tokens  # before that no latent can be dead: null, not a reassuring 0
+            row["dead_fraction"] = float(metrics.dead_mask(r.since_fired, self.cfg.dead_tokens).float().mean()) if filled else None
+            row["dead_window_tokens"] = self.cfg.dead_tokens  # the last this many training tokens
             row["lr"] = r.opt.param_groups[-1]["lr"]  # the run's lr (matrices may take a multiple: Dictionary.weight_lr_scale)
             row["tokens_per_s"] = self.tokens_per_s
             r.acc.clear()
@@ -780,7 +775,8 @@ class Trainer(Objective):
             f = fvu_acc.value()
             width = r.dictionary.cfg.d_out if r.spec is not None else r.dictionary.cfg.d_in
             out[r.label] = {"eval_tokens": seen, "mse": sq / (seen * width), "fvu": f,
-                            "explained_variance": 1 - f, "l0": l0_sum / seen, "dead_fraction": metrics.dead_fraction(fires)}
+                            "explained_variance": 1 - f, "l0": l0_sum / seen, "dead_fraction": metrics.dead_fraction(fires),
+                            "dead_window_tokens": seen}
             if r.spec is not None:
                 out[r.label]["fvu_per_hook"] = {h: a.value() for h, a in per_hook[r.label].items()}
         return out
@@ -865,10 +861,10 @@ def _train_store(cfg: TrainConfig, progress: bool, env: distributed.DistEnv) -> 
     cfg = resolve_tokens(cfg, round(store.n_rows * len(store.split("train")) / n_seq))  # config.json records the budget used
     hooks = resolve_store_hooks(store, cfg.hooks)
     specs = run_specs(cfg, hooks, list(store.hooks), int(getattr(store.model, "n_layers", 0) or 0))
-    if cfg.kind in CODER_KINDS:  # every hook a dictionary reads or predicts, in one read of the store
+    if cfg.arch.kind in CODER_KINDS:  # every hook a dictionary reads or predicts, in one read of the store
         hooks = list(dict.fromkeys(h for sp in specs for h in sp.inputs + sp.targets))
         if env.distributed and cfg.placement == "hooks":
-            raise SaekitError(f"--kind {cfg.kind} reads several hooks per dictionary: use --placement data under torchrun")
+            raise SaekitError(f"--kind {cfg.arch.kind} reads several hooks per dictionary: use --placement data under torchrun")
     mine, batch_size, rank, world = hooks, cfg.batch_size, 0, 1
     ddp = env.distributed and cfg.placement == "data"
     if env.distributed and cfg.placement == "hooks":
@@ -911,7 +907,7 @@ def _train_store(cfg: TrainConfig, progress: bool, env: distributed.DistEnv) -> 
         return stream(start)
 
     trainer = Trainer(cfg, sources, batches, progress=progress, dist=env, data_parallel=ddp, run_hooks=hooks,
-                      specs=specs if cfg.kind in CODER_KINDS else None)
+                      specs=specs if cfg.arch.kind in CODER_KINDS else None)
     trainer.fit()
     summaries = {}
     if cfg.eval_tokens and trainer.writes:

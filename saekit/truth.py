@@ -128,6 +128,7 @@ def score_dictionary(d, store, truth, hook: str, rows: range, cfg: TruthConfig) 
         "true_l0": true_l0_sum / max(n, 1),
         "fvu": fvu.value(),
         "dead_frac": metrics.dead_fraction(fired),
+        "dead_window_tokens": int(n),  # dead: not fired in these held-out rows
         "dense_frac": (rate > cfg.dense_threshold).float().mean().item(),
         "features_scored": int(live.sum()),
         "per_feature": {"best_latent": best.tolist(), "f1": best_f1.tolist(), "precision": best_p.tolist(),

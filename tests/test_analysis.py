@@ -356,9 +356,10 @@ def toy_like(tmp_path_factory):
     from saekit.models import load_model
     from saekit.toy.fsm import FSM
     from saekit.toy.train import ToyTrainConfig, build_model, make_tokenizer
+    from saekit.config import from_flags
 
     path = tmp_path_factory.mktemp("toylike")
-    cfg = ToyTrainConfig(out=str(path), n_states=10, out_degree=3, digits=1, n_layer=2, d_model=32, n_head=4, d_mlp=64, ctx=32)
+    cfg = from_flags(ToyTrainConfig, out=str(path), n_states=10, out_degree=3, digits=1, n_layer=2, d_model=32, n_head=4, d_mlp=64, ctx=32)
     hf = build_model(cfg)
     hf.save_pretrained(path)
     make_tokenizer().save_pretrained(path)

@@ -43,7 +43,7 @@ def test_source_reading_equals_the_dataclass():
     import importlib
 
     import saekit_cli.main  # noqa: F401  (registers every command)
-    from saekit_cli.options import TARGETS, read_config
+    from saekit_cli.options import TARGETS, _spec_of_class, read_config
 
     from saekit.config import field_docs
 
@@ -59,8 +59,12 @@ def test_source_reading_equals_the_dataclass():
         for s, f in zip(spec.fields, real):
             default = f.default if f.default is not dataclasses.MISSING else (
                 f.default_factory() if f.default_factory is not dataclasses.MISSING else dataclasses.MISSING)
+            if dataclasses.is_dataclass(hints[f.name]):  # a nested config (TrainConfig.arch): read from source too
+                assert s.type == _spec_of_class(hints[f.name]), (target, s.name)
+                default = dataclasses.asdict(default)
+            else:
+                assert s.type == hints[f.name], (target, s.name)
             assert s.default == default, (target, s.name)
-            assert s.type == hints[f.name], (target, s.name)
             assert s.doc == docs.get(f.name, ""), (target, s.name)
             assert s.metadata == dict(f.metadata), (target, s.name)
 

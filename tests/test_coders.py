@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from saekit.dictionaries import DictConfig, Provenance, build
 from saekit.errors import SaekitError
 from saekit.interop import load
+from saekit.config import from_flags
 from saekit.train import HookSource, TrainConfig, Trainer, tensor_batches
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # fixture in conftest.py
@@ -63,7 +64,7 @@ def coder_cfg(kind, tmp_path, name="out", **kw):
     target = {"crosscoder": [], "clt": [OUT0, OUT1]}.get(kind, [OUT0])
     base = dict(kind=kind, hooks=hooks, target=target, d_dict=96 if kind == "clt" else 48, k=[K], tokens=150_000, batch_size=256,
                 lr=3e-3, dead_tokens=5_000, init_rows=1024, log_every=50, checkpoint_every=0, out=str(tmp_path / name), device="cpu")
-    return TrainConfig(**(base | kw))
+    return from_flags(TrainConfig, **(base | kw))
 
 
 def trainer(cfg, data, scale=1.0):
@@ -295,9 +296,9 @@ def test_library_refuses_the_same(mlp_store, tmp_path):
 
     store, _ = mlp_store
     with pytest.raises(SaekitError, match="not an MLP output"):
-        train(TrainConfig(store=str(store), kind="skip-transcoder", hooks=[IN0], target=[IN1], out=str(tmp_path / "o")), progress=False)
+        train(from_flags(TrainConfig, store=str(store), kind="skip-transcoder", hooks=[IN0], target=[IN1], out=str(tmp_path / "o")), progress=False)
     with pytest.raises(ValueError, match="needs --target"):
-        TrainConfig(kind="transcoder", hooks=[IN0])
+        from_flags(TrainConfig, kind="transcoder", hooks=[IN0])
 
 
 # --- formats -------------------------------------------------------------------------------------------------
@@ -491,7 +492,7 @@ def test_clt_default_lr_follows_latents_per_layer(tmp_path):
     from saekit.train import default_lr
 
     data, _ = planted_mlps(500)
-    t = trainer(coder_cfg("clt", tmp_path, lr=0.0, d_dict=96), data)
+    t = trainer(coder_cfg("clt", tmp_path, lr=None, d_dict=96), data)
     assert t.runs[0].dictionary.train_config["lr"] == default_lr("clt", 48) > default_lr("clt", 96)
 
 

@@ -269,11 +269,12 @@ def _data() -> torch.Tensor:
 
 def _tcfg(out, kind, **kw):
     from saekit.train import TrainConfig
+    from saekit.config import from_flags
 
     base = dict(kind=kind, d_dict=48, k=[3], l1=[1.0], tokens=GLOBAL_BATCH * 40, batch_size=GLOBAL_BATCH, lr=3e-3,
                 dead_tokens=10**9, init_rows=512, log_every=10, checkpoint_every=0, replace_every=10, out=str(out),
                 device="cpu", eval_tokens=0)
-    return TrainConfig(**(base | kw))
+    return from_flags(TrainConfig, **(base | kw))
 
 
 KINDS_EXACT = {"relu": {}, "topk": {}, "batchtopk": {}, "codebook": {"dead_tokens": 512, "d_dict": 64}}
@@ -313,13 +314,14 @@ STORE_TRAIN = dict(hooks=["all"], kind="topk", k=[4], d_dict=64, batch_size=128,
 def _store_worker(rank, tmp, store):
     """Store level: placement data uninterrupted, the same stopped halfway and resumed, and placement hooks."""
     from saekit.train import TrainConfig, train
+    from saekit.config import from_flags
 
     base = STORE_TRAIN | {"store": store, "checkpoint_every": 128 * 15}
     with distributed.session("cpu"):
-        paths = train(TrainConfig(**base, out=f"{tmp}/data"), progress=False)
-        train(TrainConfig(**(base | {"tokens": 128 * 15, "keep_checkpoints": True}), out=f"{tmp}/resumed"), progress=False)
-        train(TrainConfig(**base, out=f"{tmp}/resumed", resume=True), progress=False)
-        hooks = train(TrainConfig(**base, out=f"{tmp}/hooks", placement="hooks"), progress=False)
+        paths = train(from_flags(TrainConfig, **base, out=f"{tmp}/data"), progress=False)
+        train(from_flags(TrainConfig, **(base | {"tokens": 128 * 15, "keep_checkpoints": True}), out=f"{tmp}/resumed"), progress=False)
+        train(from_flags(TrainConfig, **base, out=f"{tmp}/resumed", resume=True), progress=False)
+        hooks = train(from_flags(TrainConfig, **base, out=f"{tmp}/hooks", placement="hooks"), progress=False)
     (Path(tmp) / f"paths-rank{rank}.json").write_text(json.dumps([[str(p) for p in paths], [str(p) for p in hooks]]))
 
 
@@ -360,12 +362,13 @@ def test_ddp_ranks_agree_and_match_one_process(tmp_path):
 def test_ddp_store_training_resume_and_hook_placement(small_store, tmp_path):
     from saekit.interop import load
     from saekit.train import TrainConfig, train
+    from saekit.config import from_flags
 
     spawn(_store_worker, str(tmp_path), small_store)
     paths0, hooks0 = json.loads((tmp_path / "paths-rank0.json").read_text())
     assert json.loads((tmp_path / "paths-rank1.json").read_text()) == [paths0, hooks0]  # every rank returns all
     assert sorted(paths0) == sorted(p.replace("/hooks/", "/data/") for p in hooks0)
-    single = train(TrainConfig(**STORE_TRAIN, store=small_store, checkpoint_every=0, out=str(tmp_path / "single")),
+    single = train(from_flags(TrainConfig, **STORE_TRAIN, store=small_store, checkpoint_every=0, out=str(tmp_path / "single")),
                    progress=False)
     assert len(single) == 2
     for p_single in single:
@@ -396,12 +399,13 @@ def test_ddp_store_training_resume_and_hook_placement(small_store, tmp_path):
 def test_refusals_under_two_ranks(small_store, tmp_path, monkeypatch, kw, message):
     """Checked before any collective, so every rank refuses alike (here: rank 1 of 2, no group needed)."""
     from saekit.train import TrainConfig, train
+    from saekit.config import from_flags
 
     fake = distributed.DistEnv(1, 2, 1)
     monkeypatch.setattr(distributed, "env", lambda: fake)
     monkeypatch.setattr(distributed, "init", lambda dev="cpu": fake)
     with pytest.raises(SaekitError, match=message.replace("(", r"\(")):
-        train(TrainConfig(**({"store": small_store, "tokens": 256, "device": "cpu", "out": str(tmp_path)} | kw)), progress=False)
+        train(from_flags(TrainConfig, **({"store": small_store, "tokens": 256, "device": "cpu", "out": str(tmp_path)} | kw)), progress=False)
 
 
 # --- the real command -------------------------------------------------------------------------------------

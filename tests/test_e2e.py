@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from saekit.inmodel import e2e
+from saekit.config import from_flags
 from saekit.inmodel.model import load_in_model
 from saekit.inmodel.sites import Splicer
 from saekit.tokens import PAD
@@ -69,7 +70,7 @@ def test_e2e_training_lowers_kl_and_keeps_the_model_frozen(tiny_model_dir, tiny_
     from safetensors.torch import load_file
 
     before_w = load_file(f"{tiny_model_dir}/model.safetensors")
-    cfg = e2e.E2EConfig(model=tiny_model_dir, hooks=[HOOK], data=tiny_text_file, out=str(tmp_path / "d"), kind="topk",
+    cfg = from_flags(e2e.E2EConfig, model=tiny_model_dir, hooks=[HOOK], data=tiny_text_file, out=str(tmp_path / "d"), kind="topk",
                         d_dict=64, k=4, steps=40, lr=3e-3, batch_size=4, seq_len=16, eval_sequences=8, init_rows=512,
                         checkpoint_every=20, log_every=10)
     [path] = e2e.train_e2e(cfg, progress=False)
@@ -90,13 +91,13 @@ def test_e2e_training_lowers_kl_and_keeps_the_model_frozen(tiny_model_dir, tiny_
 def test_codebook_e2e_from_init_and_errors(tiny_model_dir, tiny_text_file, tmp_path):
     base = dict(model=tiny_model_dir, hooks=[HOOK], data=tiny_text_file, kind="codebook", d_dict=32, k=2, steps=4,
                 batch_size=4, seq_len=16, eval_sequences=8, init_rows=256, log_every=2)
-    [p0] = e2e.train_e2e(e2e.E2EConfig(out=str(tmp_path / "a"), **base), progress=False)
-    [p1] = e2e.train_e2e(e2e.E2EConfig(out=str(tmp_path / "b"), init=str(p0), **base), progress=False)
+    [p0] = e2e.train_e2e(from_flags(e2e.E2EConfig, out=str(tmp_path / "a"), **base), progress=False)
+    [p1] = e2e.train_e2e(from_flags(e2e.E2EConfig, out=str(tmp_path / "b"), init=str(p0), **base), progress=False)
     assert load(p1).summary["kl_before"] == pytest.approx(load(p0).summary["kl"], rel=1e-5)  # starts where p0 ended
     with pytest.raises(SaekitError, match="no dictionary for"):
-        e2e.train_e2e(e2e.E2EConfig(out=str(tmp_path / "c"), init=str(p0), **(base | {"hooks": ["blocks.1.hook_mlp_out"]})), progress=False)
-    with pytest.raises(ValueError, match="end-to-end"):
-        e2e.E2EConfig(kind="nonsense")  # not a kind saekit trains
+        e2e.train_e2e(from_flags(e2e.E2EConfig, out=str(tmp_path / "c"), init=str(p0), **(base | {"hooks": ["blocks.1.hook_mlp_out"]})), progress=False)
+    with pytest.raises(ValueError, match="kind .nonsense. is not one of"):  # DictConfig refuses it before the run config
+        from_flags(e2e.E2EConfig, kind="nonsense")  # not a kind saekit trains
 
 
 def test_batchtopk_training_reconstruction_keeps_k_per_row_on_average_and_learns_theta():
@@ -120,7 +121,7 @@ def test_batchtopk_training_reconstruction_keeps_k_per_row_on_average_and_learns
 
 
 def test_batchtopk_e2e_from_scratch(tiny_model_dir, tiny_text_file, tmp_path):
-    cfg = e2e.E2EConfig(model=tiny_model_dir, hooks=[HOOK], data=tiny_text_file, out=str(tmp_path / "b"), kind="batchtopk",
+    cfg = from_flags(e2e.E2EConfig, model=tiny_model_dir, hooks=[HOOK], data=tiny_text_file, out=str(tmp_path / "b"), kind="batchtopk",
                         d_dict=64, k=4, steps=6, lr=3e-3, batch_size=4, seq_len=16, eval_sequences=8, init_rows=256,
                         checkpoint_every=0, log_every=3)
     [path] = e2e.train_e2e(cfg, progress=False)

@@ -13,6 +13,7 @@ from pathlib import Path
 from saekit.inmodel.codebooks import CodebookSpec, InModelCodebook, build_codebook, commitment, norm_scale, parse_spec, straight_through
 from saekit.inmodel.data import TokenData, batch_at, load_tokens
 from saekit.inmodel.finetune import FinetuneConfig, FinetunePaths, finetune
+from saekit.config import from_flags
 from saekit.inmodel.model import load_in_model, sample_rows, spliced_logits
 from saekit.inmodel.sites import Splicer, hook_site
 from saekit.tokens import masked_mean, model_input, row_mask, scored_mask
@@ -219,7 +220,7 @@ def _cfg(tiny_model_dir, tiny_text_file, out, **kw):
     base = dict(model=tiny_model_dir, data=tiny_text_file, out=str(out), codebooks="attn[0]:k=1,groups=heads,codes=8;mlp[1]:k=2,codes=16",
                 steps=6, batch_size=4, seq_len=16, eval_sequences=8, init_rows=256, checkpoint_every=2, log_every=2,
                 lr=1e-3, codebook_lr=1e-2, replace_every=3, dead_tokens=20)
-    return FinetuneConfig(**(base | kw))
+    return from_flags(FinetuneConfig, **(base | kw))
 
 
 def test_finetune_job_outputs_and_table(tiny_model_dir, tiny_text_file, tmp_path):

@@ -151,3 +151,40 @@ def test_hub_model_with_only_pickle_weights_is_refused_before_loading(tmp_path, 
     monkeypatch.setenv("SAEKIT_ALLOW_PICKLE", "0")
     with pytest.raises(SaekitError, match="Hub model acme/pickled-lm holds only pickle weights.*--allow-pickle"):
         load_model("acme/pickled-lm")
+
+
+def test_a_hub_models_first_download_is_checked_from_the_repo_listing(tmp_path, monkeypatch):
+    """Not cached yet: the Hub's file listing decides, before the loader downloads (or unpickles) anything."""
+    import huggingface_hub
+
+    from saekit import models
+
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty-cache"))
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setenv("SAEKIT_ALLOW_PICKLE", "0")
+    listings = {"acme/pickled-lm": ["config.json", "pytorch_model.bin", "tokenizer.json"],
+                "acme/safe-lm": ["config.json", "model.safetensors", "pytorch_model.bin"]}
+    asked = []
+
+    def list_repo_files(self, repo_id, **kw):
+        asked.append(repo_id)
+        if repo_id not in listings:
+            raise huggingface_hub.utils.RepositoryNotFoundError(f"{repo_id} not found")
+        return listings[repo_id]
+
+    monkeypatch.setattr(huggingface_hub.HfApi, "list_repo_files", list_repo_files)
+
+    def no_download(*a, **kw):
+        raise AssertionError("the loader ran: the pickle check must come first")
+
+    import transformer_lens.model_bridge as bridge
+
+    monkeypatch.setattr(bridge.TransformerBridge, "boot_transformers", staticmethod(no_download))
+    with pytest.raises(SaekitError, match="Hub model acme/pickled-lm holds only pickle weights.*--allow-pickle"):
+        models.load_model("acme/pickled-lm")
+    models.check_no_pickle("acme/safe-lm")  # safetensors beside the .bin: the loader takes those
+    models.check_no_pickle("acme/missing")  # not a repo: left to the loader's own message
+    assert asked == ["acme/pickled-lm", "acme/safe-lm", "acme/missing"]
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    models.check_no_pickle("acme/pickled-lm")  # offline: the Hub is not asked (the loader cannot download either)
+    assert len(asked) == 3

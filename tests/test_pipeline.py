@@ -41,6 +41,24 @@ def test_reading_quotes_the_measured_numbers():
     assert reading(recovery, [topk, cb])[-1].startswith("Here, unlike the usual outcome")
 
 
+def test_reading_says_why_an_sae_scores_like_a_neuron():
+    """TopK's state F1 next to the best neuron's: explained, with splice-eval's numbers when the run has them."""
+    from saekit.pipeline import reading
+
+    recovery = {"neuron_mean_best_f1": 0.511, "dictionaries": [
+        {"kind": "topk", "path": "d/h/topk-k8", "mean_best_f1": 0.503, "share_states_f1_ge_0.9": 0.06},
+        {"kind": "codebook", "path": "d/h/codebook-k1", "mean_best_f1": 0.986, "share_states_f1_ge_0.9": 0.97}]}
+    splice = {"dictionaries": [{"dict": "d/h/topk-k8", "fvu": 0.009, "loss_recovered_mean": 0.963},
+                               {"dict": "d/h/codebook-k1", "fvu": 0.042, "loss_recovered_mean": 0.659}]}
+    text = " ".join(reading(recovery, [], splice))
+    assert "scores about the best raw neuron (0.50 vs 0.51)" in text
+    assert "reconstructs better than the codebook (FVU 0.009 vs 0.042, loss recovered against mean ablation 0.96 vs 0.66)" in text
+    splice["dictionaries"][0]["fvu"] = 0.1  # a worse fit must not be called better
+    assert "reconstructs worse than the codebook (FVU 0.100" in " ".join(reading(recovery, [], splice))
+    recovery["dictionaries"][0]["mean_best_f1"] = 0.8  # clearly above the neuron: nothing to explain
+    assert "raw neuron (" not in " ".join(reading(recovery, [], splice))
+
+
 def test_next_steps_steer_the_best_state_code():
     from saekit.pipeline import PipelineConfig, PipelineResult, next_steps
 

@@ -8,6 +8,7 @@ import torch
 
 from saekit.pycode import corpus
 from saekit.pycode.train import EOT_ID, PyTrainConfig, baselines, batch, heldout_windows, train_pycode
+from saekit.config import from_flags
 
 
 def test_corpus_splits_are_disjoint_and_fixed_by_path():
@@ -61,7 +62,7 @@ def test_tiny_training_run_loads_through_the_bridge(tmp_path, monkeypatch):
 
     full = corpus.documents
     monkeypatch.setattr(corpus, "documents", lambda split="all", root=None: full(split, root)[:8])
-    cfg = PyTrainConfig(out=str(tmp_path / "m"), steps=30, eval_every=0, eval_tokens=2000, vocab_size=400, batch_size=8, ctx=32,
+    cfg = from_flags(PyTrainConfig, out=str(tmp_path / "m"), steps=30, eval_every=0, eval_tokens=2000, vocab_size=400, batch_size=8, ctx=32,
                         d_model=32, n_head=2, d_mlp=64, n_layer=1, lr=1e-2, warmup=5)
     out, r = train_pycode(cfg)
     first = json.loads((out / "pycode_train.json").read_text())
@@ -71,7 +72,7 @@ def test_tiny_training_run_loads_through_the_bridge(tmp_path, monkeypatch):
     t = torch.tensor([[EOT_ID] + ids])
     hf = __import__("transformers").GPT2LMHeadModel.from_pretrained(str(out))
     assert torch.allclose(lm.bridge(t).float(), hf(t).logits.float(), atol=1e-4)
-    assert first["config"]["steps"] == 30 and not (tmp_path / "m.partial").exists()
+    assert first["config"]["lm"]["steps"] == 30 and not (tmp_path / "m.partial").exists()
 
 
 @pytest.mark.slow

@@ -304,7 +304,8 @@ def test_cli_end_to_end(tiny_model_dir, tiny_text_file, saved, tmp_path, capsys,
     res = json.loads(out.read_text())
     assert [r["dict"] for r in res["dictionaries"]] == [str(saved["resid"]), str(saved["z"])]
     keys = {"ce_clean", "ce_spliced", "ce_zero", "ce_mean", "loss_recovered_zero", "loss_recovered_mean", "delta_ce",
-            "kl", "acc_clean", "acc_spliced", "l0", "fvu", "dead_frac", "hooks", "mode", "fvu_per_hook"}
+            "kl", "acc_clean", "acc_spliced", "l0", "fvu", "dead_frac", "hooks", "mode", "fvu_per_hook",
+            "dead_window_tokens"}
     assert set(res["all"]) == keys and all(set(r) == keys | {"dict", "hook", "in_hooks"} for r in res["dictionaries"])
     assert [(r["hooks"], r["in_hooks"], r["mode"]) for r in res["dictionaries"]] == [
         ([h], [h], "running") for h in ("blocks.0.hook_resid_post", "blocks.1.attn.hook_z")]
@@ -455,9 +456,10 @@ def test_store_errors(tiny_model_dir, saved, eval_store, tmp_path, capsys, monke
 def finetuned(tiny_model_dir, tiny_text_file, tmp_path_factory):
     """A tiny finetune run (two codebooks, baseline on): its report.json is the reference."""
     from saekit.inmodel.finetune import FinetuneConfig, finetune
+    from saekit.config import from_flags
 
     out = tmp_path_factory.mktemp("ft") / "run"
-    cfg = FinetuneConfig(model=tiny_model_dir, data=tiny_text_file, out=str(out),
+    cfg = from_flags(FinetuneConfig, model=tiny_model_dir, data=tiny_text_file, out=str(out),
                             codebooks="attn[0]:k=1,groups=heads,codes=8;mlp[1]:k=2,codes=16", steps=4, batch_size=4,
                             seq_len=16, eval_sequences=8, init_rows=256, checkpoint_every=0, lr=1e-2, codebook_lr=1e-2)
     finetune(cfg, progress=False)
@@ -488,10 +490,11 @@ def test_finetuned_table_matches_the_finetune_report(tiny_model_dir, finetuned, 
 
 def test_finetuned_freeze_model_and_errors(tiny_model_dir, tiny_text_file, finetuned, tmp_path, capsys, monkeypatch):
     from saekit.inmodel.finetune import FinetuneConfig, finetune
+    from saekit.config import from_flags
     from saekit.inmodel.report import finetuned_eval
 
     frozen = tmp_path / "frozen"
-    finetune(FinetuneConfig(model=tiny_model_dir, data=tiny_text_file, out=str(frozen), codebooks="mlp[1]:k=2,codes=16",
+    finetune(from_flags(FinetuneConfig, model=tiny_model_dir, data=tiny_text_file, out=str(frozen), codebooks="mlp[1]:k=2,codes=16",
                                   steps=2, batch_size=4, seq_len=16, eval_sequences=8, init_rows=256, checkpoint_every=0,
                                   freeze_model=True), progress=False)
     res = finetuned_eval(SpliceConfig(finetuned=str(frozen)))

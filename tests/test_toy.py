@@ -165,8 +165,9 @@ def test_a_tiny_toy_trains_in_seconds_and_loads_through_transformer_lens(tmp_pat
 
     from saekit.models import load_model
     from saekit.toy.train import ToyTrainConfig, train_toy
+    from saekit.config import from_flags
 
-    cfg = ToyTrainConfig(
+    cfg = from_flags(ToyTrainConfig, 
         out=str(tmp_path / "toy"), n_states=10, out_degree=2, digits=1, ctx=24, n_layer=1, d_model=32, n_head=2,
         d_mlp=64, batch_size=16, steps=100, lr=1e-2, warmup=10, eval_every=0, eval_seqs=16, threads=1,
     )
@@ -279,10 +280,11 @@ def test_gpt_neox_toy_from_a_matrix_file_trains_and_loads_through_the_bridge(tmp
 
     from saekit.models import load_model
     from saekit.toy.train import ToyTrainConfig, train_toy
+    from saekit.config import from_flags
 
     fsm = FSM.random(10, 2, 1, seed=5)
     np.save(tmp_path / "fsm.npy", fsm.transition_matrix())
-    cfg = ToyTrainConfig(out=str(tmp_path / "neox"), fsm=str(tmp_path / "fsm.npy"), digits=1, arch="gpt-neox", ctx=24, n_layer=1,
+    cfg = from_flags(ToyTrainConfig, out=str(tmp_path / "neox"), fsm=str(tmp_path / "fsm.npy"), digits=1, arch="gpt-neox", ctx=24, n_layer=1,
                          d_model=32, n_head=2, d_mlp=64, batch_size=16, steps=60, lr=1e-2, warmup=10, eval_every=0, eval_seqs=16,
                          threads=1)
     out, res = train_toy(cfg)

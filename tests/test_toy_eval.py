@@ -70,9 +70,10 @@ def toy_store(tmp_path_factory):
     from saekit.harvest import HarvestConfig, harvest
     from saekit.toy.corpus import ToyDataConfig, write_corpus
     from saekit.toy.train import ToyTrainConfig, train_toy
+    from saekit.config import from_flags
 
     root = tmp_path_factory.mktemp("toyeval")
-    model, _ = train_toy(ToyTrainConfig(
+    model, _ = train_toy(from_flags(ToyTrainConfig, 
         out=str(root / "model"), n_states=12, out_degree=3, digits=2, ctx=24, n_layer=1, d_model=32, n_head=2, d_mlp=64,
         batch_size=16, steps=30, lr=1e-2, warmup=10, eval_every=0, eval_seqs=8, threads=1,
     ))

@@ -3,6 +3,7 @@ NaN handling, errors, and store-driven end-to-end runs (library and CLI)."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -11,11 +12,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from saekit.dictionaries import Provenance
+from saekit.dictionaries import DictConfig, Provenance
 from saekit.interop import load
 from saekit.errors import SaekitError
 from saekit.runs import run_name, run_paths
 from saekit.train import HookSource, TrainConfig, Trainer, tensor_batches
+from saekit.config import from_flags
 
 D_IN, N_ATOMS, K_TRUE = 16, 24, 2
 
@@ -33,7 +35,7 @@ def planted(n, seed=0, binary=False):
 def trainer(tmp_path, data, *, name="out", scale=1.0, **kw):
     base = dict(kind="topk", d_dict=48, k=[K_TRUE], tokens=40_000, batch_size=256, lr=3e-3, dead_tokens=5_000,
                 init_rows=1024, log_every=10, checkpoint_every=0, out=str(tmp_path / name), device="cpu")
-    cfg = TrainConfig(**(base | kw))
+    cfg = from_flags(TrainConfig, **(base | kw))
     hooks = {h: HookSource(x.shape[1], Provenance(hook=h, scale=scale)) for h, x in data.items()}
     return Trainer(cfg, hooks, tensor_batches(data, cfg.batch_size, cfg.seed), progress=False)
 
@@ -139,13 +141,13 @@ def test_resume_refuses_changed_settings_and_overwrite(tmp_path):
 def test_default_budget_is_passes_over_the_train_split():
     from saekit.train import DEFAULT_TOKENS, resolve_tokens
 
-    cfg = TrainConfig(out="o", batch_size=256)
+    cfg = from_flags(TrainConfig, out="o", batch_size=256)
     assert resolve_tokens(cfg, 30_000).tokens == 300_000  # 10 passes
     assert resolve_tokens(cfg, 20_000_000).tokens == 20_000_000  # capped at 10M tokens, but at least one pass
     assert resolve_tokens(cfg, 2_000_000).tokens == DEFAULT_TOKENS
-    assert resolve_tokens(TrainConfig(out="o", passes=2.5), 40_000).tokens == 100_000
+    assert resolve_tokens(from_flags(TrainConfig, out="o", passes=2.5), 40_000).tokens == 100_000
     with pytest.warns(UserWarning, match="passes over the store's 1,000 training rows"):
-        assert resolve_tokens(TrainConfig(out="o", tokens=100_000), 1_000).tokens == 100_000
+        assert resolve_tokens(from_flags(TrainConfig, out="o", tokens=100_000), 1_000).tokens == 100_000
 
 
 def test_nan_loss_stops_with_step_and_keeps_checkpoint(tmp_path):
@@ -194,7 +196,7 @@ def test_sweep_and_hooks_share_one_stream(tmp_path):
 
 def test_config_errors():
     with pytest.raises(ValueError, match="k=64 must be smaller than d_dict=64"):
-        TrainConfig(d_dict=64, k=[16, 64])
+        TrainConfig(arch=DictConfig(d_dict=64), k=[16, 64])
     from saekit.config import from_dict
 
     with pytest.raises(SaekitError, match="did you mean batch_size"):
@@ -230,7 +232,7 @@ def test_store_end_to_end_and_resume(store_dir, tmp_path):
     st = ActivationStore(store_dir)
     common = dict(store=store_dir, hooks=["all"], kind="topk", d_dict=64, k=[4, 8], batch_size=256,
                   buffer_rows=1024, checkpoint_every=256 * 4, init_rows=256, eval_tokens=300, device="cpu")
-    paths = train(TrainConfig(**common, tokens=256 * 10, out=str(tmp_path / "full")), progress=False)
+    paths = train(from_flags(TrainConfig, **common, tokens=256 * 10, out=str(tmp_path / "full")), progress=False)
     assert len(paths) == 4
     for p in paths:
         d = load(p)
@@ -242,8 +244,8 @@ def test_store_end_to_end_and_resume(store_dir, tmp_path):
         x = torch.from_numpy(st.read_acts(hook, st.split("eval").start, st.split("eval").start + 2)).reshape(-1, d.cfg.d_in)
         assert d(x).x_hat.shape == x.shape
     # a run stopped at 6 steps and resumed to 10 reads the batches 6..9 the uninterrupted run read
-    train(TrainConfig(**common, tokens=256 * 6, out=str(tmp_path / "cut"), keep_checkpoints=True), progress=False)  # kept: to train on
-    resumed = train(TrainConfig(**common, tokens=256 * 10, out=str(tmp_path / "cut"), resume=True), progress=False)
+    train(from_flags(TrainConfig, **common, tokens=256 * 6, out=str(tmp_path / "cut"), keep_checkpoints=True), progress=False)  # kept: to train on
+    resumed = train(from_flags(TrainConfig, **common, tokens=256 * 10, out=str(tmp_path / "cut"), resume=True), progress=False)
     for a, b in zip(paths, resumed):
         sa, sb = load(a).state_dict(), load(b).state_dict()
         assert all(torch.equal(sa[k], sb[k]) for k in sa)
@@ -253,11 +255,11 @@ def test_store_errors(store_dir, tmp_path):
     from saekit.train import train
 
     with pytest.raises(SaekitError, match=r"hook 'blocks.0.hook_resid_pre' is not in store.*did you mean blocks.0.hook_resid_post.*hooks present"):
-        train(TrainConfig(store=store_dir, hooks=["blocks.0.hook_resid_pre"], out=str(tmp_path / "o")), progress=False)
+        train(from_flags(TrainConfig, store=store_dir, hooks=["blocks.0.hook_resid_pre"], out=str(tmp_path / "o")), progress=False)
     with pytest.raises(SaekitError, match="does not exist"):
-        train(TrainConfig(store=str(tmp_path / "nope"), out=str(tmp_path / "o")), progress=False)
+        train(from_flags(TrainConfig, store=str(tmp_path / "nope"), out=str(tmp_path / "o")), progress=False)
     with pytest.raises(SaekitError, match="k=40 must be smaller than the number of latents"):
-        train(TrainConfig(store=store_dir, hooks=[HOOK], expansion=1, k=[4, 40], out=str(tmp_path / "o")), progress=False)
+        train(from_flags(TrainConfig, store=store_dir, hooks=[HOOK], expansion=1, k=[4, 40], out=str(tmp_path / "o")), progress=False)
 
 
 @pytest.mark.slow
@@ -286,11 +288,12 @@ def test_cli_train_and_errors(store_dir, tmp_path):
 def test_config_json_records_the_values_used(tmp_path):
     """Automatic settings (lr 0, d_dict 0, aux_k 0) are saved resolved; knobs of other kinds are None."""
     x, _ = planted(1000)
-    t = trainer(tmp_path, {"h": x}, tokens=2 * 128, batch_size=128, init_rows=128, lr=0.0, d_dict=0, expansion=2, aux_k=0)
+    t = trainer(tmp_path, {"h": x}, tokens=2 * 128, batch_size=128, init_rows=128, lr=None, d_dict=0, expansion=2, aux_k=0)
     t.fit()
     d = load(t.save()[0])
     used = d.train_config
-    assert used["d_dict"] == 2 * D_IN == d.cfg.d_dict
+    assert used["arch"]["d_dict"] == 2 * D_IN == d.cfg.d_dict
+    assert used["arch"] == dataclasses.asdict(d.cfg)  # the nested architecture is the dictionary's own
     assert used["lr"] == pytest.approx(2e-4 / (2 * D_IN / 2**14) ** 0.5)
     assert used["aux_k"] == D_IN // 2
     assert used["l1"] is None and used["k"] == [K_TRUE]

@@ -7,6 +7,7 @@ import torch
 
 from saekit.dictionaries import Provenance
 from saekit.train import HookSource, TrainConfig, Trainer, tensor_batches
+from saekit.config import from_flags
 
 D_IN, N_ATOMS, K_TRUE = 32, 96, 4
 
@@ -29,7 +30,7 @@ def planted(n: int, seed: int) -> torch.Tensor:
 def make(tmp_path, name, x, **kw):
     base = dict(kind="topk", d_dict=128, k=[K_TRUE], tokens=100 * 512, batch_size=512, lr=1e-3, init_rows=1024,
                 log_every=10, checkpoint_every=0, out=str(tmp_path / name), device="cpu")
-    cfg = TrainConfig(**(base | kw))
+    cfg = from_flags(TrainConfig, **(base | kw))
     scale = float((D_IN / x.pow(2).sum(-1).mean()).sqrt())  # as a store's scale: E‖x_n‖² = d_in
     return Trainer(cfg, {"h": HookSource(D_IN, Provenance(hook="h", scale=scale))}, tensor_batches({"h": x}, cfg.batch_size), progress=False)
 

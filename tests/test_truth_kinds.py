@@ -12,6 +12,7 @@ from saekit.interop.saelens import export_saelens
 from saekit.dictionaries.jumprelu import JumpReLUFn, StepFn
 from saekit.synth import SynthConfig, synth
 from saekit.train import TrainConfig, train
+from saekit.config import from_flags
 from saekit.truth import TruthConfig, score_truth
 
 
@@ -26,7 +27,7 @@ def world(tmp_path_factory):
 # latents as mixtures after this short run (0.93 / 0.90 measured): a looser bar than jumprelu's.
 @pytest.mark.parametrize("kind, min_mcc, min_f1", [("jumprelu", 0.95, 0.9), ("matryoshka", 0.9, 0.85)])
 def test_recovers_planted_dictionary_and_round_trips(world, tmp_path, kind, min_mcc, min_f1):
-    [path] = train(TrainConfig(store=world, hooks=["synth"], kind=kind, k=[3], d_dict=48, tokens=150_000, batch_size=512,
+    [path] = train(from_flags(TrainConfig, store=world, hooks=["synth"], kind=kind, k=[3], d_dict=48, tokens=150_000, batch_size=512,
                                out=str(tmp_path / "d"), device="cpu", eval_tokens=2000, checkpoint_every=0), progress=False)
     r = score_truth(TruthConfig(dicts=[str(path)], truth=world))["dictionaries"][0]
     assert r["kind"] == kind

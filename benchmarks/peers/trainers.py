@@ -123,11 +123,12 @@ def write_saelens_folder(out: Path, arch: str, W_enc, b_enc, W_dec, b_dec, meta:
 def train_saekit(a, x: torch.Tensor, meta: dict, out: Path):
     from saekit.dictionaries import Provenance
     from saekit.train import HookSource, TrainConfig, Trainer
+    from saekit.config import from_flags
 
     hook = meta["hook"]
     coder = a.kind == "transcoder"
     target = [meta["target_hook"]] if coder else []
-    cfg = TrainConfig(store="(in memory)", hooks=[hook], out=str(out / "run"), kind=a.kind, d_dict=a.d_dict, k=[a.k],
+    cfg = from_flags(TrainConfig, store="(in memory)", hooks=[hook], out=str(out / "run"), kind=a.kind, d_dict=a.d_dict, k=[a.k],
                       l1=[a.l1], lr=a.lr, batch_size=a.batch_size, tokens=a.tokens, seed=a.seed, checkpoint_every=0,
                       eval_tokens=0, device="cpu", target=target)
     prov = Provenance(hook=hook, model=meta["model"], hook_shape=meta["hook_shape"], scale=meta["scale"], store=meta.get("store"))

@@ -32,7 +32,7 @@ from safetensors.torch import load_file, save_file
 from saekit.analysis.explain import ExplainPass, share_explained
 from saekit.analysis.ids import feature_ids
 from saekit.analysis.multihook import check_hooks_in_store, decoder_matrix, encode_rows, in_hooks, is_single, out_directions, out_hooks
-from saekit import outdir
+from saekit import metrics, outdir
 from saekit.analysis.stats import FeatureStats, StatsResult, decoder_neighbours, logit_effects
 from saekit.errors import SaekitError
 from saekit.models import check_model, hook_layer
@@ -464,6 +464,7 @@ def build_features_json(d, res: StatsResult, logit, tokenizer, cfg: AnalyzeConfi
         "layer": hook_layer(hook), "kind": d.cfg.kind, "d_dict": int(d.cfg.d_dict), "groups": int(d.cfg.groups),
         "n_rows": res.n_rows, "top_n": cfg.top_n, "window": cfg.window, "dense_threshold": cfg.dense_threshold,
         "logit_note": logit_note, "dead": dead, "dense": dense, "vocab": vocab, "features": feats,
+        "dead_window_tokens": res.n_rows, "dead_window": metrics.dead_window(res.n_rows, "analysed"),  # dead: not fired in these tokens
         "model": model, "fsm": states is not None,
     }
 

@@ -23,6 +23,7 @@ import torch
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
+from saekit.config import check_fields
 from saekit.errors import SaekitError
 from saekit.runs import atomic, write_json
 
@@ -39,14 +40,17 @@ LOADED_KINDS: tuple[str, ...] = ()  # kinds read from other formats but not trai
 
 @dataclass
 class DictConfig:
-    """Architecture of one dictionary (saved in config.json, nested in the training config)."""
+    """Architecture of one dictionary (saved in config.json as `arch`, nested in the run configs as `arch`;
+    a run sets `d_in` from the store and, in a sweep, `k` or `l1` per dictionary)."""
 
     kind: str = "topk"
-    """relu | topk | batchtopk | codebook | jumprelu | matryoshka | transcoder | skip-transcoder | crosscoder | clt."""
-    d_in: int = 0
+    """Dictionary kind: relu | topk | batchtopk | codebook | jumprelu (k = target L0) | matryoshka (BatchTopK, nested prefixes);
+    transcoder | skip-transcoder (--hook MLP inputs, --target MLP outputs, one per pair) | crosscoder (one over all --hook) |
+    clt (--hook MLP inputs, --target MLP outputs, every layer; --hook all finds them)."""
+    d_in: int = field(default=0, metadata={"flag": False})
     """Width of the hook's activation vector (heads flattened); coder kinds: of all input hooks concatenated."""
     d_dict: int = 0
-    """Number of latents (codebook: codes in all groups together)."""
+    """Number of latents (codebook: codes over all groups); 0 in a run config: expansion × the hook's width."""
     k: int | None = None
     """Active latents per token (topk, batchtopk, matryoshka; jumprelu: the target L0) or codes chosen per group (codebook)."""
     l1: float = 0.0
@@ -56,17 +60,18 @@ class DictConfig:
     similarity: str = "cosine"
     """Codebook code choice: cosine (= inner product over the code's norm, Codebook Features' inner_product) or inner (product)."""
     activation: str = "topk"
-    """Coder kinds: relu (L1) | topk | batchtopk | jumprelu (k = target L0); ignored by the SAE kinds."""
-    d_out: int = 0
+    """transcoder, skip-transcoder, crosscoder, clt: relu (L1, swept over --l1) | topk | batchtopk | jumprelu (swept over --k); ignored by the SAE kinds."""
+    d_out: int = field(default=0, metadata={"flag": False})
     """Coder kinds: width of all target hooks concatenated (0 for the SAE kinds: = d_in)."""
-    in_widths: list[int] = field(default_factory=list)
+    in_widths: list[int] = field(default_factory=list, metadata={"flag": False, "repeats": True})
     """Coder kinds: width of each input hook, in order (empty for the SAE kinds: [d_in])."""
-    out_widths: list[int] = field(default_factory=list)
+    out_widths: list[int] = field(default_factory=list, metadata={"flag": False, "repeats": True})
     """Coder kinds: width of each target hook, in order (empty for the SAE kinds: [d_in])."""
-    input_norm: str = "scale"
+    input_norm: str = field(default="scale", metadata={"flag": False})
     """Codebook input: scale (the store's fixed scalar) or layernorm (a learnt LayerNorm per group, as Codebook Features; codes then live in its space)."""
 
     def __post_init__(self):
+        check_fields(self)  # ranges (k, groups positive; no NaN), as for every config
         if self.kind not in KINDS + LOADED_KINDS:
             raise ValueError(f"kind {self.kind!r} is not one of {', '.join(KINDS)}")
         if self.kind in ("topk", "batchtopk", "codebook", "matryoshka") and self.k is not None and self.d_dict:

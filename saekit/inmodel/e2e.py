@@ -23,6 +23,7 @@ and resume are `saekit.runs`' (safetensors + JSON, batches a pure function of (s
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import shutil
 from dataclasses import dataclass, field
@@ -34,13 +35,14 @@ import torch
 from torch import Tensor
 
 from saekit import metrics, runs
-from saekit.config import check_signs, to_dict
+from saekit.config import check_fields, check_signs, to_dict
 from saekit.dictionaries import build
 from saekit.dictionaries.base import SAE_KINDS as KINDS, DictConfig, Dictionary, Provenance
 from saekit.engine import Engine, Objective
 from saekit.errors import SaekitError
 from saekit.inmodel.codebooks import norm_scale
 from saekit.inmodel.data import TokenData, batch_at, load_tokens
+from saekit.inmodel.loop import LoopConfig
 from saekit.inmodel.model import InModel, load_in_model, sample_rows
 from saekit.inmodel.sites import Splicer
 from saekit.models import resolve_device
@@ -65,25 +67,15 @@ class E2EConfig:
     """Output folder; each dictionary goes to <out>/<hook>/<kind>-...-e2e/."""
     init: str = ""
     """Start from the saekit dictionaries in this folder (matched by hook) instead of fresh ones."""
-    kind: str = "topk"
-    """Dictionary kind when not --init: relu | topk | batchtopk | codebook."""
-    d_dict: int = 0
-    """Latents (codebook: codes over all groups); 0 = expansion × width."""
+    arch: DictConfig = field(default_factory=lambda: DictConfig(k=32, l1=5.0))
+    """Architecture of each new dictionary when not --init (flags --kind, --d-dict, --k, --l1, --groups, --similarity); d_in comes from the model."""
     expansion: int = 8
     """Latents per input dimension when d_dict is 0."""
-    k: int = 32
-    """Active latents per token (topk; batchtopk: on average) or codes per group (codebook)."""
-    l1: float = 5.0
-    """relu: L1 coefficient λ on Σ f_i ‖W_dec,i‖ / d_in."""
-    groups: int = 1
-    """codebook: groups (slices of the input with one codebook each)."""
-    similarity: str = "cosine"
-    """codebook: cosine or inner."""
     mse_coef: float = 0.0
     """μ: weight of the normalised reconstruction term ‖x_n − x̂_n‖²/d_in added to the KL."""
     steps: int = 500
     """Optimiser steps."""
-    lr: float = 1e-3
+    lr: float = field(default=1e-3, metadata={"range": "positive"})
     """Adam learning rate."""
     batch_size: int = 8
     """Sequences per step."""
@@ -95,28 +87,24 @@ class E2EConfig:
     """Leave position 0 (BOS) unspliced, as splice-eval does."""
     init_rows: int = 8192
     """Rows sampled for the scale and the data-dependent init (b_dec median, k-means codes)."""
-    checkpoint_every: int = 100
-    """Steps between checkpoints (0: only at the end)."""
-    log_every: int = 10
-    """Steps between progress updates and metrics.jsonl lines."""
     seed: int = 0
     """Seed of the data order and the initialisation."""
-    device: str = "auto"
-    """cpu, cuda, ... or auto."""
-    resume: bool = False
-    """Continue from the last checkpoint in the run folder."""
+    run: LoopConfig = field(default_factory=LoopConfig)
+    """Checkpoint and log cadence, device, resume (flags --checkpoint-every, --log-every, --device, --resume)."""
 
     def __post_init__(self):
         if self.data and self.store:
             raise ValueError("give either data or store, not both")
-        if self.kind not in KINDS:
-            raise ValueError(f"kind {self.kind!r} cannot be trained end-to-end from scratch; use one of {', '.join(KINDS)} (or --init)")
-        check_signs(self, positive=("steps", "batch_size", "eval_sequences", "log_every", "k", "expansion", "groups", "init_rows"),
-                    non_negative=("lr", "l1", "mse_coef", "checkpoint_every"))
+        if self.arch.kind not in KINDS:
+            raise ValueError(f"kind {self.arch.kind!r} cannot be trained end-to-end from scratch; use one of {', '.join(KINDS)} (or --init)")
+        check_signs(self, positive=("steps", "batch_size", "eval_sequences", "expansion", "init_rows"),
+                    non_negative=("mse_coef",))
+        check_fields(self)  # lr positive (its metadata), no NaN
+        if self.arch.kind != "relu" and not (self.arch.k or 0) > 0:
+            raise ValueError(f"k must be positive, got {self.arch.k}")
 
 
-E2E_IDENTITY = ("model", "data", "store", "text_field", "init", "kind", "d_dict", "expansion", "k", "l1", "groups",
-                "similarity", "mse_coef", "lr", "batch_size", "seq_len", "eval_sequences", "skip_bos", "init_rows", "seed")
+E2E_IDENTITY = ("model", "data", "store", "text_field", "init", "arch", "expansion", "mse_coef", "lr", "batch_size", "seq_len", "eval_sequences", "skip_bos", "init_rows", "seed")
 
 
 def from_train_config(tc) -> E2EConfig:
@@ -144,11 +132,10 @@ def from_train_config(tc) -> E2EConfig:
     if not hooks:
         raise SaekitError("--objective e2e needs explicit --hooks (one forward per hook and step; 'all' is for offline training)")
     return E2EConfig(model=getattr(tc, "model", ""), hooks=hooks, data=getattr(tc, "data", ""), store=tc.store, out=tc.out,
-                     kind=tc.kind, d_dict=tc.d_dict, expansion=tc.expansion, k=tc.k[0], l1=tc.l1[0], groups=tc.groups,
-                     similarity=tc.similarity, mse_coef=getattr(tc, "mse_coef", 0.0), steps=steps, lr=tc.lr or 1e-3,
+                     arch=dataclasses.replace(tc.arch, k=tc.k[0], l1=tc.l1[0]), expansion=tc.expansion, mse_coef=getattr(tc, "mse_coef", 0.0), steps=steps, lr=tc.lr if tc.lr is not None else 1e-3,
                      batch_size=seqs, seq_len=seq_len, init_rows=min(tc.init_rows, 16384), seed=tc.seed,
-                     checkpoint_every=max(1, tc.checkpoint_every // (seqs * per_seq)) if tc.checkpoint_every else 0,
-                     log_every=max(1, min(tc.log_every, 10)), device=tc.device, resume=tc.resume)
+                     run=LoopConfig(checkpoint_every=max(1, tc.checkpoint_every // (seqs * per_seq)) if tc.checkpoint_every else 0,
+                                    log_every=max(1, min(tc.log_every, 10)), device=tc.device, resume=tc.resume))
 
 
 # --- pure maths -----------------------------------------------------------------------------------
@@ -234,7 +221,7 @@ def e2e_eval(em: E2EModel, d: Dictionary, hook: str, tokens: np.ndarray, batch_s
     f = fvu.value()
     return {"kl": kl / max(n_pos, 1), "ce_clean": ce_c / max(n_sc, 1), "ce_spliced": ce_s / max(n_sc, 1),
             "eval_tokens": int(rows_n), "fvu": f, "explained_variance": 1 - f, "mse": mse / max(rows_n * d.cfg.d_in, 1),
-            "l0": l0_sum / max(rows_n, 1), "dead_fraction": metrics.dead_fraction(fires)}
+            "l0": l0_sum / max(rows_n, 1), "dead_fraction": metrics.dead_fraction(fires), "dead_window_tokens": int(rows_n)}
 
 
 def _state(d: Dictionary, opt: torch.optim.Optimizer, step: int) -> tuple[dict[str, Tensor], dict]:
@@ -285,7 +272,7 @@ class E2EObjective(Objective):
         with self.em.splicer.active({self.hook: fn}):
             spliced = hf(input_ids=inp).logits
         terms["kl"] = e2e_loss(clean, spliced, t != PAD)
-        loss = terms["kl"] + cfg.mse_coef * terms["mse"] + cfg.l1 * terms.get("l1", 0.0)
+        loss = terms["kl"] + cfg.mse_coef * terms["mse"] + cfg.arch.l1 * terms.get("l1", 0.0)
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
         d.before_step()
@@ -326,9 +313,9 @@ def train_one(cfg: E2EConfig, em: E2EModel, d: Dictionary, hook: str, data: Toke
     dev = next(hf.parameters()).device
     d.to(dev).train()
     paths = run_paths(cfg, hook, d)
-    if (paths.dir / "config.json").is_file() and not cfg.resume:
+    if (paths.dir / "config.json").is_file() and not cfg.run.resume:
         raise SaekitError(f"{paths.dir} already holds a dictionary; choose another --out (or --resume)")
-    if paths.checkpoints.exists() and not cfg.resume:
+    if paths.checkpoints.exists() and not cfg.run.resume:
         raise SaekitError(f"{paths.dir} holds an unfinished run; pass --resume to continue it or choose another --out")
     if (paths.dir / "config.json").is_file():
         return paths.dir
@@ -338,7 +325,7 @@ def train_one(cfg: E2EConfig, em: E2EModel, d: Dictionary, hook: str, data: Toke
     opt = torch.optim.Adam(d.param_groups(cfg.lr))  # the dictionary's own lr multiples, as offline training
     cfg_dict, step = to_dict(cfg), 0
     ident = runs.identity_hash(cfg_dict, E2E_IDENTITY) + hook
-    found = runs.latest_checkpoint(paths.checkpoints, device=str(dev)) if cfg.resume else None
+    found = runs.latest_checkpoint(paths.checkpoints, device=str(dev)) if cfg.run.resume else None
     if found is not None:
         ckpt_step, tensors, meta = found
         runs.check_identity(runs.checkpoint_dir(paths.checkpoints, ckpt_step), meta, ident, cfg_dict, E2E_IDENTITY, unnamed="hook")
@@ -346,7 +333,7 @@ def train_one(cfg: E2EConfig, em: E2EModel, d: Dictionary, hook: str, data: Toke
     else:
         runs.MetricsLog(paths.metrics).start()
     obj = E2EObjective(cfg, em, d, hook, data, opt, paths, ident, step)
-    step = Engine(obj, cfg.steps, cfg.log_every, cfg.checkpoint_every, progress).run(step)
+    step = Engine(obj, cfg.steps, cfg.run.log_every, cfg.run.checkpoint_every, progress).run(step)
     after = e2e_eval(em, d.eval(), hook, data.eval, cfg.batch_size, cfg.skip_bos)
     d.summary = after | {"objective": "e2e", "train_steps": step, "kl_before": before["kl"], "ce_spliced_before": before["ce_spliced"]}
     d.train_config = cfg_dict | {"objective": "e2e", "hook": hook}
@@ -390,7 +377,7 @@ def _train_e2e(cfg: E2EConfig, progress: bool) -> list[Path]:
         from saekit.store import open_store
 
         model = open_store(cfg.store).model.name
-    dev = resolve_device(cfg.device)
+    dev = resolve_device(cfg.run.device)
     im = load_in_model(model, cfg.hooks, dev)
     for p in im.hf.parameters():
         p.requires_grad_(False)
@@ -412,9 +399,8 @@ def _train_e2e(cfg: E2EConfig, progress: bool) -> list[Path]:
                 raise SaekitError(f"--init dictionary for {h} has d_in={d.cfg.d_in}, the hook has width {width}")
             d.prov = Provenance(hook=h, model=im.info.to_dict(), hook_shape=shape, scale=float(d.scale), store=cfg.store or None)
         else:
-            d_dict = cfg.d_dict or cfg.expansion * width
             try:
-                dc = DictConfig(kind=cfg.kind, d_in=width, d_dict=d_dict, k=cfg.k, l1=cfg.l1, groups=cfg.groups, similarity=cfg.similarity)
+                dc = dataclasses.replace(cfg.arch, d_in=width, d_dict=cfg.arch.d_dict or cfg.expansion * width)
             except ValueError as e:
                 raise SaekitError(f"{h}: {e}") from None
             scale = norm_scale(sample[h])

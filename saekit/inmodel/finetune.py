@@ -53,6 +53,7 @@ from saekit.engine import Engine, Objective
 from saekit.errors import SaekitError
 from saekit.inmodel.codebooks import OBJECTIVES, InModelCodebook, build_codebook, find_init, norm_scale, parse_spec
 from saekit.inmodel.data import TokenData, batch_at, load_tokens
+from saekit.inmodel.loop import LoopConfig
 from saekit.inmodel.model import lm_score, load_in_model, model_info_of, sample_rows, save_hf_model, spliced_logits
 from saekit.inmodel.sites import Splicer
 from saekit.models import resolve_device
@@ -107,16 +108,10 @@ class FinetuneConfig:
     """Steps between replacements of dead codes (codes unchosen for dead_tokens tokens); 0 = never."""
     dead_tokens: int = 100_000
     """A code not chosen for this many tokens is dead and gets replaced."""
-    checkpoint_every: int = 200
-    """Steps between checkpoints (0: only at the end)."""
-    log_every: int = 10
-    """Steps between progress updates and metrics.jsonl lines."""
     seed: int = 0
     """Seed of the data order, the initialisation and code replacement."""
-    device: str = "auto"
-    """cpu, cuda, cuda:1, ... or auto (cuda when available)."""
-    resume: bool = False
-    """Continue from the last checkpoint in --out (exactly the batches an uninterrupted run would see)."""
+    run: LoopConfig = field(default_factory=lambda: LoopConfig(checkpoint_every=200))
+    """Checkpoint and log cadence, device, resume (flags --checkpoint-every, --log-every, --device, --resume)."""
     preset: str = ""
     """paper: Codebook Features' TokFSM settings for every field left at its default (see PRESETS); empty: none."""
     objective: str = "commit"
@@ -133,8 +128,8 @@ class FinetuneConfig:
     def __post_init__(self):
         if self.data and self.store:
             raise ValueError("give either data or store, not both")
-        check_signs(self, positive=("steps", "batch_size", "eval_sequences", "log_every", "init_rows"),
-                    non_negative=("lr", "codebook_lr", "commit_coef", "checkpoint_every", "replace_every", "dead_tokens"))
+        check_signs(self, positive=("steps", "batch_size", "eval_sequences", "init_rows"),
+                    non_negative=("lr", "codebook_lr", "commit_coef", "replace_every", "dead_tokens"))
         if self.seq_len < 2:
             raise ValueError(f"seq_len must be at least 2, got {self.seq_len}")
         if self.packing not in ("concat", "doc"):
@@ -271,7 +266,7 @@ def train_step(ph: Phase, t: Tensor, bos_id: int, splicer: Splicer | None, cfg) 
 def _replace_dead(ph: Phase, cfg) -> None:
     """Dead codes → recent inputs (Codebook.resample_dead); their Adam moments are reset."""
     for h, layer in ph.layers.items():
-        dead = ph.since_fired[h] > cfg.dead_tokens
+        dead = metrics.dead_mask(ph.since_fired[h], cfg.dead_tokens)
         if layer.last_rows is None or not layer.last_rows.shape[0]:
             continue
         masks = layer.d.resample_dead(dead, layer.last_rows, ph.generator)
@@ -368,15 +363,15 @@ class PhaseObjective(Objective):
 
 def run_phase(ph: Phase, data: TokenData, bos_id: int, splicer: Splicer | None, cfg, root: Path, ident: str,
               identity_fields: tuple[str, ...], metrics_file: Path, progress: bool) -> None:
-    """Train `ph` to cfg.steps through the engine, resuming from its last good checkpoint under `root` when cfg.resume."""
-    if cfg.resume:
+    """Train `ph` to cfg.steps through the engine, resuming from its last good checkpoint under `root` when cfg.run.resume."""
+    if cfg.run.resume:
         found = runs.latest_checkpoint(root)
         if found is not None:
             step, tensors, meta = found
             runs.check_identity(runs.checkpoint_dir(root, step), meta, ident, to_dict(cfg), identity_fields)
             load_phase_state(ph, tensors, meta)
-    Engine(PhaseObjective(ph, data, bos_id, splicer, cfg, root, ident, metrics_file), cfg.steps, cfg.log_every,
-           cfg.checkpoint_every, progress).run(ph.step)
+    Engine(PhaseObjective(ph, data, bos_id, splicer, cfg, root, ident, metrics_file), cfg.steps, cfg.run.log_every,
+           cfg.run.checkpoint_every, progress).run(ph.step)
 
 
 # --- the job --------------------------------------------------------------------------------------
@@ -404,13 +399,13 @@ def finetune(cfg: FinetuneConfig, progress: bool = True) -> FinetuneResult:
 def _finetune(cfg: FinetuneConfig, progress: bool) -> FinetuneResult:
     paths = FinetunePaths(Path(cfg.out))
     if paths.report.exists():
-        if not cfg.resume:
+        if not cfg.run.resume:
             raise SaekitError(f"{cfg.out} already holds a finished finetune; choose another --out")
         rep = json.loads(paths.report.read_text())  # finished: --resume just reports it
         return FinetuneResult(paths.out, Path(rep["model"]), [Path(p) for p in rep["codebooks"]], rep["table"])
-    if (paths.out / "checkpoints").exists() and not cfg.resume:
+    if (paths.out / "checkpoints").exists() and not cfg.run.resume:
         raise SaekitError(f"{cfg.out} holds an unfinished finetune; pass --resume to continue it or choose another --out")
-    dev = resolve_device(cfg.device)
+    dev = resolve_device(cfg.run.device)
     # Hooks: parse against the model's depth (n_layers from the bridge inside load_in_model).
     from saekit.models import resolve_model_path
 
@@ -427,7 +422,7 @@ def _finetune(cfg: FinetuneConfig, progress: bool) -> FinetuneResult:
     inits = find_init(cfg.init, hooks) if cfg.init else {}
     paths.out.mkdir(parents=True, exist_ok=True)
     runs.write_json(paths.out / "config.json", to_dict(cfg))
-    if not cfg.resume:
+    if not cfg.run.resume:
         runs.MetricsLog(paths.metrics).start()
     torch.manual_seed(cfg.seed)
 
@@ -473,9 +468,9 @@ def _finetune(cfg: FinetuneConfig, progress: bool) -> FinetuneResult:
     for h, layer in layers.items():
         d = layer.d.cpu()
         d.prov = Provenance(hook=h, model=minfo, hook_shape=im.shapes[h], scale=float(d.scale), store=cfg.store or None)
-        dead = float((joint.since_fired[h].cpu() > cfg.dead_tokens).float().mean())
+        dead = float(metrics.dead_mask(joint.since_fired[h].cpu(), cfg.dead_tokens).float().mean())
         d.summary = {"objective": "joint", "loss": cfg.objective, "train_steps": cfg.steps, "commitment": joint.last.get(f"commit/{h}"),
-                     "dead_fraction": dead}
+                     "dead_fraction": dead, "dead_window_tokens": cfg.dead_tokens}  # the last dead_tokens training tokens
         d.train_config = to_dict(cfg) | {"objective": "joint"}
         saved.append(d.save(paths.codebook(h)))
     del joint, layers

@@ -14,16 +14,16 @@ import os
 import platform
 import shutil
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
 import torch
 
-from saekit.config import to_dict
+from saekit.config import command_flags, to_dict
 from saekit.errors import SaekitError
-from saekit.lmtrain import adamw, lr_at, next_token_logits_loss, train_step
+from saekit.lmtrain import LMConfig, adamw, lr_at, next_token_logits_loss, train_step
 from saekit.pycode import corpus
 
 EOT = "<|endoftext|>"
@@ -40,47 +40,22 @@ class PyTrainConfig:
     """Replace an existing model in --out."""
     vocab_size: int = 2048
     """BPE vocabulary size (byte-level, so any text can be encoded)."""
-    ctx: int = 128
-    """Sequence length in tokens, BOS included (also the model's n_positions)."""
-    n_layer: int = 2
-    """Transformer blocks."""
-    d_model: int = 128
-    """Residual stream width."""
-    n_head: int = 4
-    """Attention heads per block."""
-    d_mlp: int = 512
-    """MLP hidden width."""
-    batch_size: int = 32
-    """Sequences per step."""
-    steps: int = 3000
-    """Optimiser steps."""
-    lr: float = 3e-3
-    """Peak AdamW learning rate (linear warmup, then cosine decay to a tenth)."""
-    warmup: int = 100
-    """Warmup steps."""
-    weight_decay: float = 0.01
-    """AdamW weight decay on matrices."""
+    lm: LMConfig = field(default_factory=LMConfig)
+    """The transformer's shape and the optimisation (flags --ctx, --n-layer, --d-model, --n-head, --d-mlp, --batch-size, --steps, --lr, --warmup, --weight-decay, --threads)."""
     eval_every: int = 500
     """Measure held-out loss every this many steps (0: only at the end)."""
     eval_tokens: int = 100_000
     """Held-out tokens used for each evaluation."""
     seed: int = 0
     """Seed of the initialisation and of the batch stream."""
-    threads: int = 0
-    """CPU threads for torch during training (0: torch's default)."""
 
     def __post_init__(self):
-        if self.d_model % self.n_head:
-            raise ValueError(f"d_model={self.d_model} is not divisible by n_head={self.n_head}")
-        for name in ("steps", "batch_size", "n_layer", "d_model", "n_head", "d_mlp", "eval_tokens"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name}={getattr(self, name)} must be at least 1")
+        if self.eval_tokens < 1:
+            raise ValueError(f"eval_tokens={self.eval_tokens} must be at least 1")
         if self.vocab_size < 300:
             raise ValueError(f"vocab_size={self.vocab_size} must be at least 300 (256 bytes + merges)")
-        if self.ctx < 8:
-            raise ValueError(f"ctx={self.ctx} must be at least 8")
-        if not self.lr > 0:
-            raise ValueError(f"lr={self.lr} must be positive")
+        if self.lm.ctx < 8:
+            raise ValueError(f"ctx={self.lm.ctx} must be at least 8")
 
 
 def train_tokenizer(docs: list[str], vocab_size: int):
@@ -184,8 +159,8 @@ def build_model(cfg: PyTrainConfig):
 
     torch.manual_seed(cfg.seed)
     return GPT2LMHeadModel(GPT2Config(
-        vocab_size=cfg.vocab_size, n_positions=cfg.ctx, n_embd=cfg.d_model, n_layer=cfg.n_layer, n_head=cfg.n_head,
-        n_inner=cfg.d_mlp, bos_token_id=EOT_ID, eos_token_id=EOT_ID, pad_token_id=EOT_ID,
+        vocab_size=cfg.vocab_size, n_positions=cfg.lm.ctx, n_embd=cfg.lm.d_model, n_layer=cfg.lm.n_layer, n_head=cfg.lm.n_head,
+        n_inner=cfg.lm.d_mlp, bos_token_id=EOT_ID, eos_token_id=EOT_ID, pad_token_id=EOT_ID,
         resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
     ))
 
@@ -203,22 +178,22 @@ def train_pycode(cfg: PyTrainConfig, progress: Callable[[int, dict], None] | Non
     """Train, evaluate and save; the model is written to `<out>.partial` and renamed when complete."""
     out = check_out(cfg)
     threads = torch.get_num_threads()
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
+    if cfg.lm.threads:
+        torch.set_num_threads(cfg.lm.threads)
     try:
         t0 = time.time()
         tokenizer = train_tokenizer(corpus.documents("train"), cfg.vocab_size)
         train = token_stream(tokenizer, corpus.documents("train"))
-        windows = heldout_windows(token_stream(tokenizer, corpus.documents("heldout")), cfg.ctx, cfg.eval_tokens)
+        windows = heldout_windows(token_stream(tokenizer, corpus.documents("heldout")), cfg.lm.ctx, cfg.eval_tokens)
         base = baselines(train, windows, cfg.vocab_size)
         model = build_model(cfg)
         model.train()
-        opt = adamw(model, cfg.lr, cfg.weight_decay)
+        opt = adamw(model, cfg.lm.lr, cfg.lm.weight_decay)
         history = []
-        for step in range(cfg.steps):
-            lr = lr_at(step, cfg.lr, cfg.warmup, cfg.steps)
-            info = {"loss": train_step(model, opt, batch(train, cfg.batch_size, cfg.ctx, cfg.seed, step), lr), "lr": lr}
-            if cfg.eval_every and (step + 1) % cfg.eval_every == 0 and step + 1 < cfg.steps:
+        for step in range(cfg.lm.steps):
+            lr = lr_at(step, cfg.lm.lr, cfg.lm.warmup, cfg.lm.steps)
+            info = {"loss": train_step(model, opt, batch(train, cfg.lm.batch_size, cfg.lm.ctx, cfg.seed, step), lr), "lr": lr}
+            if cfg.eval_every and (step + 1) % cfg.eval_every == 0 and step + 1 < cfg.lm.steps:
                 ev = evaluate(model, windows, base)
                 info["eval"] = ev.to_dict()
                 history.append({"step": step + 1, "train_loss": info["loss"], "loss": ev.loss, "accuracy": ev.accuracy})
@@ -228,7 +203,7 @@ def train_pycode(cfg: PyTrainConfig, progress: Callable[[int, dict], None] | Non
         seconds = time.time() - t0
     finally:
         torch.set_num_threads(threads)
-    history.append({"step": cfg.steps, "loss": result.loss, "accuracy": result.accuracy})
+    history.append({"step": cfg.lm.steps, "loss": result.loss, "accuracy": result.accuracy})
     tmp = out.with_name(out.name + ".partial")
     if tmp.exists():
         shutil.rmtree(tmp)
@@ -242,8 +217,7 @@ def train_pycode(cfg: PyTrainConfig, progress: Callable[[int, dict], None] | Non
     os.umask(umask)
     for f in tmp.iterdir():  # some writers create files owner-only; give them the user's normal permissions
         os.chmod(f, 0o666 & ~umask)
-    command = command or "saekit pycode train " + " ".join(
-        f"--{k.replace('_', '-')} {v}" for k, v in to_dict(cfg).items() if k != "overwrite" and v != getattr(PyTrainConfig, k))
+    command = command or "saekit pycode train " + command_flags(cfg, skip=("overwrite",))
     n_params = sum(p.numel() for p in model.parameters())
     summary = {"config": to_dict(cfg) | {"out": None}, "command": command, "result": result.to_dict(), "seconds": seconds,
                "history": history, "python": platform.python_version(), "train_tokens": int(len(train)),
@@ -260,7 +234,7 @@ def readme_text(cfg: PyTrainConfig, r: PyEval, s: dict, n_params: int) -> str:
     rows = "\n".join(f"| {h['step']} | {h['loss']:.4f} | {h['accuracy']:.2%} |" for h in s["history"])
     return f"""# saekit pycode model
 
-A {cfg.n_layer}-layer GPT-2 (d_model {cfg.d_model}, d_mlp {cfg.d_mlp}, {cfg.n_head} heads, {n_params:,} parameters,
+A {cfg.lm.n_layer}-layer GPT-2 (d_model {cfg.lm.d_model}, d_mlp {cfg.lm.d_mlp}, {cfg.lm.n_head} heads, {n_params:,} parameters,
 byte-level BPE vocabulary of {cfg.vocab_size}) trained by saekit on the source code of the Python
 {s['python']} standard library ({s['train_files']} files, {s['train_tokens']:,} tokens; tests, IDLE and
 site-packages left out; {s['heldout_files']} files held out by a hash of their path).

@@ -13,16 +13,16 @@ import json
 import os
 import shutil
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
 import torch
 
-from saekit.config import to_dict
+from saekit.config import command_flags, to_dict
 from saekit.errors import SaekitError
-from saekit.lmtrain import adamw, lr_at, next_token_logits_loss, train_step
+from saekit.lmtrain import LMConfig, adamw, lr_at, next_token_logits_loss, train_step
 from saekit.toy.fsm import (BOS_ID, BOS_TOKEN, FSM, VOCAB_SIZE, check_shape, generate, load_matrix, optimum_loss, transition_accuracy,
                             unigram_entropy)
 
@@ -44,7 +44,10 @@ def with_preset(cfg: "ToyTrainConfig") -> "ToyTrainConfig":
     import dataclasses
 
     default = ToyTrainConfig()
-    return dataclasses.replace(cfg, **{k: v for k, v in PRESETS[cfg.preset].items() if getattr(cfg, k) == getattr(default, k)})
+    values = PRESETS[cfg.preset]
+    lm_keys = {f.name for f in dataclasses.fields(default.lm)}  # the transformer's shape lives in the nested LMConfig
+    lm = dataclasses.replace(cfg.lm, **{k: v for k, v in values.items() if k in lm_keys and getattr(cfg.lm, k) == getattr(default.lm, k)})
+    return dataclasses.replace(cfg, lm=lm, **{k: v for k, v in values.items() if k not in lm_keys and getattr(cfg, k) == getattr(default, k)})
 
 
 @dataclass
@@ -69,32 +72,12 @@ class ToyTrainConfig:
     """Transformer family: gpt2 (learnt positions) or gpt-neox (rotary positions, as the Codebook Features TokFSM model)."""
     seed: int = 0
     """Seed of the weights' initialisation and of the training stream."""
-    ctx: int = 128
-    """Sequence length in tokens, BOS included (also the model's n_positions)."""
-    n_layer: int = 4
-    """Transformer blocks."""
-    d_model: int = 128
-    """Residual stream width."""
-    n_head: int = 4
-    """Attention heads per block."""
-    d_mlp: int = 512
-    """MLP hidden width."""
-    batch_size: int = 64
-    """Sequences per step."""
-    steps: int = 1000
-    """Optimiser steps."""
-    lr: float = 3e-3
-    """Peak AdamW learning rate (linear warmup, then cosine decay to a tenth)."""
-    warmup: int = 100
-    """Warmup steps."""
-    weight_decay: float = 0.01
-    """AdamW weight decay on matrices."""
+    lm: LMConfig = field(default_factory=lambda: LMConfig(n_layer=4, batch_size=64, steps=1000))
+    """The transformer's shape and the optimisation (flags --ctx, --n-layer, --d-model, --n-head, --d-mlp, --batch-size, --steps, --lr, --warmup, --weight-decay, --threads)."""
     eval_every: int = 100
     """Measure held-out loss and transition accuracy every this many steps (0: only at the end)."""
     eval_seqs: int = 64
     """Held-out sequences for the loss, and sequences generated for transition accuracy."""
-    threads: int = 0
-    """CPU threads for torch during training (0: leave torch's default; 1 is fastest for tiny models or a busy machine)."""
     rotary_pct: float = 1.0
     """gpt-neox: share of each head's width that gets rotary positions (Codebook Features' model: 0.25, the Hugging Face default)."""
     preset: str = ""
@@ -109,15 +92,10 @@ class ToyTrainConfig:
             raise ValueError(f"arch={self.arch!r} is not one of {', '.join(ARCHS)}")
         if self.fsm is None:
             check_shape(self.n_states, self.out_degree, self.digits)
-        if self.d_model % self.n_head:
-            raise ValueError(f"d_model={self.d_model} is not divisible by n_head={self.n_head}")
-        if self.ctx < self.digits + 2:
-            raise ValueError(f"ctx={self.ctx} must hold BOS and at least one state plus a digit ({self.digits + 2} tokens)")
-        for name in ("steps", "batch_size", "n_layer", "d_model", "n_head", "d_mlp", "eval_seqs"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name}={getattr(self, name)} must be at least 1")
-        if self.lr <= 0:
-            raise ValueError(f"lr={self.lr} must be positive")
+        if self.lm.ctx < self.digits + 2:
+            raise ValueError(f"ctx={self.lm.ctx} must hold BOS and at least one state plus a digit ({self.digits + 2} tokens)")
+        if self.eval_seqs < 1:
+            raise ValueError(f"eval_seqs={self.eval_seqs} must be at least 1")
 
 
 @dataclass
@@ -145,14 +123,14 @@ def build_model(cfg: ToyTrainConfig):
     torch.manual_seed(cfg.seed)
     if cfg.arch == "gpt-neox":
         return GPTNeoXForCausalLM(GPTNeoXConfig(
-            vocab_size=VOCAB_SIZE, hidden_size=cfg.d_model, num_hidden_layers=cfg.n_layer, num_attention_heads=cfg.n_head,
-            intermediate_size=cfg.d_mlp, max_position_embeddings=cfg.ctx, rotary_pct=cfg.rotary_pct, use_parallel_residual=True,
+            vocab_size=VOCAB_SIZE, hidden_size=cfg.lm.d_model, num_hidden_layers=cfg.lm.n_layer, num_attention_heads=cfg.lm.n_head,
+            intermediate_size=cfg.lm.d_mlp, max_position_embeddings=cfg.lm.ctx, rotary_pct=cfg.rotary_pct, use_parallel_residual=True,
             bos_token_id=BOS_ID, eos_token_id=BOS_ID, pad_token_id=BOS_ID, hidden_dropout=0.0, attention_dropout=0.0,
             tie_word_embeddings=False,
         ))
     hf = GPT2Config(
-        vocab_size=VOCAB_SIZE, n_positions=cfg.ctx, n_embd=cfg.d_model, n_layer=cfg.n_layer, n_head=cfg.n_head,
-        n_inner=cfg.d_mlp, bos_token_id=BOS_ID, eos_token_id=BOS_ID, pad_token_id=BOS_ID,
+        vocab_size=VOCAB_SIZE, n_positions=cfg.lm.ctx, n_embd=cfg.lm.d_model, n_layer=cfg.lm.n_layer, n_head=cfg.lm.n_head,
+        n_inner=cfg.lm.d_mlp, bos_token_id=BOS_ID, eos_token_id=BOS_ID, pad_token_id=BOS_ID,
         resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
     )
     return GPT2LMHeadModel(hf)
@@ -245,7 +223,7 @@ def readme_text(cfg: ToyTrainConfig, fsm: FSM, result: ToyEval, seconds: float, 
     arch = "GPT-NeoX (rotary positions)" if cfg.arch == "gpt-neox" else "GPT-2"
     return f"""# saekit toy model
 
-A {cfg.n_layer}-layer {arch} (d_model {cfg.d_model}, d_mlp {cfg.d_mlp}, {cfg.n_head} heads, {n_params:,} parameters)
+A {cfg.lm.n_layer}-layer {arch} (d_model {cfg.lm.d_model}, d_mlp {cfg.lm.d_mlp}, {cfg.lm.n_head} heads, {n_params:,} parameters)
 trained by saekit on random walks of a finite-state machine ({fsm.n_states} states,
 {fsm.out_degree} equally likely successors each, every state written as {fsm.digits} digit tokens;
 the FSM is in `fsm.json`). Vocabulary: digits 0-9 are ids 0-9, `<|endoftext|>` (BOS/EOS) is id 10.
@@ -275,8 +253,8 @@ def train_toy(cfg: ToyTrainConfig, progress: Callable[[int, dict], None] | None 
     """
     cfg = with_preset(cfg)
     threads = torch.get_num_threads()
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
+    if cfg.lm.threads:
+        torch.set_num_threads(cfg.lm.threads)
     try:
         return _train(cfg, progress, command)
     finally:
@@ -288,29 +266,27 @@ def _train(cfg: ToyTrainConfig, progress, command) -> tuple[Path, ToyEval]:
     fsm = make_fsm(cfg)
     model = build_model(cfg)
     model.train()
-    opt = adamw(model, cfg.lr, cfg.weight_decay)
+    opt = adamw(model, cfg.lm.lr, cfg.lm.weight_decay)
     history = []
     t0 = time.time()
-    for step in range(cfg.steps):
-        lr = lr_at(step, cfg.lr, cfg.warmup, cfg.steps)
-        tokens, _ = generate(fsm, cfg.batch_size, cfg.ctx, seed=[cfg.seed, 0, step])
+    for step in range(cfg.lm.steps):
+        lr = lr_at(step, cfg.lm.lr, cfg.lm.warmup, cfg.lm.steps)
+        tokens, _ = generate(fsm, cfg.lm.batch_size, cfg.lm.ctx, seed=[cfg.seed, 0, step])
         info = {"loss": train_step(model, opt, torch.from_numpy(tokens), lr), "lr": lr}
-        if cfg.eval_every and (step + 1) % cfg.eval_every == 0 and step + 1 < cfg.steps:
-            ev = evaluate(model, fsm, cfg.ctx, cfg.eval_seqs, seed=cfg.seed)
+        if cfg.eval_every and (step + 1) % cfg.eval_every == 0 and step + 1 < cfg.lm.steps:
+            ev = evaluate(model, fsm, cfg.lm.ctx, cfg.eval_seqs, seed=cfg.seed)
             info["eval"] = ev.to_dict()
             history.append({"step": step + 1, "train_loss": info["loss"], **ev.to_dict()})
         if progress:
             progress(step + 1, info)
     seconds = time.time() - t0
-    result = evaluate(model, fsm, cfg.ctx, max(cfg.eval_seqs, 64), seed=cfg.seed)
-    history.append({"step": cfg.steps, **result.to_dict()})
+    result = evaluate(model, fsm, cfg.lm.ctx, max(cfg.eval_seqs, 64), seed=cfg.seed)
+    history.append({"step": cfg.lm.steps, **result.to_dict()})
 
     model.save_pretrained(tmp, safe_serialization=True)
     make_tokenizer().save_pretrained(tmp)
     fsm.save(tmp / "fsm.json")
-    command = command or "saekit toy train " + " ".join(
-        f"--{k.replace('_', '-')} {v}" for k, v in to_dict(cfg).items() if k != "overwrite" and v != getattr(ToyTrainConfig, k)
-    )
+    command = command or "saekit toy train " + command_flags(cfg, skip=("overwrite",))
     n_params = sum(p.numel() for p in model.parameters())
     summary = {"config": to_dict(cfg) | {"out": None}, "command": command, "result": result.to_dict(), "seconds": seconds, "history": history}
     (tmp / "toy_train.json").write_text(json.dumps(summary, indent=2))
