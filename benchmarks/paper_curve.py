@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 
 from saekit import runs
+from saekit.config import from_flags
 from saekit.inmodel.codebooks import InModelCodebook, build_codebook, parse_spec
 from saekit.inmodel.finetune import FinetuneConfig, _n_layers, with_preset
 from saekit.inmodel.model import load_in_model, lm_score
@@ -20,7 +21,7 @@ from saekit.toy.train import sample
 
 torch.set_num_threads(1)
 ROOT = Path(sys.argv[1]) if len(sys.argv) > 1 else Path("runs/paper")
-cfg = with_preset(FinetuneConfig(**json.loads((ROOT / "ft" / "config.json").read_text())))
+cfg = with_preset(from_flags(FinetuneConfig, **json.loads((ROOT / "ft" / "config.json").read_text())))  # flat (old) or nested run
 specs = parse_spec(cfg.codebooks, _n_layers(cfg.model))
 hooks = [s.hook for s in specs]
 im = load_in_model(cfg.model, hooks, torch.device("cpu"))

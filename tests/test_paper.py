@@ -7,6 +7,8 @@ import json
 
 import numpy as np
 import pytest
+
+from saekit.config import from_flags
 import torch
 
 from saekit.dictionaries import DictConfig
@@ -99,7 +101,7 @@ def test_toy_paper_preset_builds_the_papers_model_and_fsm():
     fsm = toy_train.make_fsm(cfg)
     assert (fsm.n_states, fsm.out_degree, fsm.digits, fsm.seed) == (100, 10, 2, 42)
     # what the user sets wins over the preset; no preset keeps today's defaults
-    assert toy_train.with_preset(toy_train.ToyTrainConfig(preset="paper", n_layer=2)).n_layer == 2
+    assert toy_train.with_preset(from_flags(toy_train.ToyTrainConfig, preset="paper", n_layer=2)).lm.n_layer == 2
     assert toy_train.with_preset(toy_train.ToyTrainConfig()).arch == "gpt2"
     with pytest.raises(ValueError, match="preset"):
         toy_train.ToyTrainConfig(preset="papr")
@@ -127,7 +129,7 @@ def test_finetune_paper_preset_puts_k1_codebooks_of_1000_codes_at_every_layer():
 def tiny_fsm(tmp_path_factory):
     """A 2-layer GPT-NeoX on a 12-state two-digit FSM, its training text and held-out labelled walks."""
     root = tmp_path_factory.mktemp("fsm")
-    cfg = toy_train.ToyTrainConfig(out=str(root / "model"), arch="gpt-neox", n_states=12, out_degree=3, digits=2, fsm_seed=3,
+    cfg = from_flags(toy_train.ToyTrainConfig, out=str(root / "model"), arch="gpt-neox", n_states=12, out_degree=3, digits=2, fsm_seed=3,
                                    n_layer=2, d_model=32, n_head=2, d_mlp=64, ctx=33, steps=1, eval_seqs=4, batch_size=2)
     model_dir, _ = toy_train.train_toy(cfg)
     fsm = toy_train.make_fsm(cfg)
@@ -175,7 +177,7 @@ def _mean_best_f1(codes: np.ndarray, state: np.ndarray, where: np.ndarray) -> fl
 
 def test_tiny_fsm_model_with_codebooks_at_every_layer_trains_from_scratch_and_codes_find_states(tiny_fsm):
     model_dir, text, fsm, root = tiny_fsm
-    cfg = FinetuneConfig(model=model_dir, data=text, packing="doc", preset="paper", from_scratch=True, seq_len=33,
+    cfg = from_flags(FinetuneConfig, model=model_dir, data=text, packing="doc", preset="paper", from_scratch=True, seq_len=33,
                          codebooks="attn:k=1,codes=24,groups=heads;mlp:k=1,codes=24", batch_size=32, steps=300, lr=3e-3,
                          codebook_lr=3e-3, eval_sequences=64, baseline=False, log_every=50, out=str(root / "ft"))
     res = finetune(cfg, progress=False)
@@ -198,7 +200,7 @@ def test_tiny_fsm_model_with_codebooks_at_every_layer_trains_from_scratch_and_co
 # --- drift -----------------------------------------------------------------------------------------
 
 def _commit_curve(model_dir, text, out, **kw) -> list[float]:
-    cfg = FinetuneConfig(model=model_dir, data=text, packing="doc", seq_len=33, batch_size=16, eval_sequences=16, baseline=False,
+    cfg = from_flags(FinetuneConfig, model=model_dir, data=text, packing="doc", seq_len=33, batch_size=16, eval_sequences=16, baseline=False,
                          log_every=10, out=str(out), **kw)
     finetune(cfg, progress=False)
     rows = [json.loads(ln) for ln in (out / "metrics.jsonl").read_text().splitlines() if ln]
