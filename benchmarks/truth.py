@@ -42,9 +42,12 @@ from saekit.config import from_flags
 from saekit.truth import TruthConfig, score_truth
 
 sys.path.insert(0, str(Path(__file__).parent / "peers"))
-from compare import DEFAULT_PEER_PYTHON, PEER_KINDS, peer_available, run_trainer, train_rows, write_acts  # noqa: E402
+from compare import DEFAULT_PEER_PYTHON, peer_available, run_trainer, train_rows, write_acts  # noqa: E402
 
 KINDS = ("batchtopk", "topk", "jumprelu", "matryoshka")
+TRUTH_PEER_KINDS = {"saelens": ("topk", "batchtopk", "jumprelu", "matryoshka"), "dictionary_learning": ("topk", "batchtopk"),
+                    "sparsify": ("topk",)}
+"""The peers' own trainers run here, per kind (trainers.py; SAELens's jumprelu in its target-L0 mode)."""
 BASELINE = "batchtopk"
 
 
@@ -129,7 +132,7 @@ def main() -> None:
                 rows[kind] = r
                 report(name, kind, r)
             if a.peers and not a.stream:
-                rows |= peer_rows(a, name, store, work, k)
+                rows |= peer_rows(a, name, store, work, k, kinds)
             results["worlds"][name] = rows
     finally:
         if not a.work:
@@ -145,7 +148,7 @@ def report(world: str, name: str, r: dict) -> None:
           f"L0 {r['l0']:.2f} (true {r['true_l0']:.2f})  FVU {r['fvu']:.4f}  {r['tokens_per_s']:,.0f} tok/s")
 
 
-def peer_rows(a, world: str, store_path: Path, work: Path, k: int) -> dict[str, dict]:
+def peer_rows(a, world: str, store_path: Path, work: Path, k: int, kinds: list[str]) -> dict[str, dict]:
     """Each peer's topk / batchtopk trained on the store's training rows by its own trainer, scored like saekit's."""
     store = ActivationStore(str(store_path))
     hook = store.hooks[0]
@@ -163,8 +166,8 @@ def peer_rows(a, world: str, store_path: Path, work: Path, k: int) -> dict[str, 
         if why:
             print(f"[{world}] {peer}: skipped ({why})")
             continue
-        for kind in ("topk", "batchtopk"):
-            if kind not in PEER_KINDS[peer]:
+        for kind in kinds:
+            if kind not in TRUTH_PEER_KINDS[peer]:
                 continue
             res = run_trainer(a.peer_python, peer, kind, acts, work / f"peer-{world}-{peer}-{kind}", run_args, a.d_dict, lr)
             if "error" in res:

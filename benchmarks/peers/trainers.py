@@ -43,7 +43,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 TRAINERS = ("saekit", "saelens", "dictionary_learning", "sparsify")
-KINDS = ("topk", "relu", "batchtopk", "transcoder")
+KINDS = ("topk", "relu", "batchtopk", "jumprelu", "matryoshka", "transcoder")
 """transcoder: a TopK transcoder from meta["hook"] to meta["target_hook"]; acts.safetensors then also holds `target`."""
 
 
@@ -164,6 +164,15 @@ def train_saelens(a, x: torch.Tensor, meta: dict, out: Path):
         sae = TopKTrainingSAE(TopKTrainingSAEConfig(k=a.k, **common))
     elif a.kind == "batchtopk":  # saved for inference as JumpReLU with its learned threshold
         sae = BatchTopKTrainingSAE(BatchTopKTrainingSAEConfig(k=a.k, **common))
+    elif a.kind == "jumprelu":  # its target-L0 mode (GemmaScope 2's quadratic loss), as saekit's jumprelu targets k
+        from sae_lens import JumpReLUTrainingSAE, JumpReLUTrainingSAEConfig
+
+        sae = JumpReLUTrainingSAE(JumpReLUTrainingSAEConfig(jumprelu_sparsity_loss_mode="quadratic", target_l0=float(a.k), **common))
+    elif a.kind == "matryoshka":  # BatchTopK with nested prefixes; the same prefix sizes as saekit's matryoshka
+        from sae_lens import MatryoshkaBatchTopKTrainingSAE, MatryoshkaBatchTopKTrainingSAEConfig
+
+        widths = [a.d_dict >> s for s in (4, 3, 2, 1) if a.d_dict >> s > a.k] + [a.d_dict]
+        sae = MatryoshkaBatchTopKTrainingSAE(MatryoshkaBatchTopKTrainingSAEConfig(k=a.k, matryoshka_widths=widths, **common))
     else:
         # saekit's loss is SAELens's divided by d_in (both: Σ‖e‖² + λ Σ f_i‖W_dec,i‖ on E‖x‖² = d_in), so λ is the same.
         sae = StandardTrainingSAE(StandardTrainingSAEConfig(l1_coefficient=a.l1, l1_warm_up_steps=max(1, round(0.05 * steps)), **common))
