@@ -45,7 +45,7 @@ sys.path.insert(0, str(Path(__file__).parent / "peers"))
 from compare import DEFAULT_PEER_PYTHON, peer_available, run_trainer, train_rows, write_acts  # noqa: E402
 
 KINDS = ("batchtopk", "topk", "jumprelu", "matryoshka")
-TRUTH_PEER_KINDS = {"saelens": ("topk", "batchtopk", "jumprelu", "matryoshka"), "dictionary_learning": ("topk", "batchtopk"),
+TRUTH_PEER_KINDS = {"saelens": ("topk", "batchtopk", "jumprelu", "matryoshka"), "dictionary_learning": ("topk", "batchtopk", "jumprelu", "matryoshka"),
                     "sparsify": ("topk",)}
 """The peers' own trainers run here, per kind (trainers.py; SAELens's jumprelu in its target-L0 mode)."""
 BASELINE = "batchtopk"

@@ -99,7 +99,7 @@ def batch_stream(x: torch.Tensor, batch_size: int, seed: int, start_batch: int =
 
 
 def write_saelens_folder(out: Path, arch: str, W_enc, b_enc, W_dec, b_dec, meta: dict, k: int | None = None,
-                         threshold=None) -> None:
+                         threshold=None, apply_b_dec_to_input: bool = True) -> None:
     """A SAELens v6 inference folder (cfg.json + sae_weights.safetensors) for weights of another toolkit."""
     out.mkdir(parents=True, exist_ok=True)
     tensors = {"W_enc": W_enc, "b_enc": b_enc, "W_dec": W_dec, "b_dec": b_dec}
@@ -108,7 +108,7 @@ def write_saelens_folder(out: Path, arch: str, W_enc, b_enc, W_dec, b_dec, meta:
     save_file({n: t.detach().float().contiguous().cpu() for n, t in tensors.items()}, str(out / "sae_weights.safetensors"))
     cfg = {
         "architecture": arch, "d_in": int(W_enc.shape[0]), "d_sae": int(W_enc.shape[1]), "dtype": "float32",
-        "device": "cpu", "apply_b_dec_to_input": True, "normalize_activations": "none", "reshape_activations": "none",
+        "device": "cpu", "apply_b_dec_to_input": apply_b_dec_to_input, "normalize_activations": "none", "reshape_activations": "none",
         "metadata": {"sae_lens_version": "6.0.0", "model_name": meta["model"].get("name"), "hook_name": meta["hook"],
                      "model_from_pretrained_kwargs": {"fold_ln": False, "center_writing_weights": False}},
     }
@@ -207,6 +207,21 @@ def train_dictionary_learning(a, x: torch.Tensor, meta: dict, out: Path):
         # (every positive latent active at inference), so it starts at once here.
         cfg = dict(trainer=BatchTopKTrainer, dict_class=BatchTopKSAE, k=a.k, threshold_start_step=0, **common)
         notes.append("threshold_start_step 0 (default 1000, past the end of a short run)")
+    elif a.kind == "jumprelu":  # its target-L0 JumpReLU (the same aim as saekit's jumprelu with k)
+        from dictionary_learning.dictionary import JumpReluAutoEncoder
+        from dictionary_learning.trainers.jumprelu import JumpReluTrainer
+
+        cfg = dict(trainer=JumpReluTrainer, dict_class=JumpReluAutoEncoder, target_l0=float(a.k),
+                   sparsity_warmup_steps=max(1, round(0.05 * steps)), **common)
+        notes.append("sparsity_warmup_steps 5% of the run (default 2,000, past the end of a short run)")
+    elif a.kind == "matryoshka":  # saekit's prefix sizes as its groups
+        from dictionary_learning.trainers.matryoshka_batch_top_k import MatryoshkaBatchTopKSAE, MatryoshkaBatchTopKTrainer
+
+        bounds = [a.d_dict >> s for s in (4, 3, 2, 1)] + [a.d_dict]
+        fractions = [(b - a_) / a.d_dict for a_, b in zip([0] + bounds[:-1], bounds)]
+        cfg = dict(trainer=MatryoshkaBatchTopKTrainer, dict_class=MatryoshkaBatchTopKSAE, k=a.k, group_fractions=fractions,
+                   threshold_start_step=0, **common)
+        notes.append("threshold_start_step 0 (default 1000, past the end of a short run)")
     else:
         # dictionary_learning normalises to E‖x‖² = 1 and penalises λ' Σ f_i (unit decoder columns); with
         # x' = x_n / √d_in that is saekit's loss / d_in when λ' = λ / √d_in.
@@ -221,6 +236,13 @@ def train_dictionary_learning(a, x: torch.Tensor, meta: dict, out: Path):
     # trainSAE writes a torch.save state dict; read it as tensors only and rewrite it in SAELens's format.
     sd = torch.load(save_dir / "trainer_0" / "ae.pt", map_location="cpu", weights_only=True)
     folder = out / "saelens-format"
+    if a.kind in ("jumprelu", "matryoshka"):  # W_enc (d, n) / W_dec (n, d) as parameters, not nn.Linear
+        n = sd["b_enc"].shape[0]
+        thr = sd["threshold"].float() * torch.ones(n) if a.kind == "matryoshka" else sd["threshold"].float()
+        # JumpReluAutoEncoder encodes x (no b_dec subtracted); the Matryoshka SAE encodes x − b_dec
+        write_saelens_folder(folder, "jumprelu", sd["W_enc"], sd["b_enc"], sd["W_dec"], sd["b_dec"], meta, threshold=thr,
+                             apply_b_dec_to_input=a.kind == "matryoshka")
+        return seconds, before, str(folder), notes
     b_dec = sd["bias"] if a.kind == "relu" else sd["b_dec"]
     arch = {"topk": "topk", "relu": "standard", "batchtopk": "jumprelu"}[a.kind]
     # BatchTopKSAE at inference: ReLU(pre) kept where above its scalar threshold = JumpReLU with that threshold everywhere.
