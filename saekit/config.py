@@ -150,6 +150,22 @@ def from_flags(cls: type[T], **flat) -> T:
     return cls(**kwargs)
 
 
+def apply_preset(cfg: T, values: dict) -> T:
+    """`cfg` with a preset's flat `values` in every field still at its class default (what the user set wins);
+    a name of a nested config's field (`n_layer` of ToyTrainConfig.lm) goes into that config."""
+    default = type(cfg)()
+    changes, nested = {}, {}
+    for f in dataclasses.fields(cfg):
+        inner = getattr(cfg, f.name)
+        if dataclasses.is_dataclass(inner):
+            sub = {k: v for k, v in values.items() if k in {g.name for g in dataclasses.fields(inner)}}
+            nested[f.name] = {k: v for k, v in sub.items() if getattr(inner, k) == getattr(getattr(default, f.name), k)}
+        elif f.name in values and inner == getattr(default, f.name):
+            changes[f.name] = values[f.name]
+    changes |= {name: dataclasses.replace(getattr(cfg, name), **sub) for name, sub in nested.items() if sub}
+    return dataclasses.replace(cfg, **changes)
+
+
 def command_flags(cfg, skip: tuple[str, ...] = ()) -> str:
     """The options that rebuild `cfg` from the defaults (`--n-layer 2 --steps 30`), nested fields spelt flat as the CLI spells them."""
     def flat(obj, outer_names: set[str]) -> dict:

@@ -36,7 +36,7 @@ from torch import Tensor, nn
 
 from saekit.dictionaries.base import DictConfig, Dictionary, ForwardOutput, Provenance, TrainOutput
 from saekit.dictionaries import fast
-from saekit.dictionaries.fast import (TopKEncode, _centred_sq, _kernels_for, _sq, batch_topk_mask, recon_error, row_topk,
+from saekit.dictionaries.fast import (TopKEncode, _kernels_for, aux_term, batch_topk_mask, dead_cols, recon_error, row_topk,
                                       sparse_decode, topk_codes)
 from saekit.dictionaries.jumprelu import JumpReLUFn, StepFn
 from saekit.dictionaries.sae import geometric_median
@@ -229,15 +229,14 @@ class Coder(Dictionary):
         terms: dict[str, Tensor] = {}
         if self.act == "topk" and self.blocks == 1 and fast._TOPK_STEP == "fused" and _kernels_for(xn) is not None:
             # CPU: TopKSAE's fused encoder (reused pre buffer, CSR backward), AuxK's dead-latent codes included
-            cols = None if dead is None else dead.nonzero().squeeze(1)
-            cols = None if cols is None or cols.numel() == 0 else cols
+            cols = dead_cols(dead)
             values, indices, aux_values, aux_indices = TopKEncode.apply(
                 xn, self.W_enc, self.b_enc, self.b_in, self.cfg.k, self._ws, cols, min(aux_k or self.d_out // 2, self.cfg.d_dict))
             y_hat = sparse_decode(values, indices, self.W_dec) + self.b_dec
             if skip is not None:
                 y_hat = y_hat + skip
             mse, err = recon_error(y_hat, y)
-            aux = err.new_zeros(()) if cols is None else _sq(sparse_decode(aux_values, aux_indices, self.W_dec) + err) / _centred_sq(err)
+            aux = err.new_zeros(()) if cols is None else aux_term(aux_values, aux_indices, self.W_dec, err)
             active = (values > 0).float()
             fired = xn.new_zeros(self.cfg.d_dict).index_add_(0, indices.flatten(), active.flatten()) > 0
             return TrainOutput(mse + aux_coef * aux, {"mse": mse, "auxk": aux}, fired, active.sum(-1).mean())
@@ -290,8 +289,7 @@ class Coder(Dictionary):
             return err.new_zeros(())
         k_aux = min(aux_k or self.d_out // 2, self.cfg.d_dict)
         values, indices = row_topk(pre + torch.where(dead, 0.0, -torch.inf), k_aux)
-        e_hat = sparse_decode(values.relu(), indices, self.W_dec)
-        return _sq(e_hat + err) / _centred_sq(err) * dead.any()
+        return aux_term(values.relu(), indices, self.W_dec, err) * dead.any()
 
     @torch.no_grad()
     def _update_threshold(self, f: Tensor) -> None:

@@ -405,6 +405,20 @@ def recon_error(x_hat: Tensor, xn: Tensor) -> tuple[Tensor, Tensor]:
     return _sq(e) / e.numel(), e.detach()
 
 
+def dead_cols(dead: Tensor | None) -> Tensor | None:
+    """Indices of the dead latents, or None when there are none (CPU: no device sync)."""
+    cols = None if dead is None else dead.nonzero().squeeze(1)
+    return None if cols is None or cols.numel() == 0 else cols
+
+
+def aux_term(values: Tensor, indices: Tensor, W_dec: Tensor, err: Tensor) -> Tensor:
+    """AuxK's normalised error: the dead-latent codes decoded (no b_dec) against the residual −err.
+
+    = `normalized_mse`(ê, −err), written so that no (n, d) tensor but ê + err is formed.
+    """
+    return _sq(sparse_decode(values, indices, W_dec) + err) / _centred_sq(err)
+
+
 def _dead_codes(pre: Tensor, cols: Tensor, k_aux: int) -> tuple[Tensor, Tensor]:
     """AuxK's codes: the k_aux largest of pre[:, cols] per row, ReLU'd (all of them when cols has ≤ k_aux)."""
     sub = pre.index_select(1, cols)

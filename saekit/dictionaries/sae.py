@@ -21,7 +21,7 @@ from torch import Tensor, nn
 
 from saekit.dictionaries.base import DictConfig, Dictionary, Provenance, TrainOutput
 from saekit.dictionaries import fast
-from saekit.dictionaries.fast import (TopKEncode, _centred_sq, _dead_codes, _kernels_for, _sq,
+from saekit.dictionaries.fast import (TopKEncode, _dead_codes, _kernels_for, aux_term, dead_cols,
                                       batch_topk_above, batch_topk_candidates, batch_topk_mask, recon_error, relu_loss,
                                       row_topk, sparse_decode, topk_codes)
 
@@ -209,12 +209,6 @@ class TopKSAE(_SAE):
     def _k_aux(self, aux_k: int | None) -> int:
         return min(aux_k or self.cfg.d_in // 2, self.cfg.d_dict)
 
-    @staticmethod
-    def _dead_cols(dead: Tensor | None) -> Tensor | None:
-        """Indices of the dead latents, or None when there are none (CPU: no device sync)."""
-        cols = None if dead is None else dead.nonzero().squeeze(1)
-        return None if cols is None or cols.numel() == 0 else cols
-
     def aux_loss(self, pre: Tensor, err: Tensor, dead: Tensor | None, aux_k: int | None) -> Tensor:
         """AuxK term for the main codes' error err = x̂_n − x_n (detached); exactly 0 (with no host sync) when no latent is dead."""
         if dead is None:
@@ -224,22 +218,18 @@ class TopKSAE(_SAE):
             # Only the dead columns: a top-k over a row that is mostly −inf keeps every entry in the
             # numba kernel's filter (its bound is −inf), so masking cost a full sort per row.  Same
             # result: with fewer dead latents than k_aux, the masked top-k's extra picks were −inf → 0.
-            cols = self._dead_cols(dead)
+            cols = dead_cols(dead)
             return err.new_zeros(()) if cols is None else self._aux_term(*_dead_codes(pre, cols, k_aux), err)
         bias = torch.where(dead, 0.0, -torch.inf)  # (d_dict,): one broadcast add, no (n, d_dict) mask tensor
         values, indices = row_topk(pre + bias, k_aux)
         return self._aux_term(values.relu(), indices, err) * dead.any()
 
     def _aux_term(self, values: Tensor, indices: Tensor, err: Tensor) -> Tensor:
-        """AuxK's normalised error: the dead-latent codes decoded (no b_dec) against the residual −err.
-
-        = `normalized_mse`(ê, −err), written so that no (n, d) tensor but ê + err is formed.
-        """
-        return _sq(sparse_decode(values, indices, self.W_dec) + err) / _centred_sq(err)
+        return aux_term(values, indices, self.W_dec, err)
 
     def training_forward(self, xn, dead: Tensor | None = None, aux_k: int | None = None, aux_coef: float = 1 / 32, **_) -> TrainOutput:
         if fast._TOPK_STEP == "fused" and _kernels_for(xn) is not None:  # CPU: the fused encoder, AuxK's codes included
-            cols = self._dead_cols(dead)
+            cols = dead_cols(dead)
             values, indices, aux_values, aux_indices = TopKEncode.apply(
                 xn, self.W_enc, self.b_enc, self.b_dec, self.cfg.k, self._ws, cols, self._k_aux(aux_k))
             mse, err = recon_error(sparse_decode(values, indices, self.W_dec) + self.b_dec, xn)
@@ -317,7 +307,7 @@ class BatchTopKSAE(TopKSAE):
                             return values, indices
                         mm = min(2 * mm, self.cfg.d_dict)
 
-                cols = self._dead_cols(dead)
+                cols = dead_cols(dead)
                 values, indices, aux_values, aux_indices = TopKEncode.apply(
                     xn, self.W_enc, self.b_enc, self.b_dec, select, self._ws, cols, self._k_aux(aux_k))
                 return self._sparse_forward(xn, values, indices, aux_coef, lambda err: (

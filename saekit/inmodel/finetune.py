@@ -35,7 +35,6 @@ same data *without* codebooks, and the codebook model with its codebooks active.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 import shutil
@@ -47,7 +46,7 @@ import torch
 from torch import Tensor, nn
 
 from saekit import metrics, outdir, runs
-from saekit.config import check_signs, to_dict
+from saekit.config import apply_preset, check_signs, to_dict
 from saekit.dictionaries.base import Provenance
 from saekit.engine import Engine, Objective
 from saekit.errors import SaekitError
@@ -158,11 +157,7 @@ PRESETS: dict[str, dict] = {
 
 def with_preset(cfg: FinetuneConfig) -> FinetuneConfig:
     """cfg with its preset's values in every field still at the dataclass default (what the user set wins)."""
-    if not cfg.preset:
-        return cfg
-    default = FinetuneConfig()
-    changes = {k: v for k, v in PRESETS[cfg.preset].items() if getattr(cfg, k) == getattr(default, k)}
-    return dataclasses.replace(cfg, **changes)
+    return apply_preset(cfg, PRESETS[cfg.preset]) if cfg.preset else cfg
 
 
 # Fields that change what a run computes; a checkpoint written under other values is refused.

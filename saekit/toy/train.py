@@ -20,7 +20,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from saekit.config import command_flags, to_dict
+from saekit.config import apply_preset, command_flags, to_dict
 from saekit.errors import SaekitError
 from saekit.lmtrain import LMConfig, adamw, lr_at, next_token_logits_loss, train_step
 from saekit.toy.fsm import (BOS_ID, BOS_TOKEN, FSM, VOCAB_SIZE, check_shape, generate, load_matrix, optimum_loss, transition_accuracy,
@@ -39,15 +39,7 @@ PRESETS: dict[str, dict] = {
 
 def with_preset(cfg: "ToyTrainConfig") -> "ToyTrainConfig":
     """cfg with its preset's values in every field still at the dataclass default (what the user set wins)."""
-    if not cfg.preset:
-        return cfg
-    import dataclasses
-
-    default = ToyTrainConfig()
-    values = PRESETS[cfg.preset]
-    lm_keys = {f.name for f in dataclasses.fields(default.lm)}  # the transformer's shape lives in the nested LMConfig
-    lm = dataclasses.replace(cfg.lm, **{k: v for k, v in values.items() if k in lm_keys and getattr(cfg.lm, k) == getattr(default.lm, k)})
-    return dataclasses.replace(cfg, lm=lm, **{k: v for k, v in values.items() if k not in lm_keys and getattr(cfg, k) == getattr(default, k)})
+    return apply_preset(cfg, PRESETS[cfg.preset]) if cfg.preset else cfg
 
 
 @dataclass
