@@ -105,6 +105,42 @@ def test_cast_serial_equals_to():
     torch.testing.assert_close(dst, src.float(), rtol=0, atol=0)
 
 
+def test_cast_in_blocks_equals_the_stored_rows(tmp_path, monkeypatch):
+    make_store(tmp_path / "s", dtype="float16")
+    st = ActivationStore(tmp_path / "s")
+    stored = take(st.batches(["a", "b"], 8, seed=3, buffer_rows=40, dtype=None), 20)
+    monkeypatch.setattr(reader, "GATHER_BYTES", 3 * 6 * 2)  # hook a: 3 rows a block, the last block short
+    cast = take(st.batches(["a", "b"], 8, seed=3, buffer_rows=40), 20)
+    assert_same(cast, [{h: x.float() for h, x in b.items()} for b in stored])
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_batches_are_recycled_only_once_dropped(tmp_path, workers):
+    make_store(tmp_path / "s", dtype="float16")
+    st = ActivationStore(tmp_path / "s")
+    kw = dict(seed=4, buffer_rows=40, workers=workers)
+    ref = take(st.batches(["a", "b"], 8, **kw), 40)  # all held: nothing can be recycled
+    assert len({b["a"].data_ptr() for b in ref}) == len(ref)
+    it = st.batches(["a", "b"], 8, **kw)
+    kept, ptrs = {}, []
+    for i in range(40):
+        b = next(it)
+        assert_same([b], [ref[i]])
+        ptrs.append(b["a"].data_ptr())
+        if i % 3 == 0:
+            kept[i] = b  # a batch the consumer holds on to must never be written again
+        elif i % 3 == 1:
+            kept[i] = {"view": b["a"][2:5], "numpy": b["b"].numpy()}  # views and numpy views hold it too
+        del b
+    for i, b in kept.items():
+        if i % 3 == 0:
+            assert_same([b], [ref[i]])
+        else:
+            torch.testing.assert_close(b["view"], ref[i]["a"][2:5], rtol=0, atol=0)
+            np.testing.assert_array_equal(b["numpy"], ref[i]["b"].numpy())
+    assert len(set(ptrs)) < len(ptrs)  # dropped batches' memory came back
+
+
 def test_store_changed_while_reading(tmp_path):
     make_store(tmp_path / "s")
     st = ActivationStore(tmp_path / "s")
