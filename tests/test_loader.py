@@ -98,10 +98,16 @@ def test_compressed_store_is_read_through_h5py(tmp_path):
     assert_same(take(ActivationStore(tmp_path / "s").batches(["a", "b"], 8, seed=2, buffer_rows=40, workers=2), 30), ref)
 
 
-def test_cast_serial_equals_to():
+@pytest.mark.parametrize("threads", [1, 2])
+def test_cast_serial_equals_to(threads):
     src = torch.randn(37, 3000).half()
     dst = torch.empty(37, 3000)
-    reader.cast_serial(src, dst)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)  # one thread: one copy; more: blocks of SERIAL_ELEMENTS
+    try:
+        reader.cast_serial(src, dst)
+    finally:
+        torch.set_num_threads(before)
     torch.testing.assert_close(dst, src.float(), rtol=0, atol=0)
 
 

@@ -324,7 +324,8 @@ def cast_serial(src: torch.Tensor, dst: torch.Tensor) -> None:
     in one cast per batch, against about 2 GB with OMP_WAIT_POLICY=passive, on this 2-core
     machine), and the loader already runs beside the training step or in its own workers.
     """
-    rows = max(1, SERIAL_ELEMENTS // max(1, src.shape[1]))
+    # one torch thread (torch.set_num_threads(1), which worker threads inherit): nothing to split
+    rows = src.shape[0] if torch.get_num_threads() == 1 else max(1, SERIAL_ELEMENTS // max(1, src.shape[1]))
     for s in range(0, src.shape[0], rows):
         dst[s : s + rows].copy_(src[s : s + rows])
 
