@@ -25,7 +25,14 @@ import torch
 from saekit.errors import SaekitError
 
 COMPUTE = ("auto", "float32", "bfloat16", "float16")
+ALIASES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+"""Short names a user may type for the COMPUTE choices."""
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def canonical(compute: str) -> str:
+    """A precision name as COMPUTE spells it (fp32 → float32; case ignored); unknown names come back unchanged."""
+    return ALIASES.get(compute.lower(), compute.lower())
 
 
 @dataclass(frozen=True)
@@ -52,14 +59,18 @@ class Precision:
 def precision_for(device: torch.device | str, compute: str = "auto", tf32: bool = True) -> Precision:
     """The policy for `device`: `compute` auto → bfloat16 on a CUDA GPU that supports it, else float32."""
     device = torch.device(device)
+    asked, compute = compute, canonical(compute)
     if compute not in COMPUTE:
-        raise SaekitError(f"precision {compute!r} is not one of {', '.join(COMPUTE)}")
+        raise SaekitError(f"precision {asked!r} is not one of {', '.join(COMPUTE)} (or {', '.join(ALIASES)})")
     cuda = device.type == "cuda"
     if compute == "auto":
         compute = "bfloat16" if cuda and torch.cuda.is_bf16_supported() else "float32"
     if compute != "float32" and not cuda:
-        raise SaekitError(f"precision {compute} needs a CUDA device (training on {device.type} is float32); "
-                          "pass --precision float32 or --device cuda")
+        raise SaekitError(f"precision {asked} needs a CUDA device (training on {device.type} is float32: the numba kernels "
+                          "take float32 and most CPUs have no fast half-precision matmul); pass --precision float32 or auto, or --device cuda")
+    if compute == "bfloat16" and not torch.cuda.is_bf16_supported():
+        raise SaekitError(f"precision {asked}: this GPU ({torch.cuda.get_device_name(device)}) has no bfloat16; "
+                          "pass --precision float16 (loss-scaled) or float32")
     return Precision(device, _DTYPES[compute], tf32 and cuda)
 
 

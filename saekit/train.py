@@ -111,6 +111,9 @@ class TrainConfig:
     """Rows held in the store's shuffling buffer; 0 uses the store's default."""
     device: str = "auto"
     """cpu, cuda, cuda:1, ... or auto (cuda when available)."""
+    precision: str = "auto"
+    """Matmul precision of the training step: auto (bfloat16 autocast on a CUDA GPU that has it, else float32), float32, bfloat16 or float16 (fp32, bf16, fp16 also work);
+    weights and Adam's state stay float32; bfloat16 and float16 need a CUDA device."""
     resume: bool = False
     """Continue from the last checkpoint in --out (same batches, same final weights as an uninterrupted run); rerunning the same command also resumes."""
     keep_checkpoints: bool = False
@@ -155,6 +158,8 @@ class TrainConfig:
             raise ValueError("hooks is empty: name at least one hook, or `all`")
         if self.objective not in ("offline", "e2e"):
             raise ValueError(f"objective {self.objective!r} is not offline or e2e")
+        if precision.canonical(self.precision) not in precision.COMPUTE:
+            raise ValueError(f"precision {self.precision!r} is not one of {', '.join(precision.COMPUTE)} (or fp32, bf16, fp16)")
         if self.placement not in PLACEMENTS:
             raise ValueError(f"placement {self.placement!r} is not one of {', '.join(PLACEMENTS)}")
         check_fields(self)  # the remaining ranges: lr positive when given, no NaN
@@ -427,7 +432,7 @@ class Trainer(Objective):
         self.runs = [self._make_run(sp, k, l1) for sp in specs for k, l1 in self._sweep()]
         self.scales = {h: torch.tensor(float(src.prov.scale), device=self.device) for h, src in hooks.items()}
         self.tokens_per_s = float("nan")
-        self.precision = precision.precision_for(self.device)  # CUDA: bfloat16 autocast, float32 master weights, TF32
+        self.precision = precision.precision_for(self.device, cfg.precision)  # auto: bfloat16 autocast on CUDA; float32 master weights, TF32
         precision.apply_matmul_flags(self.precision)
         self.per_step = cfg.batch_size
         if self.device.type == "cpu":

@@ -93,3 +93,56 @@ def test_cuda_autocast_trains_like_float32(compute):
     assert got[-1] < 0.7 * got[0]
     assert abs(got[-1] - ref[-1]) < 0.15 * ref[-1] + 1e-3
     assert precision.grad_scaler(p).is_enabled() == (compute == "float16")
+
+
+def test_precision_names_and_the_cuda_choice(monkeypatch):
+    assert precision.precision_for("cpu", "fp32").compute == torch.float32
+    assert precision.precision_for("cpu", "Float32").compute == torch.float32
+    with pytest.raises(SaekitError, match="precision bf16 needs a CUDA device"):
+        precision.precision_for("cpu", "bf16")
+    with pytest.raises(SaekitError, match="precision fp16 needs a CUDA device"):
+        precision.precision_for("cpu", "fp16")
+    # what a CUDA device resolves to (torch.device("cuda") needs no GPU; the capability query is stubbed)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    assert precision.precision_for("cuda", "auto").compute == torch.bfloat16
+    assert precision.precision_for("cuda", "bf16").compute == torch.bfloat16
+    p = precision.precision_for("cuda", "fp16")
+    assert p.compute == torch.float16 and p.scaled and p.tf32
+    assert precision.precision_for("cuda", "fp32", tf32=False).autocast is False
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a, **k: "an old GPU")
+    assert precision.precision_for("cuda", "auto").compute == torch.float32
+    with pytest.raises(SaekitError, match="has no bfloat16; pass --precision float16"):
+        precision.precision_for("cuda", "bfloat16")
+
+
+def test_train_config_precision_reaches_the_trainer(tmp_path):
+    from saekit.config import from_flags
+    from saekit.dictionaries import Provenance
+    from saekit.train import HookSource, TrainConfig, Trainer, tensor_batches
+
+    with pytest.raises(ValueError, match="precision 'fp8' is not one of auto, float32, bfloat16, float16"):
+        TrainConfig(precision="fp8")
+    data = {"h": torch.randn(512, 8)}
+
+    def trainer(**kw):
+        cfg = from_flags(TrainConfig, kind="topk", d_dict=16, k=[2], tokens=512, batch_size=128, init_rows=128,
+                         checkpoint_every=0, out=str(tmp_path / "o"), device="cpu", **kw)
+        return Trainer(cfg, {"h": HookSource(8, Provenance(hook="h"))}, tensor_batches(data, 128), progress=False)
+
+    assert TrainConfig().precision == "auto"
+    assert trainer().precision.compute == torch.float32  # auto on a CPU
+    assert trainer(precision="fp32").precision.compute == torch.float32
+    with pytest.raises(SaekitError, match="precision bf16 needs a CUDA device.*pass --precision float32 or auto, or --device cuda"):
+        trainer(precision="bf16")
+
+
+def test_precision_flag_on_the_cli():
+    from typer.testing import CliRunner
+
+    from saekit_cli.main import app
+
+    res = CliRunner().invoke(app, ["train", "--help"], env={"COLUMNS": "200", "TERM": "dumb"})
+    assert res.exit_code == 0 and "--precision" in res.output
+    res = CliRunner().invoke(app, ["train", "--store", "x", "--precision", "fp8"])  # saekit_cli.main.main prints it as `error: ...`, exit 2
+    assert isinstance(res.exception, SaekitError) and "precision 'fp8' is not one of" in str(res.exception)
