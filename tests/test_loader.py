@@ -199,11 +199,28 @@ def test_cuda_batches_equal_cpu(tmp_path, dtype):
     st = ActivationStore(tmp_path / "s")
     kw = dict(seed=1, buffer_rows=40, dtype=dtype)
     ref = take(st.batches(["a", "b"], 8, **kw), 50)
-    for workers in (1, 3):  # 50 batches go round the pinned ring many times
-        got = take(st.batches(["a", "b"], 8, device="cuda", workers=workers, **kw), 50)
-        for x in got:
-            assert all(v.device.type == "cuda" for v in x.values())
-        assert_same(got, ref)
+    for workers in (1, 3):  # 50 batches go round the pinned ring many times, and cross fills
+        for on_device in (False, True):
+            got = take(st.batches(["a", "b"], 8, device="cuda", workers=workers, gather_on_device=on_device, **kw), 50)
+            for x in got:
+                assert all(v.device.type == "cuda" for v in x.values())
+            assert_same(got, ref)
+
+
+@pytest.mark.parametrize("store_dtype", ["float16", "bfloat16"])
+def test_gather_on_device_equals_the_host_path(tmp_path, store_dtype):
+    """The CUDA path's device-side gather, run with device="cpu": same rows, same order, same dtype, exact resume."""
+    make_store(tmp_path / "s", dtype=store_dtype)
+    st = ActivationStore(tmp_path / "s")
+    for dtype in (torch.float32, None):
+        kw = dict(seed=5, buffer_rows=40, dtype=dtype)
+        ref = take(st.batches(["a", "b"], 8, **kw), 60)  # crosses fills and an epoch
+        for workers in (1, 2):
+            it = st.batches(["a", "b"], 8, workers=workers, gather_on_device=True, **kw)
+            assert it.on_device
+            assert_same(take(it, 60), ref)
+        for n in (7, 33):
+            assert_same(take(st.batches(["a", "b"], 8, start_batch=n, gather_on_device=True, **kw), 60 - n), ref[n:])
 
 
 @cuda

@@ -236,6 +236,7 @@ class ActivationStore:
         workers: int | None = None,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = torch.float32,
+        gather_on_device: bool | None = None,
     ) -> "BatchStream":
         """Endless shuffled batches {hook: tensor [batch_size, width]} (same rows for every hook).
 
@@ -243,11 +244,12 @@ class ActivationStore:
         step on the same cores; up to 4 for a CUDA device; more than one also loads the next
         fill into a second buffer while this one is served); `device` (a CUDA device: staged
         through pinned memory, copied beside the step, cast there); `dtype` of the batches (None:
-        as stored).
+        as stored); `gather_on_device` (None: on a CUDA device) copies each buffer fill once to
+        `device` in the stored dtype and gathers and casts every batch there.
         Rows and their order depend only on (seed, rank, world_size, batch_size, buffer_rows).
         """
         return BatchStream(self, self._hook_list(hooks), batch_size, split, seed, buffer_rows, start_batch, rank, world_size,
-                           workers=workers, device=device, dtype=dtype)
+                           workers=workers, device=device, dtype=dtype, gather_on_device=gather_on_device)
 
     # -- lifetime
     def close(self) -> None:
@@ -346,7 +348,8 @@ class BatchStream:
     """
 
     def __init__(self, store: ActivationStore, hooks, batch_size, split, seed, buffer_rows, start_batch, rank, world_size,
-                 workers: int | None = 1, device: torch.device | str | None = None, dtype: torch.dtype | None = torch.float32):
+                 workers: int | None = 1, device: torch.device | str | None = None, dtype: torch.dtype | None = torch.float32,
+                 gather_on_device: bool | None = None):
         if batch_size < 1:
             raise SaekitError(f"batch_size must be at least 1, got {batch_size}")
         if not 0 <= rank < world_size:
@@ -365,6 +368,10 @@ class BatchStream:
         self.seed, self.buffer_rows, self.rank, self.world_size = seed, buffer_rows, rank, world_size
         self.workers, self.dtype = workers, dtype
         self.device = device
+        self.on_device = device.type == "cuda" if gather_on_device is None else bool(gather_on_device)
+        """Whether each fill is copied to `device` once and batches are gathered there (`_device_batches`)."""
+        self._dev: dict[str, torch.Tensor] = {}  # the fill on the device, stored dtype
+        self._copied: dict[int, torch.cuda.Event] = {}  # id(host buffer) -> its copy to the device (CUDA)
         self.batch_index = start_batch
         self.peak_rows = 0
         # A unit is at most one HDF5 chunk and small enough that any unit fits beside a batch.
@@ -443,9 +450,17 @@ class BatchStream:
             np.take(raw.reshape(-1, w), np.flatnonzero(keep), axis=0, out=dest, mode="clip")
 
     def _new_buffer(self) -> dict[str, np.ndarray]:
+        if self.on_device and self.device.type == "cuda":  # pinned: the fill's copy to the device is one DMA, beside the step
+            t = {np.dtype(np.float16): torch.float16, np.dtype(np.uint16): torch.int16, np.dtype(np.float32): torch.float32}[np.dtype(self._np_dtype)]
+            with torch.cuda.device(self.device):
+                return {h: torch.empty((self.buffer_rows, w), dtype=t, pin_memory=True).numpy().view(self._np_dtype)
+                        for h, w in self._widths.items()}
         return {h: np.empty((self.buffer_rows, w), self._np_dtype) for h, w in self._widths.items()}
 
     def _load(self, fill: list[int], buf: dict[str, np.ndarray], pool: ThreadPoolExecutor | None) -> int:
+        done = self._copied.pop(id(buf), None)
+        if done is not None:  # the device may still be copying this buffer's last fill
+            done.synchronize()
         starts = np.concatenate([[0], np.cumsum(self.unit_rows[fill])]).astype(np.int64)
         jobs = [(u, int(p)) for u, p in zip(fill, starts[:-1])]
         if pool is None:
@@ -566,9 +581,33 @@ class BatchStream:
     def _serve(self, epoch: int, fi: int, first: int, n_batches: int, n: int) -> Iterator[dict[str, torch.Tensor]]:
         bs = self.batch_size
         perm = np.random.default_rng([self.seed, self.rank, epoch, fi, 1]).permutation(n)
-        for batch in self._batches(perm[b * bs : (b + 1) * bs] for b in range(first, n_batches)):
+        if self.on_device:
+            batches = self._device_batches(perm[first * bs : n_batches * bs], n)
+        else:
+            batches = self._batches(perm[b * bs : (b + 1) * bs] for b in range(first, n_batches))
+        for batch in batches:
             self.batch_index += 1
             yield batch
+
+    def _device_batches(self, perm: np.ndarray, n: int) -> Iterator[dict[str, torch.Tensor]]:
+        """The fill's first n rows copied once to the device in the stored dtype (half float32's bytes), then each
+        batch gathered (`index_select`) and cast there: the host does one copy per row instead of a gather and a
+        cast per batch.  Batches come in the order of `perm` (this fill's served rows), as on the host."""
+        for h, arr in self._buf.items():
+            host = self._as_torch(arr[:n])
+            dev = self._dev.get(h)
+            if dev is None:
+                dev = self._dev[h] = torch.empty((self.buffer_rows, arr.shape[1]), dtype=host.dtype, device=self.device)
+            dev[:n].copy_(host, non_blocking=True)  # stream-ordered after the last fill's gathers
+        if self.device.type == "cuda":
+            ev = torch.cuda.Event()
+            ev.record()
+            self._copied[id(self._buf)] = ev  # `_load` waits for it before writing this host buffer again
+        idx = torch.from_numpy(perm).to(self.device)
+        bs = self.batch_size
+        for b in range(len(perm) // bs):
+            i = idx[b * bs : (b + 1) * bs]
+            yield {h: x.index_select(0, i).to(self.dtype or x.dtype) for h, x in self._dev.items()}
 
     def _generate(self, skip: int) -> Iterator[dict[str, torch.Tensor]]:
         plan = self._plan(skip)
