@@ -1,16 +1,19 @@
 """How fast the training loader reads a store, against the file system and h5py on the same files.
 
-    .venv/bin/python benchmarks/loader_speed.py [--widths 256,2304] [--mb 160] [--batch 4096] [--workers 1,2]
+    .venv/bin/python benchmarks/loader_speed.py [--widths 256,2304] [--mb 160] [--batch 4096] [--workers 1,2] [--threads 1]
 
 For each width it writes a synthetic float16 store (two hooks' worth of random rows, ctx 128, BOS
 excluded as in a real harvest) to a temp folder, then measures in the same run, with the files in
 the page cache (each path runs once untimed first):
   - raw: `np.fromfile` of every shard file (the file system's rate);
   - h5py: every activation dataset read chunk by chunk (`ds[a:a + chunk]`);
+  - fill alone: the shuffle buffer's loads of one epoch (the part of `batches` that reads the
+    files: one scattered `os.preadv` per unit), to show where the time of a batch goes;
   - batches: `ActivationStore.batches` for one epoch of the train split (after one untimed epoch, so
     the steady state of a long run), with 1 and 2 workers, as float32 CPU tensors (the default) and
-    in the stored float16 (`dtype=None`: what the CUDA path gathers into pinned memory before
-    casting on the device).
+    in the stored float16 (`dtype=None`: the host-side work of the CUDA path with
+    `gather_on_device=False`, which gathers into pinned memory and casts on the device).
+    The consumer drops each batch, as the trainer does, so batch memory is recycled.
 Rates are stored bytes of activations per CPU-second (process time, all threads) and per wall-second;
 ratios are against h5py's chunk read per CPU-second.  Also printed: store bytes on disk per token per
 hook against width × 2 bytes (the physical minimum), and the estimate for a 16-core host
@@ -105,6 +108,23 @@ class Batches:
         self.store.close()
 
 
+class FillOnly:
+    """Every fill of one epoch loaded into one buffer, as `batches` does before serving it (no gather, no cast)."""
+
+    def __init__(self, path: Path, batch: int):
+        self.store = ActivationStore(path)
+        self.stream = self.store.batches(HOOK, batch, seed=0, buffer_rows=max(1 << 17, 4 * batch))
+        self.buf = self.stream._new_buffer()
+
+    def __call__(self) -> int:
+        rows = sum(self.stream._load(fill, self.buf, None) for fill in self.stream._fills(0))
+        return rows * self.stream._widths[HOOK] * 2
+
+    def close(self) -> None:
+        self.stream.close()
+        self.store.close()
+
+
 def label(workers: int, stored: bool) -> str:
     return f"batches {'f16' if stored else 'f32'}, {workers} thr"
 
@@ -116,7 +136,9 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=4096)
     ap.add_argument("--workers", default="1,2")
     ap.add_argument("--repeats", type=int, default=2, help="best of this many timed runs per path")
+    ap.add_argument("--threads", type=int, default=1, help="torch threads (one: the loader beside a training step)")
     a = ap.parse_args()
+    torch.set_num_threads(a.threads)
     workers = [int(w) for w in a.workers.split(",")]
     print(f"torch threads {torch.get_num_threads()}; store {a.mb:.0f} MB float16 per width, ctx {CTX}, batch {a.batch}")
     tmp = Path(tempfile.mkdtemp(prefix="saekit-loader-"))
@@ -130,7 +152,8 @@ def main() -> None:
             print(f"\nwidth {width}: {store.n_tokens:,} tokens, {disk / 2**20:.0f} MiB on disk; "
                   f"{per_tok:.1f} bytes per token per hook vs {width * 2} (width x 2): {per_tok / (width * 2):.3f}x the minimum")
             paths = {"raw np.fromfile": lambda: raw_read(path), "h5py chunk read": lambda: h5py_read(path)}
-            streams = []
+            streams = [FillOnly(path, a.batch)]
+            paths["fill alone (1 thr)"] = streams[0]
             for stored in (False, True):
                 for w in workers:
                     streams.append(Batches(path, a.batch, w, stored))
