@@ -343,8 +343,10 @@ class BatchStream:
     once the consumer drops the batch (`Recycler`).  `workers` threads read a fill's
     units and gather up to `workers` batches ahead (every copy releases the GIL); with more than
     one worker a second buffer takes the next fill while this one is served.  With a CUDA
-    `device` the gather lands in pinned memory and the cast happens on the device
-    (`store.staging`).  None of this changes which rows a batch holds or their order.
+    `device` each fill is copied once to the device and batches are gathered and cast there
+    (`gather_on_device`, `_device_batches`), or, with gather_on_device=False, each batch is
+    gathered into pinned memory and cast on the device (`store.staging`).  None of this
+    changes which rows a batch holds or their order.
     """
 
     def __init__(self, store: ActivationStore, hooks, batch_size, split, seed, buffer_rows, start_batch, rank, world_size,

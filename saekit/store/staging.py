@@ -6,7 +6,8 @@ of float32 over PCIe) into one of a ring of pinned host buffers; `to_device` cop
 the step on batch i.  The consumer's stream waits for the copy before it uses the tensor
 (`wait_stream`, `record_stream`: the caching allocator must not hand the memory back to the
 copy stream while the step still reads it), and a ring slot is refilled only once the copy
-out of it has finished (its event).  CUDA only: CPU batches never come here.
+out of it has finished (its event).  CUDA only, and only with `batches(gather_on_device=False)`:
+by default a CUDA stream copies whole fills and gathers on the device (`BatchStream._device_batches`).
 """
 
 from __future__ import annotations
