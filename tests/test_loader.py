@@ -199,12 +199,20 @@ def test_cuda_batches_equal_cpu(tmp_path, dtype):
     st = ActivationStore(tmp_path / "s")
     kw = dict(seed=1, buffer_rows=40, dtype=dtype)
     ref = take(st.batches(["a", "b"], 8, **kw), 50)
+    assert st.batches(["a", "b"], 8, device="cuda", **kw).on_device  # the default: a small fill goes to the device
     for workers in (1, 3):  # 50 batches go round the pinned ring many times, and cross fills
         for on_device in (False, True):
-            got = take(st.batches(["a", "b"], 8, device="cuda", workers=workers, gather_on_device=on_device, **kw), 50)
+            it = st.batches(["a", "b"], 8, device="cuda", workers=workers, gather_on_device=on_device, **kw)
+            got = take(it, 50)
+            assert it.on_device == on_device
             for x in got:
                 assert all(v.device.type == "cuda" for v in x.values())
             assert_same(got, ref)
+
+
+def test_device_fill_fits():
+    assert reader.device_fill_fits(1 << 30, 8 << 30) and not reader.device_fill_fits((1 << 30) + 1, 8 << 30)
+    assert not reader.device_fill_fits(26 * 4608 * 2 * (1 << 17), 141 << 30)  # 26 hooks at width 4,608 on an H200
 
 
 @pytest.mark.parametrize("store_dtype", ["float16", "bfloat16"])

@@ -244,8 +244,9 @@ class ActivationStore:
         step on the same cores; up to 4 for a CUDA device; more than one also loads the next
         fill into a second buffer while this one is served); `device` (a CUDA device: staged
         through pinned memory, copied beside the step, cast there); `dtype` of the batches (None:
-        as stored); `gather_on_device` (None: on a CUDA device) copies each buffer fill once to
-        `device` in the stored dtype and gathers and casts every batch there.
+        as stored); `gather_on_device` (None: on a CUDA device whose memory holds 8 fills, `device_fill_fits`)
+        copies each buffer fill once to `device` in the stored dtype and gathers and casts every
+        batch there.
         Rows and their order depend only on (seed, rank, world_size, batch_size, buffer_rows).
         """
         return BatchStream(self, self._hook_list(hooks), batch_size, split, seed, buffer_rows, start_batch, rank, world_size,
@@ -268,6 +269,17 @@ class ActivationStore:
 
     def __repr__(self) -> str:
         return f"ActivationStore({str(self.path)!r}, hooks={self.hooks}, n_sequences={self.n_sequences})"
+
+
+DEVICE_FILL_SHARE = 8
+"""By default a fill is gathered on the GPU only where it takes at most 1/8 of the GPU's memory."""
+
+
+def device_fill_fits(fill_bytes: int, device_bytes: int) -> bool:
+    """Whether a buffer fill (every hook, stored dtype) is small enough to keep on the device by default:
+    the dictionaries, their Adam state and the step's activations need the rest (a fill of 2**17 rows
+    of 26 hooks at width 4,608 is 31 GB; such a run stages batches through the pinned ring)."""
+    return fill_bytes * DEVICE_FILL_SHARE <= device_bytes
 
 
 def _cpus() -> int:
@@ -370,7 +382,10 @@ class BatchStream:
         self.seed, self.buffer_rows, self.rank, self.world_size = seed, buffer_rows, rank, world_size
         self.workers, self.dtype = workers, dtype
         self.device = device
-        self.on_device = device.type == "cuda" if gather_on_device is None else bool(gather_on_device)
+        if gather_on_device is None:
+            fill_bytes = buffer_rows * sum(store.hook_width(h) for h in hooks) * np.dtype(STORED_NP[store.dtype]).itemsize
+            gather_on_device = device.type == "cuda" and device_fill_fits(fill_bytes, torch.cuda.get_device_properties(device).total_memory)
+        self.on_device = bool(gather_on_device)
         """Whether each fill is copied to `device` once and batches are gathered there (`_device_batches`)."""
         self._dev: dict[str, torch.Tensor] = {}  # the fill on the device, stored dtype
         self._copied: dict[int, torch.cuda.Event] = {}  # id(host buffer) -> its copy to the device (CUDA)
