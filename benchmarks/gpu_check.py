@@ -9,8 +9,9 @@ Steps, each timed in this run:
    training rate is compared with);
 3. a random-weight GPT-2 of width `--width` (≥ 2,048 by default) saved with config dtype bfloat16,
    harvested at two hooks on the device in the model's dtype (`model_dtype=auto`): tokens/s;
-4. TopK and BatchTopK at `--d-dict` latents trained from the store (loader: pinned ring, cast on
-   the device, bf16 autocast): tokens/s, the fraction of the bf16 matmul peak, and the GPU's
+4. TopK and BatchTopK at `--d-dict` latents trained from the store (loader: fills copied to the
+   device and gathered there, and again through the host-gathered pinned ring; bf16 autocast):
+   tokens/s, the fraction of the bf16 matmul peak, and the GPU's
    utilisation sampled by nvidia-smi while training; the same steps from an in-memory CUDA tensor
    (target: the store within 10%);
 5. splice-eval of both dictionaries on the store's eval split;
@@ -193,19 +194,23 @@ def do_train(store_path, hook, kinds, d_dict, k, steps, B, device, peak, out):
                           checkpoint_every=0, init_rows=B, device=device, out=str(Path(out) / kind), dead_tokens=10**9)
         # The timed loop starts at batch 1 from a stream whose first fill is already in memory (a one-time cost
         # of a run, not its rate); later fill boundaries are timed.
-        warm = st.batches(hook, B, device=dev)
-        next(warm)
+        def source(on_device):
+            warm = st.batches(hook, B, device=dev, gather_on_device=on_device)
+            next(warm)
 
-        def store_source(start, warm=[warm]):
-            if start == 1 and warm:
-                return warm.pop()
-            return st.batches(hook, B, start_batch=start, device=dev)
+            def store_source(start, warm=[warm]):
+                if start == 1 and warm:
+                    return warm.pop()
+                return st.batches(hook, B, start_batch=start, device=dev, gather_on_device=on_device)
+            return store_source
 
         with GpuUtil() as util:
-            store_tps = steady_tokens_per_s(cfg, hooks, store_source, steps, dev)
+            store_tps = steady_tokens_per_s(cfg, hooks, source(True), steps, dev)  # fills copied once, gathered on the GPU
+        ring_tps = steady_tokens_per_s(cfg, hooks, source(False), steps, dev)  # gathered on the host into the pinned ring
         mem_tps = steady_tokens_per_s(cfg, hooks, tensor_batches(mem, B), steps, dev)
         flops = 4 * d_in * d_dict + 6 * k * d_in  # per token, sparse decoder (train_speed.py's count)
-        res[kind] = {"store_tokens_per_s": store_tps, "memory_tokens_per_s": mem_tps, "store_vs_memory": store_tps / mem_tps,
+        res[kind] = {"store_tokens_per_s": store_tps, "store_ring_tokens_per_s": ring_tps,
+                     "memory_tokens_per_s": mem_tps, "store_vs_memory": store_tps / mem_tps,
                      "fraction_of_bf16_peak": store_tps * flops / peak if peak else None, "gpu_util_mean": util.mean}
     return res
 
