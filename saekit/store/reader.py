@@ -12,6 +12,7 @@ the tokens alone.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import sys
@@ -389,6 +390,7 @@ class BatchStream:
         """Whether each fill is copied to `device` once and batches are gathered there (`_device_batches`)."""
         self._dev: dict[str, torch.Tensor] = {}  # the fill on the device, stored dtype
         self._copied: dict[int, torch.cuda.Event] = {}  # id(host buffer) -> its copy to the device (CUDA)
+        self._copy_stream = None  # CUDA: where fills are copied to the device
         self.batch_index = start_batch
         self.peak_rows = 0
         # A unit is at most one HDF5 chunk and small enough that any unit fits beside a batch.
@@ -610,16 +612,27 @@ class BatchStream:
         """The fill's first n rows copied once to the device in the stored dtype (half float32's bytes), then each
         batch gathered (`index_select`) and cast there: the host does one copy per row instead of a gather and a
         cast per batch.  Batches come in the order of `perm` (this fill's served rows), as on the host."""
-        for h, arr in self._buf.items():
-            host = self._as_torch(arr[:n])
-            dev = self._dev.get(h)
-            if dev is None:
-                dev = self._dev[h] = torch.empty((self.buffer_rows, arr.shape[1]), dtype=host.dtype, device=self.device)
-            dev[:n].copy_(host, non_blocking=True)  # stream-ordered after the last fill's gathers
-        if self.device.type == "cuda":
-            ev = torch.cuda.Event()
-            ev.record()
-            self._copied[id(self._buf)] = ev  # `_load` waits for it before writing this host buffer again
+        cuda = self.device.type == "cuda"
+        with torch.cuda.device(self.device) if cuda else contextlib.nullcontext():  # a worker thread's current device is cuda:0
+            # CUDA: the copy runs on a side stream after the work queued so far (the last fill's gathers read the
+            # device buffer), so it overlaps the steps queued after it; this fill's gathers wait for it.
+            consumer = torch.cuda.current_stream() if cuda else None
+            if cuda:
+                if self._copy_stream is None:
+                    self._copy_stream = torch.cuda.Stream()
+                self._copy_stream.wait_stream(consumer)
+            for h, arr in self._buf.items():
+                if h not in self._dev:  # allocated on the consumer's stream, which reads it
+                    self._dev[h] = torch.empty((self.buffer_rows, arr.shape[1]), dtype=self._as_torch(arr[:0]).dtype, device=self.device)
+            with torch.cuda.stream(self._copy_stream) if cuda else contextlib.nullcontext():
+                for h, arr in self._buf.items():
+                    self._dev[h][:n].copy_(self._as_torch(arr[:n]), non_blocking=True)
+                if cuda:
+                    ev = torch.cuda.Event()
+                    ev.record()
+                    self._copied[id(self._buf)] = ev  # `_load` waits for it before writing this host buffer again
+            if cuda:
+                consumer.wait_stream(self._copy_stream)
         idx = torch.from_numpy(perm).to(self.device)
         bs = self.batch_size
         for b in range(len(perm) // bs):
