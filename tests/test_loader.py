@@ -144,7 +144,8 @@ def test_batches_are_recycled_only_once_dropped(tmp_path, workers):
         else:
             torch.testing.assert_close(b["view"], ref[i]["a"][2:5], rtol=0, atol=0)
             np.testing.assert_array_equal(b["numpy"], ref[i]["b"].numpy())
-    assert len(set(ptrs)) < len(ptrs)  # dropped batches' memory came back
+    if workers == 1:  # no worker thread holds a finished job: a dropped batch's memory comes straight back
+        assert len(set(ptrs)) < len(ptrs)
 
 
 def test_store_changed_while_reading(tmp_path):
