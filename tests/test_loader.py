@@ -121,31 +121,42 @@ def test_cast_in_blocks_equals_the_stored_rows(tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize("workers", [1, 2])
-def test_batches_are_recycled_only_once_dropped(tmp_path, workers):
+def test_batches_are_recycled_only_once_dropped(tmp_path, monkeypatch, workers):
     make_store(tmp_path / "s", dtype="float16")
     st = ActivationStore(tmp_path / "s")
     kw = dict(seed=4, buffer_rows=40, workers=workers)
     ref = take(st.batches(["a", "b"], 8, **kw), 40)  # all held: nothing can be recycled
     assert len({b["a"].data_ptr() for b in ref}) == len(ref)
+    reused = []  # per array handed out: was it one of the recycler's idle arrays?
+    get = reader.Recycler.get
+
+    def counting_get(self, shape, dtype):
+        before = {id(x) for x in self.arrays}
+        arr = get(self, shape, dtype)
+        reused.append(id(arr) in before)
+        return arr
+
+    monkeypatch.setattr(reader.Recycler, "get", counting_get)
     it = st.batches(["a", "b"], 8, **kw)
-    kept, ptrs = {}, []
+    kept = {}
     for i in range(40):
         b = next(it)
         assert_same([b], [ref[i]])
-        ptrs.append(b["a"].data_ptr())
-        if i % 3 == 0:
+        if i == 16:
+            phase1 = len(reused)
+        if i < 16 or i % 3 == 0:
             kept[i] = b  # a batch the consumer holds on to must never be written again
         elif i % 3 == 1:
             kept[i] = {"view": b["a"][2:5], "numpy": b["b"].numpy()}  # views and numpy views hold it too
         del b
     for i, b in kept.items():
-        if i % 3 == 0:
+        if "view" not in b:
             assert_same([b], [ref[i]])
         else:
             torch.testing.assert_close(b["view"], ref[i]["a"][2:5], rtol=0, atol=0)
             np.testing.assert_array_equal(b["numpy"], ref[i]["b"].numpy())
-    if workers == 1:  # no worker thread holds a finished job: a dropped batch's memory comes straight back
-        assert len(set(ptrs)) < len(ptrs)
+    assert not any(reused[: 2 * 16 - 2 * workers])  # while every batch is kept, nothing is recycled
+    assert any(reused[phase1:])  # dropped batches' memory comes back, also after 16 kept batches filled the pool
 
 
 def test_store_changed_while_reading(tmp_path):

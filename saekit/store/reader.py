@@ -309,6 +309,7 @@ class Recycler:
     def __init__(self, limit: int):
         self.limit = limit
         self.arrays: list[np.ndarray] = []
+        self._oldest = 0
         probe = [np.empty(0)]
         self._idle_refs = sys.getrefcount(probe[0])  # the list's reference and getrefcount's argument
 
@@ -321,6 +322,9 @@ class Recycler:
         arr = np.empty(shape, dtype)
         if len(self.arrays) < self.limit:
             self.arrays.append(arr)
+        else:  # all held: forget the oldest (its holder keeps it), so batches a consumer keeps do not end recycling
+            self.arrays[self._oldest] = arr
+            self._oldest = (self._oldest + 1) % self.limit
         return arr
 
 
@@ -556,13 +560,17 @@ class BatchStream:
         count = 0
 
         def job(idx):
+            """(work for a thread, what `finish` takes once it is done)."""
             nonlocal count
             if not cuda:
-                out = self._cpu_outputs(len(idx))
-                return lambda: self._gather_cpu(idx, out)
+                box = [self._cpu_outputs(len(idx))]
+
+                def gather():  # pop: a finished job keeps no reference to the batch, so `Recycler` sees it dropped
+                    self._gather_cpu(idx, box.pop())
+                return gather, box[0]
             slot = count % len(self._ring)  # only the consumer's thread submits, so slots go round in batch order
             count += 1
-            return lambda: self._gather_pinned(idx, slot)
+            return (lambda: self._gather_pinned(idx, slot)), slot
 
         def finish(result):
             if cuda:
@@ -573,15 +581,27 @@ class BatchStream:
 
         if self._pool is None:
             for idx in perms:
-                yield finish(job(idx)())
+                work, result = job(idx)
+                work()
+                del work
+                yield finish(result)
+                del result
             return
         ahead: deque = deque()
         for idx in perms:
-            ahead.append(self._pool.submit(job(idx)))
+            work, result = job(idx)
+            ahead.append((self._pool.submit(work), result))
+            del work, result
             if len(ahead) >= self.workers:
-                yield finish(ahead.popleft().result())
+                done, result = ahead.popleft()
+                done.result()  # raises a worker's error here
+                yield finish(result)
+                del result
         while ahead:
-            yield finish(ahead.popleft().result())
+            done, result = ahead.popleft()
+            done.result()
+            yield finish(result)
+            del result
 
     def _plan(self, skip: int) -> Iterator[tuple[int, int, list[int], int, int]]:
         """(epoch, fill index, units, first batch, batches) of every fill that serves a batch, from batch `skip` on."""
