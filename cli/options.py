@@ -57,7 +57,7 @@ PANELS: dict[str, tuple[str, ...]] = {
     "In-model (end-to-end)": ("objective", "mse_coef"),
     "Output": ("out", "resume", "checkpoint_every", "log_every", "eval_tokens", "json_out", "overwrite", "sweep",
                "finetuned", "baseline"),
-    "Device and distributed": ("device", "model_dtype", "generate_on", "placement", "buffer_rows", "threads"),
+    "Device and distributed": ("device", "precision", "model_dtype", "generate_on", "placement", "buffer_rows", "threads"),
     "Topic steering": ("topic", "n_features", "n_prompts", "prompt_tokens", "topic_lead"),
     "Explanations": ("explain", "explain_terms"),
 }
