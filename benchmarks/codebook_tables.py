@@ -32,12 +32,12 @@ if "tables" in what:
     for h in res["tables"]["hooks"]:
         print(h["hook"], "F1 %.3f prec %.3f neuron %.3f better %.2f purity %.3f / %.3f" % (h["mean_best_f1"], h["mean_code_precision"], h["mean_neuron_precision"], h["share_codes_better_than_neurons"], h["purity_states"], h["purity_state_digit"]), flush=True)
 if "intervene" in what:
-    for states, positions in ((1, "last"), (4, "last"), (4, "state")):
+    for states, positions in ((1, "final"), (1, "state"), (4, "final"), (4, "state"), (4, "generated")):
         r = codebook_intervention(cbm, fsm, n_pairs=100, n_states=states, positions=positions, seed=0)
         res[f"intervene_{states}_{positions}"] = r.to_dict(); save()
         print(f"[{time.time()-t0:.0f}s] intervention states={states} positions={positions}")
         for row in (r.clean_a, *r.rows, r.clean_b):
-            print(f"  {row.name:18s} JS {row.js:.4f} norm {row.js_normalised:.3f} top10 {row.top_accuracy:.3f} success {row.success_rate:.3f}", flush=True)
+            print(f"  {row.name:18s} JS {row.js:.4f} norm {row.js_normalised:.3f} top10 {row.top_accuracy:.3f} success {row.success_rate:.3f} of ceiling {row.success_of_ceiling:.3f} stays A {row.stays_rate:.3f}", flush=True)
 if "steer" in what:
     # each state's best code at the last MLP codebook (the paper's "state codes"); steer with the 8 best, paired seeds
     from saekit.toy.steer import toy_report, tracked_code_state
