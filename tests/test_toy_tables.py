@@ -164,14 +164,14 @@ def _capture(im, hooks, tokens):
     return got
 
 
-def exact_codebook_model(im, fsm):
-    """Codebooks at both layers' residual stream whose codes are the activations of every state input (k = 1, cosine)."""
+def exact_codebook_model(im, fsm, inputs=None):
+    """Codebooks at both layers' residual stream whose codes are the activations of every state input (or of `inputs`) (k = 1, cosine)."""
     from saekit.analysis.codebook_model import CodebookModel
     from saekit.dictionaries.base import DictConfig, Provenance
     from saekit.dictionaries.codebook import Codebook
 
     hooks = ["blocks.0.hook_resid_post", "blocks.1.hook_resid_post"]
-    acts = _capture(im, hooks, torch.from_numpy(state_inputs(fsm)))
+    acts = _capture(im, hooks, torch.from_numpy(state_inputs(fsm) if inputs is None else inputs))
     cbs = {}
     for h in hooks:
         rows = torch.unique(acts[h][:, 1:].reshape(-1, acts[h].shape[-1]), dim=0)  # positions 1.. (BOS is never replaced)
