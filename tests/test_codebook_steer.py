@@ -58,3 +58,19 @@ def test_forcing_a_states_codes_makes_generations_follow_its_successors(toy_in_m
         plain_follow.append(rep.unsteered_stats.follow_rate)
     steered, plain = sum(steered_follow) / 3, sum(plain_follow) / 3
     assert steered > 0.8 and steered > plain + 0.5, (steered_follow, plain_follow)
+
+
+def test_steer_state_user_errors_on_the_shipped_codebook_model():
+    from typer.testing import CliRunner
+
+    from saekit.toy import paper_dir
+    from saekit_cli.main import app
+
+    r = CliRunner()
+    out = r.invoke(app, ["steer", "--help"])
+    assert out.exit_code == 0 and "--state" in out.output and "--sites" in out.output
+    base = ["steer", "--codebook-model", str(paper_dir()), "--device", "cpu", "--prompt", "12"]
+    for extra, msg in ((["--state", "500"], "no state"), (["--state", "5", "--prompt", "123"], "whole states"),
+                       (["--state", "5", "--sites", "mlp[9]"], "names no codebook"), ([], "--state")):
+        out = r.invoke(app, base + extra)
+        assert isinstance(out.exception, SaekitError) and msg in str(out.exception), extra
