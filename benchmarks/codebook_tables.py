@@ -38,7 +38,7 @@ if "tables" in what:
     for h in res["tables"]["hooks"]:
         print(h["hook"], "F1 %.3f prec %.3f neuron %.3f better %.2f purity %.3f / %.3f" % (h["mean_best_f1"], h["mean_code_precision"], h["mean_neuron_precision"], h["share_codes_better_than_neurons"], h["purity_states"], h["purity_state_digit"]), flush=True)
 if "intervene" in what:
-    for states, positions in ((1, "final"), (1, "state"), (4, "final"), (4, "state"), (4, "generated")):
+    for states, positions in ((1, "final"), (1, "state"), (1, "generated"), (4, "final"), (4, "state"), (4, "generated")):
         r = codebook_intervention(cbm, fsm, n_pairs=100, n_states=states, positions=positions, seed=0)
         res[f"intervene_{states}_{positions}"] = r.to_dict(); save()
         print(f"[{time.time()-t0:.0f}s] intervention states={states} positions={positions}")
