@@ -85,7 +85,7 @@ class InterveneConfig:
     def __post_init__(self):
         if self.error not in ("keep", "drop"):
             raise ValueError(f"error {self.error!r} is not keep or drop")
-        if self.positions not in ("state", "final", "generated"):
+        if self.positions not in POSITIONS:
             raise ValueError(f"positions {self.positions!r} is not state, final or generated")
         if self.pairs < 1 or self.states < 1:
             raise ValueError("pairs and states must be >= 1")
