@@ -57,7 +57,9 @@ def register(app) -> None:
         toy = res.toy
         if toy is not None:
             tr = toy.tracked
-            if tr.fire_rate == 0:
+            if tr.n_tokens == 0:  # --state: a state forced, no single feature to describe
+                pass
+            elif tr.fire_rate == 0:
                 from saekit.metrics import dead_window
 
                 console.print(f"it is dead ({dead_window(tr.n_tokens, 'fresh-walk')}), so it tracks no state; "

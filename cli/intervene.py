@@ -6,6 +6,7 @@ from saekit_cli.console import make_console
 from saekit_cli.options import config_options
 
 console = make_console()
+WHERE = {"final": "the final token", "state": "both digits of the last state", "generated": "the last state and every generated position"}
 
 
 def register(app) -> None:
@@ -24,12 +25,14 @@ def register(app) -> None:
 
             r = run_codebook_intervention(cfg)
             t = Table(title=f"code-id intervention, all codebooks active ({r.n_pairs} pairs, walks of {r.states} states, "
-                            f"patched at the {'final token' if r.positions == 'last' else 'last state'})")
+                            f"patched at {WHERE[r.positions]})")
             for c, j in (("patched", "left"), ("JS from clean B", "right"), ("normalised JS", "right"),
-                         ("top-10 next states ∈ succ(B)", "right"), ("greedy next state ∈ succ(B) \\ succ(A)", "right")):
+                         ("top-10 next states ∈ succ(B)", "right"), ("greedy next state ∈ succ(B) \\ succ(A)", "right"),
+                         ("share of clean B's", "right"), ("∈ succ(A) \\ succ(B)", "right")):
                 t.add_column(c, justify=j)
             for row in (r.clean_a, *r.rows, r.clean_b):
-                t.add_row(row.name, f"{row.js:.4f}", f"{row.js_normalised:.3f}", f"{row.top_accuracy:.1%}", f"{row.success_rate:.1%}")
+                t.add_row(row.name, f"{row.js:.4f}", f"{row.js_normalised:.3f}", f"{row.top_accuracy:.1%}", f"{row.success_rate:.1%}",
+                          f"{row.success_of_ceiling:.1%}", f"{row.stays_rate:.1%}")
             console.print(t)
             if cfg.out:
                 console.print(f"wrote {cfg.out}")

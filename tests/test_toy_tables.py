@@ -164,14 +164,14 @@ def _capture(im, hooks, tokens):
     return got
 
 
-def exact_codebook_model(im, fsm):
-    """Codebooks at both layers' residual stream whose codes are the activations of every state input (k = 1, cosine)."""
+def exact_codebook_model(im, fsm, inputs=None):
+    """Codebooks at both layers' residual stream whose codes are the activations of every state input (or of `inputs`) (k = 1, cosine)."""
     from saekit.analysis.codebook_model import CodebookModel
     from saekit.dictionaries.base import DictConfig, Provenance
     from saekit.dictionaries.codebook import Codebook
 
     hooks = ["blocks.0.hook_resid_post", "blocks.1.hook_resid_post"]
-    acts = _capture(im, hooks, torch.from_numpy(state_inputs(fsm)))
+    acts = _capture(im, hooks, torch.from_numpy(state_inputs(fsm) if inputs is None else inputs))
     cbs = {}
     for h in hooks:
         rows = torch.unique(acts[h][:, 1:].reshape(-1, acts[h].shape[-1]), dim=0)  # positions 1.. (BOS is never replaced)
@@ -261,8 +261,51 @@ def test_intervention_on_an_exact_codebook_model_reaches_the_clean_b_ceiling(toy
     assert row.success_rate == pytest.approx(ceil.success_rate)
     assert ceil.top_accuracy > 0.8 and ceil.success_rate > 0.5  # the toy model knows its FSM
 
-    last = codebook_intervention(cbm, fsm, ["all"], positions="last", pairs=pairs)
+    last = codebook_intervention(cbm, fsm, ["all"], positions="final", pairs=pairs)
     assert last.rows[0].js > 1e-3  # the final digit alone does not make it B: A's first digit is still read
+
+    default = codebook_intervention(cbm, fsm, ["all"], pairs=pairs)  # the default is the whole last state
+    assert default.positions == "state" and default.rows[0].success_rate == pytest.approx(ceil.success_rate)
+    assert default.rows[0].success_of_ceiling == pytest.approx(1.0) and default.rows[0].stays_rate == pytest.approx(ceil.stays_rate)
+    # generated: new positions get the codes they have after B's prompt; this codebook's codes (token + position) ignore the
+    # prompt, so it patches nothing more than state does
+    gen = codebook_intervention(cbm, fsm, ["all"], positions="generated", pairs=pairs)
+    assert gen.rows[0].success_rate == pytest.approx(ceil.success_rate) and gen.rows[0].top_accuracy == pytest.approx(ceil.top_accuracy)
+
+
+def test_state_and_final_patching_differ_exactly_where_the_first_digits_differ(toy_in_model):
+    """final writes B's code at the last digit only, state at both: they agree when A and B share their first digit."""
+    from saekit.analysis.intervene import codebook_intervention, make_pairs
+
+    fsm = load_fsm("toy")
+    cbm = identity_codebook_model(toy_in_model)
+    ta, tb = make_pairs(fsm, 64, 1, seed=1)
+    same = ta[:, 1] == tb[:, 1]
+    assert 0 < same.sum() < len(same)
+    for rows, differ in ((same, False), (~same, True)):
+        pairs = (ta[rows], tb[rows])
+        final = codebook_intervention(cbm, fsm, ["all"], positions="final", pairs=pairs).rows[0]
+        state = codebook_intervention(cbm, fsm, ["all"], positions="state", pairs=pairs).rows[0]
+        assert state.js < 1e-6
+        if differ:
+            assert final.js > 1e-3
+        else:
+            assert final.js == pytest.approx(state.js, abs=1e-6) and final.success_rate == state.success_rate
+            assert final.top_accuracy == pytest.approx(state.top_accuracy)
+
+
+def test_generated_patching_carries_b_context_into_new_positions(toy_in_model):
+    """With codes that depend on context (the residual stream after each layer), generated gives every new position the codes
+    it has after B's prompt: with every codebook patched, the patched run's continuation is clean B's."""
+    from saekit.analysis.intervene import codebook_intervention, make_pairs
+
+    fsm = load_fsm("toy")
+    cbm = exact_codebook_model(toy_in_model, fsm)
+    pairs = make_pairs(fsm, 32, 4, seed=2)
+    gen = codebook_intervention(cbm, fsm, ["all"], positions="generated", pairs=pairs)
+    assert gen.rows[0].success_rate == pytest.approx(gen.clean_b.success_rate)
+    assert gen.rows[0].top_accuracy == pytest.approx(gen.clean_b.top_accuracy)
+    assert gen.rows[0].stays_rate == pytest.approx(gen.clean_b.stays_rate)
 
 
 def test_paper_tables_on_the_exact_codebook_model(toy_in_model):

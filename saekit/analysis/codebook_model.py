@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import torch
 from torch import Tensor, nn
@@ -176,14 +177,19 @@ class CodebookModel:
         return logits, rec
 
     @torch.no_grad()
-    def sample(self, n_seq: int, ctx: int, seed: int, prompt: Tensor | None = None, patches: dict[str, Patch] | None = None,
+    def sample(self, n_seq: int, ctx: int, seed: int, prompt: Tensor | None = None,
+               patches: dict[str, Patch] | Callable[[Tensor], dict[str, Patch]] | None = None,
                temperature: float = 1.0, codebooks: bool = True, force: dict[str, list[int]] | None = None,
                force_at: Tensor | None = None) -> Tensor:
-        """Sample continuations to `ctx` tokens (temperature 0: greedy), codebooks active; no KV cache, so every step sees the same mask."""
+        """Sample continuations to `ctx` tokens (temperature 0: greedy), codebooks active; no KV cache, so every step sees the same mask.
+
+        `patches` may be a function of the tokens so far (B, L) that returns the patches for that step.
+        """
         t = prompt.to(self.device).long() if prompt is not None else torch.full((n_seq, 1), self.bos_id, device=self.device)
         g = torch.Generator(device="cpu").manual_seed(seed)
         while t.shape[1] < ctx:
-            logits = self.run(t, patches=patches, force=force, force_at=force_at, codebooks=codebooks)[0][:, -1].float().cpu()
+            p = patches(t) if callable(patches) else patches
+            logits = self.run(t, patches=p, force=force, force_at=force_at, codebooks=codebooks)[0][:, -1].float().cpu()
             if temperature == 0:
                 nxt = logits.argmax(-1, keepdim=True)
             else:

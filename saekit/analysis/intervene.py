@@ -25,8 +25,14 @@ and the clean B run (the ceiling).
 With a codebook model (`--codebook-model`, a `saekit finetune --out` folder) the
 intervention is the paper's own (its TokFSM tutorial): the model runs with ALL its
 codebooks in the forward pass, and at the chosen sites (`--patch`: attn[0], mlp[1],
-attn, mlp, all, ...) the code ids of A's final token (or of A's whole last state,
-`--positions state`) are overwritten by B's.  Reported per patching, beside the clean A
+attn, mlp, all, ...) A's code ids are overwritten by B's.  Where (`--positions`): by
+default at both digits of A's last state (`state`), because a state is written as two
+tokens and the next state's second digit is predicted at a new position that attends to
+both; patching only the final token (`final`, the tutorial's setting) leaves A's first
+digit for that position to read, so the first digit follows B and the second often A.
+`generated` also patches every generated position with the codes it has after B's prompt
+(followed by the same generated tokens): the site then carries B's context throughout,
+which with `all` sites reproduces clean B by construction (a check, not evidence).  Reported per patching, beside the clean A
 floor and the clean B ceiling: JS divergence of the final next-token distribution from
 clean B's, normalised by clean A's (1 = no effect, 0 = exactly B); top-out_degree
 next-state accuracy (the share of the 10 most likely next states that are successors of
@@ -71,16 +77,16 @@ class InterveneConfig:
     """A `saekit finetune --out` folder: run it with ALL its codebooks and patch code ids (the paper's intervention) instead of --dicts."""
     patch: list[str] = field(default_factory=list)
     """Codebook model: sites patched together, one entry per row, comma-separated: attn[L], mlp[L], attn, mlp, all, or a hook, joined with '+' (default: the tutorial's attn[0],mlp[1],attn,mlp,all)."""
-    positions: str = "last"
-    """Codebook model: patch A's final token (last, as the paper) or every digit of its last state (state)."""
+    positions: str = "state"
+    """Codebook model: where B's code ids go: state (both digits of A's last state), final (its final token, the paper's tutorial) or generated (the last state and every generated position)."""
     device: str = "auto"
     """Device for the codebook model: cpu, cuda, cuda:1, ... or auto (cuda when available)."""
 
     def __post_init__(self):
         if self.error not in ("keep", "drop"):
             raise ValueError(f"error {self.error!r} is not keep or drop")
-        if self.positions not in ("last", "state"):
-            raise ValueError(f"positions {self.positions!r} is not last or state")
+        if self.positions not in POSITIONS:
+            raise ValueError(f"positions {self.positions!r} is not state, final or generated")
         if self.pairs < 1 or self.states < 1:
             raise ValueError("pairs and states must be >= 1")
 
@@ -273,6 +279,10 @@ class PatchRow:
     """Share of the out_degree most likely next states that are successors of B."""
     success_rate: float
     """Greedy next state ∈ succ(B) and ∉ succ(A)."""
+    stays_rate: float = float("nan")
+    """Greedy next state ∈ succ(A) and ∉ succ(B): the model still continues from A."""
+    success_of_ceiling: float = float("nan")
+    """success_rate / clean B's success_rate (the share of what the model itself gets right)."""
 
 
 @dataclass
@@ -290,50 +300,76 @@ class CodebookInterventionResult:
         return asdict(self)
 
 
+POSITIONS = ("state", "final", "generated")
+"""Where B's code ids are written (default first):
+state: both digits of A's last state (A's prompt then reads as B at every position of the current state);
+final: A's final token only (the paper's tutorial);
+generated: the last state and every generated position, each with the codes it has after B's prompt
+followed by the same generated tokens (the site carries B's context all the way)."""
+
+
 @torch.no_grad()
 def codebook_intervention(cbm, fsm, patchings: list[str] | tuple[str, ...] = PATCHINGS, *, n_pairs: int = 64, n_states: int = 1,
-                          positions: str = "last", seed: int = 0,
+                          positions: str = "state", seed: int = 0,
                           pairs: tuple[np.ndarray, np.ndarray] | None = None) -> CodebookInterventionResult:
-    """Patch B's code ids into A at each patching's codebooks, with every codebook of `cbm` (a CodebookModel) active."""
+    """Patch B's code ids into A at each patching's codebooks, with every codebook of `cbm` (a CodebookModel) active.
+
+    positions: one of POSITIONS.  Success is always read from the greedy continuation of the
+    patched run: its next state must be a successor of B and not of A.
+    """
     from saekit.analysis.codebook_model import Patch, resolve_patch_sites
     from saekit.toy.eval import next_state_logprobs, successor_overlap
 
-    if positions not in ("last", "state"):
-        raise SaekitError(f"positions={positions!r}: use last (the final token, as the paper) or state (the last state's digits)")
+    if positions not in POSITIONS:
+        raise SaekitError(f"positions={positions!r}: use state (both digits of the last state), final (the final token, as the paper's "
+                          "tutorial) or generated (the last state and every generated position)")
     sites = [(p, resolve_patch_sites(p, cbm.hooks)) for p in patchings]
     ta, tb = pairs if pairs is not None else make_pairs(fsm, n_pairs, n_states, seed)
     if ta.shape != tb.shape:
         raise SaekitError("A and B walks must have the same length")
     A, B = torch.as_tensor(ta).long(), torch.as_tensor(tb).long()
     n, T = A.shape
-    span = 1 if positions == "last" else fsm.digits
-    pos = torch.arange(T - span, T).expand(n, span)
+    span = 1 if positions == "final" else fsm.digits
     logits_b, rec_b = cbm.run(B, record=True)
     final_b = logits_b[:, -1].float().cpu()
     a_state, b_state = last_states(fsm, ta), last_states(fsm, tb)
     valid = fsm.valid_mask()
 
-    def measure(name: str, hooks: list[str], tokens: torch.Tensor, patches: dict | None) -> PatchRow:
-        run = lambda t: cbm.run(t, patches=patches)[0]  # noqa: E731
+    def patches_for(tokens: torch.Tensor, hooks: list[str]) -> dict:
+        """B's codes at the patched positions of `tokens` (n, L): A's prompt, then tokens generated (or teacher-forced) after it."""
+        L = tokens.shape[1]
+        codes = rec_b.codes
+        if positions == "generated" and L > T:  # the codes each new token has after B's prompt instead of A's
+            codes = cbm.run(torch.cat([B, tokens[:, T:].cpu()], 1), record=True)[1].codes
+        end = L if positions == "generated" else T
+        pos = torch.arange(T - span, end).expand(n, end - T + span)
+        out = {}
+        for h in hooks:
+            c = codes[h]
+            out[h] = Patch(pos, c[torch.arange(n, device=c.device)[:, None], pos.to(c.device)])
+        return out
+
+    def measure(name: str, hooks: list[str], tokens: torch.Tensor) -> PatchRow:
+        run = lambda t: cbm.run(t, patches=patches_for(t, hooks) if hooks else None)[0]  # noqa: E731
         final = run(tokens)[:, -1].float().cpu()
         js = js_per_token(final, final_b).mean().item()
         top = float(successor_overlap(next_state_logprobs(run, tokens, fsm), b_state, fsm).mean())
-        seq = cbm.sample(n, T + fsm.digits, seed, prompt=tokens, patches=patches, temperature=0)
+        seq = tokens
+        for _ in range(fsm.digits):  # greedy, the patches recomputed for every new position
+            seq = torch.cat([seq, run(seq)[:, -1].argmax(-1, keepdim=True).cpu()], 1)
         s = last_states(fsm, seq[:, T:].numpy())
-        ok = s < fsm.n_states
+        ok = s < fsm.n_states  # digits may spell a number that is no state
         sc = np.clip(s, 0, fsm.n_states - 1)
         success = float((ok & valid[b_state, sc] & ~valid[a_state, sc]).mean())
-        return PatchRow(name, hooks, js, float("nan"), top, success)
+        stays = float((ok & valid[a_state, sc] & ~valid[b_state, sc]).mean())
+        return PatchRow(name, hooks, js, float("nan"), top, success, stays)
 
-    clean_a = measure("clean A (floor)", [], A, None)
-    clean_b = measure("clean B (ceiling)", [], B, None)
-    rows = []
-    for name, hooks in sites:
-        patches = {h: Patch(pos, rec_b.codes[h][torch.arange(n, device=rec_b.codes[h].device)[:, None], pos.to(rec_b.codes[h].device)])
-                   for h in hooks}
-        rows.append(measure(name, hooks, A, patches))
+    clean_a = measure("clean A (floor)", [], A)
+    clean_b = measure("clean B (ceiling)", [], B)
+    rows = [measure(name, hooks, A) for name, hooks in sites]
     for r in (clean_a, clean_b, *rows):
         r.js_normalised = r.js / clean_a.js if clean_a.js > 0 else float("nan")
+        r.success_of_ceiling = r.success_rate / clean_b.success_rate if clean_b.success_rate > 0 else float("nan")
     return CodebookInterventionResult(rows, clean_a, clean_b, n, positions, n_states)
 
 

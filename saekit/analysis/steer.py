@@ -74,6 +74,12 @@ class SteerConfig:
     """Topic steering: store tokens read to score the features."""
     codebook_model: str | None = None
     """A `saekit finetune --out` folder: force --feature codes of its codebook --dict with ALL its codebooks active (toy)."""
+    state: int | None = None
+    """Codebook model (toy): force the codes state S has at every --sites codebook instead of --dict/--feature codes."""
+    sites: str = "all"
+    """Codebook model with --state: the codebooks forced: attn[L], mlp[L], attn, mlp, all or a hook, joined with '+'."""
+    positions: str = "state"
+    """Codebook model with --state: state (every digit of every state reads as following S) or final (each state's last digit gets S's codes)."""
     topic_lead: int = 0
     """Topic steering: score features against the topic appearing within the next N tokens (0: on its own tokens); features that predict a word can steer towards it where features of the word itself continue after it."""
 
@@ -82,6 +88,8 @@ class SteerConfig:
             raise ValueError("samples and max_new_tokens must be >= 1")
         if min(self.n_features, self.n_prompts, self.prompt_tokens, self.max_tokens) < 1:
             raise ValueError("n_features, n_prompts, prompt_tokens and max_tokens must be >= 1")
+        if self.positions not in ("state", "final"):
+            raise ValueError(f"positions {self.positions!r} is not state or final")
         if self.temperature < 0:
             raise ValueError(f"temperature={self.temperature} must be >= 0")
 
