@@ -49,13 +49,15 @@ METRICS = ("mcc", "mean_f1", "absorption", "dead_frac", "l0", "fvu", "tokens_per
 
 
 def next_l1(points: list[tuple[float, float]], target: float) -> float:
-    """The next λ to try from [(λ, L0)]: ×/÷ 4 until the target is bracketed, then the secant in log-log."""
+    """The next λ to try from [(λ, L0)]: ×/÷ 4 until the target is bracketed (×/÷ 1.15 from a run within 1.5× of
+    it: L0 falls steeply with λ), then the secant in log-log."""
     above = [p for p in points if p[1] > target]  # too dense: λ too small
     below = [p for p in points if p[1] <= target]
+    step = 1.15 if any(1 / 1.5 <= z / target <= 1.5 for _, z in points) else 4.0
     if not below:
-        return max(p[0] for p in above) * 4
+        return max(p[0] for p in above) * step
     if not above:
-        return min(p[0] for p in below) / 4
+        return min(p[0] for p in below) / step
     (l_a, z_a), (l_b, z_b) = max(above, key=lambda p: p[0]), min(below, key=lambda p: p[0])
     if z_b <= 0:  # all latents dead at the upper λ: bisect in log λ
         return math.sqrt(l_a * l_b)
@@ -120,6 +122,7 @@ def main() -> None:
     p.add_argument("--peer-python", default=DEFAULT_PEER_PYTHON)
     p.add_argument("--work", default="")
     p.add_argument("--json", default=str(Path(__file__).with_name("truth-peers-relu.json")))
+    p.add_argument("--start-l1", default="", help="first λ per toolkit, e.g. saekit=5,saelens=6 (default: START_L1)")
     a = p.parse_args()
     lr = a.lr or default_lr("relu", a.d_dict)
     work = Path(a.work or tempfile.mkdtemp(prefix="saekit-truth-relu-"))
@@ -130,7 +133,7 @@ def main() -> None:
         else:
             names.append(n)
     results = {"settings": vars(a) | {"lr": lr, "sparsify": "no ReLU/L1 trainer (it trains TopK sparse coders only)"}, "targets": {}}
-    start = dict(START_L1)
+    start = dict(START_L1) | {n: float(v) for n, v in (kv.split("=") for kv in a.start_l1.split(",") if kv)}
     try:
         for target in [float(t) for t in a.targets.split(",")]:
             wa = argparse.Namespace(features=a.features, d=a.d, rows=a.rows, l0=target, seed=a.seed, device="cpu")
