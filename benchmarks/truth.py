@@ -95,6 +95,7 @@ def main() -> None:
     p.add_argument("--peer-python", default=DEFAULT_PEER_PYTHON, help="python of the peer venv (setup_peers.sh)")
     p.add_argument("--lr", type=float, default=0.0, help="lr of every trainer (0: saekit's automatic lr, given to the peers too)")
     p.add_argument("--threads", type=int, default=0, help="torch threads of saekit and of the peer processes (0: torch's default)")
+    p.add_argument("--dead-tokens", type=int, default=-1, help="saekit's dead window (AuxK) in tokens (-1: saekit's default)")
     a = p.parse_args()
     k = a.k or max(1, round(a.l0))
     if a.threads:
@@ -120,7 +121,7 @@ def main() -> None:
                 t = time.perf_counter()
                 tcfg = from_flags(TrainConfig, store=str(store), hooks=["synth"], kind=kind, k=[k], d_dict=a.d_dict, tokens=a.tokens,
                                    batch_size=a.batch_size, out=str(out), device=a.device, seed=a.seed, eval_tokens=4096,
-                                   checkpoint_every=0, lr=a.lr or None)
+                                   checkpoint_every=0, lr=a.lr or None, **({} if a.dead_tokens < 0 else {"dead_tokens": a.dead_tokens}))
                 path = train_streamed(tcfg, world) if a.stream else train(tcfg, progress=False)[0]
                 seconds = time.perf_counter() - t
                 r = score_truth(TruthConfig(dicts=[str(path)], truth=str(store), max_rows=a.eval_rows,

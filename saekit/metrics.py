@@ -58,6 +58,24 @@ def dead_fraction(fire_counts: Tensor) -> float:
     return (fire_counts == 0).float().mean().item()
 
 
+DEAD_WINDOW = (50_000, 0.1, 1_000_000)
+"""Training's default dead window: a tenth of the run's tokens, at least 50k, at most 1M."""
+
+
+def dead_window_tokens(setting: int, run_tokens: int) -> int:
+    """Training's dead window: `setting` tokens, or for 0 a tenth of the run, within [50k, 1M].
+
+    A fixed 1M-token window never fills in a run of 1M tokens or fewer, so AuxK never acts
+    there; a tenth of the run lets it revive latents early (ground-truth benchmark,
+    benchmarks/README.md "Dead window": BatchTopK MCC 0.848 → 0.899 at 500k tokens).  The 50k
+    floor keeps rare latents (firing once in 20k tokens) from counting as dead in short runs;
+    the 1M cap is the old default, so runs of 10M tokens or more are unchanged.  The window
+    follows the run's length: a run extended on resume uses the longer run's window from there.
+    """
+    low, share, high = DEAD_WINDOW
+    return setting or min(high, max(low, round(share * run_tokens)))
+
+
 def dead_mask(since_fired: Tensor, window: int) -> Tensor:
     """(d_dict,) bool: latents that have not fired in the last `window` tokens; since_fired (d_dict,) counts tokens since each last fired."""
     return since_fired > window

@@ -95,8 +95,8 @@ class TrainConfig:
     """topk/batchtopk: weight α of the AuxK loss (Gao et al. use 1/32)."""
     grad_clip: float = 1.0
     """Clip each dictionary's gradient norm at grad_clip / d_in (SAELens's clip at 1: its loss is ours × d_in); 0 turns it off."""
-    dead_tokens: int = 1_000_000
-    """A latent that has not fired for this many tokens is dead (AuxK, code replacement, dead fraction shown)."""
+    dead_tokens: int = 0
+    """A latent that has not fired for this many tokens is dead (AuxK, code replacement, dead fraction shown); 0: a tenth of the run's tokens, within [50k, 1M]."""
     replace_every: int = 100
     """codebook: look for dead codes and replace them every this many steps."""
     init_rows: int = 16384
@@ -422,6 +422,8 @@ class Trainer(Objective):
         """Whether this rank writes metrics, checkpoints and dictionaries (all but rank 0 of a DDP run)."""
         self.device = distributed.device(cfg.device, self.dist) if self.dist.distributed else resolve_device(cfg.device)
         self.n_steps = math.ceil((cfg.tokens or DEFAULT_TOKENS) / cfg.batch_size)
+        self.dead_tokens = metrics.dead_window_tokens(cfg.dead_tokens, self.n_steps * cfg.batch_size)
+        """The dead window in tokens, resolved (cfg.dead_tokens 0: from the run's length)."""
         self.step = 0
         if specs is None:
             explicit = [h.lower() for h in cfg.hooks] != ["all"] and cfg.arch.kind in CODER_KINDS
@@ -469,7 +471,7 @@ class Trainer(Objective):
         # 100k tokens) the total's lr left its FVU 1.16-1.18x per-layer transcoders', the per-layer lr 0.82-0.87x
         # (benchmarks/README.md, "Transcoders, skip transcoders, CLTs").
         lr = cfg.lr if cfg.lr is not None else default_lr(cfg.arch.kind, d_dict // len(spec.inputs) if cfg.arch.kind == "clt" else d_dict)
-        d.train_config = used_config(cfg, dcfg, lr)
+        d.train_config = used_config(cfg, dcfg, lr) | {"dead_tokens": self.dead_tokens}  # the window used, 0 resolved
         gen = torch.Generator().manual_seed(cfg.seed)
         d.reset_parameters(gen)
         d.to(self.device)
@@ -608,7 +610,7 @@ class Trainer(Objective):
     def progress_info(self, row: dict) -> str:
         skip = ("step", "tokens", "lr", "tokens_per_s", "l0", "dead_fraction", "dead_window_tokens")
         terms = " ".join(f"{k}={row[k]:.4g}" for k in row if k not in skip)
-        return f"{terms} L0={row.get('l0', 0):.1f} {metrics.dead_note(row.get('dead_fraction'), self.cfg.dead_tokens, 'training', last=True)}"
+        return f"{terms} L0={row.get('l0', 0):.1f} {metrics.dead_note(row.get('dead_fraction'), self.dead_tokens, 'training', last=True)}"
 
     def _scaled(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
         """A batch on the device, float32, in the dictionaries' units."""
@@ -620,7 +622,7 @@ class Trainer(Objective):
         # while fewer than dead_tokens tokens have been seen (no latent can be dead yet; known
         # without reading the device), and on CPU, where reading `dead.any()` costs no sync, whenever
         # none is dead.  On the toy store's TopK SAE this made a CPU step 3× faster.
-        dead = metrics.dead_mask(r.since_fired, cfg.dead_tokens) if self.step * cfg.batch_size > cfg.dead_tokens else None
+        dead = metrics.dead_mask(r.since_fired, self.dead_tokens) if self.step * cfg.batch_size > self.dead_tokens else None
         if dead is not None and dead.device.type == "cpu" and not bool(dead.any()):
             dead = None
         state = {"dead": dead, "aux_k": cfg.aux_k or None, "aux_coef": cfg.aux_coef}
@@ -672,7 +674,7 @@ class Trainer(Objective):
         return flags > 0
 
     def _replace_dead(self, r: Run, xn: Tensor) -> None:
-        dead = metrics.dead_mask(r.since_fired, self.cfg.dead_tokens)
+        dead = metrics.dead_mask(r.since_fired, self.dead_tokens)
         masks = r.dictionary.resample_dead(dead, xn, r.generator)
         if self.ddp and masks:  # replacements drawn from rank 0's rows; `dead` (hence masks) is the same everywhere
             distributed.broadcast_tensors(list(r.dictionary.parameters()))
@@ -698,9 +700,9 @@ class Trainer(Objective):
             n = r.acc.pop("n", 1)
             row = {"step": self.step, "tokens": self.step * self.cfg.batch_size}
             row |= {k: float(v) / n for k, v in r.acc.items()}
-            filled = row["tokens"] > self.cfg.dead_tokens  # before that no latent can be dead: null, not a reassuring 0
-            row["dead_fraction"] = float(metrics.dead_mask(r.since_fired, self.cfg.dead_tokens).float().mean()) if filled else None
-            row["dead_window_tokens"] = self.cfg.dead_tokens  # the last this many training tokens
+            filled = row["tokens"] > self.dead_tokens  # before that no latent can be dead: null, not a reassuring 0
+            row["dead_fraction"] = float(metrics.dead_mask(r.since_fired, self.dead_tokens).float().mean()) if filled else None
+            row["dead_window_tokens"] = self.dead_tokens  # the last this many training tokens
             row["lr"] = r.opt.param_groups[-1]["lr"]  # the run's lr (matrices may take a multiple: Dictionary.weight_lr_scale)
             row["tokens_per_s"] = self.tokens_per_s
             r.acc.clear()

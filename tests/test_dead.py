@@ -43,3 +43,32 @@ def test_train_writes_the_window_beside_every_dead_fraction(tmp_path):
     assert "not fired in the last 256 training tokens" in t.progress_info(rows[-1])
     s = load(path).summary
     assert s["eval_tokens"] == 300 and s["dead_window_tokens"] == 300
+
+
+def test_default_window_is_a_tenth_of_the_run_within_50k_and_1m():
+    """dead_tokens 0 resolves from the run's length, so AuxK can act in a run shorter than 1M tokens."""
+    assert metrics.dead_window_tokens(0, 2_000_000) == 200_000
+    assert metrics.dead_window_tokens(0, 100_000_000) == 1_000_000
+    assert metrics.dead_window_tokens(0, 100_000) == 50_000
+    assert metrics.dead_window_tokens(3_000, 500_000) == 3_000  # a window the user gave is kept
+
+
+def test_train_resolves_the_default_window_and_records_it(tmp_path, monkeypatch):
+    """A run left at dead_tokens 0 uses (and logs, and saves) its resolved window."""
+    from saekit.config import from_flags
+    from saekit.dictionaries import Provenance
+    from saekit.interop import load
+    from saekit.train import HookSource, Trainer, TrainConfig, tensor_batches
+
+    monkeypatch.setattr(metrics, "DEAD_WINDOW", (0, 0.1, 1_000_000))  # no floor, so a small run fills its window
+    x = torch.randn(2048, 8, generator=torch.Generator().manual_seed(0))
+    cfg = from_flags(TrainConfig, kind="topk", d_dict=32, k=[2], tokens=20 * 128, batch_size=128, init_rows=256, log_every=2,
+                     checkpoint_every=0, out=str(tmp_path / "o"), device="cpu")
+    assert cfg.dead_tokens == 0
+    t = Trainer(cfg, {"h": HookSource(8, Provenance(hook="h"))}, tensor_batches({"h": x}, 128), progress=False)
+    t.fit()
+    [path] = t.save()
+    rows = [json.loads(line) for line in (path / "metrics.jsonl").read_text().splitlines()]
+    assert rows and all(r["dead_window_tokens"] == 256 for r in rows)
+    assert any(r["dead_fraction"] is not None for r in rows)  # the window filled within the run
+    assert load(path).train_config["dead_tokens"] == 256

@@ -43,8 +43,9 @@ import torch
 from safetensors.torch import load_file, save_file
 
 TRAINERS = ("saekit", "saelens", "dictionary_learning", "sparsify")
-KINDS = ("topk", "relu", "batchtopk", "jumprelu", "matryoshka", "transcoder")
-"""transcoder: a TopK transcoder from meta["hook"] to meta["target_hook"]; acts.safetensors then also holds `target`."""
+KINDS = ("topk", "relu", "relu_april", "batchtopk", "jumprelu", "matryoshka", "transcoder")
+"""relu_april: dictionary_learning's StandardTrainerAprilUpdate (decoder-norm-weighted L1, free decoder norms);
+transcoder: a TopK transcoder from meta["hook"] to meta["target_hook"]; acts.safetensors then also holds `target`."""
 
 
 def _status_mb(field: str) -> float | None:
@@ -222,6 +223,12 @@ def train_dictionary_learning(a, x: torch.Tensor, meta: dict, out: Path):
         cfg = dict(trainer=MatryoshkaBatchTopKTrainer, dict_class=MatryoshkaBatchTopKSAE, k=a.k, group_fractions=fractions,
                    threshold_start_step=0, **common)
         notes.append("threshold_start_step 0 (default 1000, past the end of a short run)")
+    elif a.kind == "relu_april":  # Anthropic's April update: λ' Σ f_i ‖W_dec,i‖, decoder norms free (as saekit's relu)
+        from dictionary_learning.trainers.standard import StandardTrainerAprilUpdate
+
+        cfg = dict(trainer=StandardTrainerAprilUpdate, l1_penalty=a.l1 / math.sqrt(d_in), sparsity_warmup_steps=max(1, round(0.05 * steps)),
+                   **common)
+        notes.append(f"l1_penalty = λ/√d_in = {a.l1 / math.sqrt(d_in):.4g} (same loss as saekit's λ on its scale)")
     else:
         # dictionary_learning normalises to E‖x‖² = 1 and penalises λ' Σ f_i (unit decoder columns); with
         # x' = x_n / √d_in that is saekit's loss / d_in when λ' = λ / √d_in.
@@ -243,8 +250,8 @@ def train_dictionary_learning(a, x: torch.Tensor, meta: dict, out: Path):
         write_saelens_folder(folder, "jumprelu", sd["W_enc"], sd["b_enc"], sd["W_dec"], sd["b_dec"], meta, threshold=thr,
                              apply_b_dec_to_input=a.kind == "matryoshka")
         return seconds, before, str(folder), notes
-    b_dec = sd["bias"] if a.kind == "relu" else sd["b_dec"]
-    arch = {"topk": "topk", "relu": "standard", "batchtopk": "jumprelu"}[a.kind]
+    b_dec = sd["bias"] if a.kind in ("relu", "relu_april") else sd["b_dec"]
+    arch = {"topk": "topk", "relu": "standard", "relu_april": "standard", "batchtopk": "jumprelu"}[a.kind]
     # BatchTopKSAE at inference: ReLU(pre) kept where above its scalar threshold = JumpReLU with that threshold everywhere.
     thr = sd["threshold"].float() * torch.ones(sd["encoder.bias"].shape[0]) if a.kind == "batchtopk" else None
     write_saelens_folder(folder, arch, sd["encoder.weight"].T, sd["encoder.bias"], sd["decoder.weight"].T, b_dec, meta,
