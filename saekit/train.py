@@ -431,6 +431,10 @@ class Trainer(Objective):
         # a coder's identity also holds what each dictionary reads and predicts (the SAE kinds' hash is unchanged)
         coder_io = {"reads": [[sp.inputs, sp.targets] for sp in specs], "activation": cfg.arch.activation} if cfg.arch.kind in CODER_KINDS else {}
         self.ident = runs.identity_hash(to_dict(cfg), IDENTITY_FIELDS, hooks=list(run_hooks or hooks), **coder_io)
+        # Checkpoints written when the default window was a fixed 1M tokens resume where that is still the window.
+        legacy = cfg.dead_tokens == 0 and self.dead_tokens == metrics.DEAD_WINDOW[2]
+        self.accepted_idents = {self.ident} | ({runs.identity_hash(to_dict(cfg) | {"dead_tokens": self.dead_tokens}, IDENTITY_FIELDS,
+                                                                  hooks=list(run_hooks or hooks), **coder_io)} if legacy else set())
         self.runs = [self._make_run(sp, k, l1) for sp in specs for k, l1 in self._sweep()]
         self.scales = {h: torch.tensor(float(src.prov.scale), device=self.device) for h, src in hooks.items()}
         self.tokens_per_s = float("nan")
@@ -727,8 +731,9 @@ class Trainer(Objective):
                 got = runs.try_read_checkpoint(r.paths.checkpoint(step), str(self.device))
                 if got is None:
                     break
-                runs.check_identity(r.paths.dir, got[1], self.ident, to_dict(self.cfg), IDENTITY_FIELDS,
-                                    config_key="train_config", unnamed="hooks")
+                if got[1].get("identity") not in self.accepted_idents:
+                    runs.check_identity(r.paths.dir, got[1], self.ident, to_dict(self.cfg), IDENTITY_FIELDS,
+                                        config_key="train_config", unnamed="hooks")
                 states.append(got)
             if len(states) < len(self.runs):
                 continue

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import torch
 
 from saekit import metrics
@@ -72,3 +73,28 @@ def test_train_resolves_the_default_window_and_records_it(tmp_path, monkeypatch)
     assert rows and all(r["dead_window_tokens"] == 256 for r in rows)
     assert any(r["dead_fraction"] is not None for r in rows)  # the window filled within the run
     assert load(path).train_config["dead_tokens"] == 256
+
+
+def test_checkpoint_of_the_old_fixed_window_resumes_where_the_default_resolves_to_it(tmp_path, monkeypatch):
+    """A checkpoint written with dead_tokens = the cap (the old fixed default) resumes under the new
+    default 0 when the run's window resolves to that cap; another window is still refused."""
+    from saekit.config import from_flags
+    from saekit.dictionaries import Provenance
+    from saekit.errors import SaekitError
+    from saekit.train import HookSource, Trainer, TrainConfig, tensor_batches
+
+    monkeypatch.setattr(metrics, "DEAD_WINDOW", (0, 0.1, 256))  # the cap plays the old 1M default
+    x = torch.randn(4096, 8, generator=torch.Generator().manual_seed(0))
+
+    def trainer(out, tokens, dead, resume=False):
+        cfg = from_flags(TrainConfig, kind="topk", d_dict=32, k=[2], tokens=tokens, batch_size=128, init_rows=256,
+                         log_every=2, checkpoint_every=4, dead_tokens=dead, out=str(out), device="cpu", resume=resume)
+        return Trainer(cfg, {"h": HookSource(8, Provenance(hook="h"))}, tensor_batches({"h": x}, 128), progress=False)
+
+    trainer(tmp_path / "a", 8 * 128, 256).fit()
+    t = trainer(tmp_path / "a", 24 * 128, 0, resume=True)  # resolves to 256 = the cap
+    t.fit()
+    assert t.step == 24 and t.dead_tokens == 256
+    trainer(tmp_path / "b", 8 * 128, 128).fit()
+    with pytest.raises(SaekitError, match="dead_tokens"):
+        trainer(tmp_path / "b", 24 * 128, 0, resume=True).fit()
