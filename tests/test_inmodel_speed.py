@@ -19,3 +19,108 @@ def test_argmax_last_equals_torch_argmax_with_ties_nan_and_signed_zeros():
     assert torch.equal(argmax_last(sims), sims.argmax(-1))
     wide = torch.randn(300, 1000, generator=g)
     assert torch.equal(argmax_last(wide), wide.argmax(-1))
+
+
+# --- the whole training step against a plain reference ----------------------------------------------
+
+import copy  # noqa: E402
+
+import pytest  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+from saekit import metrics  # noqa: E402
+from saekit.dictionaries.codebook import code_similarity, group_layer_norm  # noqa: E402
+from saekit.inmodel.codebooks import InModelCodebook, build_codebook, parse_spec  # noqa: E402
+from saekit.inmodel.finetune import FinetuneConfig, make_phase, train_step  # noqa: E402
+from saekit.inmodel.model import load_in_model  # noqa: E402
+from saekit.inmodel.sites import Splicer  # noqa: E402
+from saekit.tokens import PAD, masked_mean, model_input, row_mask, scored_mask  # noqa: E402
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+SPEC = "attn:k=1,codes=50,groups=heads,sim=cosine;mlp:k=1,codes=40,sim=inner"
+
+
+def _plain_codebook(d, objective: str, mask, terms: dict):
+    """The in-model codebook written out the plain way: gather the replaced rows, a dense similarity, a one-hot
+    product for the chosen codes (so the code gradient is a dense matmul's), scatter back."""
+    G, C, d_g = d.codebook.shape
+
+    def fn(x):
+        rows = x[mask]  # (n, d_in)
+        xn = rows * d.scale
+        x_in = group_layer_norm(xn, d.ln_weight, d.ln_bias) if d.cfg.input_norm == "layernorm" else xn
+        with torch.no_grad():
+            idx = code_similarity(x_in.view(-1, G, d_g), d.codebook, d.cfg.similarity).argmax(-1).t()  # (n, G)
+        onehot = F.one_hot(idx, C).to(x.dtype)  # (n, G, C)
+        x_hat = torch.einsum("ngc,gcd->ngd", onehot, d.codebook).reshape(-1, G * d_g)
+        err = (x_hat - x_in.detach()).pow(2).sum(-1)
+        if objective == "paper":
+            terms[d.prov.hook] = err.mean()
+            out_n = x_hat + x_in - x_in.detach()
+        else:
+            terms[d.prov.hook] = (err / x_in.shape[-1]).mean()
+            out_n = x_hat.detach() + x_in - x_in.detach()
+        out = x.clone()
+        out[mask] = out_n / d.scale
+        return out
+
+    return fn
+
+
+@pytest.mark.parametrize("objective,input_norm,skip_bos", [("paper", "layernorm", False), ("paper", "layernorm", True),
+                                                           ("commit", "scale", True)])
+def test_train_step_equals_the_plain_step(tiny_model_dir, objective, input_norm, skip_bos):
+    """Loss, terms and every updated parameter (model, codes, LayerNorms) after three steps match a step written
+    the plain way, to float tolerance; padding and BOS positions are left alone as before."""
+    specs = parse_spec(SPEC, 2)
+    im = load_in_model(tiny_model_dir, [s.hook for s in specs], torch.device("cpu"))
+    gen = torch.Generator().manual_seed(1)
+    layers = {}
+    for s in specs:
+        d = build_codebook(s, im.shapes[s.hook], None, input_norm)
+        with torch.no_grad():
+            d.codebook.copy_(torch.randn(d.codebook.shape, generator=gen))
+            d.scale.fill_(1.0 if input_norm == "layernorm" else 0.7)
+            for name, p in d.named_parameters():
+                if name.startswith("ln_"):
+                    p.add_(0.1 * torch.randn(p.shape, generator=gen))
+        layers[s.hook] = InModelCodebook(d, objective)
+    ref_hf, ref_dicts = copy.deepcopy(im.hf), {h: copy.deepcopy(layer.d) for h, layer in layers.items()}
+    cfg = FinetuneConfig(model="x", codebooks=SPEC, lr=1e-2, codebook_lr=1e-2, commit_coef=0.5, replace_every=0,
+                         skip_bos=skip_bos, objective=objective, input_norm=input_norm, codebook_weight_decay=0.01)
+    ph = make_phase("fast", im.hf, layers, cfg)
+    ref = make_phase("plain", ref_hf, {h: InModelCodebook(d, objective) for h, d in ref_dicts.items()}, cfg)
+    fast_splicer, ref_splicer = Splicer(im.hf, list(im.sites.values())), Splicer(ref_hf, list(im.sites.values()))
+    for step in range(3):
+        t = torch.randint(1, 20, (3, 12), generator=gen)
+        t[:, 0] = im.bos_id
+        t[1, 9:] = PAD  # a padded sequence: its padding is never replaced nor scored
+        got = train_step(ph, t, im.bos_id, fast_splicer, cfg)
+
+        mask, terms = row_mask(t, skip_bos), {}
+        inp = model_input(t, im.bos_id)
+        with ref_splicer.active({h: _plain_codebook(d, objective, mask, terms) for h, d in ref_dicts.items()}):
+            logits = ref_hf(input_ids=inp).logits
+        ce = masked_mean(metrics.ce_per_token(logits, inp), scored_mask(t))
+        loss = ce + cfg.commit_coef * sum(terms.values())
+        ref.opt.zero_grad(set_to_none=True)
+        loss.backward()
+
+        assert torch.allclose(got["ce"], ce.detach(), rtol=1e-5, atol=1e-6), step
+        assert terms.keys() == ref_dicts.keys()
+        for h, want in terms.items():
+            assert torch.allclose(got[f"commit/{h}"], want.detach(), rtol=1e-5, atol=1e-6), (step, h)
+        # Gradients (train_step leaves them in .grad) to float tolerance.  Adam's first steps are ~lr·sign(g), so a
+        # rounding-size difference in a near-zero gradient would flip an update: the reference steps from the fast
+        # side's gradients, and the updated parameters must then agree too.
+        fast = [*im.hf.named_parameters()] + [(f"{h}.{n}", p) for h, layer in layers.items() for n, p in layer.d.named_parameters()]
+        plain = [*ref_hf.parameters()] + [p for d in ref_dicts.values() for p in d.parameters()]
+        assert len(fast) == len(plain)
+        for (name, p), q in zip(fast, plain):
+            assert p.grad is not None and q.grad is not None, (step, name)
+            assert torch.allclose(p.grad, q.grad, rtol=1e-4, atol=1e-5 * float(q.grad.abs().max()) + 1e-12), (step, name)
+            q.grad = p.grad.clone()
+        ref.opt.step()
+        for (name, p), q in zip(fast, plain):
+            assert torch.allclose(p, q, rtol=1e-5, atol=1e-7), (step, name)

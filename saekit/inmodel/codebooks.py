@@ -87,30 +87,36 @@ class InModelCodebook(nn.Module):
         from saekit.dictionaries.codebook import choose_codes, sum_codes
 
         d = self.d
-        mask = self.mask if self.mask is not None else torch.ones(x.shape[:2], dtype=torch.bool, device=x.device)
-        rows = x[mask]  # (n, d_in)
+        B, T, width = x.shape
         G, C, _ = d.codebook.shape
-        if rows.shape[0] == 0:  # e.g. a batch of BOS only (the first sampling step): nothing to replace
+        # Every position goes through the codebook and the mask picks, per position, its output or x: a gather
+        # before and a scatter after (x[mask], out[mask] = ...) cost more than the masked-off rows (BOS: 1/T).
+        keep = None if self.mask is None or bool(self.mask.all()) else self.mask.reshape(B * T)  # (B·T,) bool
+        if keep is not None and not bool(keep.any()):  # e.g. a batch of BOS only (the first sampling step)
             self.last_commit = d.codebook.sum() * 0  # zero, but still part of the graph
             self.last_fired = torch.zeros(d.cfg.d_dict, device=x.device)
             return x
-        xn = rows.float() * d.scale
-        x_in = d.normalise_n(xn)  # (n, d_in); differentiable in x (and the LayerNorm's affine)
+        rows = x.reshape(B * T, width)
+        scale = float(d.scale)
+        xn = rows.float() if scale == 1.0 else rows.float() * scale  # (B·T, d_in); scale 1 (LayerNorm'd input): no copy
+        x_in = d.normalise_n(xn)  # differentiable in x (and the LayerNorm's affine)
         with torch.no_grad():
-            idx = choose_codes(x_in, d.codebook, d.k, d.cfg.similarity)  # (n, G, k)
-        x_hat = sum_codes(idx, d.codebook)  # (n, d_in), differentiable in the chosen codes
+            idx = choose_codes(x_in, d.codebook, d.k, d.cfg.similarity)  # (B·T, G, k)
+        x_hat = sum_codes(idx, d.codebook)  # (B·T, d_in), differentiable in the chosen codes
         if self.objective == "paper":
-            self.last_commit = reconstruction(x_hat, x_in).mean()
+            term = reconstruction(x_hat, x_in)  # (B·T,)
             out_n = x_hat + (x_in - x_in.detach())
         else:
-            self.last_commit = commitment(x_hat, x_in).mean()
+            term = commitment(x_hat, x_in)
             out_n = straight_through(x_in, x_hat)
+        if keep is not None:  # the terms, counts and rows of the replaced positions only
+            term, idx, xn = term[keep], idx[keep], xn[keep]
+        self.last_commit = term.mean()
         flat = (idx + torch.arange(G, device=x.device)[None, :, None] * C).flatten()
         self.last_fired = torch.zeros(d.cfg.d_dict, device=x.device).index_add_(0, flat, torch.ones_like(flat, dtype=torch.float))
         self.last_rows = xn.detach()
-        out = x.clone()
-        out[mask] = (out_n / d.scale).to(rows.dtype)
-        return out
+        out = (out_n if scale == 1.0 else out_n / scale).to(x.dtype).view(B, T, width)
+        return out if keep is None else torch.where(keep.view(B, T, 1), out, x)
 
 
 # --- the codebook spec --------------------------------------------------------------------------
