@@ -26,30 +26,31 @@ BLOCK_BYTES = 1 << 20
 
 
 @numba.njit(nogil=True, cache=True)
-def _first_index_of(sims, best, out):
-    """out[r] = the first c with sims[r, c] == best[r] (the first NaN when best[r] is NaN)."""
-    n, C = sims.shape
-    for r in range(n):
-        b = best[r]
-        out[r] = 0
-        if b != b:
-            for c in range(C):
-                if sims[r, c] != sims[r, c]:
-                    out[r] = c
-                    break
-        else:
-            for c in range(C):
-                if sims[r, c] == b:
-                    out[r] = c
-                    break
+def _first_index_of(sims, best, out, i0):
+    """out[g, i0 + r] = the first c with sims[g, r, c] == best[g, r] (the first NaN when best[g, r] is NaN)."""
+    G, n, C = sims.shape
+    for g in range(G):
+        for r in range(n):
+            b = best[g, r]
+            out[g, i0 + r] = 0
+            if b != b:
+                for c in range(C):
+                    if sims[g, r, c] != sims[g, r, c]:
+                        out[g, i0 + r] = c
+                        break
+            else:
+                for c in range(C):
+                    if sims[g, r, c] == b:
+                        out[g, i0 + r] = c
+                        break
 
 
 def argmax_last(sims: Tensor) -> Tensor:
-    """`sims.argmax(-1)` of a contiguous CPU float32 tensor (…, C), the same indices, from amax + a first-match scan."""
+    """`sims.argmax(-1)` of a CPU float32 tensor (…, C), the same indices, from amax + a first-match scan."""
     C = sims.shape[-1]
-    flat = sims.reshape(-1, C)
-    out = np.empty(flat.shape[0], dtype=np.int64)
-    _first_index_of(flat.numpy(), flat.amax(-1).numpy(), out)
+    flat = sims.reshape(1, -1, C).contiguous()
+    out = np.empty((1, flat.shape[1]), dtype=np.int64)
+    _first_index_of(flat.numpy(), flat.amax(-1).numpy(), out, 0)
     return torch.from_numpy(out).view(sims.shape[:-1])
 
 
@@ -62,13 +63,19 @@ def choose_codes_k1(xn: Tensor, codebook: Tensor, similarity: str, block: int | 
     """
     G, C, d_g = codebook.shape
     n = xn.shape[0]
-    block = block or max(16, BLOCK_BYTES // (4 * G * C))
+    block = min(n, block or max(16, BLOCK_BYTES // (4 * G * C)))
     codes = F.normalize(codebook, dim=-1) if similarity == "cosine" else codebook
     xg = xn.reshape(n, G, d_g).transpose(0, 1).contiguous()  # (G, n, d_g)
     ct = codes.transpose(1, 2).contiguous().to(xg.dtype)  # (G, d_g, C)
-    fast = xg.dtype == torch.float32 and xg.device.type == "cpu"
-    out = torch.empty(G, n, dtype=torch.long, device=xn.device)
+    if xg.dtype != torch.float32 or xg.device.type != "cpu":
+        out = torch.cat([torch.bmm(xg[:, i:i + block], ct).argmax(-1) for i in range(0, n, block)], 1)  # (G, n)
+        return out.t().unsqueeze(-1)
+    out = np.empty((G, n), dtype=np.int64)
+    sims, best = torch.empty(G, block, C), torch.empty(G, block)  # reused: no allocation per block
     for i in range(0, n, block):
-        sims = torch.bmm(xg[:, i:i + block], ct)  # (G, b, C)
-        out[:, i:i + block] = argmax_last(sims) if fast else sims.argmax(-1)  # (G, b)
-    return out.t().unsqueeze(-1)
+        b = min(block, n - i)
+        s, m = (sims, best) if b == block else (sims[:, :b].contiguous(), best[:, :b].contiguous())
+        torch.bmm(xg[:, i:i + b], ct, out=s)  # (G, b, C)
+        torch.amax(s, -1, out=m)  # (G, b)
+        _first_index_of(s.numpy(), m.numpy(), out, i)
+    return torch.from_numpy(out).t().unsqueeze(-1)
