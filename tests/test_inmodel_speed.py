@@ -124,3 +124,45 @@ def test_train_step_equals_the_plain_step(tiny_model_dir, objective, input_norm,
         ref.opt.step()
         for (name, p), q in zip(fast, plain):
             assert torch.allclose(p, q, rtol=1e-5, atol=1e-7), (step, name)
+
+
+@pytest.mark.parametrize("objective", ["paper", "commit"])
+def test_codes_out_equals_its_autograd_reference(objective):
+    from saekit.inmodel.codebooks import codes_out, codes_out_reference
+
+    g = torch.Generator().manual_seed(3)
+    G, C, d_g, n = 3, 20, 5, 40
+    grads = {}
+    for fn in (codes_out, codes_out_reference):
+        x = torch.randn(n, G * d_g, generator=torch.Generator().manual_seed(1), requires_grad=True)
+        cb = torch.randn(G, C, d_g, generator=torch.Generator().manual_seed(2), requires_grad=True)
+        idx = torch.randint(0, C, (n, G, 1), generator=torch.Generator().manual_seed(4))
+        w_out, w_term = torch.randn(n, G * d_g, generator=g), torch.rand(n, generator=g)
+        out, term = fn(x * 1.5, cb, idx, objective)  # x·1.5: the gradient to x goes through another op
+        (out * w_out).sum().add((term * w_term).sum()).backward()
+        grads[fn.__name__] = (out.detach(), term.detach(), x.grad, cb.grad)
+        g = torch.Generator().manual_seed(3)  # the same weights for both
+    fast, ref = grads["codes_out"], grads["codes_out_reference"]
+    assert torch.equal(fast[0], ref[0])  # the forward value is the chosen codes, exactly
+    for a, b in zip(fast[1:], ref[1:]):
+        assert torch.allclose(a, b, rtol=1e-5, atol=1e-6)
+    assert (ref[3].abs().sum((0, 2)) > 0).all()  # codes in every group got a gradient
+
+
+def test_last_rows_are_the_replaced_rows_only():
+    from saekit.dictionaries import DictConfig
+    from saekit.dictionaries.codebook import Codebook
+
+    d = Codebook(DictConfig(kind="codebook", d_in=8, d_dict=12, k=1, groups=2))
+    d.scale.fill_(0.5)
+    layer = InModelCodebook(d, "paper")
+    x = torch.randn(3, 5, 8, generator=torch.Generator().manual_seed(0))
+    mask = torch.ones(3, 5, dtype=torch.bool)
+    mask[:, 0] = False
+    mask[2, 3:] = False
+    layer.mask = mask
+    layer(x)
+    assert torch.equal(layer.last_rows, x[mask] * 0.5)
+    layer.mask = None
+    layer(x)
+    assert torch.equal(layer.last_rows, x.reshape(15, 8) * 0.5)
