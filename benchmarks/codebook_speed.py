@@ -17,7 +17,10 @@ tokens per second and per CPU-second (process CPU time, so a contended machine's
 not count), the best repeat of each, and their ratio saekit / library.
 
 `--profile` adds a torch.profiler table of saekit's step (where the time goes: the k = 1
-selection, the straight-through backward, the code gradients).
+selection, the straight-through backward, the code gradients; numba's scan is outside aten and not listed).
+The fast paths it times (`codebook_k1`, `inmodel.codebooks.codes_out`, the masked `torch.where`) are checked
+against plain references in tests/test_inmodel_speed.py: the same loss, terms, gradients and Adam updates.
+Results and history: benchmarks/README.md, "In-model codebook training speed".
 """
 
 from __future__ import annotations

@@ -10,7 +10,8 @@ The argmax itself: `torch.argmax` over the last axis walks each row with a scala
 (~1.2 ns per similarity on one thread, as long as the per-head matmul that made them).  Here
 `amax` (vectorised) finds each row's maximum and a numba loop the first index holding it,
 stopping there: the same index as `torch.argmax` (first of equal maxima; a row's first NaN
-when it has one, as torch ranks NaN above everything), ~2× less time.
+when it has one, as torch ranks NaN above everything): 10 ms against 30 ms for 32 M similarities in cache
+(one thread; an attention codebook's choice at batch 64 × 128 went from ~65 to ~45 ms, its matmul being the rest).
 """
 
 from __future__ import annotations
