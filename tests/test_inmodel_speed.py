@@ -166,3 +166,14 @@ def test_last_rows_are_the_replaced_rows_only():
     layer.mask = None
     layer(x)
     assert torch.equal(layer.last_rows, x.reshape(15, 8) * 0.5)
+
+
+def test_k1_choice_in_float64_and_odd_blocks_equals_the_reference():
+    from saekit.dictionaries.codebook import code_similarity
+    from saekit.dictionaries.codebook_k1 import choose_codes_k1
+
+    g = torch.Generator().manual_seed(5)
+    xn, cb = torch.randn(45, 6, generator=g), torch.randn(2, 30, 3, generator=g)
+    ref = code_similarity(xn.view(45, 2, 3), cb, "inner").argmax(-1).t()
+    for x, block in ((xn, 7), (xn, None), (xn.double(), 7)):  # a partial last block; the default; the torch path
+        assert torch.equal(choose_codes_k1(x, cb, "inner", block=block)[..., 0], ref)
