@@ -1,6 +1,6 @@
 """In-model codebook training speed: saekit vs the original Codebook Features library, side by side.
 
-    python benchmarks/codebook_speed.py [--batch 64] [--steps 20] [--threads 1] [--repeats 2] [--profile]
+    python benchmarks/codebook_speed.py [--batch 64] [--steps 20] [--threads 1] [--repeats 2] [--profile] [--baseline-src DIR]
 
 Both sides train the paper's TokFSM setting from the same starting point: GPT-NeoX, 4 layers,
 d 128, MLP 512, 4 heads, rotary; codebooks at EVERY layer on the attention pre-projection
@@ -14,10 +14,15 @@ saekit has them) on the same model shape, batch, sequence length and threads.
 Tokens are random digits after BOS on both sides (the step's cost does not depend on them).
 Each side is timed `--repeats` times, alternating, after `--warmup` untimed steps; reported:
 tokens per second and per CPU-second (process CPU time, so a contended machine's waiting does
-not count), the best repeat of each, and their ratio saekit / library.
+not count), the best repeat of each, and their ratio saekit / library.  `--baseline-src DIR` times a third side in
+the same alternation: saekit imported from DIR (an older commit's `saekit/`, from `git archive`), so a change's
+speed-up is a ratio measured in one run.
 
 `--profile` adds a torch.profiler table of saekit's step (where the time goes: the k = 1
-selection, the straight-through backward, the code gradients).
+selection, the straight-through backward, the code gradients; numba's scan is outside aten and not listed).
+The fast paths it times (`codebook_k1`, `inmodel.codebooks.codes_out`, the masked `torch.where`) are checked
+against plain references in tests/test_inmodel_speed.py: the same loss, terms, gradients and Adam updates.
+Results and history: benchmarks/README.md, "In-model codebook training speed".
 """
 
 from __future__ import annotations
@@ -130,6 +135,17 @@ def profile_saekit(setup, batch: int, seq_len: int, steps: int = 3) -> str:
     return prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=18)
 
 
+def time_saekit_from(src: str, batch: int, seq_len: int, steps: int, warmup: int, threads: int, seed: int) -> dict:
+    """`time_saekit` in a subprocess importing saekit from `src` (e.g. `git archive` of an older commit)."""
+    env = os.environ | {"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads), "PYTHONPATH": src}
+    p = subprocess.run([sys.executable, __file__, "--saekit-only", "--batch", str(batch), "--seq-len", str(seq_len), "--steps", str(steps),
+                        "--warmup", str(warmup), "--threads", str(threads), "--seed", str(seed)], capture_output=True, text=True, env=env)
+    lines = [line for line in p.stdout.splitlines() if line.startswith("{")]
+    if p.returncode or not lines:
+        raise SystemExit(f"saekit from {src} failed (rc {p.returncode}):\n{p.stderr[-3000:]}")
+    return json.loads(lines[-1]) | {"side": f"saekit@{src}"}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--batch", type=int, default=64)
@@ -140,19 +156,28 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--library-python", default=os.environ.get("CODEBOOK_VENV", "/work/venvs/codebook-features") + "/bin/python")
+    ap.add_argument("--baseline-src", default=None,
+                    help="also time saekit imported from this source folder (e.g. `git archive OLD saekit | tar -x -C DIR`), alternating")
+    ap.add_argument("--saekit-only", action="store_true", help=argparse.SUPPRESS)  # one saekit timing as a JSON line (--baseline-src)
     ap.add_argument("--profile", action="store_true")
     ap.add_argument("--json", default=None, help="write the results here")
     a = ap.parse_args()
+    torch.set_num_threads(a.threads)
+    if a.saekit_only:
+        with tempfile.TemporaryDirectory() as tmp:
+            print(json.dumps(time_saekit(saekit_setup(paper_model_dir(Path(tmp), a.seq_len)), a.batch, a.seq_len, a.steps, a.warmup, a.seed)))
+        return
     if not Path(a.library_python).exists():
         raise SystemExit(f"{a.library_python} not found; run benchmarks/peers/setup_codebook_features.sh first")
-    torch.set_num_threads(a.threads)
     with tempfile.TemporaryDirectory() as tmp:
         setup = saekit_setup(paper_model_dir(Path(tmp), a.seq_len))
-        runs = {"saekit": [], "library": []}
+        runs = {"saekit": [], "library": []} | ({"baseline": []} if a.baseline_src else {})
         for r in range(a.repeats):
             runs["library"].append(time_library(a.library_python, a.batch, a.seq_len, a.steps, a.warmup, a.threads, a.seed + r))
             runs["saekit"].append(time_saekit(setup, a.batch, a.seq_len, a.steps, a.warmup if r == 0 else 1, a.seed + r))
-            for side in ("library", "saekit"):
+            if a.baseline_src:
+                runs["baseline"].append(time_saekit_from(a.baseline_src, a.batch, a.seq_len, a.steps, a.warmup, a.threads, a.seed + r))
+            for side in runs:
                 x = runs[side][-1]
                 print(f"repeat {r} {side:8s} {x['tokens_per_s']:8.0f} tok/s  {x['tokens_per_cpu_s']:8.0f} tok/CPU-s  "
                       f"(wall {x['wall_s']:.1f} s, CPU {x['cpu_s']:.1f} s, last loss {x['last_loss']:.3f})", flush=True)
@@ -164,6 +189,12 @@ def main() -> None:
     print(f"  library (codebook-features 0.1.2): {best['library']['tokens_per_s']:.0f} tok/s, {best['library']['tokens_per_cpu_s']:.0f} tok/CPU-s")
     print(f"  saekit:                            {best['saekit']['tokens_per_s']:.0f} tok/s, {best['saekit']['tokens_per_cpu_s']:.0f} tok/CPU-s")
     print(f"  saekit / library: {ratio['tokens_per_s']:.2f}× tokens/s, {ratio['tokens_per_cpu_s']:.2f}× tokens per CPU-second")
+    if a.baseline_src:
+        b = best["baseline"]
+        ratio["baseline_tokens_per_cpu_s"] = best["saekit"]["tokens_per_cpu_s"] / b["tokens_per_cpu_s"]
+        print(f"  saekit from {a.baseline_src}: {b['tokens_per_s']:.0f} tok/s, {b['tokens_per_cpu_s']:.0f} tok/CPU-s "
+              f"({b['tokens_per_cpu_s'] / best['library']['tokens_per_cpu_s']:.2f}× the library's per CPU-second); "
+              f"saekit / it: {ratio['baseline_tokens_per_cpu_s']:.2f}× tokens per CPU-second")
     if prof:
         print("\nsaekit step profile (3 steps):\n" + prof)
     if a.json:

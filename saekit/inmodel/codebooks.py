@@ -46,6 +46,62 @@ def reconstruction(x_hat: Tensor, x_in: Tensor) -> Tensor:
     return (x_hat - x_in.detach()).pow(2).sum(-1)
 
 
+def codes_out_reference(x_in: Tensor, codebook: Tensor, idx: Tensor, objective: str) -> tuple[Tensor, Tensor]:
+    """The codebook's output and per-row term, (n, d_in) and (n,), with autograd (the definition; any k).
+
+    paper: out = x̂ + x_in − sg[x_in] (the LM loss reaches the chosen codes and, straight through, x_in),
+    term = `reconstruction`; commit: out = `straight_through(x_in, x̂)`, term = `commitment`.
+    """
+    from saekit.dictionaries.codebook import sum_codes
+
+    x_hat = sum_codes(idx, codebook)  # (n, d_in), differentiable in the chosen codes
+    if objective == "paper":
+        return x_hat + (x_in - x_in.detach()), reconstruction(x_hat, x_in)
+    return straight_through(x_in, x_hat), commitment(x_hat, x_in)
+
+
+class _ChosenCodes(torch.autograd.Function):
+    """`codes_out_reference` for k = 1 with the backward written out: one gather forward, one index_add back.
+
+    Autograd would chain ~10 elementwise passes over (n, d_in) through the sum, the square and the
+    straight-through sums; here ∂/∂x_in = g_out and ∂/∂c (chosen code c) = Σ_rows [g_out if the LM
+    loss reaches the codes] + 2·g_term·(x̂ − x_in) / term_div.
+    """
+
+    @staticmethod
+    def forward(ctx, x_in: Tensor, codebook: Tensor, flat: Tensor, lm_to_codes: bool, term_div: float):
+        G, C, d_g = codebook.shape
+        n = x_in.shape[0]
+        x_hat = codebook.reshape(G * C, d_g).index_select(0, flat).view(n, G * d_g)
+        diff = x_hat - x_in
+        term = (diff * diff).sum(-1)
+        if term_div != 1.0:
+            term = term / term_div
+        ctx.save_for_backward(diff, flat)
+        ctx.lm_to_codes, ctx.term_div, ctx.shape = lm_to_codes, term_div, codebook.shape
+        return x_hat, term
+
+    @staticmethod
+    def backward(ctx, g_out: Tensor, g_term: Tensor):
+        diff, flat = ctx.saved_tensors
+        G, C, d_g = ctx.shape
+        g_hat = diff * (g_term * (2 / ctx.term_div))[:, None]
+        if ctx.lm_to_codes:
+            g_hat = g_hat + g_out
+        g_codes = g_hat.new_zeros(G * C, d_g).index_add_(0, flat, g_hat.view(-1, d_g)).view(G, C, d_g)
+        return g_out, g_codes, None, None, None
+
+
+def codes_out(x_in: Tensor, codebook: Tensor, idx: Tensor, objective: str) -> tuple[Tensor, Tensor]:
+    """`codes_out_reference`, through `_ChosenCodes` for k = 1 (same values; gradients to float rounding)."""
+    G, C, _ = codebook.shape
+    if idx.shape[-1] != 1:
+        return codes_out_reference(x_in, codebook, idx, objective)
+    flat = (idx[..., 0] + torch.arange(G, device=idx.device) * C).reshape(-1)  # (n·G,) into the (G·C, d_g) table
+    div = 1.0 if objective == "paper" else float(x_in.shape[-1])
+    return _ChosenCodes.apply(x_in, codebook, flat, objective == "paper", div)
+
+
 def norm_scale(x: Tensor) -> float:
     """sqrt(d / E‖x‖²): the store's normalisation (E‖scale·x‖² = d), from a sample of rows (n, d)."""
     msq = x.double().pow(2).sum(-1).mean().item()
@@ -81,36 +137,44 @@ class InModelCodebook(nn.Module):
         self.mask: Tensor | None = None
         self.last_commit: Tensor | None = None
         self.last_fired: Tensor | None = None
-        self.last_rows: Tensor | None = None
+        self._rows: Tensor | None = None  # the last forward's normalised inputs, all positions
+        self._keep: Tensor | None = None  # and which of them were replaced (None: all)
+
+    @property
+    def last_rows(self) -> Tensor | None:
+        """Normalised inputs (n, d_in) of the rows the last forward replaced (gathered only when asked: dead-code replacement)."""
+        if self._rows is None or self._keep is None:
+            return self._rows
+        return self._rows[self._keep]
 
     def forward(self, x: Tensor) -> Tensor:
-        from saekit.dictionaries.codebook import choose_codes, sum_codes
+        from saekit.dictionaries.codebook import choose_codes
 
         d = self.d
-        mask = self.mask if self.mask is not None else torch.ones(x.shape[:2], dtype=torch.bool, device=x.device)
-        rows = x[mask]  # (n, d_in)
+        B, T, width = x.shape
         G, C, _ = d.codebook.shape
-        if rows.shape[0] == 0:  # e.g. a batch of BOS only (the first sampling step): nothing to replace
+        # Every position goes through the codebook and the mask picks, per position, its output or x: a gather
+        # before and a scatter after (x[mask], out[mask] = ...) cost more than the masked-off rows (BOS: 1/T).
+        keep = None if self.mask is None or bool(self.mask.all()) else self.mask.reshape(B * T)  # (B·T,) bool
+        if keep is not None and not bool(keep.any()):  # e.g. a batch of BOS only (the first sampling step)
             self.last_commit = d.codebook.sum() * 0  # zero, but still part of the graph
             self.last_fired = torch.zeros(d.cfg.d_dict, device=x.device)
             return x
-        xn = rows.float() * d.scale
-        x_in = d.normalise_n(xn)  # (n, d_in); differentiable in x (and the LayerNorm's affine)
+        rows = x.reshape(B * T, width)
+        scale = float(d.scale)
+        xn = rows.float() if scale == 1.0 else rows.float() * scale  # (B·T, d_in); scale 1 (LayerNorm'd input): no copy
+        x_in = d.normalise_n(xn)  # differentiable in x (and the LayerNorm's affine)
         with torch.no_grad():
-            idx = choose_codes(x_in, d.codebook, d.k, d.cfg.similarity)  # (n, G, k)
-        x_hat = sum_codes(idx, d.codebook)  # (n, d_in), differentiable in the chosen codes
-        if self.objective == "paper":
-            self.last_commit = reconstruction(x_hat, x_in).mean()
-            out_n = x_hat + (x_in - x_in.detach())
-        else:
-            self.last_commit = commitment(x_hat, x_in).mean()
-            out_n = straight_through(x_in, x_hat)
+            idx = choose_codes(x_in, d.codebook, d.k, d.cfg.similarity)  # (B·T, G, k)
+        out_n, term = codes_out(x_in, d.codebook, idx, self.objective)  # (B·T, d_in), (B·T,)
+        if keep is not None:  # the terms and counts of the replaced positions only
+            term, idx = term[keep], idx[keep]
+        self.last_commit = term.mean()
         flat = (idx + torch.arange(G, device=x.device)[None, :, None] * C).flatten()
         self.last_fired = torch.zeros(d.cfg.d_dict, device=x.device).index_add_(0, flat, torch.ones_like(flat, dtype=torch.float))
-        self.last_rows = xn.detach()
-        out = x.clone()
-        out[mask] = (out_n / d.scale).to(rows.dtype)
-        return out
+        self._rows, self._keep = xn.detach(), keep
+        out = (out_n if scale == 1.0 else out_n / scale).to(x.dtype).view(B, T, width)
+        return out if keep is None else torch.where(keep.view(B, T, 1), out, x)
 
 
 # --- the codebook spec --------------------------------------------------------------------------
