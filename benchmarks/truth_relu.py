@@ -20,7 +20,8 @@ dictionary_learning `StandardTrainer` (unit decoder columns, plain L1) and its
 
 JumpReLU the same way (`--toolkits saekit_jumprelu,saelens_jumprelu_tanh --json ...`): SAELens's
 JumpReLU in the setup its docs recommend (tanh loss; trainers.py `jumprelu_tanh`) has no target L0,
-so its `l0_coefficient` is searched like λ; saekit's jumprelu takes a target L0 k, an integer, so its
+so its `l0_coefficient` is searched like λ (`saelens_jumprelu_quadratic`: the same for its target-L0 mode,
+target_l0 = the target); saekit's jumprelu takes a target L0 k, an integer, so its
 search steps k by the ratio target / L0 reached (L0 rises with k) and the read-out interpolates between
 the k that bracket the target.  In the JSON `l1` is each run's value of its toolkit's knob (`knob`).
 """
@@ -48,10 +49,12 @@ from truth import worlds  # noqa: E402
 
 TOOLKITS = {"saekit": ("saekit", "relu", "l1"), "saelens": ("saelens", "relu", "l1"), "dictionary_learning": ("dictionary_learning", "relu", "l1"),
             "dictionary_learning_april": ("dictionary_learning", "relu_april", "l1"),
-            "saekit_jumprelu": ("saekit", "jumprelu", "k"), "saelens_jumprelu_tanh": ("saelens", "jumprelu_tanh", "l1")}
+            "saekit_jumprelu": ("saekit", "jumprelu", "k"), "saelens_jumprelu_tanh": ("saelens", "jumprelu_tanh", "l1"),
+            "saelens_jumprelu_quadratic": ("saelens", "jumprelu_quadratic", "l1")}
 """name → (trainers.py --trainer, --kind, the knob searched: `l1` (λ, or SAELens JumpReLU's l0_coefficient) or `k`)."""
 DEFAULT_TOOLKITS = ("saekit", "saelens", "dictionary_learning", "dictionary_learning_april")
-START_L1 = {"saekit": 4.0, "saelens": 100.0, "dictionary_learning": 4.0, "dictionary_learning_april": 30.0, "saelens_jumprelu_tanh": 5.0}
+START_L1 = {"saekit": 4.0, "saelens": 100.0, "dictionary_learning": 4.0, "dictionary_learning_april": 30.0, "saelens_jumprelu_tanh": 5.0,
+            "saelens_jumprelu_quadratic": 4.0}
 """First λ of a search (saekit's convention; trainers.py converts), from a short trial on the L0-5 plain world; later searches
 start from the last.  SAELens's JumpReLU: its docs' l0_coefficient.  A `k` search starts at the target."""
 METRICS = ("mcc", "mean_f1", "absorption", "dead_frac", "l0", "fvu", "tokens_per_s")
@@ -108,7 +111,7 @@ def search(a, name: str, acts: Path, store: Path, work: Path, target: float, sta
     runs: list[dict] = []
     l1 = float(round(target)) if knob == "k" else start
     for _ in range(a.max_runs):
-        k = round(l1) if knob == "k" else 1
+        k = round(l1) if knob == "k" else max(1, round(target))  # a target-L0 kind searched on its coefficient keeps k = target
         args = argparse.Namespace(k=k, l1=l1, batch_size=a.batch_size, tokens=a.tokens, seed=a.seed, threads=a.threads)
         python = sys.executable if trainer == "saekit" else a.peer_python
         res = run_trainer(python, trainer, kind, acts, work / f"{name}-{knob}_{l1:.4g}", args, a.d_dict, lr)
@@ -159,7 +162,7 @@ def main() -> None:
     work = Path(a.work or tempfile.mkdtemp(prefix="saekit-truth-relu-"))
     names = []
     for n in [n for n in a.toolkits.split(",") if n]:
-        if n != "saekit" and (why := peer_available(a.peer_python, TOOLKITS[n][0])):
+        if TOOLKITS[n][0] != "saekit" and (why := peer_available(a.peer_python, TOOLKITS[n][0])):
             print(f"{n}: skipped ({why})")
         else:
             names.append(n)

@@ -43,9 +43,10 @@ import torch
 from safetensors.torch import load_file, save_file
 
 TRAINERS = ("saekit", "saelens", "dictionary_learning", "sparsify")
-KINDS = ("topk", "relu", "relu_april", "batchtopk", "jumprelu", "jumprelu_tanh", "matryoshka", "transcoder")
+KINDS = ("topk", "relu", "relu_april", "batchtopk", "jumprelu", "jumprelu_tanh", "jumprelu_quadratic", "matryoshka", "transcoder")
 """relu_april: dictionary_learning's StandardTrainerAprilUpdate (decoder-norm-weighted L1, free decoder norms);
 jumprelu_tanh: SAELens's JumpReLU in the setup its docs recommend (Anthropic's tanh loss), --l1 as its l0_coefficient;
+jumprelu_quadratic: SAELens's `jumprelu` (quadratic loss around target_l0 = k) with --l1 as its l0_coefficient (`jumprelu`: 1.0);
 transcoder: a TopK transcoder from meta["hook"] to meta["target_hook"]; acts.safetensors then also holds `target`."""
 
 
@@ -166,10 +167,11 @@ def train_saelens(a, x: torch.Tensor, meta: dict, out: Path):
         sae = TopKTrainingSAE(TopKTrainingSAEConfig(k=a.k, **common))
     elif a.kind == "batchtopk":  # saved for inference as JumpReLU with its learned threshold
         sae = BatchTopKTrainingSAE(BatchTopKTrainingSAEConfig(k=a.k, **common))
-    elif a.kind == "jumprelu":  # its target-L0 mode (GemmaScope 2's quadratic loss), as saekit's jumprelu targets k
+    elif a.kind in ("jumprelu", "jumprelu_quadratic"):  # its target-L0 mode (GemmaScope 2's quadratic loss), as saekit's jumprelu targets k
         from sae_lens import JumpReLUTrainingSAE, JumpReLUTrainingSAEConfig
 
-        sae = JumpReLUTrainingSAE(JumpReLUTrainingSAEConfig(jumprelu_sparsity_loss_mode="quadratic", target_l0=float(a.k), **common))
+        coef = {"l0_coefficient": a.l1} if a.kind == "jumprelu_quadratic" else {}
+        sae = JumpReLUTrainingSAE(JumpReLUTrainingSAEConfig(jumprelu_sparsity_loss_mode="quadratic", target_l0=float(a.k), **coef, **common))
     elif a.kind == "matryoshka":  # BatchTopK with nested prefixes; the same prefix sizes as saekit's matryoshka
         from sae_lens import MatryoshkaBatchTopKTrainingSAE, MatryoshkaBatchTopKTrainingSAEConfig
 
