@@ -166,7 +166,9 @@ def main() -> None:
             print(f"{n}: skipped ({why})")
         else:
             names.append(n)
-    results = {"settings": vars(a) | {"lr": lr, "sparsify": "no ReLU/L1 trainer (it trains TopK sparse coders only)"}, "targets": {}}
+    results = {"settings": vars(a) | {"lr": lr}, "targets": {}}
+    if any(TOOLKITS[n][1].startswith("relu") for n in names):
+        results["settings"]["sparsify"] = "no ReLU/L1 trainer (it trains TopK sparse coders only)"
     start = dict(START_L1) | {n: float(v) for n, v in (kv.split("=") for kv in a.start_l1.split(",") if kv)}
     try:
         for target in [float(t) for t in a.targets.split(",")]:
@@ -205,7 +207,7 @@ def main() -> None:
 
 
 def print_table(results: dict) -> None:
-    print(f"\n{'L0':>4} {'world':<10} {'toolkit':<26} {'λ':>8} {'L0 reached':>10} {'MCC':>7} {'F1':>7} {'absorb':>7} {'dead':>7} "
+    print(f"\n{'L0':>4} {'world':<10} {'toolkit':<26} {'knob':>8} {'L0 reached':>10} {'MCC':>7} {'F1':>7} {'absorb':>7} {'dead':>7} "
           f"{'tok/s':>8}   interpolated at target (MCC, F1)   saekit/this (MCC, F1)")
     for target, by_world in results["targets"].items():
         for world, row in by_world.items():
