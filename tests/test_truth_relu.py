@@ -30,3 +30,12 @@ def test_read_out_at_target_interpolates_in_log_l0_and_names_the_nearest_run():
     assert math.isclose(out["interpolated"]["mcc"], 0.5 + t * 0.2)
     assert out["interpolated"]["absorption"] is None  # no values: nothing interpolated
     assert truth_relu.at_target(runs[:1], 5.0)["interpolated"] is None  # no bracket: no extrapolation
+
+
+def test_k_search_scales_k_by_the_l0_ratio_and_stops_between_adjacent_k():
+    assert truth_relu.next_k([(5, 4.5)], 5) == 6  # under the target: round(5 · 5 / 4.5) = 6
+    assert truth_relu.next_k([(5, 2.5)], 5) == 10  # far under: k doubled
+    assert truth_relu.next_k([(5, 5.2)], 5) == 4  # rounding would keep k 5: one step down
+    assert truth_relu.next_k([(10, 8.0), (12, 11.0)], 10) == 11  # inside the bracket
+    assert truth_relu.next_k([(5, 4.5), (6, 5.4)], 5) is None  # adjacent k bracket it: nothing left to try
+    assert truth_relu.next_k([(1, 1.5)], 1) is None  # k cannot go below 1

@@ -43,8 +43,10 @@ import torch
 from safetensors.torch import load_file, save_file
 
 TRAINERS = ("saekit", "saelens", "dictionary_learning", "sparsify")
-KINDS = ("topk", "relu", "relu_april", "batchtopk", "jumprelu", "matryoshka", "transcoder")
+KINDS = ("topk", "relu", "relu_april", "batchtopk", "jumprelu", "jumprelu_tanh", "jumprelu_quadratic", "matryoshka", "transcoder")
 """relu_april: dictionary_learning's StandardTrainerAprilUpdate (decoder-norm-weighted L1, free decoder norms);
+jumprelu_tanh: SAELens's JumpReLU in the setup its docs recommend (Anthropic's tanh loss), --l1 as its l0_coefficient;
+jumprelu_quadratic: SAELens's `jumprelu` (quadratic loss around target_l0 = k) with --l1 as its l0_coefficient (`jumprelu`: 1.0);
 transcoder: a TopK transcoder from meta["hook"] to meta["target_hook"]; acts.safetensors then also holds `target`."""
 
 
@@ -165,21 +167,36 @@ def train_saelens(a, x: torch.Tensor, meta: dict, out: Path):
         sae = TopKTrainingSAE(TopKTrainingSAEConfig(k=a.k, **common))
     elif a.kind == "batchtopk":  # saved for inference as JumpReLU with its learned threshold
         sae = BatchTopKTrainingSAE(BatchTopKTrainingSAEConfig(k=a.k, **common))
-    elif a.kind == "jumprelu":  # its target-L0 mode (GemmaScope 2's quadratic loss), as saekit's jumprelu targets k
+    elif a.kind in ("jumprelu", "jumprelu_quadratic"):  # its target-L0 mode (GemmaScope 2's quadratic loss), as saekit's jumprelu targets k
         from sae_lens import JumpReLUTrainingSAE, JumpReLUTrainingSAEConfig
 
-        sae = JumpReLUTrainingSAE(JumpReLUTrainingSAEConfig(jumprelu_sparsity_loss_mode="quadratic", target_l0=float(a.k), **common))
+        coef = {"l0_coefficient": a.l1} if a.kind == "jumprelu_quadratic" else {}
+        sae = JumpReLUTrainingSAE(JumpReLUTrainingSAEConfig(jumprelu_sparsity_loss_mode="quadratic", target_l0=float(a.k), **coef, **common))
     elif a.kind == "matryoshka":  # BatchTopK with nested prefixes; the same prefix sizes as saekit's matryoshka
         from sae_lens import MatryoshkaBatchTopKTrainingSAE, MatryoshkaBatchTopKTrainingSAEConfig
 
         widths = [a.d_dict >> s for s in (4, 3, 2, 1) if a.d_dict >> s > a.k] + [a.d_dict]
         sae = MatryoshkaBatchTopKTrainingSAE(MatryoshkaBatchTopKTrainingSAEConfig(k=a.k, matryoshka_widths=widths, **common))
+    elif a.kind == "jumprelu_tanh":  # the docs' recommended JumpReLU; no target L0, so --l1 (its l0_coefficient) is searched
+        from sae_lens import JumpReLUTrainingSAE, JumpReLUTrainingSAEConfig
+
+        sae = JumpReLUTrainingSAE(JumpReLUTrainingSAEConfig(
+            jumprelu_sparsity_loss_mode="tanh", l0_coefficient=a.l1, jumprelu_tanh_scale=4.0, jumprelu_bandwidth=2.0,
+            jumprelu_init_threshold=0.1, pre_act_loss_coefficient=3e-6, l0_warm_up_steps=steps, **common))
     else:
         # saekit's loss is SAELens's divided by d_in (both: Σ‖e‖² + λ Σ f_i‖W_dec,i‖ on E‖x‖² = d_in), so λ is the same.
         sae = StandardTrainingSAE(StandardTrainingSAEConfig(l1_coefficient=a.l1, l1_warm_up_steps=max(1, round(0.05 * steps)), **common))
     # lr_end as LanguageModelSAERunnerConfig fills it in (unused by the default constant schedule).
+    notes = ["n_batches_for_norm_estimate=16 (default 1000) so the estimate does not dominate a short run"]
+    extra = {}
+    if a.kind == "jumprelu_tanh":
+        # The docs: λ warm-up over the whole run, lr decayed over the last 20%; the pre-act loss acts on dead latents,
+        # whose window (default 1,000 steps) is set to a tenth of the run, as saekit's, or it would never act here.
+        extra = dict(lr_decay_steps=steps // 5, dead_feature_window=max(1, steps // 10))
+        notes.append(f"tanh mode as the docs recommend; l0_coefficient {a.l1:g} warmed up over all {steps} steps; lr decay over "
+                     f"the last {steps // 5} steps; dead_feature_window {max(1, steps // 10)} steps (default 1,000)")
     tcfg = SAETrainerConfig(total_training_samples=a.tokens, train_batch_size_samples=a.batch_size, lr=a.lr, lr_end=a.lr / 10,
-                            device="cpu", logger=LoggingConfig(log_to_wandb=False), n_batches_for_norm_estimate=16)
+                            device="cpu", logger=LoggingConfig(log_to_wandb=False), n_batches_for_norm_estimate=16, **extra)
     trainer = SAETrainer(tcfg, sae, data_provider=batch_stream(x, a.batch_size, a.seed))
     before = memory_mark()
     t0 = time.perf_counter()
@@ -187,7 +204,7 @@ def train_saelens(a, x: torch.Tensor, meta: dict, out: Path):
     seconds = time.perf_counter() - t0
     folder = out / "saelens"
     sae.save_inference_model(str(folder))
-    return seconds, before, str(folder), ["n_batches_for_norm_estimate=16 (default 1000) so the estimate does not dominate a short run"]
+    return seconds, before, str(folder), notes
 
 
 def train_dictionary_learning(a, x: torch.Tensor, meta: dict, out: Path):
