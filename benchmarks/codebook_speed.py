@@ -89,6 +89,12 @@ def saekit_setup(model_dir: str, spec: str = SPEC):
 def time_saekit(setup, batch: int, seq_len: int, steps: int, warmup: int, seed: int) -> dict:
     from saekit.inmodel.finetune import train_step
 
+    try:
+        from saekit import allocator
+        allocator.keep_large_blocks()  # as `saekit finetune` does
+    except ImportError:  # a saekit older than the allocator setting (--baseline-src)
+        pass
+
     im, splicer, ph, cfg, _ = setup
     rng = np.random.default_rng(seed)
 

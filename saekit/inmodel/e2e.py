@@ -361,8 +361,9 @@ def _find_inits(root: str, hooks: list[str]) -> dict[str, Dictionary]:
 
 def train_e2e(cfg: E2EConfig, progress: bool = True) -> list[Path]:
     """Train one dictionary per hook end-to-end through the frozen model; returns their folders."""
-    from saekit import outdir
+    from saekit import allocator, outdir
 
+    allocator.keep_large_blocks()  # the step's large tensors reuse their pages instead of faulting them in each step
     with outdir.claim(cfg.out, "train"):  # a folder, writable, and no other writer
         return _train_e2e(cfg, progress)
 

@@ -45,7 +45,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor, nn
 
-from saekit import metrics, outdir, runs
+from saekit import allocator, metrics, outdir, runs
 from saekit.config import apply_preset, check_signs, to_dict
 from saekit.dictionaries.base import Provenance
 from saekit.engine import Engine, Objective
@@ -387,6 +387,7 @@ def finetune(cfg: FinetuneConfig, progress: bool = True) -> FinetuneResult:
         raise SaekitError("no model given; pass --model (a Hub name, a local HF directory or 'toy')")
     if not cfg.out:
         raise SaekitError("no output folder given; pass --out DIR")
+    allocator.keep_large_blocks()  # the step's large tensors reuse their pages instead of faulting them in each step
     with outdir.claim(cfg.out, "finetune"):
         return _finetune(cfg, progress)
 
