@@ -149,3 +149,20 @@ def test_saekit_train_objective_e2e(tiny_model_dir, tiny_text_file, tmp_path):
     d = load(folder)
     assert d.summary["objective"] == "e2e" and d.summary["train_steps"] == 3  # 384 tokens / 128 rows per step (1 sequence of up to 128)
     assert "FVU" in res.output
+
+
+def test_saekit_train_objective_e2e_refuses_a_lower_precision(tiny_model_dir, tiny_text_file, tmp_path):
+    """--precision is the offline Trainer's: e2e says so in one line instead of ignoring it, and writes nothing."""
+    from typer.testing import CliRunner
+
+    from saekit_cli.main import app
+
+    out = tmp_path / "t"
+    res = CliRunner().invoke(app, ["train", "--objective", "e2e", "--model", tiny_model_dir, "--data", tiny_text_file,
+                                   "--hook", HOOK, "--kind", "topk", "--k", "4", "--d-dict", "64", "--batch-size", "128",
+                                   "--tokens", "384", "--precision", "bf16", "--out", str(out)])
+    from saekit.errors import SaekitError
+
+    assert isinstance(res.exception, SaekitError)  # `saekit` (cli.main) prints it as one `error:` line, exit 2
+    assert "--precision bf16 is for offline training" in str(res.exception)
+    assert not list(out.rglob("config.json"))

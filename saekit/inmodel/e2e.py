@@ -113,10 +113,13 @@ def from_train_config(tc) -> E2EConfig:
     `batch_size` and `tokens` count activation rows there; here a step is a batch of whole
     sequences, so steps = tokens / batch_size rows with batch_size // context sequences each.
     """
-    from saekit import distributed
+    from saekit import distributed, precision
 
     if distributed.env().distributed:
         raise SaekitError("objective e2e does not run under torchrun yet; start it as a single process")
+    if precision.canonical(getattr(tc, "precision", "auto")) not in ("auto", "float32"):
+        raise SaekitError(f"--precision {tc.precision} is for offline training; --objective e2e trains in float32 "
+                          "(leave --precision at auto)")
     ctx = 0
     if tc.store:
         from saekit.store import open_store
