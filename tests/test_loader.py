@@ -120,6 +120,42 @@ def test_cast_in_blocks_equals_the_stored_rows(tmp_path, monkeypatch):
     assert_same(cast, [{h: x.float() for h, x in b.items()} for b in stored])
 
 
+def expected_batches(st, hooks, bs, n, seed, buffer_rows, rank=0, world_size=1):
+    """The loader's documented order, computed the slow way: each fill's rows in unit order, gathered by
+    the fill's permutation (rng(seed, rank, epoch, fill, 1)), whole batches only."""
+    it = st.batches(hooks, bs, seed=seed, buffer_rows=buffer_rows, rank=rank, world_size=world_size)
+    units, unit_rows = it.units, it.unit_rows
+    it.close()
+    out, epoch = [], 0
+    while len(out) < n:
+        for fi, fill in enumerate(it._fills(epoch)):
+            rows = {h: [] for h in hooks}
+            for u in fill:
+                a, b = units[u]
+                keep = st.row_mask(st.read_tokens(a, b)).reshape(-1)
+                for h in hooks:
+                    rows[h].append(st.read_acts(h, a, b).reshape(-1, st.hook_width(h))[keep])
+            rows = {h: np.concatenate(v) for h, v in rows.items()}
+            m = int(unit_rows[fill].sum())
+            perm = np.random.default_rng([seed, rank, epoch, fi, 1]).permutation(m)
+            for k in range(m // bs):
+                out.append({h: torch.from_numpy(v[perm[k * bs : (k + 1) * bs]]) for h, v in rows.items()})
+        epoch += 1
+    return out[:n]
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_batches_follow_the_documented_order(tmp_path, workers):
+    """Batches are the rows of each fill (units in the epoch's order) gathered by the fill's permutation:
+    any faster reader must keep this, or runs and checkpoints of earlier versions would not resume the same."""
+    make_store(tmp_path / "s", dtype="float32", shard_seqs=9)
+    st = ActivationStore(tmp_path / "s")
+    for rank, world in ((0, 1), (1, 2)):
+        want = expected_batches(st, ["a", "b"], 8, 50, seed=6, buffer_rows=40, rank=rank, world_size=world)
+        got = take(st.batches(["a", "b"], 8, seed=6, buffer_rows=40, rank=rank, world_size=world, workers=workers), 50)
+        assert_same(got, want)
+
+
 @pytest.mark.parametrize("workers", [1, 2])
 def test_batches_are_recycled_only_once_dropped(tmp_path, monkeypatch, workers):
     make_store(tmp_path / "s", dtype="float16")
