@@ -460,3 +460,33 @@ def test_store_mode_matched_recall_agrees_with_a_direct_count(tmp_path, toy_stor
         assert m.neuron_precision[s] == pytest.approx(best, rel=1e-6)
     d = res.to_dict()["matched_recall"]
     assert d["neuron_hooks"] == [HOOK] and 0 <= d["mean_feature_precision"] <= 1
+
+
+def test_bos_rule_read_from_the_run(tmp_path):
+    """A codebook model is evaluated with the BOS rule it was trained with: config.json, else report.json's config,
+    else the codebooks' own training config (the shipped toy-paper keeps only the last two)."""
+    import json
+    from types import SimpleNamespace
+
+    from saekit.analysis.codebook_model import _skip_bos
+
+    cbs = {"a": SimpleNamespace(train_config={"skip_bos": False}), "b": SimpleNamespace(train_config={"skip_bos": False})}
+    assert _skip_bos(tmp_path, cbs) is False
+    assert _skip_bos(tmp_path, {"a": SimpleNamespace(train_config={})}) is True  # nothing says: splice-eval's default
+    (tmp_path / "report.json").write_text(json.dumps({"config": {"skip_bos": True}}))
+    assert _skip_bos(tmp_path, cbs) is True
+    (tmp_path / "config.json").write_text(json.dumps({"skip_bos": False}))
+    assert _skip_bos(tmp_path, {}) is False
+    mixed = {"a": SimpleNamespace(train_config={"skip_bos": False}), "b": SimpleNamespace(train_config={"skip_bos": True})}
+    with pytest.raises(SaekitError, match="different BOS rules"):
+        _skip_bos(tmp_path / "nothing-here", mixed)
+
+
+def test_shipped_paper_model_replaces_bos_as_trained():
+    from saekit.analysis.codebook_model import _skip_bos
+    from saekit.interop import find_dictionary_folders, load
+    from saekit.toy import paper_dir
+
+    root = paper_dir()
+    cbs = {str(f): load(f) for f in find_dictionary_folders(root / "codebooks", ("saekit",))}
+    assert len(cbs) == 8 and _skip_bos(root, cbs) is False  # trained with --preset paper: every position, BOS included

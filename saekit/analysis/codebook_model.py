@@ -80,13 +80,6 @@ class CodebookModel:
         root = Path(folder)
         if not root.is_dir():
             raise SaekitError(f"codebook model {folder} does not exist; pass a `saekit finetune --out` folder")
-        skip_bos = True
-        cfg_file = root / "config.json"
-        if cfg_file.is_file():
-            try:
-                skip_bos = bool(json.loads(cfg_file.read_text()).get("skip_bos", True))
-            except json.JSONDecodeError:
-                pass
         if model is None:  # out/model (a report's path may be relative to where finetune ran), else the report's model
             rep = root / "report.json"
             if (root / "model" / "config.json").is_file():
@@ -106,6 +99,7 @@ class CodebookModel:
             dicts[d.prov.hook] = d
         if not dicts:
             raise SaekitError(f"{folder} holds no saekit codebooks; pass a `saekit finetune --out` folder")
+        skip_bos = _skip_bos(root, dicts)
         hooks = sorted(dicts, key=lambda h: (hook_layer(h), h))
         neurons = [f"blocks.{layer}.{s}" for layer in range(n_layers(model)) for s in ("attn.hook_z", "hook_mlp_out")]
         from saekit.models import resolve_device
@@ -252,3 +246,23 @@ def resolve_patch_sites(spec: str, hooks: list[str]) -> list[str]:
     if not out:
         raise SaekitError(f"empty patch site {spec!r}; use e.g. attn[0], mlp[1], attn, mlp or all")
     return out
+
+
+def _skip_bos(root: Path, dicts: dict) -> bool:
+    """Whether the run left BOS unreplaced: the finetune's config.json, else its report.json's config, else what the
+    codebooks' own training config says (a shipped folder may keep only the codebooks and the report); True if none says.
+    Evaluating with a different rule than training ran would feed the model a BOS activation it never saw."""
+    for name, key in (("config.json", None), ("report.json", "config")):
+        f = root / name
+        if f.is_file():
+            try:
+                cfg = json.loads(f.read_text())
+            except json.JSONDecodeError:
+                continue
+            cfg = cfg.get(key, {}) if key else cfg
+            if isinstance(cfg, dict) and "skip_bos" in cfg:
+                return bool(cfg["skip_bos"])
+    said = {bool(d.train_config["skip_bos"]) for d in dicts.values() if isinstance(d.train_config, dict) and "skip_bos" in d.train_config}
+    if len(said) > 1:
+        raise SaekitError(f"the codebooks in {root} were trained with different BOS rules (skip_bos); keep one run's codebooks")
+    return said.pop() if said else True
