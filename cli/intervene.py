@@ -15,7 +15,7 @@ def register(app) -> None:
     def intervene_cmd(cfg):
         """Toy model: patch state B's codes into walks ending in state A; success rate and JS divergence.
 
-        With --codebook-model (a `saekit finetune --out` folder): every codebook runs in the forward pass and code ids
+        With --codebook-model (a `saekit finetune --out` folder, or the shipped toy-codebooks / toy-paper): every codebook runs in the forward pass and code ids
         are overwritten at the --patch sites, as in the Codebook Features TokFSM tutorial.
         """
         from rich.table import Table

@@ -77,7 +77,7 @@ def data(cfg):
 def evaluate(
     dicts: Optional[List[Path]] = typer.Option(None, "--dict", help="Dictionary folder to score (repeat for several); needs --store."),
     store: Optional[Path] = typer.Option(None, "--store", help="Activation store harvested from `saekit toy data` output with --packing doc."),
-    codebook_model: Optional[Path] = typer.Option(None, "--codebook-model", help="A `saekit finetune --out` folder: score it with all its codebooks active, on fresh walks (the paper's tables)."),
+    codebook_model: Optional[Path] = typer.Option(None, "--codebook-model", help="A `saekit finetune --out` folder (or the shipped toy-codebooks / toy-paper): score it with all its codebooks active, on fresh walks (the paper's tables)."),
     json_out: Optional[Path] = typer.Option(None, "--json", help="Also write the full result (per state) to this JSON file."),
     labels: Optional[Path] = typer.Option(None, "--labels", help="Labels file from `saekit toy data` (else the FSM comes from the store's model)."),
     split: str = typer.Option("eval", "--split", help="Store split to score: eval, train or all."),

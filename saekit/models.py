@@ -24,6 +24,7 @@ from saekit.errors import SaekitError, did_you_mean
 
 TOY_NAME = "toy"
 TOY_PAPER_NAME = "toy-paper"
+TOY_CODEBOOKS_NAME = "toy-codebooks"
 PYCODE_NAME = "pycode"
 _LAYER_RE = re.compile(r"^blocks\.(\d+)\.")
 
@@ -83,7 +84,7 @@ class LoadedModel:
 
 
 def resolve_model_path(name: str) -> str:
-    """A built-in name (`toy`, `toy-paper`, `pycode`) → its shipped directory; anything else is passed through."""
+    """A built-in name (`toy`, `toy-paper`, `toy-codebooks`, `pycode`) → its shipped directory; anything else is passed through."""
     if name == TOY_NAME:
         from saekit.toy import pretrained_dir
 
@@ -92,6 +93,10 @@ def resolve_model_path(name: str) -> str:
         from saekit.toy import paper_dir
 
         return str(paper_dir() / "model")
+    if name == TOY_CODEBOOKS_NAME:
+        from saekit.toy import codebooks_dir
+
+        return str(codebooks_dir() / "model")
     if name == PYCODE_NAME:
         from saekit.pycode import pretrained_dir
 

@@ -77,7 +77,9 @@ class CodebookModel:
         from saekit.interop import find_dictionary_folders, load
         from saekit.models import hook_layer
 
-        root = Path(folder)
+        from saekit.toy import codebook_model_dir
+
+        root = Path(codebook_model_dir(folder))
         if not root.is_dir():
             raise SaekitError(f"codebook model {folder} does not exist; pass a `saekit finetune --out` folder")
         if model is None:  # out/model (a report's path may be relative to where finetune ran), else the report's model

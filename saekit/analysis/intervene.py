@@ -74,7 +74,7 @@ class InterveneConfig:
     out: str | None = None
     """Write the result as JSON here."""
     codebook_model: str = ""
-    """A `saekit finetune --out` folder: run it with ALL its codebooks and patch code ids (the paper's intervention) instead of --dicts."""
+    """A `saekit finetune --out` folder (or the shipped toy-codebooks / toy-paper): run it with ALL its codebooks and patch code ids (the paper's intervention) instead of --dicts."""
     patch: list[str] = field(default_factory=list)
     """Codebook model: sites patched together, one entry per row, comma-separated: attn[L], mlp[L], attn, mlp, all, or a hook, joined with '+' (default: the tutorial's attn[0],mlp[1],attn,mlp,all)."""
     positions: str = "state"

@@ -73,7 +73,7 @@ class SteerConfig:
     max_tokens: int = 200_000
     """Topic steering: store tokens read to score the features."""
     codebook_model: str | None = None
-    """A `saekit finetune --out` folder: force --feature codes of its codebook --dict with ALL its codebooks active (toy)."""
+    """A `saekit finetune --out` folder (or the shipped toy-codebooks / toy-paper): force --feature codes of its codebook --dict with ALL its codebooks active (toy)."""
     state: int | None = None
     """Codebook model (toy): force the codes state S has at every --sites codebook instead of --dict/--feature codes."""
     sites: str = "all"
