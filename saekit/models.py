@@ -89,14 +89,10 @@ def resolve_model_path(name: str) -> str:
         from saekit.toy import pretrained_dir
 
         return str(pretrained_dir())
-    if name == TOY_PAPER_NAME:
-        from saekit.toy import paper_dir
+    if name in (TOY_PAPER_NAME, TOY_CODEBOOKS_NAME):  # shipped codebook models: their model/ folder
+        from saekit.toy import codebook_model_dir
 
-        return str(paper_dir() / "model")
-    if name == TOY_CODEBOOKS_NAME:
-        from saekit.toy import codebooks_dir
-
-        return str(codebooks_dir() / "model")
+        return str(Path(codebook_model_dir(name)) / "model")
     if name == PYCODE_NAME:
         from saekit.pycode import pretrained_dir
 
