@@ -161,23 +161,11 @@ def harvest(cfg: HarvestConfig, progress: bool = True, model: models.LoadedModel
 
 
 def check_toy_corpus(cfg: HarvestConfig) -> None:
-    """Refuse a `saekit toy data` corpus (its labels file lies beside it) harvested so that positions
-    would not line up with the labels: `toy eval` could only refuse the store afterwards."""
-    from saekit.toy.corpus import labels_path
+    """Refuse a toy corpus harvested so that positions would not line up with its labels
+    (`toy eval` could only refuse the store afterwards)."""
+    from saekit.toy.corpus import check_packing
 
-    if not cfg.data or not Path(cfg.data).is_file() or not labels_path(cfg.data).is_file():
-        return
-    from safetensors import safe_open
-
-    with safe_open(str(labels_path(cfg.data)), "np") as f:
-        if (f.metadata() or {}).get("format") != "saekit-toy-labels":
-            return
-        seq_len = int(f.get_slice("tokens").get_shape()[1])
-    if cfg.packing != "doc" or cfg.context_size < seq_len:
-        raise SaekitError(
-            f"{cfg.data} is a toy corpus (labels in {labels_path(cfg.data).name}): harvest it one walk per sequence so "
-            f"positions line up with the FSM labels; pass --packing doc --context-size {seq_len}"
-        )
+    check_packing(cfg.data, cfg.packing, cfg.context_size, "pass --packing doc --context-size {n}")
 
 
 def _harvest(cfg: HarvestConfig, progress: bool, model: models.LoadedModel | None, dist_env: distributed.DistEnv, device: str) -> Path:

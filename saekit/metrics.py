@@ -16,12 +16,17 @@ def l0(codes: Tensor) -> float:
     return (codes != 0).float().sum(-1).mean().item()
 
 
-def fvu(x: Tensor, x_hat: Tensor) -> float:
-    """Fraction of variance unexplained: Σ‖x − x̂‖² / Σ‖x − mean(x)‖² over rows."""
+def fvu_tensor(x: Tensor, x_hat: Tensor) -> Tensor:
+    """Fraction of variance unexplained: Σ‖x − x̂‖² / Σ‖x − mean(x)‖² over rows (a 0-d float64 tensor, no sync)."""
     x, x_hat = x.double(), x_hat.double()
     resid = (x - x_hat).pow(2).sum()
     total = (x - x.mean(0, keepdim=True)).pow(2).sum()
-    return (resid / total.clamp_min(1e-30)).item()
+    return resid / total.clamp_min(1e-30)
+
+
+def fvu(x: Tensor, x_hat: Tensor) -> float:
+    """`fvu_tensor` as a float."""
+    return fvu_tensor(x, x_hat).item()
 
 
 class FVUAccumulator:

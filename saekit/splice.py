@@ -289,6 +289,9 @@ def text_tokens(cfg: SpliceConfig, model: LoadedModel) -> Tensor:
     ctx = cfg.context_size or min(model.info.n_ctx, 256)
     if ctx > model.info.n_ctx:
         raise SaekitError(f"context_size {ctx} exceeds the model's context ({model.info.n_ctx}); pass --context-size {model.info.n_ctx} or less")
+    from saekit.toy.corpus import check_packing
+
+    check_packing(cfg.data, cfg.packing, ctx, "pass --packing doc --context-size {n}")
     tok = model.tokenizer
     eos = tok.eos_token_id if tok.eos_token_id is not None else model.bos_id
     seqs = text.sequences(cfg.data, tok, ctx, bos_id=model.bos_id, eos_id=int(eos), packing=cfg.packing, text_field=cfg.text_field)

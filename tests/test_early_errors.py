@@ -46,6 +46,19 @@ def test_toy_corpus_without_doc_packing_is_refused_at_harvest(tmp_path):
             harvest(HarvestConfig(model="toy", hooks=["blocks.0.hook_resid_post"], data=str(text), out=str(tmp_path / "s"), **kw),
                     progress=False)
         assert not (tmp_path / "s").exists()  # refused before anything was written
+    # splice-eval and finetune read the same corpus the same way: concatenated walks would break the FSM's digit pairs
+    from saekit.inmodel.finetune import FinetuneConfig, finetune
+    from saekit.models import load_model
+    from saekit.splice import SpliceConfig, text_tokens
+
+    toy = load_model("toy", device="cpu")
+    with pytest.raises(SaekitError, match=f"--packing doc --context-size {seq_len}"):
+        text_tokens(SpliceConfig(model="toy", data=str(text)), toy)
+    assert text_tokens(SpliceConfig(model="toy", data=str(text), packing="doc", context_size=seq_len), toy).shape == (8, seq_len)
+    with pytest.raises(SaekitError, match=f"--packing doc --seq-len {seq_len}"):
+        finetune(FinetuneConfig(model="toy", codebooks="mlp[0]:k=1,codes=16", data=str(text), out=str(tmp_path / "ft"), steps=1,
+                                eval_sequences=2), progress=False)
+    assert not (tmp_path / "ft").exists()
     # the same text without its labels file is ordinary text: nothing to refuse
     labels.unlink()
     from saekit.harvest import check_toy_corpus

@@ -76,6 +76,26 @@ def test_reconstruction_term_is_the_summed_squared_error_to_the_codes_only():
     assert torch.allclose(x_hat.grad, 2 * (x_hat - x_in).detach() / 6)
 
 
+def test_fvu_is_the_reconstruction_term_without_the_inputs_scale():
+    """A LayerNorm gain that grows c× (with codes that follow it) multiplies the term by c² and leaves the FVU as it was."""
+    from saekit import metrics
+
+    torch.manual_seed(0)
+    layer = _layer("paper", "layernorm", groups=1)
+    x = torch.randn(2, 16, 8)
+    layer(x)
+    term, fvu = float(layer.last_commit), float(layer.last_fvu)
+    d = layer.d
+    x_in = group_layer_norm(x.reshape(-1, 8), d.ln_weight, d.ln_bias).detach()
+    assert fvu == pytest.approx(metrics.fvu(x_in, d.decode(d.encode(x.reshape(-1, 8))).detach()), rel=1e-6)
+    with torch.no_grad():
+        for p in (d.ln_weight, d.ln_bias, d.codebook):
+            p.mul_(3.0)
+    layer(x)
+    assert float(layer.last_commit) == pytest.approx(9 * term, rel=1e-4)
+    assert float(layer.last_fvu) == pytest.approx(fvu, rel=1e-4)
+
+
 def test_layernorm_codebook_saves_and_loads_with_its_norm(tmp_path):
     layer = _layer("paper", "layernorm")
     with torch.no_grad():
@@ -204,6 +224,7 @@ def _commit_curve(model_dir, text, out, **kw) -> list[float]:
                          log_every=10, out=str(out), **kw)
     finetune(cfg, progress=False)
     rows = [json.loads(ln) for ln in (out / "metrics.jsonl").read_text().splitlines() if ln]
+    assert all(any(k.startswith("fvu/") for k in r) for r in rows)  # the scale-free twin is logged beside the term
     return [float(np.mean([v for k, v in r.items() if k.startswith("commit/")])) for r in rows]
 
 

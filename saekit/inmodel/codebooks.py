@@ -18,6 +18,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from saekit import metrics
 from saekit.dictionaries.base import DictConfig, Dictionary, Provenance
 from saekit.errors import SaekitError, did_you_mean
 from saekit.inmodel.sites import HOOK_RE
@@ -125,7 +126,9 @@ class InModelCodebook(nn.Module):
         objective=paper:  the LM loss reaches the chosen codes through out, term ‖x̂ − sg[x_in]‖² (summed over
                           the width: Codebook Features' "aeloss").
 
-    `last_commit` (mean over rows) and `last_fired` (codes chosen at least once) are kept for the trainer.
+    `last_commit` (mean over rows), `last_fvu` (the term as a fraction of the input's variance: unlike the
+    term it does not grow with the input's scale) and `last_fired` (codes chosen at least once) are kept
+    for the trainer.
     """
 
     def __init__(self, dictionary: Dictionary, objective: str = "commit"):
@@ -136,6 +139,7 @@ class InModelCodebook(nn.Module):
         self.objective = objective
         self.mask: Tensor | None = None
         self.last_commit: Tensor | None = None
+        self.last_fvu: Tensor | None = None
         self.last_fired: Tensor | None = None
         self._rows: Tensor | None = None  # the last forward's normalised inputs, all positions
         self._keep: Tensor | None = None  # and which of them were replaced (None: all)
@@ -158,6 +162,7 @@ class InModelCodebook(nn.Module):
         keep = None if self.mask is None or bool(self.mask.all()) else self.mask.reshape(B * T)  # (B·T,) bool
         if keep is not None and not bool(keep.any()):  # e.g. a batch of BOS only (the first sampling step)
             self.last_commit = d.codebook.sum() * 0  # zero, but still part of the graph
+            self.last_fvu = torch.zeros((), dtype=torch.float64, device=x.device)
             self.last_fired = torch.zeros(d.cfg.d_dict, device=x.device)
             return x
         rows = x.reshape(B * T, width)
@@ -170,6 +175,9 @@ class InModelCodebook(nn.Module):
         if keep is not None:  # the terms and counts of the replaced positions only
             term, idx = term[keep], idx[keep]
         self.last_commit = term.mean()
+        with torch.no_grad():  # the term's scale-free twin: it stays comparable while the input's scale (a LayerNorm's gain) changes
+            xs, hs = (x_in, out_n) if keep is None else (x_in[keep], out_n[keep])
+            self.last_fvu = metrics.fvu_tensor(xs, hs)
         flat = (idx + torch.arange(G, device=x.device)[None, :, None] * C).flatten()
         self.last_fired = torch.zeros(d.cfg.d_dict, device=x.device).index_add_(0, flat, torch.ones_like(flat, dtype=torch.float))
         self._rows, self._keep = xn.detach(), keep

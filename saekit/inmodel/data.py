@@ -24,7 +24,8 @@ class TokenData(NamedTuple):
 
 
 def load_tokens(data: str, store: str, tokenizer, bos_id: int, seq_len: int, n_train: int, n_eval: int,
-                text_field: str = "text", n_ctx: int | None = None, packing: str = "concat") -> TokenData:
+                text_field: str = "text", n_ctx: int | None = None, packing: str = "concat",
+                fix: str = "pass --packing doc --seq-len {n}") -> TokenData:
     """Training and held-out sequences from text (first n_eval sequences held out) or a store's splits.
 
     At most n_train training sequences are read: a longer corpus is not needed for the
@@ -49,7 +50,9 @@ def load_tokens(data: str, store: str, tokenizer, bos_id: int, seq_len: int, n_t
     if n_ctx is not None and seq_len > n_ctx:
         raise SaekitError(f"--seq-len {seq_len} is longer than the model's context ({n_ctx}); lower it")
     from saekit.text import sequences
+    from saekit.toy.corpus import check_packing
 
+    check_packing(data, packing, seq_len, fix)
     eos = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else bos_id
     seqs = sequences(data, tokenizer, seq_len, bos_id=bos_id, eos_id=eos, packing=packing, text_field=text_field)
     got = []

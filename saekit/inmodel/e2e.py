@@ -388,7 +388,8 @@ def _train_e2e(cfg: E2EConfig, progress: bool) -> list[Path]:
     em = E2EModel(im, Splicer(im.hf, list(im.sites.values())))
     seq_len = cfg.seq_len or min(128, im.info.n_ctx)
     data = load_tokens(cfg.data, cfg.store, im.tokenizer, im.bos_id, seq_len, cfg.steps * cfg.batch_size,
-                          cfg.eval_sequences, cfg.text_field, n_ctx=im.info.n_ctx)
+                          cfg.eval_sequences, cfg.text_field, n_ctx=im.info.n_ctx,
+                          fix="harvest it with --packing doc --context-size {n} and train on --store")
     inits = _find_inits(cfg.init, cfg.hooks) if cfg.init else {}
     torch.manual_seed(cfg.seed)
     fresh = [h for h in cfg.hooks if h not in inits]

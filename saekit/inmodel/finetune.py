@@ -244,6 +244,7 @@ def train_step(ph: Phase, t: Tensor, bos_id: int, splicer: Splicer | None, cfg) 
     loss = ce
     for h, layer in ph.layers.items():
         terms[f"commit/{h}"] = layer.last_commit
+        terms[f"fvu/{h}"] = layer.last_fvu
         loss = loss + cfg.commit_coef * layer.last_commit
     ph.opt.zero_grad(set_to_none=True)
     loss.backward()
@@ -343,7 +344,8 @@ class PhaseObjective(Objective):
 
     def progress_info(self, row: dict) -> str:
         commit = [v for k, v in row.items() if k.startswith("commit/")]
-        return f"ce={row['ce']:.4f}" + (f" commit={sum(commit) / len(commit):.4f}" if commit else "")
+        fvu = [v for k, v in row.items() if k.startswith("fvu/")]
+        return f"ce={row['ce']:.4f}" + (f" commit={sum(commit) / len(commit):.4f} fvu={sum(fvu) / len(fvu):.3f}" if commit else "")
 
     def metrics_logs(self) -> list[runs.MetricsLog | None]:
         return [self.log]
@@ -466,6 +468,7 @@ def _finetune(cfg: FinetuneConfig, progress: bool) -> FinetuneResult:
         d.prov = Provenance(hook=h, model=minfo, hook_shape=im.shapes[h], scale=float(d.scale), store=cfg.store or None)
         dead = float(metrics.dead_mask(joint.since_fired[h].cpu(), cfg.dead_tokens).float().mean())
         d.summary = {"objective": "joint", "loss": cfg.objective, "train_steps": cfg.steps, "commitment": joint.last.get(f"commit/{h}"),
+                     "fvu": joint.last.get(f"fvu/{h}"),
                      "dead_fraction": dead, "dead_window_tokens": cfg.dead_tokens}  # the last dead_tokens training tokens
         d.train_config = to_dict(cfg) | {"objective": "joint"}
         saved.append(d.save(paths.codebook(h)))

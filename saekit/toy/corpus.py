@@ -45,6 +45,26 @@ def labels_path(text_path: str | os.PathLike) -> Path:
     return p.with_name(p.stem + ".labels.safetensors")
 
 
+def check_packing(data: str | None, packing: str, seq_len: int, fix: str) -> None:
+    """Refuse to read a `saekit toy data` corpus (its labels file lies beside it) other than one walk per
+    sequence: concatenated walks put BOS mid-sequence and break the digit pairs' parity, so every
+    number computed on them (losses, codes, FSM states) would be silently wrong.  `fix` says what to
+    pass instead ({n} = the walks' length)."""
+    if not data or not Path(data).is_file() or not labels_path(data).is_file():
+        return
+    from safetensors import safe_open
+
+    with safe_open(str(labels_path(data)), "np") as f:
+        if (f.metadata() or {}).get("format") != "saekit-toy-labels":
+            return
+        walk_len = int(f.get_slice("tokens").get_shape()[1])
+    if packing != "doc" or seq_len < walk_len:
+        raise SaekitError(
+            f"{data} is a toy corpus (labels in {labels_path(data).name}): read it one walk per sequence so positions "
+            f"line up with the FSM; {fix.format(n=walk_len)}"
+        )
+
+
 def model_context(model: str) -> int:
     """Context length of a toy model directory (config.json's n_positions, GPT-2, or max_position_embeddings, GPT-NeoX)."""
     from saekit.models import resolve_model_path
