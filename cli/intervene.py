@@ -25,7 +25,7 @@ def register(app) -> None:
 
             r = run_codebook_intervention(cfg)
             t = Table(title=f"code-id intervention, all codebooks active ({r.n_pairs} pairs, walks of {r.states} states, "
-                            f"patched at {WHERE[r.positions]})")
+                            f"patched at {WHERE[r.positions]}{', A and B share no successor' if r.disjoint else ''})")
             for c, j in (("patched", "left"), ("JS from clean B", "right"), ("normalised JS", "right"),
                          ("top-10 next states ∈ succ(B)", "right"), ("greedy next state ∈ succ(B) \\ succ(A)", "right"),
                          ("share of clean B's", "right"), ("∈ succ(A) \\ succ(B)", "right")):
@@ -40,7 +40,7 @@ def register(app) -> None:
         from saekit.analysis.intervene import run_intervention
 
         r = run_intervention(cfg)
-        t = Table(title=f"code intervention at layers {r.layers} ({r.n_pairs} pairs, error={r.error})")
+        t = Table(title=f"code intervention at layers {r.layers} ({r.n_pairs} pairs{', no shared successor' if cfg.disjoint else ''}, error={r.error})")
         t.add_column("run")
         t.add_column("next state ∈ succ(B) \\ succ(A)", justify="right")
         t.add_column("JS from clean B (nats)", justify="right")

@@ -273,6 +273,26 @@ def test_intervention_on_an_exact_codebook_model_reaches_the_clean_b_ceiling(toy
     assert gen.rows[0].success_rate == pytest.approx(ceil.success_rate) and gen.rows[0].top_accuracy == pytest.approx(ceil.top_accuracy)
 
 
+def test_disjoint_pairs_share_no_successor_so_every_next_state_is_decidable(toy_in_model):
+    from saekit.analysis.intervene import codebook_intervention, last_states, make_pairs
+
+    fsm = load_fsm("toy")
+    valid = fsm.valid_mask()
+
+    def shared(pairs):
+        a, b = last_states(fsm, pairs[0]), last_states(fsm, pairs[1])
+        return (valid[a] & valid[b]).any(1)
+
+    assert shared(make_pairs(fsm, 200, 1, seed=0)).any()  # by default some pairs share successors: those next states are neither
+    pairs = make_pairs(fsm, 24, 2, seed=0, disjoint=True)
+    assert pairs[0].shape == (24, 1 + 2 * fsm.digits) and not shared(pairs).any()
+    res = codebook_intervention(identity_codebook_model(toy_in_model), fsm, ["all"], n_pairs=24, n_states=2, seed=0, disjoint=True)
+    assert res.disjoint and res.to_dict()["disjoint"]
+    assert np.array_equal(res.clean_b.success_rate, res.rows[0].success_rate)
+    # on disjoint pairs a valid next state is B's or A's, never both: clean B's valid next states all count as success
+    assert res.clean_b.success_rate + res.clean_b.stays_rate <= 1.0 and res.clean_b.stays_rate < 0.1
+
+
 def test_state_and_final_patching_differ_exactly_where_the_first_digits_differ(toy_in_model):
     """final writes B's code at the last digit only, state at both: they agree when A and B share their first digit."""
     from saekit.analysis.intervene import codebook_intervention, make_pairs

@@ -77,6 +77,8 @@ class InterveneConfig:
     """A `saekit finetune --out` folder (or the shipped toy-codebooks / toy-paper): run it with ALL its codebooks and patch code ids (the paper's intervention) instead of --dicts."""
     patch: list[str] = field(default_factory=list)
     """Codebook model: sites patched together, one entry per row, comma-separated: attn[L], mlp[L], attn, mlp, all, or a hook, joined with '+' (default: the tutorial's attn[0],mlp[1],attn,mlp,all)."""
+    disjoint: bool = False
+    """Draw only pairs whose last states A and B share no successor, so every next state is decidably B's or A's (by default a shared one counts as a failure, which caps even clean B near 90% on the paper's FSM)."""
     positions: str = "state"
     """Codebook model: where B's code ids go: state (both digits of A's last state), final (its final token, the paper's tutorial) or generated (the last state and every generated position)."""
     device: str = "auto"
@@ -122,10 +124,15 @@ PATCHINGS = ("attn[0]", "mlp[1]", "attn", "mlp", "all")
 """The tutorial's patchings: layer-0 attention, layer-1 MLP, all attention, all MLP, all codebooks."""
 
 
-def make_pairs(fsm, n_pairs: int, n_states: int = 4, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+def make_pairs(fsm, n_pairs: int, n_states: int = 4, seed: int = 0, disjoint: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """(tokens_a, tokens_b), each (n_pairs, 1 + digits·n_states): BOS + a walk ending on a complete state.
 
-    Pairs are kept only when succ(B) \\ succ(A) is non-empty (otherwise success is impossible).
+    Pairs are kept only when succ(B) \\ succ(A) is non-empty (otherwise success is impossible);
+    with `disjoint` only when A and B share no successor.  Where they share some, a next state in
+    both sets counts as neither success nor "stays", so even the clean B run succeeds only where
+    its own next state is not also A's (on the paper's FSM, 10 of 100 states follow each state:
+    clean B's rate sits near 90% for that reason alone).  Disjoint pairs make every greedy next
+    state decidable, so the ceiling is the model's own accuracy.
     """
     from saekit.toy.fsm import BOS_ID
 
@@ -145,7 +152,7 @@ def make_pairs(fsm, n_pairs: int, n_states: int = 4, seed: int = 0) -> tuple[np.
                 w.append(int(fsm.successors[w[-1], rng.integers(fsm.out_degree)]))
             walks.append(w)
         a, b = walks[0][-1], walks[1][-1]
-        if a == b or not (valid[b] & ~valid[a]).any():
+        if a == b or not (valid[b] & ~valid[a]).any() or (disjoint and (valid[b] & valid[a]).any()):
             continue
         for w, out in zip(walks, (out_a, out_b)):
             out.append(np.concatenate([[BOS_ID], digs[w].reshape(-1)]))
@@ -180,7 +187,7 @@ def _patch_fn(d, cb: torch.Tensor, positions: slice, error: str):
 
 @torch.no_grad()
 def intervene(model, dicts, fsm, layers: list[int] | None = None, *, n_pairs: int = 64, n_states: int = 4,
-              error: str = "keep", seed: int = 0, pairs: tuple[np.ndarray, np.ndarray] | None = None) -> InterventionResult:
+              error: str = "keep", seed: int = 0, disjoint: bool = False, pairs: tuple[np.ndarray, np.ndarray] | None = None) -> InterventionResult:
     """Patch B's codes into A at the dictionaries whose hooks are in `layers` (all when None).
 
     model: a LoadedModel of the toy model; dicts: dictionaries (a list or {hook: dict}),
@@ -206,7 +213,7 @@ def intervene(model, dicts, fsm, layers: list[int] | None = None, *, n_pairs: in
         raise SaekitError(f"two dictionaries for the same hook ({hooks}); pass one per hook")
     bridge = model.bridge
     device = next(bridge.parameters()).device
-    ta, tb = pairs if pairs is not None else make_pairs(fsm, n_pairs, n_states, seed)
+    ta, tb = pairs if pairs is not None else make_pairs(fsm, n_pairs, n_states, seed, disjoint)
     if ta.shape[1] > model.info.n_ctx:
         raise SaekitError(f"walks of {n_states} states do not fit the model's context ({model.info.n_ctx}); use fewer states")
     A = torch.as_tensor(ta, device=device).long()
@@ -295,6 +302,8 @@ class CodebookInterventionResult:
     n_pairs: int
     positions: str
     states: int
+    disjoint: bool = False
+    """Pairs drawn with no shared successor (`make_pairs`)."""
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -310,7 +319,7 @@ followed by the same generated tokens (the site carries B's context all the way)
 
 @torch.no_grad()
 def codebook_intervention(cbm, fsm, patchings: list[str] | tuple[str, ...] = PATCHINGS, *, n_pairs: int = 64, n_states: int = 1,
-                          positions: str = "state", seed: int = 0,
+                          positions: str = "state", seed: int = 0, disjoint: bool = False,
                           pairs: tuple[np.ndarray, np.ndarray] | None = None) -> CodebookInterventionResult:
     """Patch B's code ids into A at each patching's codebooks, with every codebook of `cbm` (a CodebookModel) active.
 
@@ -324,7 +333,7 @@ def codebook_intervention(cbm, fsm, patchings: list[str] | tuple[str, ...] = PAT
         raise SaekitError(f"positions={positions!r}: use state (both digits of the last state), final (the final token, as the paper's "
                           "tutorial) or generated (the last state and every generated position)")
     sites = [(p, resolve_patch_sites(p, cbm.hooks)) for p in patchings]
-    ta, tb = pairs if pairs is not None else make_pairs(fsm, n_pairs, n_states, seed)
+    ta, tb = pairs if pairs is not None else make_pairs(fsm, n_pairs, n_states, seed, disjoint)
     if ta.shape != tb.shape:
         raise SaekitError("A and B walks must have the same length")
     A, B = torch.as_tensor(ta).long(), torch.as_tensor(tb).long()
@@ -370,7 +379,7 @@ def codebook_intervention(cbm, fsm, patchings: list[str] | tuple[str, ...] = PAT
     for r in (clean_a, clean_b, *rows):
         r.js_normalised = r.js / clean_a.js if clean_a.js > 0 else float("nan")
         r.success_of_ceiling = r.success_rate / clean_b.success_rate if clean_b.success_rate > 0 else float("nan")
-    return CodebookInterventionResult(rows, clean_a, clean_b, n, positions, n_states)
+    return CodebookInterventionResult(rows, clean_a, clean_b, n, positions, n_states, disjoint and pairs is None)
 
 
 def run_codebook_intervention(cfg: InterveneConfig) -> CodebookInterventionResult:
@@ -382,7 +391,8 @@ def run_codebook_intervention(cfg: InterveneConfig) -> CodebookInterventionResul
         raise SaekitError("give either --dicts (patch activations) or --codebook-model (patch code ids with all codebooks active), not both")
     cbm = CodebookModel.load(cfg.codebook_model, device=cfg.device)
     fsm = load_fsm(cbm.path)
-    res = codebook_intervention(cbm, fsm, cfg.patch or PATCHINGS, n_pairs=cfg.pairs, n_states=cfg.states, positions=cfg.positions, seed=cfg.seed)
+    res = codebook_intervention(cbm, fsm, cfg.patch or PATCHINGS, n_pairs=cfg.pairs, n_states=cfg.states, positions=cfg.positions, seed=cfg.seed,
+                                disjoint=cfg.disjoint)
     if cfg.out:
         write_json(Path(cfg.out), res.to_dict())
     return res
@@ -401,7 +411,8 @@ def run_intervention(cfg: InterveneConfig) -> InterventionResult:
     fsm = load_fsm(cfg.model)
     lm = load_model(cfg.model)
     dicts = [load_dict(p) for p in cfg.dicts]
-    res = intervene(lm, dicts, fsm, cfg.layers or None, n_pairs=cfg.pairs, n_states=cfg.states, error=cfg.error, seed=cfg.seed)
+    res = intervene(lm, dicts, fsm, cfg.layers or None, n_pairs=cfg.pairs, n_states=cfg.states, error=cfg.error, seed=cfg.seed,
+                    disjoint=cfg.disjoint)
     if cfg.out:
         p = Path(cfg.out)
         write_json(p, res.to_dict())
