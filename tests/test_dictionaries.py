@@ -212,29 +212,36 @@ def test_codebook_matches_reference(similarity, groups):
     assert torch.equal(out.fired, codes_ref.bool().any(0))
 
 
-def test_codebook_kmeans_init_and_dead_replacement():
-    d = build(DictConfig(kind="codebook", d_in=8, d_dict=8, k=1, groups=2))  # 4 codes per group
+@pytest.mark.parametrize("k", [1, 2])
+def test_codebook_kmeans_init_and_dead_replacement(k):
+    d = build(DictConfig(kind="codebook", d_in=8, d_dict=8 * k, k=k, groups=2))  # 4k codes per group
     g = torch.Generator().manual_seed(0)
     centres = torch.randn(4, 8, generator=g) * 5
     x = centres[torch.randint(0, 4, (400,), generator=g)] + 0.01 * torch.randn(400, 8, generator=g)
     d.init_from_data(x)
     # each group's codes are the 4 cluster centres of that slice (k=1: no division)
-    for grp in range(2):
+    for grp in range(2 if k == 1 else 0):
         want = centres[:, grp * 4:(grp + 1) * 4]
         dist = torch.cdist(want, d.codebook[grp].detach())
         assert dist.min(1).values.max() < 0.05
-    dead = torch.zeros(8, dtype=torch.bool)
-    dead[[1, 6]] = True
+    C = 4 * k
+    dead = torch.zeros(2 * C, dtype=torch.bool)
+    dead[[1, C + 2]] = True
     before = d.codebook.detach().clone()
     recent = x[:10]
     resid = (recent - d(recent).x_hat).view(10, 2, 4)  # what the codebook misses on those rows
     masks = d.resample_dead(dead, recent, torch.Generator().manual_seed(0))
     assert torch.equal(masks["codebook"].flatten(), dead)
     after = d.codebook.detach()
-    assert torch.equal(after.view(8, 4)[~dead], before.view(8, 4)[~dead])
-    # a replaced code is the residual slice of one of the recent rows, in its own group
+    assert torch.equal(after.view(2 * C, 4)[~dead], before.view(2 * C, 4)[~dead])
+    # k > 1: a replaced code is the residual slice of one of the recent rows (a missing component), in its own group;
+    # k = 1: the input slice itself, so that input now chooses it and is reconstructed exactly
+    want = resid if k > 1 else recent.view(10, 2, 4)
     for grp, code in ((0, 1), (1, 2)):
-        assert torch.cdist(after[grp, code][None], resid[:, grp]).min() < 1e-6
+        assert torch.cdist(after[grp, code][None], want[:, grp]).min() < 1e-6
+    if k == 1:
+        row = torch.cdist(after[0, 1][None], want[:, 0]).argmin()
+        assert d.encode(recent[row][None])[0, :C].argmax() == 1
 
 
 # --- files -------------------------------------------------------------------------------------------

@@ -159,11 +159,15 @@ class Codebook(Dictionary):
     def resample_dead(self, dead: Tensor, xn: Tensor, generator: torch.Generator) -> dict[str, Tensor]:
         """Replace dead codes (d_dict,) bool by what the codebook misses on recent inputs.
 
-        A dead code of group g becomes the residual slice e_g = x_g − x̂_g of a row of xn drawn
-        with probability ∝ ‖e_g‖² (as Anthropic resample dead neurons towards badly
-        reconstructed inputs): a code equal to a missing component is chosen again where that
-        component occurs.  Returns {parameter name: bool mask over its leading dims} so the
-        trainer resets the optimiser's moments of the replaced codes.
+        Rows of xn are drawn per group with probability ∝ ‖e_g‖², e_g = x_g − x̂_g (as Anthropic
+        resample dead neurons towards badly reconstructed inputs).  With k > 1 a dead code of
+        group g becomes the residual slice e_g: a code equal to a missing component is added where
+        that component occurs.  With k = 1 nothing is added, the one code *is* the output, so the
+        dead code becomes the input slice x_g itself: it is then the nearest code of that input and
+        of its neighbours.  (A residual would rarely be any input's nearest code, and would give
+        x − x̂ where it was: such codes died again at every replacement.)  Returns {parameter name:
+        bool mask over its leading dims} so the trainer resets the optimiser's moments of the
+        replaced codes.
         """
         G, C, d_g = self.codebook.shape
         mask = dead.view(G, C)
@@ -179,7 +183,7 @@ class Codebook(Dictionary):
             m = int(mask[g].sum())
             if m:
                 rows = torch.multinomial(weights[g], m, replacement=m > weights.shape[1], generator=generator).to(xn.device)
-                new[i:i + m] = resid[rows, g]
+                new[i:i + m] = (resid if self.k > 1 else xn.view(-1, G, d_g))[rows, g]
                 i += m
         self.codebook[mask] = new  # boolean-mask assignment walks (g, c) in the same row-major order
         return {"codebook": mask}
