@@ -245,12 +245,14 @@ print(f"transition accuracy with codebooks {s['transition_accuracy']:.1%}, witho
     """md:The paper's intervention on this model: B's code ids written into A's codes.  Written at A's last
 state only (`state`), the next-token distribution becomes B's but the state rarely follows: at the new
 position, layer 0's attention reads A's digits from the token embeddings, which no codebook covers.
-Written at the new positions too (`generated`), one layer-0 site is enough.""",
+Written at the new positions too (`generated`), one layer-0 site is enough.  Pairs are drawn with
+`disjoint=True`: A and B share no successor, so every next state is decidably B's or A's (otherwise a
+successor of both counts as a failure even for clean B).""",
     '''\
 from saekit.analysis.intervene import codebook_intervention
 
 for positions, patch in (("state", ["all"]), ("generated", ["attn[0]", "mlp[0]", "mlp[1]"])):
-    r = codebook_intervention(cbm, paper_fsm, patch, n_pairs=32, n_states=4, positions=positions, seed=1)
+    r = codebook_intervention(cbm, paper_fsm, patch, n_pairs=32, n_states=4, positions=positions, seed=1, disjoint=True)
     for row in r.rows:
         print(f"{positions:9s} {row.name:7s} next state follows B in {row.success_rate:5.1%} of pairs "
               f"(clean B: {r.clean_b.success_rate:.0%}); normalised JS {row.js_normalised:.3f}")''',
