@@ -267,3 +267,16 @@ def test_shipped_paper_model_runs_with_its_codebooks_at_every_layer():
     # the walks are sampled with the same seed as the report's: the shipped files reproduce its number
     assert with_codes["transition_accuracy"] == pytest.approx(row["transition_accuracy"], abs=0.02)
     assert with_codes["transition_accuracy"] > 3 * 0.1  # chance: 10 successors of 100 states
+
+
+def test_dead_codes_are_not_replaced_in_the_last_interval(tiny_fsm, tmp_path, monkeypatch):
+    """A replaced k = 1 code is at once the nearest code of its inputs: the run must not end on codes the model never trained
+    with, so replacement stops `replace_every` steps before the end."""
+    model_dir, text, _, _ = tiny_fsm
+    seen = []
+    real = ft._replace_dead
+    monkeypatch.setattr(ft, "_replace_dead", lambda ph, cfg: (seen.append(ph.step), real(ph, cfg)))
+    cfg = from_flags(FinetuneConfig, model=model_dir, data=text, packing="doc", seq_len=33, batch_size=8, eval_sequences=8, baseline=False,
+                     codebooks="mlp[0]:k=1,codes=16", steps=30, replace_every=10, out=str(tmp_path / "ft"))
+    finetune(cfg, progress=False)
+    assert seen == [10, 20]

@@ -104,7 +104,7 @@ class FinetuneConfig:
     init_rows: int = 8192
     """Activation rows sampled before training for the scale and the k-means initialisation."""
     replace_every: int = 100
-    """Steps between replacements of dead codes (codes unchosen for dead_tokens tokens); 0 = never."""
+    """Steps between replacements of dead codes (codes unchosen for dead_tokens tokens); 0 = never.  None in the last replace_every steps."""
     dead_tokens: int = 100_000
     """A code not chosen for this many tokens is dead and gets replaced."""
     seed: int = 0
@@ -254,9 +254,18 @@ def train_step(ph: Phase, t: Tensor, bos_id: int, splicer: Splicer | None, cfg) 
         for h, layer in ph.layers.items():
             ph.since_fired[h] = torch.where(layer.last_fired > 0, torch.zeros_like(ph.since_fired[h]), ph.since_fired[h] + n_rows)
     ph.step += 1
-    if ph.layers and cfg.replace_every and ph.step % cfg.replace_every == 0:
+    if replaces_at(ph.step, cfg):
         _replace_dead(ph, cfg)
     return {k: v.detach() for k, v in terms.items()}
+
+
+def replaces_at(step: int, cfg) -> bool:
+    """Whether dead codes are replaced after `step` steps: every `replace_every` steps, but only while at least
+    `replace_every` steps remain, so the run never ends on codes the model has not trained with.  (A replaced
+    k = 1 code is the nearest code of the inputs it was copied from: replaced at the last step, 1,554 of 4,000
+    layer-0 attention codes of the toy-codebooks recipe changed what the model computes, held-out loss
+    1.2263 → 1.2518.)"""
+    return bool(cfg.replace_every) and step % cfg.replace_every == 0 and step + cfg.replace_every <= cfg.steps
 
 
 def _replace_dead(ph: Phase, cfg) -> None:
