@@ -76,18 +76,19 @@ def test_reconstruction_term_is_the_summed_squared_error_to_the_codes_only():
     assert torch.allclose(x_hat.grad, 2 * (x_hat - x_in).detach() / 6)
 
 
-def test_fvu_is_the_reconstruction_term_without_the_inputs_scale():
+@pytest.mark.parametrize("objective", ["paper", "commit"])
+def test_fvu_is_the_reconstruction_term_without_the_inputs_scale(objective):
     """A LayerNorm gain that grows c× (with codes that follow it) multiplies the term by c² and leaves the FVU as it was."""
     from saekit import metrics
 
     torch.manual_seed(0)
-    layer = _layer("paper", "layernorm", groups=1)
+    layer = _layer(objective, "layernorm", groups=1)
     x = torch.randn(2, 16, 8)
     layer(x)
     term, fvu = float(layer.last_commit), float(layer.last_fvu)
     d = layer.d
     x_in = group_layer_norm(x.reshape(-1, 8), d.ln_weight, d.ln_bias).detach()
-    assert fvu == pytest.approx(metrics.fvu(x_in, d.decode(d.encode(x.reshape(-1, 8))).detach()), rel=1e-6)
+    assert fvu == pytest.approx(metrics.fvu(x_in, d.decode(d.encode(x.reshape(-1, 8))).detach()), rel=1e-4)
     with torch.no_grad():
         for p in (d.ln_weight, d.ln_bias, d.codebook):
             p.mul_(3.0)

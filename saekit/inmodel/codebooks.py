@@ -176,8 +176,8 @@ class InModelCodebook(nn.Module):
             term, idx = term[keep], idx[keep]
         self.last_commit = term.mean()
         with torch.no_grad():  # the term's scale-free twin: it stays comparable while the input's scale (a LayerNorm's gain) changes
-            xs, hs = (x_in, out_n) if keep is None else (x_in[keep], out_n[keep])
-            self.last_fvu = metrics.fvu_tensor(xs, hs)
+            err = term.detach().sum() * (1.0 if self.objective == "paper" else float(width))  # Σ‖x̂ − x_in‖² (commit divides by d_in)
+            self.last_fvu = metrics.fvu_of_error(err, x_in.detach() if keep is None else x_in.detach()[keep])
         flat = (idx + torch.arange(G, device=x.device)[None, :, None] * C).flatten()
         self.last_fired = torch.zeros(d.cfg.d_dict, device=x.device).index_add_(0, flat, torch.ones_like(flat, dtype=torch.float))
         self._rows, self._keep = xn.detach(), keep
