@@ -152,20 +152,15 @@ def harvest(cfg: HarvestConfig, progress: bool = True, model: models.LoadedModel
         raise SaekitError("no output directory; pass --out DIR")
     if not cfg.hooks:
         raise SaekitError("no hooks given; pass --hooks blocks.0.hook_resid_post (comma-separated for several)")
-    check_toy_corpus(cfg)
+    from saekit.toy.corpus import check_packing
+
+    # a toy corpus harvested out of line with its labels: `toy eval` could only refuse the store afterwards
+    check_packing(cfg.data, cfg.packing, cfg.context_size, "pass --packing doc --context-size {n}")
     dist_env = distributed.env()
     # Under torchrun `cuda` means this rank's GPU (cuda:LOCAL_RANK); alone, the device is used as given.
     device = str(distributed.device(cfg.device, dist_env)) if dist_env.distributed else str(models.resolve_device(cfg.device))
     with distributed.session(device) as dist_env, outdir.claim(cfg.out, "harvest", rank=dist_env.rank):
         return _harvest(cfg, progress, model, dist_env, device)
-
-
-def check_toy_corpus(cfg: HarvestConfig) -> None:
-    """Refuse a toy corpus harvested so that positions would not line up with its labels
-    (`toy eval` could only refuse the store afterwards)."""
-    from saekit.toy.corpus import check_packing
-
-    check_packing(cfg.data, cfg.packing, cfg.context_size, "pass --packing doc --context-size {n}")
 
 
 def _harvest(cfg: HarvestConfig, progress: bool, model: models.LoadedModel | None, dist_env: distributed.DistEnv, device: str) -> Path:

@@ -16,21 +16,16 @@ def l0(codes: Tensor) -> float:
     return (codes != 0).float().sum(-1).mean().item()
 
 
-def fvu_tensor(x: Tensor, x_hat: Tensor) -> Tensor:
-    """Fraction of variance unexplained: Σ‖x − x̂‖² / Σ‖x − mean(x)‖² over rows (a 0-d float64 tensor, no sync)."""
+def fvu(x: Tensor, x_hat: Tensor) -> float:
+    """Fraction of variance unexplained: Σ‖x − x̂‖² / Σ‖x − mean(x)‖² over rows."""
     x, x_hat = x.double(), x_hat.double()
     resid = (x - x_hat).pow(2).sum()
     total = (x - x.mean(0, keepdim=True)).pow(2).sum()
-    return resid / total.clamp_min(1e-30)
-
-
-def fvu(x: Tensor, x_hat: Tensor) -> float:
-    """`fvu_tensor` as a float."""
-    return fvu_tensor(x, x_hat).item()
+    return (resid / total.clamp_min(1e-30)).item()
 
 
 def fvu_of_error(err_sq_sum: Tensor, x: Tensor) -> Tensor:
-    """`fvu_tensor` when Σ‖x − x̂‖² is already known (a training term): Σ‖x − mean‖² = ‖x‖² − ‖Σx‖²/n, from one
+    """`fvu` as a 0-d tensor (no sync) when Σ‖x − x̂‖² is already known (a training term): Σ‖x − mean‖² = ‖x‖² − ‖Σx‖²/n, from one
     float32 pass for each sum (~30× cheaper than the float64 reference, agreeing to ~1e-5), for logging every step."""
     n = x.shape[0]
     total = torch.linalg.vector_norm(x).double() ** 2 - x.sum(0).double().pow(2).sum() / max(n, 1)

@@ -61,6 +61,6 @@ def test_toy_corpus_without_doc_packing_is_refused_at_harvest(tmp_path):
     assert not (tmp_path / "ft").exists()
     # the same text without its labels file is ordinary text: nothing to refuse
     labels.unlink()
-    from saekit.harvest import check_toy_corpus
+    from saekit.toy.corpus import check_packing
 
-    check_toy_corpus(HarvestConfig(model="toy", hooks=["blocks.0.hook_resid_post"], data=str(text), out=str(tmp_path / "s")))
+    check_packing(str(text), "concat", 0, "")

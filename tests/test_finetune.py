@@ -319,3 +319,19 @@ def test_codebook_layer_with_nothing_to_replace():
     layer.mask = row_mask(tok, True)
     x = torch.randn(2, 1, 8)
     assert torch.equal(layer(x), x) and layer.last_commit.item() == 0
+
+
+def test_saved_model_keeps_the_sources_extra_files_but_not_its_model_card(tiny_model_dir, tmp_path):
+    import shutil
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from saekit.inmodel.model import save_hf_model
+
+    src = tmp_path / "src"
+    shutil.copytree(tiny_model_dir, src)
+    (src / "fsm.json").write_text("{}")
+    (src / "README.md").write_text("# the source model")
+    out = save_hf_model(AutoModelForCausalLM.from_pretrained(src), AutoTokenizer.from_pretrained(src), str(src), tmp_path / "out")
+    assert (out / "fsm.json").read_text() == "{}" and (out / "config.json").is_file()
+    assert not (out / "README.md").exists()

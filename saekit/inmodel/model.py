@@ -58,14 +58,15 @@ WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".msgpack", ".h5", ".i
 
 
 def save_hf_model(hf: nn.Module, tokenizer, source: str, dest: Path) -> Path:
-    """Write a normal HF model directory atomically; extra files of the source (e.g. the toy's fsm.json) are copied."""
+    """Write a normal HF model directory atomically; extra files of the source (e.g. the toy's fsm.json) are copied,
+    but not its README.md: that model card describes the source model, not this one."""
     with atomic(dest) as tmp:
         hf.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         src = Path(source)
         if src.is_dir():
             for f in src.iterdir():
-                if f.is_file() and not (tmp / f.name).exists() and not f.name.endswith(WEIGHT_SUFFIXES):
+                if f.is_file() and f.name != "README.md" and not (tmp / f.name).exists() and not f.name.endswith(WEIGHT_SUFFIXES):
                     shutil.copy2(f, tmp / f.name)
     return dest
 
