@@ -8,7 +8,7 @@ the page cache (each path runs once untimed first):
   - raw: `np.fromfile` of every shard file (the file system's rate);
   - h5py: every activation dataset read chunk by chunk (`ds[a:a + chunk]`);
   - fill alone: the shuffle buffer's loads of one epoch (the part of `batches` that reads the
-    files: one scattered `os.preadv` per unit), to show where the time of a batch goes;
+    files: each row copied from the mapped shard to its batch's place), to show where the time of a batch goes;
   - batches: `ActivationStore.batches` for one epoch of the train split (after one untimed epoch, so
     the steady state of a long run), with 1 and 2 workers, as float32 CPU tensors (the default) and
     in the stored float16 (`dtype=None`: the host-side work of the CUDA path with
@@ -117,7 +117,7 @@ class FillOnly:
         self.buf = self.stream._new_buffer()
 
     def __call__(self) -> int:
-        rows = sum(self.stream._load(fill, self.buf, None) for fill in self.stream._fills(0))
+        rows = sum(self.stream._load(0, fi, fill, self.buf, None) for fi, fill in enumerate(self.stream._fills(0)))
         return rows * self.stream._widths[HOOK] * 2
 
     def close(self) -> None:

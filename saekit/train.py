@@ -30,6 +30,7 @@ import itertools
 import re
 import shutil
 import math
+import warnings
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -49,6 +50,7 @@ from saekit.errors import SaekitError
 from saekit.prefetch import can_overlap, prefetch
 from saekit.engine import Engine, Objective
 from saekit.store import open_store, resolve_store_hooks, store_eval_batches
+from saekit.store.scatter import BATCH_ORDER
 
 BatchSource = Callable[[int], Iterator[dict[str, Tensor]]]
 """start_batch -> endless iterator of {hook: float tensor (batch_size, width)}; batch i is always the same."""
@@ -536,7 +538,10 @@ class Trainer(Objective):
             for h in self.hooks:
                 sample[h].append(b[h])
             got += next(iter(b.values())).shape[0]
-        xs = {h: torch.cat(v)[:rows].to(self.device, torch.float32) * self.scales[h] for h, v in sample.items()}
+        # Rows spread evenly over the batches read: a batch's rows are in their order in the buffer (units in turn),
+        # so its first rows would come from a few sequences only.
+        pick = torch.linspace(0, got - 1, rows).round().long() if got > rows else slice(None)
+        xs = {h: torch.cat(v)[pick].to(self.device, torch.float32) * self.scales[h] for h, v in sample.items()}
         if self.ddp:
             xs = {h: distributed.all_gather_cat(x) for h, x in xs.items()}
         for r in self.runs:
@@ -720,7 +725,8 @@ class Trainer(Objective):
             return
         for r in self.runs:
             tensors, meta = _run_state(r)
-            meta |= {"tokens": self.step * self.cfg.batch_size, "identity": self.ident, "train_config": to_dict(self.cfg)}
+            meta |= {"tokens": self.step * self.cfg.batch_size, "identity": self.ident, "train_config": to_dict(self.cfg),
+                     "batch_order": BATCH_ORDER}
             runs.save_checkpoint(r.paths.checkpoints, self.step, tensors, meta)
 
     def _load_checkpoint(self, steps: list[int]) -> None:
@@ -737,6 +743,7 @@ class Trainer(Objective):
                 states.append(got)
             if len(states) < len(self.runs):
                 continue
+            _note_batch_order(states[0][1], self.cfg.out)
             for r, (tensors, meta) in zip(self.runs, states):
                 _load_run_state(r, tensors, meta)
                 if self.writes:
@@ -818,6 +825,14 @@ def _running_buffers(d: Dictionary) -> list[Tensor]:
     """Buffers training changes (BatchTopK's threshold); `scale` is fixed by the store, non-persistent ones (a CLT's masks) by the config."""
     fixed = getattr(d, "_non_persistent_buffers_set", set())
     return [b for name, b in d.named_buffers() if name != "scale" and name not in fixed]
+
+
+def _note_batch_order(meta: dict, out) -> None:
+    """Warn when a checkpoint was written by a loader that ordered the rows inside a batch differently (the same
+    rows per batch: the run continues correctly, but not bit for bit as the older version would have)."""
+    if meta.get("batch_order", 1) != BATCH_ORDER:
+        warnings.warn(f"{out}: this checkpoint was written by an earlier saekit whose batches held the same rows in "
+                      "another order; the resumed run is not bit-identical to one the earlier version would finish", stacklevel=2)
 
 
 def _run_state(r: Run) -> tuple[dict[str, Tensor], dict]:

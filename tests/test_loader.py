@@ -111,18 +111,19 @@ def test_cast_serial_equals_to(threads):
     torch.testing.assert_close(dst, src.float(), rtol=0, atol=0)
 
 
-def test_cast_in_blocks_equals_the_stored_rows(tmp_path, monkeypatch):
+def test_float32_batches_are_the_stored_rows_cast(tmp_path):
     make_store(tmp_path / "s", dtype="float16")
     st = ActivationStore(tmp_path / "s")
     stored = take(st.batches(["a", "b"], 8, seed=3, buffer_rows=40, dtype=None), 20)
-    monkeypatch.setattr(reader, "GATHER_BYTES", 3 * 6 * 2)  # hook a: 3 rows a block, the last block short
     cast = take(st.batches(["a", "b"], 8, seed=3, buffer_rows=40), 20)
+    assert all(x.dtype == torch.float16 for b in stored for x in b.values())
     assert_same(cast, [{h: x.float() for h, x in b.items()} for b in stored])
 
 
 def expected_batches(st, hooks, bs, n, seed, buffer_rows, rank=0, world_size=1):
-    """The loader's documented order, computed the slow way: each fill's rows in unit order, gathered by
-    the fill's permutation (rng(seed, rank, epoch, fill, 1)), whole batches only."""
+    """The loader's documented order, computed the slow way: each fill's rows in unit order; batch k holds
+    the rows perm[k·bs : (k+1)·bs] of the fill's permutation (rng(seed, rank, epoch, fill, 1)) in their order
+    in the fill (`scatter.BATCH_ORDER` 2); whole batches only."""
     it = st.batches(hooks, bs, seed=seed, buffer_rows=buffer_rows, rank=rank, world_size=world_size)
     units, unit_rows = it.units, it.unit_rows
     it.close()
@@ -139,15 +140,16 @@ def expected_batches(st, hooks, bs, n, seed, buffer_rows, rank=0, world_size=1):
             m = int(unit_rows[fill].sum())
             perm = np.random.default_rng([seed, rank, epoch, fi, 1]).permutation(m)
             for k in range(m // bs):
-                out.append({h: torch.from_numpy(v[perm[k * bs : (k + 1) * bs]]) for h, v in rows.items()})
+                out.append({h: torch.from_numpy(v[np.sort(perm[k * bs : (k + 1) * bs])]) for h, v in rows.items()})
         epoch += 1
     return out[:n]
 
 
 @pytest.mark.parametrize("workers", [1, 2])
 def test_batches_follow_the_documented_order(tmp_path, workers):
-    """Batches are the rows of each fill (units in the epoch's order) gathered by the fill's permutation:
-    any faster reader must keep this, or runs and checkpoints of earlier versions would not resume the same."""
+    """Batches are the rows of each fill (units in the epoch's order) chosen by the fill's permutation, in fill
+    order: any faster reader must keep this (or raise scatter.BATCH_ORDER), or runs and checkpoints would not
+    resume the same."""
     make_store(tmp_path / "s", dtype="float32", shard_seqs=9)
     st = ActivationStore(tmp_path / "s")
     for rank, world in ((0, 1), (1, 2)):
@@ -310,3 +312,40 @@ def test_units_across_chunk_boundaries(tmp_path, monkeypatch):
     got = take(it, 40)
     monkeypatch.setattr(reader, "chunk_map", lambda ds: None)
     assert_same(take(ActivationStore(tmp_path / "s").batches(["a", "b"], 8, seed=5, buffer_rows=24), 40), got)
+
+
+def test_fill_layout_puts_each_batch_in_order_in_one_slice():
+    """`scatter.slots`: batch b's rows (perm[b·bs:(b+1)·bs]) land in rows [b·bs, (b+1)·bs), ascending by place in the fill;
+    the left-over rows after the last batch."""
+    from saekit.store import scatter
+
+    for n, bs in ((50, 8), (64, 8), (7, 8), (1000, 1)):
+        perm = np.random.default_rng(n).permutation(n)
+        dest = scatter.slots(perm, bs)
+        assert sorted(dest.tolist()) == list(range(n))
+        placed = np.empty(n, np.int64)
+        placed[dest] = np.arange(n)  # which fill row each buffer row holds
+        for b in range(n // bs):
+            assert placed[b * bs : (b + 1) * bs].tolist() == sorted(perm[b * bs : (b + 1) * bs].tolist())
+        assert sorted(placed[n // bs * bs :].tolist()) == sorted(perm[n // bs * bs :].tolist())
+
+
+@pytest.mark.parametrize("row_bytes,shift", [(512, 0), (512, 3), (12, 4), (6, 2), (5, 0)])
+def test_copy_kept_equals_numpy_at_any_alignment(row_bytes, shift):
+    """Whatever word the copy can use (8 bytes down to 1: row size, offsets not a multiple of 8), it copies the kept rows."""
+    from saekit.store import scatter
+
+    rng = np.random.default_rng(row_bytes + shift)
+    n_seq, per_seq = 5, 4
+    src = rng.integers(0, 256, shift + n_seq * per_seq * row_bytes + 7, dtype=np.uint8)
+    starts = shift + np.arange(n_seq, dtype=np.int64)[::-1] * per_seq * row_bytes  # sequences in any order
+    keep = rng.random(n_seq * per_seq) < 0.7
+    k = int(keep.sum())
+    dest = rng.permutation(k + 3)[:k].astype(np.int64)
+    dst = np.zeros((k + 3, row_bytes), np.uint8)
+    scatter.copy_kept(src, starts, keep, dst, dest)
+    rows = [src[s + t * row_bytes : s + (t + 1) * row_bytes] for s in starts for t in range(per_seq)]
+    want = np.stack(rows)[keep]
+    np.testing.assert_array_equal(dst[dest], want)
+    untouched = np.setdiff1d(np.arange(k + 3), dest)
+    assert not dst[untouched].any()

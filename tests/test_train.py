@@ -328,3 +328,30 @@ def test_resume_skips_a_damaged_checkpoint(tmp_path):
         assert torch.equal(va, vb), k
     steps = [json.loads(ln)["step"] for ln in paths.metrics.read_text().splitlines()]
     assert steps == [5, 10, 15, 20, 25, 30]
+
+
+def test_resume_warns_of_a_checkpoint_with_the_old_batch_order(tmp_path):
+    """A checkpoint from the loader that kept rows in permuted order inside a batch resumes, with a warning saying
+    the run is not bit-identical to one the earlier version would finish; a current checkpoint resumes silently."""
+    import warnings
+
+    from saekit import runs
+
+    x, _ = planted(3000)
+    kw = dict(tokens=30 * 128, batch_size=128, checkpoint_every=10 * 128, log_every=5, init_rows=256)
+    t1 = trainer(tmp_path, {"h": x}, name="cut", **kw)
+    t1.batches = killing(t1.batches, 23)
+    with pytest.raises(Killed):
+        t1.fit()
+    state = t1.runs[0].paths.checkpoint(20) / runs.STATE_JSON
+    meta = json.loads(state.read_text())
+    assert meta["batch_order"] == 2
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the current order: no warning
+        trainer(tmp_path, {"h": x}, name="cut", resume=True, **kw)._load_checkpoint([20])
+    del meta["batch_order"]  # as written before the order changed
+    state.write_text(json.dumps(meta))
+    t2 = trainer(tmp_path, {"h": x}, name="cut", resume=True, **kw)
+    with pytest.warns(UserWarning, match="same rows in another order"):
+        t2.fit()
+    assert t2.step == 30

@@ -14,8 +14,9 @@ Read top-down:
 - `writer`: `StoreWriter`, crash-safe shards written on a background thread.
 - `reader`: `ActivationStore` and its shuffling, exactly resumable `BatchStream`;
   `summary` and `verify` for `saekit info`.
-- `chunks`: the loader's reads, whole sequences of a chunk straight from the file (h5py as
-  the reference); `staging`: the CUDA path's pinned ring (copy stream, cast on the device).
+- `chunks`: where each sequence of a chunk lies in the file, and whole sequences read straight
+  from it (h5py as the reference); `scatter`: the shuffle buffer's layout by batch and the copy
+  that fills it; `staging`: the CUDA path's pinned ring (copy stream, cast on the device).
 
 Every public name is re-exported here, so `from saekit.store import X` is the import to use.
 """

@@ -5,7 +5,8 @@ sequences [a, b) inside one chunk are one contiguous run of bytes in the file.  
 where each chunk starts (`get_chunk_info_by_coord`, asked once per chunk); after that a read
 is one `os.preadv` per chunk touched, into memory the caller owns: no h5py call, no
 temporary array, and the GIL is released for the copy, so several threads read in parallel
-(h5py serialises every call behind one lock).
+(h5py serialises every call behind one lock).  The training loader maps the file instead and
+copies rows from the page cache by their offsets (`seq_offsets`, `scatter.copy_kept`).
 
 A dataset that cannot be read that way (compressed or filtered, chunks that are not whole
 sequences, a non-native byte order, a chunk never written) keeps a `None` map and is read
@@ -68,61 +69,10 @@ def read_raw(fd: int, cmap: ChunkMap, a: int, b: int, out: np.ndarray) -> None:
             pos, off, n = pos + got, off + got, n - got
 
 
-IOV_MAX = 1024
-"""Buffers per preadv call (POSIX's minimum for IOV_MAX; Linux's value)."""
-
-
-def _preadv_all(fd: int, bufs: list[memoryview], off: int) -> None:
-    """Fill every buffer in `bufs` from byte `off` on, in order (preadv may stop short)."""
-    i = 0
-    while i < len(bufs):
-        group = bufs[i : i + IOV_MAX]
-        got = os.preadv(fd, group, off)
-        if got <= 0:
-            raise OSError(f"short read at byte {off} of a store shard (file truncated?)")
-        off += got
-        for b in group:  # drop what was filled; cut the buffer it stopped in
-            if got >= len(b):
-                got -= len(b)
-                i += 1
-            else:
-                bufs[i] = b[got:]
-                break
-
-
-def read_rows(fd: int, cmap: ChunkMap, a: int, b: int, keep: np.ndarray, out: np.ndarray, junk: np.ndarray) -> bool:
-    """The rows of sequences [a, b) where `keep` (bool, one per row) is set, in order, into `out` (one scattered read).
-
-    Rows not kept go to `junk` (at least one row; written over and over).  This saves the
-    copy out of a staging array.  Returns False, reading nothing, when [a, b) spans two chunks.
-    """
-    j = a // cmap.seqs
-    if (b - 1) // cmap.seqs != j:
-        return False
-    rb = out.strides[0]  # bytes per row
-    dst = memoryview(out.reshape(-1).view(np.uint8))
-    spare = memoryview(junk.reshape(-1).view(np.uint8))
-    bufs: list[memoryview] = []
-
-    def skip(rows: int) -> None:
-        n = rows * rb
-        while n:
-            m = min(n, len(spare))
-            bufs.append(spare[:m])
-            n -= m
-
-    edges = np.flatnonzero(np.diff(np.concatenate([[0], keep.view(np.int8), [0]]))).reshape(-1, 2)  # [start, end) of runs
-    row = filled = 0
-    for s, e in edges.tolist():
-        if s > row:
-            skip(s - row)
-        bufs.append(dst[filled * rb : (filled + e - s) * rb])
-        filled += e - s
-        row = e
-    if len(keep) > row:
-        skip(len(keep) - row)
-    _preadv_all(fd, bufs, int(cmap.offsets[j]) + (a - j * cmap.seqs) * cmap.seq_bytes)
-    return True
+def seq_offsets(cmap: ChunkMap, a: int, b: int) -> np.ndarray:
+    """int64 byte offsets in the file of sequences a .. b - 1 of the dataset."""
+    seqs = np.arange(a, b, dtype=np.int64)
+    return cmap.offsets[seqs // cmap.seqs] + (seqs % cmap.seqs) * cmap.seq_bytes
 
 
 def read_h5py(ds: h5py.Dataset, a: int, b: int, out: np.ndarray) -> None:

@@ -4,7 +4,9 @@ The loader (`ActivationStore.batches`) shuffles through a bounded buffer: the sp
 into units (one HDF5 chunk, or less when the buffer is small), units are visited in a
 random order per epoch and grouped into buffer fills of at most `buffer_rows` rows, and
 each fill is shuffled and served as whole batches (the < batch_size rows left over in a
-fill are skipped for that epoch; the next epoch's different grouping serves them).
+fill are skipped for that epoch; the next epoch's different grouping serves them).  Batch b
+of a fill holds the rows perm[b·bs : (b+1)·bs] of its seeded permutation, in their order in
+the fill (`scatter`: the fill writes each row to its batch's place, so serving is a copy).
 Everything is a pure function of (seed, rank, epoch, fill), which is what makes
 `start_batch` an exact and cheap resume: whole fills are skipped by counting rows from
 the tokens alone.
@@ -14,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import mmap
 import os
 import sys
 import threading
@@ -28,7 +31,8 @@ import torch
 
 from saekit.errors import SaekitError, did_you_mean
 from saekit.models import ModelInfo
-from saekit.store.chunks import ChunkMap, chunk_map, read_h5py, read_raw, read_rows
+from saekit.store import scatter
+from saekit.store.chunks import ChunkMap, chunk_map, read_h5py, read_raw, seq_offsets
 from saekit.store.format import MANIFEST, check_shard, from_stored, gaps, read_manifest, row_mask, sha256_file, shard_shape_problem
 from saekit.store.staging import PinnedRing
 
@@ -61,6 +65,7 @@ class ActivationStore:
         self._starts = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
         self._files: dict[int, h5py.File] = {}
         self._fds: dict[int, int] = {}
+        self._mmaps: dict[int, tuple[mmap.mmap, np.ndarray]] = {}  # shard -> its file mapped read-only, as bytes
         self._maps: dict[tuple[int, str], ChunkMap | None] = {}
         self._lock = threading.RLock()  # opening files and mapping chunks, from the loader's worker threads
         self._pid = os.getpid()
@@ -117,7 +122,7 @@ class ActivationStore:
         if self._pid != os.getpid():  # h5py handles and file offsets must not cross a fork
             for fd in self._fds.values():
                 os.close(fd)  # the child's copies; the parent's stay open
-            self._files, self._fds, self._pid = {}, {}, os.getpid()
+            self._files, self._fds, self._mmaps, self._pid = {}, {}, {}, os.getpid()
 
     def _file(self, i: int) -> h5py.File:
         self._forked()
@@ -174,11 +179,27 @@ class ActivationStore:
         else:
             read_raw(self._fd(i), cmap, a, b, out)
 
-    def _read_rows(self, name: str, start: int, stop: int, keep: np.ndarray, out: np.ndarray, junk: np.ndarray) -> bool:
-        """Only the kept rows of [start, stop) into `out`, in one scattered read; False where that cannot be done."""
+    def _mapped_seqs(self, name: str, start: int, stop: int) -> tuple[np.ndarray, np.ndarray] | None:
+        """(the shard's file as a read-only uint8 array, the byte offset of each sequence of [start, stop) in it), or
+        None where the dataset cannot be read raw (filtered, not chunked by sequence, SAEKIT_READER=h5py)."""
         (i, a, b), = self._pieces(start, stop)
         cmap = self._chunk_map(i, name)
-        return cmap is not None and read_rows(self._fd(i), cmap, a, b, keep, out, junk)
+        if cmap is None:
+            return None
+        return self._mapped(i), seq_offsets(cmap, a, b)
+
+    def _mapped(self, i: int) -> np.ndarray:
+        """Shard i's file mapped into memory (read-only, once per run): rows are copied out of the page cache
+        directly, with no read into a staging buffer first."""
+        self._forked()
+        got = self._mmaps.get(i)
+        if got is None:
+            with self._lock:
+                got = self._mmaps.get(i)
+                if got is None:
+                    mm = mmap.mmap(self._fd(i), 0, access=mmap.ACCESS_READ)
+                    got = self._mmaps[i] = (mm, np.frombuffer(mm, np.uint8))
+        return got[1]
 
     def _pieces(self, start: int, stop: int) -> Iterator[tuple[int, int, int]]:
         """(shard, local start, local stop) covering global sequences [start, stop)."""
@@ -241,12 +262,12 @@ class ActivationStore:
     ) -> "BatchStream":
         """Endless shuffled batches {hook: tensor [batch_size, width]} (same rows for every hook).
 
-        `workers` threads read and gather ahead (None: 1 for CPU batches, which run beside the
+        `workers` threads read and copy ahead (None: 1 for CPU batches, which run beside the
         step on the same cores; up to 4 for a CUDA device; more than one also loads the next
         fill into a second buffer while this one is served); `device` (a CUDA device: staged
         through pinned memory, copied beside the step, cast there); `dtype` of the batches (None:
         as stored); `gather_on_device` (None: on a CUDA device whose memory holds 8 fills, `device_fill_fits`)
-        copies each buffer fill once to `device` in the stored dtype and gathers and casts every
+        copies each buffer fill once to `device` in the stored dtype and slices and casts every
         batch there.
         Rows and their order depend only on (seed, rank, world_size, batch_size, buffer_rows).
         """
@@ -257,6 +278,11 @@ class ActivationStore:
     def close(self) -> None:
         for f in self._files.values():
             f.close()
+        mms = [mm for mm, _ in self._mmaps.values()]
+        self._mmaps = {}  # drops this store's arrays over the mappings
+        for mm in mms:
+            with contextlib.suppress(BufferError):  # a view still held elsewhere: the mapping goes when it does
+                mm.close()
         if self._pid == os.getpid():
             for fd in self._fds.values():
                 os.close(fd)
@@ -331,10 +357,6 @@ class Recycler:
 SERIAL_ELEMENTS = 32768
 """torch runs an elementwise op of fewer elements on the calling thread alone (its grain size)."""
 
-GATHER_BYTES = 1 << 19
-"""Stored bytes gathered per step of a batch's cast: the block stays in the core's L2 between the gather and the cast."""
-
-
 def cast_serial(src: torch.Tensor, dst: torch.Tensor) -> None:
     """dst[:] = src (cast), in blocks small enough that torch runs each on this thread alone.
 
@@ -352,18 +374,17 @@ def cast_serial(src: torch.Tensor, dst: torch.Tensor) -> None:
 class BatchStream:
     """The iterator `ActivationStore.batches` returns; `peak_rows` records the most rows the buffer ever held.
 
-    The buffer holds rows in the store's dtype.  A fill reads each unit's counted rows straight
-    into their place in the buffer with one scattered read (`chunks.read_rows`; the rest land in
-    a junk row), or, for a unit across two chunks or a filtered dataset, reads it whole into a
-    per-thread staging array and takes the counted rows from there; a batch is a gather of the permuted
-    row indices, cast to float32 block by block while each block is in cache, into arrays recycled
-    once the consumer drops the batch (`Recycler`).  `workers` threads read a fill's
-    units and gather up to `workers` batches ahead (every copy releases the GIL); with more than
-    one worker a second buffer takes the next fill while this one is served.  With a CUDA
-    `device` each fill is copied once to the device and batches are gathered and cast there
-    (`gather_on_device`, `_device_batches`), or, with gather_on_device=False, each batch is
-    gathered into pinned memory and cast on the device (`store.staging`).  None of this
-    changes which rows a batch holds or their order.
+    The buffer holds rows in the store's dtype, laid out by batch (`scatter`).  A fill copies each
+    unit's counted rows from the shard file mapped into memory (the page cache, no read into a
+    staging array) straight to their places (`scatter.copy_rows`); a filtered dataset, or
+    SAEKIT_READER=h5py, is read whole into a per-thread staging array and copied from there.  A
+    batch is then a contiguous slice, cast to float32 (or copied) into arrays recycled once the
+    consumer drops the batch (`Recycler`).  `workers` threads copy a fill's units and serve up to
+    `workers` batches ahead (every copy releases the GIL); with more than one worker a second buffer
+    takes the next fill while this one is served.  With a CUDA `device` each fill is copied once to
+    the device and batches are sliced and cast there (`gather_on_device`, `_device_batches`), or, with
+    gather_on_device=False, each batch is copied into pinned memory and cast on the device
+    (`store.staging`).  None of this changes which rows a batch holds or their order.
     """
 
     def __init__(self, store: ActivationStore, hooks, batch_size, split, seed, buffer_rows, start_batch, rank, world_size,
@@ -391,7 +412,7 @@ class BatchStream:
             fill_bytes = buffer_rows * sum(store.hook_width(h) for h in hooks) * np.dtype(STORED_NP[store.dtype]).itemsize
             gather_on_device = device.type == "cuda" and device_fill_fits(fill_bytes, torch.cuda.get_device_properties(device).total_memory)
         self.on_device = bool(gather_on_device)
-        """Whether each fill is copied to `device` once and batches are gathered there (`_device_batches`)."""
+        """Whether each fill is copied to `device` once and batches are sliced there (`_device_batches`)."""
         self._dev: dict[str, torch.Tensor] = {}  # the fill on the device, stored dtype
         self._copied: dict[int, torch.cuda.Event] = {}  # id(host buffer) -> its copy to the device (CUDA)
         self._copy_stream = None  # CUDA: where fills are copied to the device
@@ -419,6 +440,7 @@ class BatchStream:
         self._widths = {h: store.hook_width(h) for h in hooks}
         self._max_unit = max(b - a for a, b in self.units)
         self._local = threading.local()  # per-thread staging arrays
+        self._sources: dict[tuple[int, str], tuple[np.ndarray, np.ndarray] | None] = {}  # `_source`
         self._pool = ThreadPoolExecutor(workers, thread_name_prefix="saekit-reader") if workers > 1 else None
         # Loads the next fill in the background (workers > 1).
         self._loader = ThreadPoolExecutor(1, thread_name_prefix="saekit-reader-fill") if workers > 1 else None
@@ -443,34 +465,55 @@ class BatchStream:
         return fills
 
     # -- filling the buffer
-    def _staging(self) -> dict[str, np.ndarray]:
+    def _staging(self, name: str) -> np.ndarray:
+        """This thread's array for a unit's `name` ("tokens", or a hook read whole), made at first use."""
         st = getattr(self._local, "arrays", None)
         if st is None:
+            st = self._local.arrays = {}
+        if name not in st:
             n, ctx = self._max_unit, self.store.context_size
-            st = {"tokens": np.empty((n, ctx), np.int32)}
-            st.update({h: np.empty((n, ctx, w), self._np_dtype) for h, w in self._widths.items()})
-            self._local.arrays = st
-        return st
+            st[name] = np.empty((n, ctx), np.int32) if name == "tokens" else np.empty((n, ctx, self._widths[name]), self._np_dtype)
+        return st[name]
 
-    def _load_unit(self, buf: dict[str, np.ndarray], u: int, pos: int) -> None:
-        """Unit u's counted rows into rows [pos, pos + unit_rows[u]) of `buf`, in their stored order."""
+    def _load_unit(self, buf: dict[str, np.ndarray], u: int, dest: np.ndarray) -> None:
+        """Unit u's counted rows, in their stored order, to rows `dest` of `buf` (`scatter.slots`)."""
         a, b = self.units[u]
-        n, ctx = b - a, self.store.context_size
-        st = self._staging()
-        tokens = st["tokens"][:n]
-        self.store._read_into("tokens", a, b, tokens)
+        n = b - a
+        tokens = self._tokens(u)
         keep = self.store.row_mask(tokens).reshape(-1)
         k = int(self.unit_rows[u])
         if int(keep.sum()) != k:
             raise SaekitError(f"store {self.store.path} changed while it was being read (sequences {a}:{b} now have "
                               f"{int(keep.sum())} rows, {k} before); restart training")
-        for h, w in self._widths.items():
-            dest = buf[h][pos : pos + k]
-            if self.store._read_rows(f"acts/{h}", a, b, keep, dest, st[h].reshape(-1, w)[:ctx]):
-                continue  # the kept rows went straight into the buffer
-            raw = st[h][:n]  # spans two chunks, or filtered: read whole, then keep the rows
-            self.store._read_into(f"acts/{h}", a, b, raw)
-            np.take(raw.reshape(-1, w), np.flatnonzero(keep), axis=0, out=dest, mode="clip")
+        for h in self._widths:
+            out = buf[h].reshape(len(buf[h]), -1).view(np.uint8)  # [rows, row bytes]
+            src = self._source(u, f"acts/{h}")
+            if src is None:  # filtered, or the h5py reader: read whole into staging, copy the rows from there
+                raw = self._staging(h)[:n]
+                self.store._read_into(f"acts/{h}", a, b, raw)
+                src = raw.reshape(-1).view(np.uint8), np.arange(n, dtype=np.int64) * (raw.nbytes // max(n, 1))
+            scatter.copy_kept(src[0], src[1], keep, out, dest)
+
+    def _source(self, u: int, name: str) -> tuple[np.ndarray, np.ndarray] | None:
+        """`ActivationStore._mapped_seqs` of unit u's dataset `name`, looked up once per run (a fill asks for every unit)."""
+        key = (u, name)
+        if key not in self._sources:
+            a, b = self.units[u]
+            self._sources[key] = self.store._mapped_seqs(name, a, b)  # two threads may both look it up: same answer
+        return self._sources[key]
+
+    def _tokens(self, u: int) -> np.ndarray:
+        """Unit u's tokens [n, ctx]: a view of the mapped file where they lie in one run of bytes."""
+        a, b = self.units[u]
+        ctx = self.store.context_size
+        src = self._source(u, "tokens")
+        if src is not None:
+            mem, starts = src
+            if starts[-1] - starts[0] == (b - a - 1) * ctx * 4:
+                return mem[starts[0] : starts[0] + (b - a) * ctx * 4].view(np.int32).reshape(b - a, ctx)
+        tokens = self._staging("tokens")[: b - a]
+        self.store._read_into("tokens", a, b, tokens)
+        return tokens
 
     def _new_buffer(self) -> dict[str, np.ndarray]:
         if self.on_device and self.device.type == "cuda":  # pinned: the fill's copy to the device is one DMA, beside the step
@@ -480,21 +523,23 @@ class BatchStream:
                         for h, w in self._widths.items()}
         return {h: np.empty((self.buffer_rows, w), self._np_dtype) for h, w in self._widths.items()}
 
-    def _load(self, fill: list[int], buf: dict[str, np.ndarray], pool: ThreadPoolExecutor | None) -> int:
+    def _load(self, epoch: int, fi: int, fill: list[int], buf: dict[str, np.ndarray], pool: ThreadPoolExecutor | None) -> int:
+        """Fill `fi` of `epoch` into `buf`, laid out by its permutation: batch b is rows [b·bs, (b+1)·bs)."""
         done = self._copied.pop(id(buf), None)
         if done is not None:  # the device may still be copying this buffer's last fill
             done.synchronize()
         starts = np.concatenate([[0], np.cumsum(self.unit_rows[fill])]).astype(np.int64)
-        jobs = [(u, int(p)) for u, p in zip(fill, starts[:-1])]
+        n = int(starts[-1])
+        perm = np.random.default_rng([self.seed, self.rank, epoch, fi, 1]).permutation(n)
+        dest = scatter.slots(perm, self.batch_size)
+        jobs = [(u, dest[p:q]) for u, p, q in zip(fill, starts[:-1], starts[1:])]
         if pool is None:
             for job in jobs:
                 self._load_unit(buf, *job)
         else:
             list(pool.map(lambda job: self._load_unit(buf, *job), jobs))  # list(): wait, and raise a worker's error here
-        n = int(starts[-1])
         self.peak_rows = max(self.peak_rows, n)
         return n
-
     # -- serving batches
     def _as_torch(self, arr: np.ndarray) -> torch.Tensor:
         t = torch.from_numpy(arr)
@@ -513,64 +558,38 @@ class BatchStream:
             return {h: torch.empty((n, w), dtype=self.dtype) for h, w in self._widths.items()}
         return {h: self._as_torch(self._outputs.get((n, w), np_dtype)) for h, w in self._widths.items()}
 
-    def _gather_cpu(self, idx: np.ndarray, out: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """One batch on the CPU into `out`: rows idx of the buffer, in `dtype` (None: the stored dtype).
-
-        A cast gathers GATHER_BYTES of rows at a time into a small array and casts them from
-        there while they are still in cache: the stored-dtype copy of the batch never goes
-        to memory (at width 256 the cast batch came 1.9x faster than gather, then cast)."""
-        same = self._same_dtype()
+    def _copy_cpu(self, rows: slice, out: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """One batch on the CPU into `out`: the buffer's contiguous `rows`, in `dtype` (None: the stored dtype)."""
         for h, x in out.items():
-            buf = self._buf[h]
-            if same:
-                arr = x.view(torch.int16).numpy().view(np.uint16) if x.dtype == torch.bfloat16 else x.numpy()
-                np.take(buf, idx, axis=0, out=arr, mode="clip")  # mode="clip": numpy buffers `out` under "raise"
-                continue
-            rows = max(1, GATHER_BYTES // buf.strides[0])
-            scratch = self._scratch(h, min(rows, len(idx)))
-            block = self._as_torch(scratch)
-            for s in range(0, len(idx), rows):
-                e = min(s + rows, len(idx))
-                np.take(buf, idx[s:e], axis=0, out=scratch[: e - s], mode="clip")
-                cast_serial(block[: e - s], x[s:e])
+            cast_serial(self._as_torch(self._buf[h][rows]), x)
         return out
 
-    def _scratch(self, h: str, n: int) -> np.ndarray:
-        """This thread's reusable (n, width) array in the stored dtype: reused memory costs no page faults."""
-        d = getattr(self._local, "scratch", None)
-        if d is None:
-            d = self._local.scratch = {}
-        if h not in d or d[h].shape[0] != n:
-            d[h] = np.empty((n, self._widths[h]), self._np_dtype)
-        return d[h]
-
-    def _gather_pinned(self, idx: np.ndarray, slot: int) -> int:
-        """Rows idx of the buffer into pinned ring slot `slot` (stored dtype); returns the slot."""
+    def _copy_pinned(self, rows: slice, slot: int) -> int:
+        """The buffer's `rows` into pinned ring slot `slot` (stored dtype); returns the slot."""
         for h, arr in self._ring.host_arrays(slot).items():
-            np.take(self._buf[h], idx, axis=0, out=arr[: len(idx)], mode="clip")
+            np.copyto(arr[: rows.stop - rows.start], self._buf[h][rows])
         return slot
-
-    def _batches(self, perms: Iterator[np.ndarray]) -> Iterator[dict[str, torch.Tensor]]:
-        """The batches of one fill, in order, with up to `workers` gathered ahead."""
+    def _batches(self, batches: Iterator[slice]) -> Iterator[dict[str, torch.Tensor]]:
+        """The batches of one fill (slices of the buffer), in order, with up to `workers` copied ahead."""
         cuda = self.device.type == "cuda"
         if cuda and self._ring is None:
-            # slots: `workers` gathers in flight, the batch being copied, one spare
+            # slots: `workers` copies in flight, the batch being copied, one spare
             self._ring = PinnedRing({h: (self.batch_size, w) for h, w in self._widths.items()}, self._np_dtype,
                                     self.workers + 2, self.device)
         count = 0
 
-        def job(idx):
+        def job(rows):
             """(work for a thread, what `finish` takes once it is done)."""
             nonlocal count
             if not cuda:
-                box = [self._cpu_outputs(len(idx))]
+                box = [self._cpu_outputs(rows.stop - rows.start)]
 
-                def gather():  # pop: a finished job keeps no reference to the batch, so `Recycler` sees it dropped
-                    self._gather_cpu(idx, box.pop())
-                return gather, box[0]
+                def copy():  # pop: a finished job keeps no reference to the batch, so `Recycler` sees it dropped
+                    self._copy_cpu(rows, box.pop())
+                return copy, box[0]
             slot = count % len(self._ring)  # only the consumer's thread submits, so slots go round in batch order
             count += 1
-            return (lambda: self._gather_pinned(idx, slot)), slot
+            return (lambda: self._copy_pinned(rows, slot)), slot
 
         def finish(result):
             if cuda:
@@ -580,16 +599,16 @@ class BatchStream:
             return result
 
         if self._pool is None:
-            for idx in perms:
-                work, result = job(idx)
+            for rows in batches:
+                work, result = job(rows)
                 work()
                 del work
                 yield finish(result)
                 del result
             return
         ahead: deque = deque()
-        for idx in perms:
-            work, result = job(idx)
+        for rows in batches:
+            work, result = job(rows)
             ahead.append((self._pool.submit(work), result))
             del work, result
             if len(ahead) >= self.workers:
@@ -617,25 +636,25 @@ class BatchStream:
                 skip = 0
             epoch += 1
 
-    def _serve(self, epoch: int, fi: int, first: int, n_batches: int, n: int) -> Iterator[dict[str, torch.Tensor]]:
+    def _serve(self, first: int, n_batches: int) -> Iterator[dict[str, torch.Tensor]]:
+        """Batches first .. n_batches - 1 of the fill in the buffer."""
         bs = self.batch_size
-        perm = np.random.default_rng([self.seed, self.rank, epoch, fi, 1]).permutation(n)
         if self.on_device:
-            batches = self._device_batches(perm[first * bs : n_batches * bs], n)
+            batches = self._device_batches(first * bs, n_batches * bs)
         else:
-            batches = self._batches(perm[b * bs : (b + 1) * bs] for b in range(first, n_batches))
+            batches = self._batches(slice(b * bs, (b + 1) * bs) for b in range(first, n_batches))
         for batch in batches:
             self.batch_index += 1
             yield batch
 
-    def _device_batches(self, perm: np.ndarray, n: int) -> Iterator[dict[str, torch.Tensor]]:
-        """The fill's first n rows copied once to the device in the stored dtype (half float32's bytes), then each
-        batch gathered (`index_select`) and cast there: the host does one copy per row instead of a gather and a
-        cast per batch.  Batches come in the order of `perm` (this fill's served rows), as on the host."""
+    def _device_batches(self, start: int, stop: int) -> Iterator[dict[str, torch.Tensor]]:
+        """The buffer's rows [start, stop) (this fill's batches still to serve) copied once to the device in the stored
+        dtype (half float32's bytes), then each batch sliced and cast there: the host does one copy per row."""
         cuda = self.device.type == "cuda"
+        n = stop - start
         with torch.cuda.device(self.device) if cuda else contextlib.nullcontext():  # a worker thread's current device is cuda:0
-            # CUDA: the copy runs on a side stream after the work queued so far (the last fill's gathers read the
-            # device buffer), so it overlaps the steps queued after it; this fill's gathers wait for it.
+            # CUDA: the copy runs on a side stream after the work queued so far (the last fill's batches read the
+            # device buffer), so it overlaps the steps queued after it; this fill's batches wait for it.
             consumer = torch.cuda.current_stream() if cuda else None
             if cuda:
                 if self._copy_stream is None:
@@ -646,41 +665,39 @@ class BatchStream:
                     self._dev[h] = torch.empty((self.buffer_rows, arr.shape[1]), dtype=self._as_torch(arr[:0]).dtype, device=self.device)
             with torch.cuda.stream(self._copy_stream) if cuda else contextlib.nullcontext():
                 for h, arr in self._buf.items():
-                    self._dev[h][:n].copy_(self._as_torch(arr[:n]), non_blocking=True)
+                    self._dev[h][:n].copy_(self._as_torch(arr[start:stop]), non_blocking=True)
                 if cuda:
                     ev = torch.cuda.Event()
                     ev.record()
                     self._copied[id(self._buf)] = ev  # `_load` waits for it before writing this host buffer again
             if cuda:
                 consumer.wait_stream(self._copy_stream)
-        idx = torch.from_numpy(perm).to(self.device)
         bs = self.batch_size
-        for b in range(len(perm) // bs):
-            i = idx[b * bs : (b + 1) * bs]
-            yield {h: x.index_select(0, i).to(self.dtype or x.dtype) for h, x in self._dev.items()}
-
+        for b in range(n // bs):
+            # copy=True: a batch is the consumer's for as long as it holds it; the next fill overwrites the device buffer
+            yield {h: x[b * bs : (b + 1) * bs].to(self.dtype or x.dtype, copy=True) for h, x in self._dev.items()}
     def _generate(self, skip: int) -> Iterator[dict[str, torch.Tensor]]:
         plan = self._plan(skip)
         if self._pool is None:  # one buffer, filled when the last fill's batches are out
             self._buf = self._new_buffer()
             for epoch, fi, fill, first, n_batches in plan:
-                yield from self._serve(epoch, fi, first, n_batches, self._load(fill, self._buf, None))
+                self._load(epoch, fi, fill, self._buf, None)
+                yield from self._serve(first, n_batches)
             return
         # Workers: two buffers; the next fill loads (on `loader`'s threads) while this one is served, so a
         # GPU is not left waiting for a whole fill at each boundary.
         bufs = [self._new_buffer(), self._new_buffer()]
         cur = next(plan)
         pending = Future()
-        pending.set_result(self._load(cur[2], bufs[0], self._pool))  # the first fill: every worker reads
+        pending.set_result(self._load(*cur[:3], bufs[0], self._pool))  # the first fill: every worker reads
         i = 0
         while True:
-            n = pending.result()
+            pending.result()
             nxt = next(plan)
-            # One thread of its own: units handed to the pool would queue ahead of this fill's gathers.
-            pending = self._loader.submit(self._load, nxt[2], bufs[1 - i], None)
+            # One thread of its own: units handed to the pool would queue ahead of this fill's copies.
+            pending = self._loader.submit(self._load, *nxt[:3], bufs[1 - i], None)
             self._buf = bufs[i]
-            epoch, fi, _, first, n_batches = cur
-            yield from self._serve(epoch, fi, first, n_batches, n)
+            yield from self._serve(*cur[3:])
             cur, i = nxt, 1 - i
 
     def __iter__(self):
