@@ -9,8 +9,8 @@ similarity; model and codebooks trained together (Adam(W), lr 1e-3).  The librar
 own venv (`benchmarks/peers/setup_codebook_features.sh`; script
 `benchmarks/peers/codebook_features_step.py`), built as its `fsm_main.yaml` builds it with the
 codebooks' metric logging off (its fastest setting); saekit runs `saekit.inmodel.finetune.train_step`
-(the step `saekit finetune` runs; with the paper objective and LayerNorm'd codebook input where this
-saekit has them) on the same model shape, batch, sequence length and threads.
+(the step `saekit finetune --preset paper` runs: the same spec, objective, LayerNorm'd input, code weight
+decay, every position) on the same model shape, batch, sequence length and threads.
 Tokens are random digits after BOS on both sides (the step's cost does not depend on them).
 Each side is timed `--repeats` times, alternating, after `--warmup` untimed steps; reported:
 tokens per second and per CPU-second (process CPU time, so a contended machine's waiting does
@@ -65,25 +65,28 @@ def paper_model_dir(root: Path, seq_len: int) -> str:
 
 
 def saekit_setup(model_dir: str, spec: str = SPEC):
-    """The codebook model and a training phase as `saekit finetune` builds them (random codes, scale 1)."""
+    """The codebook model and a training phase as `saekit finetune --preset paper` builds them (random codes, scale 1):
+    the library's spec, objective, LayerNorm'd input, code weight decay and every position (BOS included)."""
+    from saekit.inmodel import finetune
     from saekit.inmodel.codebooks import InModelCodebook, build_codebook, parse_spec
     from saekit.inmodel.finetune import FinetuneConfig, make_phase
     from saekit.inmodel.model import load_in_model
     from saekit.inmodel.sites import Splicer
 
+    if hasattr(finetune, "with_preset"):  # a saekit with `--preset paper`
+        cfg = finetune.with_preset(FinetuneConfig(model=model_dir, preset="paper", replace_every=0))
+        spec, norm, objective = cfg.codebooks, (cfg.input_norm,), (cfg.objective,)
+    else:  # an older tree (--baseline-src): the paper objective and LayerNorm'd input where it has them
+        paper = "objective" in inspect.signature(InModelCodebook.__init__).parameters
+        norm, objective = (("layernorm",), ("paper",)) if paper else ((), ())
+        extra = {"objective": "paper", "input_norm": "layernorm"} if paper else {}
+        cfg = FinetuneConfig(model=model_dir, codebooks=spec, lr=1e-3, codebook_lr=1e-3, replace_every=0, **extra)
     specs = parse_spec(spec, 4)
     im = load_in_model(model_dir, [s.hook for s in specs], torch.device("cpu"))
     im.hf.train()
-    # The paper's objective and LayerNorm'd codebook input where this saekit has them (the `paper` branch's
-    # finetune); otherwise the commitment objective with a fixed scale (same arithmetic in the choice).
-    paper = "objective" in inspect.signature(InModelCodebook.__init__).parameters
-    norm = ("layernorm",) if paper else ()
-    layers = {s.hook: InModelCodebook(build_codebook(s, im.shapes[s.hook], None, *norm), *(("paper",) if paper else ()))
-              for s in specs}
-    extra = {"objective": "paper", "input_norm": "layernorm"} if paper else {}
-    cfg = FinetuneConfig(model=model_dir, codebooks=spec, lr=1e-3, codebook_lr=1e-3, replace_every=0, **extra)
+    layers = {s.hook: InModelCodebook(build_codebook(s, im.shapes[s.hook], None, *norm), *objective) for s in specs}
     ph = make_phase("codebook model", im.hf, layers, cfg)
-    return im, Splicer(im.hf, list(im.sites.values())), ph, cfg, "paper" if paper else "commit"
+    return im, Splicer(im.hf, list(im.sites.values())), ph, cfg, objective[0] if objective else "commit"
 
 
 def time_saekit(setup, batch: int, seq_len: int, steps: int, warmup: int, seed: int) -> dict:

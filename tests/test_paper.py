@@ -281,3 +281,21 @@ def test_dead_codes_are_not_replaced_in_the_last_interval(tiny_fsm, tmp_path, mo
                      codebooks="mlp[0]:k=1,codes=16", steps=30, replace_every=10, out=str(tmp_path / "ft"))
     finetune(cfg, progress=False)
     assert seen == [10, 20]
+
+
+@pytest.mark.parametrize("groups", [1, 4])
+def test_group_layer_norm_is_each_groups_layer_norm_with_its_affine(groups):
+    """The fused paths (one group: F.layer_norm's affine; several: addcmul) against each group's nn.LayerNorm."""
+    torch.manual_seed(groups)
+    d_g = 8
+    xn = torch.randn(5, groups * d_g, requires_grad=True)
+    weight, bias = torch.randn(groups, d_g, requires_grad=True), torch.randn(groups, d_g, requires_grad=True)
+    got = group_layer_norm(xn, weight, bias)
+    g_out = torch.randn_like(got)
+    grads = torch.autograd.grad((got * g_out).sum(), (xn, weight, bias))
+    parts = [torch.nn.functional.layer_norm(xn[:, g * d_g : (g + 1) * d_g], (d_g,), weight[g], bias[g], eps=1e-5) for g in range(groups)]
+    want = torch.cat(parts, 1)
+    want_grads = torch.autograd.grad((want * g_out).sum(), (xn, weight, bias))
+    torch.testing.assert_close(got, want)
+    for a, b in zip(grads, want_grads):
+        torch.testing.assert_close(a, b)

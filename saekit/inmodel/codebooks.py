@@ -75,7 +75,7 @@ class _ChosenCodes(torch.autograd.Function):
         n = x_in.shape[0]
         x_hat = codebook.reshape(G * C, d_g).index_select(0, flat).view(n, G * d_g)
         diff = x_hat - x_in
-        term = (diff * diff).sum(-1)
+        term = torch.linalg.vector_norm(diff, dim=-1).square()  # one fused pass (a product, then a sum: two)
         if term_div != 1.0:
             term = term / term_div
         ctx.save_for_backward(diff, flat)
@@ -86,9 +86,8 @@ class _ChosenCodes(torch.autograd.Function):
     def backward(ctx, g_out: Tensor, g_term: Tensor):
         diff, flat = ctx.saved_tensors
         G, C, d_g = ctx.shape
-        g_hat = diff * (g_term * (2 / ctx.term_div))[:, None]
-        if ctx.lm_to_codes:
-            g_hat = g_hat + g_out
+        coef = (g_term * (2 / ctx.term_div))[:, None]
+        g_hat = torch.addcmul(g_out, diff, coef) if ctx.lm_to_codes else diff * coef
         g_codes = g_hat.new_zeros(G * C, d_g).index_add_(0, flat, g_hat.view(-1, d_g)).view(G, C, d_g)
         return g_out, g_codes, None, None, None
 
