@@ -3,8 +3,8 @@
 Codebook Features' TokFSM codebooks choose one code of 1000 per group at every layer, so the
 choice is a large share of an in-model training step.  `choose_codes` (the eager reference,
 any k) builds the full (G, n, C) similarity tensor with a strided batched matmul and ranks
-it with a top-k; for k = 1 this does the same arithmetic in L2-sized row blocks on
-contiguous per-group slices and takes an argmax.  Same result as the reference (a test checks it).
+it with a top-k; for k = 1 this does the same arithmetic in L2-sized row blocks of each
+group's slices (read in place: BLAS takes the row stride) and takes an argmax.  Same result as the reference (a test checks it).
 
 The argmax itself: `torch.argmax` over the last axis walks each row with a scalar compare
 (~1.2 ns per similarity on one thread, as long as the per-head matmul that made them).  Here
