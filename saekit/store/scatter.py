@@ -6,7 +6,7 @@ miss per row, waited out one at a time: at width 256 that gather cost twice h5py
 same bytes), the fill writes every row straight to its batch's part of the buffer: batch b is
 then the contiguous rows [b·bs, (b+1)·bs), and serving it is a streaming copy or cast.  Within
 a batch, rows keep their order in the fill (ascending), so the writes run as one sequential
-stream per batch, which the caches absorb.  A batch is the same set of rows as a random order
+stream per batch (whole lines, written with streaming stores).  A batch is the same set of rows as a random order
 would give; only the order inside it is the fill's (a training step, which averages over its
 batch, does not see it).  Rows left over (< bs) go after the last batch.
 
@@ -24,8 +24,8 @@ from numba.core import cgutils
 from numba.extending import intrinsic
 
 BATCH_ORDER = 2
-"""Version of the within-batch order, kept in training checkpoints.  1 (saekit ≤ session 9): rows in
-the fill's permuted order; 2: the same rows per batch, in their order in the fill."""
+"""Version of the within-batch order, kept in training checkpoints.  1 (the loader before this module; a
+checkpoint without the field): rows in the fill's permuted order; 2: the same rows per batch, in fill order."""
 
 
 @numba.njit(nogil=True, cache=True)
