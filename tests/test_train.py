@@ -355,3 +355,18 @@ def test_resume_warns_of_a_checkpoint_with_the_old_batch_order(tmp_path):
     with pytest.warns(UserWarning, match="same rows in another order"):
         t2.fit()
     assert t2.step == 30
+
+
+def test_data_init_sample_spreads_over_the_batches_it_reads(tmp_path, monkeypatch):
+    """With init_rows below the batch size the sample is spread over the batch, not its first rows: the loader
+    keeps a batch's rows in buffer order, so its head would be a few sequences only."""
+    n, d = 512, 6
+    x = torch.arange(n, dtype=torch.float32)[:, None].repeat(1, d)  # row i holds i: the sample says where it came from
+    t = trainer(tmp_path, {"h": x}, batch_size=n, init_rows=64, tokens=n)
+    t.batches = lambda start=0: iter([{"h": x}] * 4)  # one batch in buffer order
+    seen = []
+    monkeypatch.setattr(type(t.runs[0].dictionary), "init_from_data", lambda self, xs, **kw: seen.append(xs[:, 0].clone()))
+    t._init_from_data()
+    rows = seen[0]
+    assert len(rows) == 64 and rows.min() == 0 and rows.max() == n - 1  # from the whole batch
+    assert torch.all(rows.diff() > 0)
