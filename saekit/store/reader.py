@@ -357,6 +357,7 @@ class Recycler:
 SERIAL_ELEMENTS = 32768
 """torch runs an elementwise op of fewer elements on the calling thread alone (its grain size)."""
 
+
 def cast_serial(src: torch.Tensor, dst: torch.Tensor) -> None:
     """dst[:] = src (cast), in blocks small enough that torch runs each on this thread alone.
 
@@ -376,7 +377,7 @@ class BatchStream:
 
     The buffer holds rows in the store's dtype, laid out by batch (`scatter`).  A fill copies each
     unit's counted rows from the shard file mapped into memory (the page cache, no read into a
-    staging array) straight to their places (`scatter.copy_rows`); a filtered dataset, or
+    staging array) straight to their places (`scatter.copy_kept`); a filtered dataset, or
     SAEKIT_READER=h5py, is read whole into a per-thread staging array and copied from there.  A
     batch is then a contiguous slice, cast to float32 (or copied) into arrays recycled once the
     consumer drops the batch (`Recycler`).  `workers` threads copy a fill's units and serve up to
@@ -491,7 +492,7 @@ class BatchStream:
             if src is None:  # filtered, or the h5py reader: read whole into staging, copy the rows from there
                 raw = self._staging(h)[:n]
                 self.store._read_into(f"acts/{h}", a, b, raw)
-                src = raw.reshape(-1).view(np.uint8), np.arange(n, dtype=np.int64) * (raw.nbytes // max(n, 1))
+                src = raw.reshape(-1).view(np.uint8), np.arange(n, dtype=np.int64) * raw[0].nbytes
             scatter.copy_kept(src[0], src[1], keep, out, dest)
 
     def _source(self, u: int, name: str) -> tuple[np.ndarray, np.ndarray] | None:
@@ -540,6 +541,7 @@ class BatchStream:
             list(pool.map(lambda job: self._load_unit(buf, *job), jobs))  # list(): wait, and raise a worker's error here
         self.peak_rows = max(self.peak_rows, n)
         return n
+
     # -- serving batches
     def _as_torch(self, arr: np.ndarray) -> torch.Tensor:
         t = torch.from_numpy(arr)
@@ -569,6 +571,7 @@ class BatchStream:
         for h, arr in self._ring.host_arrays(slot).items():
             np.copyto(arr[: rows.stop - rows.start], self._buf[h][rows])
         return slot
+
     def _batches(self, batches: Iterator[slice]) -> Iterator[dict[str, torch.Tensor]]:
         """The batches of one fill (slices of the buffer), in order, with up to `workers` copied ahead."""
         cuda = self.device.type == "cuda"
