@@ -52,7 +52,7 @@ PANELS: dict[str, tuple[str, ...]] = {
     "Dictionary": ("dict", "dicts", "kind", "d_dict", "expansion", "k", "l1", "groups", "similarity", "codes", "codebook_k",
                    "codebooks", "init", "feature", "format", "l1_warmup", "activation"),
     "Optimiser": ("lr", "batch_size", "train_tokens", "seed", "grad_clip", "steps", "codebook_lr", "commit_coef",
-                  "freeze_model", "warmup", "weight_decay"),
+                  "freeze_model", "warmup", "weight_decay", "lr_decay"),
     "Dead latents": ("aux_k", "aux_coef", "dead_tokens", "replace_every", "init_rows"),
     "In-model (end-to-end)": ("objective", "mse_coef"),
     "Output": ("out", "resume", "checkpoint_every", "log_every", "eval_tokens", "json_out", "overwrite", "sweep",

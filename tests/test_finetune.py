@@ -270,9 +270,39 @@ def test_finetune_job_outputs_and_table(tiny_model_dir, tiny_text_file, tmp_path
         finetune(_cfg(tiny_model_dir, tiny_text_file, tmp_path / "ft"), progress=False)
 
 
+def test_lr_decay_schedule():
+    assert [ft.lr_factor(s, 10, 0.0) for s in range(10)] == [1.0] * 10
+    f = [ft.lr_factor(s, 10, 0.4) for s in range(10)]
+    assert f[:6] == [1.0] * 6 and f[6:] == [1.0, 0.75, 0.5, 0.25]  # linear over the last 4 steps, never 0
+    assert [ft.lr_factor(s, 4, 1.0) for s in range(4)] == [1.0, 0.75, 0.5, 0.25]
+
+
+def test_lr_decay_scales_every_group_and_leaves_old_identities(tiny_model_dir, tiny_text_file, tmp_path, monkeypatch):
+    seen = []
+    real = ft.train_step
+
+    def record(ph, *a, **k):
+        out = real(ph, *a, **k)
+        seen.append([g["lr"] / g["base_lr"] for g in ph.opt.param_groups])
+        return out
+
+    monkeypatch.setattr(ft, "train_step", record)
+    finetune(_cfg(tiny_model_dir, tiny_text_file, tmp_path / "d", baseline=False, lr_decay=0.5), progress=False)
+    assert len(seen) == 6 and all(len(set(r)) == 1 for r in seen)  # model, codes (and norms) alike
+    assert [r[0] for r in seen] == [1.0, 1.0, 1.0, 1.0, 2 / 3, 1 / 3]
+    # A constant run's identity is the one it had before lr_decay existed, so its checkpoints still resume.
+    const = _cfg(tiny_model_dir, tiny_text_file, tmp_path / "c")
+    old_fields = tuple(f for f in ft.FINETUNE_IDENTITY if f != "lr_decay")
+    assert ft.finetune_identity(const) == ft.runs.identity_hash(ft.to_dict(const), old_fields)
+    assert ft.finetune_identity(_cfg(tiny_model_dir, tiny_text_file, tmp_path / "c", lr_decay=0.2)) != ft.finetune_identity(const)
+    with pytest.raises(ValueError, match="lr_decay"):
+        _cfg(tiny_model_dir, tiny_text_file, tmp_path / "c", lr_decay=1.5)
+
+
 @pytest.mark.slow
-def test_resume_gives_the_uninterrupted_result(tiny_model_dir, tiny_text_file, tmp_path, monkeypatch):
-    full = finetune(_cfg(tiny_model_dir, tiny_text_file, tmp_path / "a", baseline=False), progress=False)
+@pytest.mark.parametrize("lr_decay", [0.0, 0.5])  # 0.5: the interruption falls inside the decay
+def test_resume_gives_the_uninterrupted_result(tiny_model_dir, tiny_text_file, tmp_path, monkeypatch, lr_decay):
+    full = finetune(_cfg(tiny_model_dir, tiny_text_file, tmp_path / "a", baseline=False, lr_decay=lr_decay), progress=False)
 
     real = ft.train_step
     calls = {"n": 0}
@@ -285,14 +315,14 @@ def test_resume_gives_the_uninterrupted_result(tiny_model_dir, tiny_text_file, t
 
     monkeypatch.setattr(ft, "train_step", dies_at_5)
     with pytest.raises(KeyboardInterrupt):
-        finetune(_cfg(tiny_model_dir, tiny_text_file, tmp_path / "b", baseline=False), progress=False)
+        finetune(_cfg(tiny_model_dir, tiny_text_file, tmp_path / "b", baseline=False, lr_decay=lr_decay), progress=False)
     monkeypatch.setattr(ft, "train_step", real)
     assert FinetunePaths(tmp_path / "b").checkpoint_steps("joint") == [2, 4]
     with pytest.raises(SaekitError, match="unfinished"):
-        finetune(_cfg(tiny_model_dir, tiny_text_file, tmp_path / "b", baseline=False), progress=False)
+        finetune(_cfg(tiny_model_dir, tiny_text_file, tmp_path / "b", baseline=False, lr_decay=lr_decay), progress=False)
     with pytest.raises(SaekitError, match="other settings.*lr"):
-        finetune(_cfg(tiny_model_dir, tiny_text_file, tmp_path / "b", baseline=False, lr=5e-4, resume=True), progress=False)
-    resumed = finetune(_cfg(tiny_model_dir, tiny_text_file, tmp_path / "b", baseline=False, resume=True), progress=False)
+        finetune(_cfg(tiny_model_dir, tiny_text_file, tmp_path / "b", baseline=False, lr_decay=lr_decay, lr=5e-4, resume=True), progress=False)
+    resumed = finetune(_cfg(tiny_model_dir, tiny_text_file, tmp_path / "b", baseline=False, lr_decay=lr_decay, resume=True), progress=False)
     assert resumed.table == full.table
     for pa, pb in zip(sorted(full.codebooks), sorted(resumed.codebooks)):
         assert torch.equal(load(pa).codebook, load(pb).codebook)

@@ -89,6 +89,8 @@ class FinetuneConfig:
     """Adam learning rate of the model's weights."""
     codebook_lr: float = 1e-3
     """Adam learning rate of the codes (normalised space, where a code has norm ≈ sqrt(d_group) / k)."""
+    lr_decay: float = 0.0
+    """Share of the run, at its end, over which every learning rate falls linearly to 0 (0 = constant, as the paper; 0.2 = the last fifth)."""
     commit_coef: float = 1.0
     """β: weight of each codebook's commitment term ‖C_out − sg[C_in]‖²/d_in (normalised)."""
     batch_size: int = 8
@@ -139,6 +141,8 @@ class FinetuneConfig:
                 raise ValueError(f"{name} {getattr(self, name)!r} is not one of {', '.join(a or repr(a) for a in allowed)}")
         if self.from_scratch and self.freeze_model:
             raise ValueError("from_scratch trains the model from random weights; it cannot be combined with freeze_model")
+        if not 0.0 <= self.lr_decay <= 1.0:
+            raise ValueError(f"lr_decay is a share of the steps, between 0 and 1; got {self.lr_decay}")
         if self.codebook_weight_decay < 0:
             raise ValueError(f"codebook_weight_decay must be non-negative, got {self.codebook_weight_decay}")
 
@@ -164,7 +168,22 @@ def with_preset(cfg: FinetuneConfig) -> FinetuneConfig:
 FINETUNE_IDENTITY = ("model", "codebooks", "data", "store", "text_field", "packing", "init", "freeze_model", "lr", "codebook_lr",
                      "commit_coef", "batch_size", "seq_len", "eval_sequences", "skip_bos", "init_rows", "replace_every",
                      "dead_tokens", "seed", "preset", "objective", "input_norm", "code_init", "codebook_weight_decay",
-                     "from_scratch")
+                     "from_scratch", "lr_decay")
+
+
+def finetune_identity(cfg: FinetuneConfig) -> str:
+    """The run's identity hash; lr_decay enters only when set, so checkpoints written before it existed still resume."""
+    fields = FINETUNE_IDENTITY if cfg.lr_decay else tuple(f for f in FINETUNE_IDENTITY if f != "lr_decay")
+    return runs.identity_hash(to_dict(cfg), fields)
+
+
+def lr_factor(step: int, steps: int, decay: float) -> float:
+    """Multiplier of the base learning rates for the step after `step` steps: 1, then a linear fall over the last
+    `decay` share of `steps` to 1/n of its start at the final step (n = the decay's length), never 0 itself."""
+    n = round(decay * steps)
+    if n <= 0 or step < steps - n:
+        return 1.0
+    return (steps - step) / n
 
 
 # --- run layout: the one place that names files --------------------------------------------------
@@ -228,6 +247,8 @@ def make_phase(name: str, hf: nn.Module, layers: dict[str, InModelCodebook], cfg
         groups.append({"params": norms, "lr": cfg.codebook_lr})
     if not groups:
         raise SaekitError("nothing to train: --freeze-model with no codebooks")
+    for g in groups:
+        g["base_lr"] = g["lr"]  # lr_decay scales every group from its own rate
     opt = torch.optim.AdamW(groups, weight_decay=0.0)  # decay 0 = Adam; only the codes may decay
     dev = next(hf.parameters()).device
     since = {h: torch.zeros(layer.d.cfg.d_dict, device=dev) for h, layer in layers.items()}
@@ -248,6 +269,9 @@ def train_step(ph: Phase, t: Tensor, bos_id: int, splicer: Splicer | None, cfg) 
         loss = loss + cfg.commit_coef * layer.last_commit
     ph.opt.zero_grad(set_to_none=True)
     loss.backward()
+    factor = lr_factor(ph.step, cfg.steps, cfg.lr_decay)
+    for g in ph.opt.param_groups:
+        g["lr"] = g["base_lr"] * factor
     ph.opt.step()
     with torch.no_grad():
         n_rows = row_mask(t, cfg.skip_bos).sum()
@@ -312,6 +336,8 @@ def load_phase_state(ph: Phase, t: dict[str, Tensor], meta: dict) -> None:
                 name, h = k.split(".", 1)
                 getattr(ph.layers[h].d, name).copy_(v)
     runs.load_optimizer(ph.opt, t, meta["param_groups"])
+    for g in ph.opt.param_groups:  # a checkpoint from before lr_decay: its rates are the base rates
+        g.setdefault("base_lr", g["lr"])
     ph.generator.set_state(t["generator"])
     ph.step = int(meta["step"])
 
@@ -457,7 +483,7 @@ def _finetune(cfg: FinetuneConfig, progress: bool) -> FinetuneResult:
                     d.codebook.copy_(torch.randn(d.codebook.shape, generator=gen))
         layers[s.hook] = InModelCodebook(d.to(dev), cfg.objective)
 
-    ident = runs.identity_hash(to_dict(cfg), FINETUNE_IDENTITY)
+    ident = finetune_identity(cfg)
     joint = make_phase("codebook model", im.hf, layers, cfg)
     run_phase(joint, data, im.bos_id, splicer, cfg, paths.checkpoints("joint"), ident, FINETUNE_IDENTITY, paths.metrics, progress)
     with_codes = lm_score(im.hf, data.eval, im.bos_id, cfg.batch_size, splicer, layers, cfg.skip_bos)
