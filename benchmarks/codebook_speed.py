@@ -64,7 +64,7 @@ def paper_model_dir(root: Path, seq_len: int) -> str:
     return str(out)
 
 
-def saekit_setup(model_dir: str, spec: str = SPEC):
+def saekit_setup(model_dir: str):
     """The codebook model and a training phase as `saekit finetune --preset paper` builds them (random codes, scale 1):
     the library's spec, objective, LayerNorm'd input, code weight decay and every position (BOS included)."""
     from saekit.inmodel import finetune
@@ -75,13 +75,13 @@ def saekit_setup(model_dir: str, spec: str = SPEC):
 
     if hasattr(finetune, "with_preset"):  # a saekit with `--preset paper`
         cfg = finetune.with_preset(FinetuneConfig(model=model_dir, preset="paper", replace_every=0))
-        spec, norm, objective = cfg.codebooks, (cfg.input_norm,), (cfg.objective,)
+        norm, objective = (cfg.input_norm,), (cfg.objective,)
     else:  # an older tree (--baseline-src): the paper objective and LayerNorm'd input where it has them
         paper = "objective" in inspect.signature(InModelCodebook.__init__).parameters
         norm, objective = (("layernorm",), ("paper",)) if paper else ((), ())
         extra = {"objective": "paper", "input_norm": "layernorm"} if paper else {}
-        cfg = FinetuneConfig(model=model_dir, codebooks=spec, lr=1e-3, codebook_lr=1e-3, replace_every=0, **extra)
-    specs = parse_spec(spec, 4)
+        cfg = FinetuneConfig(model=model_dir, codebooks=SPEC, lr=1e-3, codebook_lr=1e-3, replace_every=0, **extra)
+    specs = parse_spec(cfg.codebooks, 4)
     im = load_in_model(model_dir, [s.hook for s in specs], torch.device("cpu"))
     im.hf.train()
     layers = {s.hook: InModelCodebook(build_codebook(s, im.shapes[s.hook], None, *norm), *objective) for s in specs}

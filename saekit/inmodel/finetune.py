@@ -90,7 +90,7 @@ class FinetuneConfig:
     codebook_lr: float = 1e-3
     """Adam learning rate of the codes (normalised space, where a code has norm ≈ sqrt(d_group) / k)."""
     lr_decay: float = 0.0
-    """Share of the run, at its end, over which every learning rate falls linearly to 0 (0 = constant, as the paper; 0.2 = the last fifth)."""
+    """Share of the run, at its end, over which every learning rate falls linearly towards 0 (0 = constant, as the paper; 0.2 = the last fifth)."""
     commit_coef: float = 1.0
     """β: weight of each codebook's commitment term ‖C_out − sg[C_in]‖²/d_in (normalised)."""
     batch_size: int = 8
